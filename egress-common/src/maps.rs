@@ -1,0 +1,159 @@
+//! Names, keys and values of the BPF maps, as both sides see them.
+
+/// `AF_INET` and `AF_INET6` as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Outbound traffic policy modes (`Config::mode`).
+pub const MODE_ALLOW_ANY: u8 = 0;
+pub const MODE_REGISTRY_ONLY: u8 = 1;
+
+/// Flags in the `PORTS` map.
+pub const PORT_INCLUDE: u8 = 1;
+pub const PORT_EXCLUDE: u8 = 2;
+
+/// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`).
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// Map names, as they appear in the object file and under the pin directory.
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_INCLUDE_V4: &str = "INCLUDE_V4";
+pub const MAP_INCLUDE_V6: &str = "INCLUDE_V6";
+pub const MAP_EXCLUDE_V4: &str = "EXCLUDE_V4";
+pub const MAP_EXCLUDE_V6: &str = "EXCLUDE_V6";
+pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
+pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
+pub const MAP_PORTS: &str = "PORTS";
+pub const MAP_EXCLUDE_UIDS: &str = "EXCLUDE_UIDS";
+pub const MAP_EXCLUDE_GIDS: &str = "EXCLUDE_GIDS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+pub const MAP_ORIG_BY_PEER: &str = "ORIG_BY_PEER";
+
+/// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
+pub const ALL_MAPS: [&str; 13] = [
+    MAP_CONFIG,
+    MAP_INCLUDE_V4,
+    MAP_INCLUDE_V6,
+    MAP_EXCLUDE_V4,
+    MAP_EXCLUDE_V6,
+    MAP_ALLOW_V4,
+    MAP_ALLOW_V6,
+    MAP_PORTS,
+    MAP_EXCLUDE_UIDS,
+    MAP_EXCLUDE_GIDS,
+    MAP_COUNTERS,
+    MAP_ORIG_BY_COOKIE,
+    MAP_ORIG_BY_PEER,
+];
+
+/// Default capacities; the agent may override them at load time.
+pub const DEFAULT_MAX_CIDRS: u32 = 100_000;
+pub const DEFAULT_MAX_ALLOWED: u32 = 65_536;
+pub const DEFAULT_MAX_IDS: u32 = 4_096;
+pub const DEFAULT_MAX_ORIG: u32 = 65_536;
+
+/// The datapath's settings: one entry in the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Network namespace cookie of the agent: connects made in other namespaces are bypassed,
+    /// since the agent's loopback listener is not reachable from there. 0 = any namespace.
+    pub netns_cookie: u64,
+    /// `SO_MARK` the agent puts on its own upstream sockets. 0 = none.
+    pub agent_mark: u32,
+    /// Port of the agent's outbound listener, host order.
+    pub listener_port: u16,
+    /// `MODE_ALLOW_ANY` or `MODE_REGISTRY_ONLY`.
+    pub mode: u8,
+    /// 1 once the agent has programmed the maps; 0 bypasses everything.
+    pub enabled: u8,
+    /// IPv4 address of the outbound listener, network order bytes.
+    pub listener_v4: [u8; 4],
+    /// IPv6 address of the outbound listener.
+    pub listener_v6: [u8; 16],
+    pub _pad: [u8; 4],
+}
+
+/// The destination a redirected connection was made to, and who made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// The destination address; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// The destination port, host order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The `Reason` that redirected it.
+    pub reason: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Thread-group id of the connecting process, in the initial pid namespace.
+    pub pid: u32,
+    pub _pad2: u32,
+    /// Socket cookie of the client's socket.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the connect was redirected.
+    pub created_ns: u64,
+}
+
+/// A client socket's local address: what the agent sees as the peer of an accepted socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// `::ffff:a.b.c.d` for an IPv4 address.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+/// The IPv4 address inside `::ffff:a.b.c.d`, if it is one.
+#[inline(always)]
+pub fn v4_unmapped(a: &[u8; 16]) -> Option<[u8; 4]> {
+    if a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+    {
+        Some([a[12], a[13], a[14], a[15]])
+    } else {
+        None
+    }
+}
+
+/// Key data of the `ALLOW_V4` trie: port (network order) then address, so that a prefix of
+/// `16 + n` bits matches one port and an `/n` address range.
+pub type AllowKeyV4 = [u8; 6];
+/// Key data of the `ALLOW_V6` trie, laid out as `AllowKeyV4`.
+pub type AllowKeyV6 = [u8; 18];
+
+#[inline(always)]
+pub const fn allow_key_v4(port: u16, a: [u8; 4]) -> AllowKeyV4 {
+    let p = port.to_be_bytes();
+    [p[0], p[1], a[0], a[1], a[2], a[3]]
+}
+
+#[inline(always)]
+pub const fn allow_key_v6(port: u16, a: [u8; 16]) -> AllowKeyV6 {
+    let p = port.to_be_bytes();
+    [
+        p[0], p[1], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11],
+        a[12], a[13], a[14], a[15],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no pointers.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PeerKey {}
+}

@@ -1,0 +1,418 @@
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
+    },
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+};
+use egress_common::{
+    AF_INET, AF_INET6, AllowKeyV4, AllowKeyV6, Config, DEFAULT_MAX_ALLOWED, DEFAULT_MAX_CIDRS,
+    DEFAULT_MAX_IDS, DEFAULT_MAX_ORIG, OrigDst, PeerKey, Query, SO_ORIGINAL_DST, Tables, Verdict,
+    allow_key_v4, allow_key_v6, decide, decide::Addr, decide::REASON_COUNT, v4_mapped, v4_unmapped,
+};
+
+const SOCK_STREAM: u32 = 1;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static INCLUDE_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_CIDRS, 0);
+#[map]
+static EXCLUDE_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_CIDRS, 0);
+#[map]
+static INCLUDE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_CIDRS, 0);
+#[map]
+static EXCLUDE_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_CIDRS, 0);
+#[map]
+static ALLOW_V4: LpmTrie<AllowKeyV4, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_ALLOWED, 0);
+#[map]
+static ALLOW_V6: LpmTrie<AllowKeyV6, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_ALLOWED, 0);
+#[map]
+static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(65_536, 0);
+#[map]
+static EXCLUDE_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_MAX_IDS, 0);
+#[map]
+static EXCLUDE_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_MAX_IDS, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
+#[map]
+static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
+
+/// The decision's lookups, answered from the maps.
+struct Maps;
+
+#[inline(always)]
+fn prefix(v: Option<&u32>) -> Option<u8> {
+    v.map(|p| *p as u8)
+}
+
+impl Tables for Maps {
+    #[inline(always)]
+    fn uid_excluded(&self, uid: u32) -> bool {
+        unsafe { EXCLUDE_UIDS.get(&uid) }.is_some()
+    }
+    #[inline(always)]
+    fn gid_excluded(&self, gid: u32) -> bool {
+        unsafe { EXCLUDE_GIDS.get(&gid) }.is_some()
+    }
+    #[inline(always)]
+    fn port_flags(&self, port: u16) -> u8 {
+        unsafe { PORTS.get(&port) }.copied().unwrap_or(0)
+    }
+    #[inline(always)]
+    fn include_v4(&self, a: [u8; 4]) -> Option<u8> {
+        prefix(INCLUDE_V4.get(Key::new(32, a)))
+    }
+    #[inline(always)]
+    fn exclude_v4(&self, a: [u8; 4]) -> Option<u8> {
+        prefix(EXCLUDE_V4.get(Key::new(32, a)))
+    }
+    #[inline(always)]
+    fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
+        prefix(ALLOW_V4.get(Key::new(48, allow_key_v4(port, a))))
+    }
+    #[inline(always)]
+    fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
+        prefix(INCLUDE_V6.get(Key::new(128, a)))
+    }
+    #[inline(always)]
+    fn exclude_v6(&self, a: [u8; 16]) -> Option<u8> {
+        prefix(EXCLUDE_V6.get(Key::new(128, a)))
+    }
+    #[inline(always)]
+    fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
+        prefix(ALLOW_V6.get(Key::new(144, allow_key_v6(port, a))))
+    }
+}
+
+#[inline(always)]
+fn count(reason: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(reason) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+#[inline(always)]
+fn bytes_to_words(b: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// Which listener address a redirected connection is sent to.
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+    /// An IPv4 destination on an IPv6 socket: the IPv4 listener in mapped form.
+    Mapped,
+}
+
+/// Decide one connect() and apply the verdict. Returns the hook's return value.
+#[inline(always)]
+fn handle<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, orig: [u8; 16], fam: Family) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return 1;
+    };
+    let sa = ctx.sock_addr;
+    let ids = bpf_get_current_uid_gid();
+    let sk: *mut bpf_sock = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
+    let mark = if sk.is_null() {
+        0
+    } else {
+        unsafe { read_volatile(addr_of!((*sk).mark)) }
+    };
+    let q = Query {
+        dst,
+        port,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+        mark,
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+    };
+    let d = decide(&Maps, cfg, &q);
+    count(d.reason as u32);
+    match d.verdict {
+        Verdict::Bypass => 1,
+        Verdict::Deny => 0,
+        Verdict::Redirect => {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let rec = OrigDst {
+                addr: orig,
+                port,
+                _pad: 0,
+                reason: d.reason as u32,
+                uid: q.uid,
+                gid: q.gid,
+                pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                _pad2: 0,
+                cookie,
+                created_ns: unsafe { bpf_ktime_get_ns() },
+            };
+            // If the record cannot be stored the agent finds none and resets the connection:
+            // a redirect never turns into an unmediated bypass.
+            let _ = ORIG_BY_COOKIE.insert(&cookie, &rec, BPF_ANY as u64);
+            match fam {
+                Family::V4 => unsafe {
+                    write_volatile(
+                        addr_of_mut!((*sa).user_ip4),
+                        u32::from_ne_bytes(cfg.listener_v4),
+                    )
+                },
+                Family::V6 => write_ip6(ctx, cfg.listener_v6),
+                Family::Mapped => write_ip6(ctx, v4_mapped(cfg.listener_v4)),
+            }
+            unsafe {
+                write_volatile(
+                    addr_of_mut!((*sa).user_port),
+                    u32::from(cfg.listener_port.to_be()),
+                )
+            };
+            1
+        }
+    }
+}
+
+#[inline(always)]
+fn write_ip6(ctx: &SockAddrContext, a: [u8; 16]) {
+    let sa = ctx.sock_addr;
+    let w = bytes_to_words(a);
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
+    }
+}
+
+#[inline(always)]
+fn is_tcp(ctx: &SockAddrContext) -> bool {
+    unsafe { read_volatile(addr_of!((*ctx.sock_addr).type_)) == SOCK_STREAM }
+}
+
+#[inline(always)]
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    u16::from_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) } as u16)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
+    if !is_tcp(&ctx) {
+        return 1;
+    }
+    let ip = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) }.to_ne_bytes();
+    handle(&ctx, ip, user_port(&ctx), v4_mapped(ip), Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    if !is_tcp(&ctx) {
+        return 1;
+    }
+    let sa = ctx.sock_addr;
+    let ip = unsafe {
+        words_to_bytes([
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+        ])
+    };
+    let port = user_port(&ctx);
+    match v4_unmapped(&ip) {
+        // An IPv4 destination on an IPv6 socket follows the IPv4 rules.
+        Some(v4) => handle(&ctx, v4, port, ip, Family::Mapped),
+        None => handle(&ctx, ip, port, ip, Family::V6),
+    }
+}
+
+/// The client socket's local address, the key the agent will look up. Context fields are read
+/// with volatile loads: the verifier rejects loads through a context pointer with an offset.
+#[inline(always)]
+fn peer_key_of(ctx: &SockOpsContext) -> PeerKey {
+    let ops = ctx.ops;
+    // Every field is loaded unconditionally and the values selected afterwards: a branch per
+    // family lets LLVM merge the loads through a selected context pointer, which the verifier
+    // rejects ("dereference of modified ctx ptr").
+    let (family, ip4, ip6, port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+            read_volatile(addr_of!((*ops).local_port)),
+        )
+    };
+    let addr = if family == u32::from(AF_INET) {
+        v4_mapped(ip4.to_ne_bytes())
+    } else {
+        words_to_bytes(ip6)
+    };
+    PeerKey {
+        addr,
+        port: port as u16,
+        _pad: 0,
+    }
+}
+
+#[sock_ops]
+pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // Ask to hear about this socket's close, so that its records never outlive it.
+        if unsafe { ORIG_BY_COOKIE.get(&cookie) }.is_some() {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // Runs before the client's final ACK: the record is in place before accept() returns.
+        if let Some(rec) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+            let rec = *rec;
+            let _ = ORIG_BY_PEER.insert(&peer_key_of(&ctx), &rec, BPF_ANY as u64);
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+        }
+    } else if ctx.arg(1) == BPF_TCP_CLOSE {
+        let _ = ORIG_BY_COOKIE.remove(&cookie);
+        let _ = ORIG_BY_PEER.remove(&peer_key_of(&ctx));
+    }
+    1
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn egress_getsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    let (level, optname) = unsafe {
+        (
+            read_volatile(addr_of!((*so).level)),
+            read_volatile(addr_of!((*so).optname)),
+        )
+    };
+    if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        return 1;
+    }
+    let sk: *mut bpf_sock = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_1.sk)) };
+    if sk.is_null() {
+        return 1;
+    }
+    // On an accepted socket the destination is the client: the key of the record.
+    let (family, port) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).family)),
+            u16::from_be(read_volatile(addr_of!((*sk).dst_port))),
+        )
+    };
+    // Loaded unconditionally, selected afterwards (see `peer_key_of`).
+    let (ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).dst_ip4)),
+            [
+                read_volatile(addr_of!((*sk).dst_ip6[0])),
+                read_volatile(addr_of!((*sk).dst_ip6[1])),
+                read_volatile(addr_of!((*sk).dst_ip6[2])),
+                read_volatile(addr_of!((*sk).dst_ip6[3])),
+            ],
+        )
+    };
+    let addr = if family == u32::from(AF_INET) {
+        v4_mapped(ip4.to_ne_bytes())
+    } else {
+        words_to_bytes(ip6)
+    };
+    let key = PeerKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    let Some(rec) = (unsafe { ORIG_BY_PEER.get(&key) }) else {
+        return 1;
+    };
+    let rec = *rec;
+    let optval = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_2.optval)) } as *mut u8;
+    let end = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_3.optval_end)) } as *mut u8;
+    let port_be = rec.port.to_be_bytes();
+    let len: i32 = if level == SOL_IP {
+        // struct sockaddr_in: family, port (network order), address, 8 bytes of zero.
+        let Some(v4) = v4_unmapped(&rec.addr) else {
+            return 1;
+        };
+        if (optval as usize) + 16 > end as usize {
+            return 1;
+        }
+        let fam = AF_INET.to_ne_bytes();
+        let out: [u8; 16] = [
+            fam[0], fam[1], port_be[0], port_be[1], v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0,
+            0, 0,
+        ];
+        unsafe { core::ptr::write_unaligned(optval as *mut [u8; 16], out) };
+        16
+    } else {
+        // struct sockaddr_in6: family, port, flowinfo, address, scope id.
+        if (optval as usize) + 28 > end as usize {
+            return 1;
+        }
+        let fam = AF_INET6.to_ne_bytes();
+        let head: [u8; 8] = [fam[0], fam[1], port_be[0], port_be[1], 0, 0, 0, 0];
+        unsafe {
+            core::ptr::write_unaligned(optval as *mut [u8; 8], head);
+            core::ptr::write_unaligned(optval.add(8) as *mut [u8; 16], rec.addr);
+            core::ptr::write_unaligned(optval.add(24) as *mut [u8; 4], [0; 4]);
+        }
+        28
+    };
+    unsafe {
+        write_volatile(addr_of_mut!((*so).optlen), len);
+        write_volatile(addr_of_mut!((*so).retval), 0);
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

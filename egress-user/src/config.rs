@@ -1,0 +1,1045 @@
+//! Mesh configuration: the `EgressConfig` document and Istio `ServiceEntry` resources, read from
+//! a file or a directory of multi-document YAML, exactly as written for kubectl.
+//!
+//! Every problem names the file, the document (1-based), the resource and the field path. Fields
+//! and kinds that are parsed but not applied yet produce warnings, never silence.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_yaml_ng::Value;
+
+/// `outboundTrafficPolicy.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum Mode {
+    #[default]
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+/// Where a problem is: file, document and resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 1-based index of the YAML document in the file.
+    pub doc: usize,
+    /// `Kind namespace/name`, once known.
+    pub resource: Option<String>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} doc {}", self.file.display(), self.doc)?;
+        if let Some(r) = &self.resource {
+            write!(f, " {r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One error or warning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub origin: Origin,
+    /// Field path such as `spec.addresses[1]`; empty for the whole document.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.origin, self.field, self.message)
+        }
+    }
+}
+
+/// The interception knobs, with Istio's names and meanings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interception {
+    pub include_ranges: Vec<IpNet>,
+    pub exclude_ranges: Vec<IpNet>,
+    pub include_ports: Vec<u16>,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_uids: Vec<u32>,
+    pub exclude_gids: Vec<u32>,
+}
+
+impl Default for Interception {
+    /// Istio's default: every destination is captured (`includeOutboundIPRanges: "*"`).
+    fn default() -> Self {
+        Interception {
+            include_ranges: all_ranges(),
+            exclude_ranges: Vec::new(),
+            include_ports: Vec::new(),
+            exclude_ports: Vec::new(),
+            exclude_uids: Vec::new(),
+            exclude_gids: Vec::new(),
+        }
+    }
+}
+
+fn all_ranges() -> Vec<IpNet> {
+    vec![
+        "0.0.0.0/0".parse().expect("literal"),
+        "::/0".parse().expect("literal"),
+    ]
+}
+
+/// A ServiceEntry port.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<u32>,
+}
+
+/// A ServiceEntry endpoint (a WorkloadEntry inline).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub locality: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// `networking.istio.io` ServiceEntry spec, as written for kubectl.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub workload_selector: Option<Value>,
+}
+
+/// A validated ServiceEntry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub namespace: String,
+    pub name: String,
+    pub spec: ServiceEntrySpec,
+    /// `spec.addresses`, parsed (a bare IP is a /32 or /128).
+    pub addresses: Vec<IpNet>,
+}
+
+/// The whole configuration in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    pub mode: Mode,
+    pub interception: Interception,
+    pub service_entries: Vec<ServiceEntry>,
+}
+
+/// A configuration that parsed, with its warnings.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: MeshConfig,
+    pub warnings: Vec<Problem>,
+}
+
+/// A configuration that did not: every error found, and the warnings.
+#[derive(Debug)]
+pub struct Invalid {
+    pub errors: Vec<Problem>,
+    pub warnings: Vec<Problem>,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({} errors)", self.errors.len())?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+const ISTIO_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+const EGRESS_VERSION: &str = "egress/v1alpha1";
+const PROTOCOLS: [&str; 7] = ["HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP", "MONGO"];
+const RESOLUTIONS: [&str; 4] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"];
+const LOCATIONS: [&str; 2] = ["MESH_EXTERNAL", "MESH_INTERNAL"];
+
+/// The YAML files a `--config` path stands for: the file itself, or the `.yaml`/`.yml` files
+/// of a directory in name order.
+pub fn config_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    use anyhow::Context as _;
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).with_context(|| format!("{}", path.display()))? {
+        let p = entry?.path();
+        let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+        if yaml && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Load a file or directory. I/O failures are errors of the file they concern.
+pub fn load(path: &Path) -> Result<Loaded, Invalid> {
+    let files = config_files(path).map_err(|e| Invalid {
+        errors: vec![Problem {
+            origin: Origin {
+                file: path.to_path_buf(),
+                doc: 0,
+                resource: None,
+            },
+            field: String::new(),
+            message: format!("cannot read: {e:#}"),
+        }],
+        warnings: Vec::new(),
+    })?;
+    let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        match std::fs::read_to_string(&f) {
+            Ok(text) => sources.push((f, text)),
+            Err(e) => errors.push(Problem {
+                origin: Origin {
+                    file: f,
+                    doc: 0,
+                    resource: None,
+                },
+                field: String::new(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    let mut parsed = parse_sources(&sources);
+    errors.append(&mut parsed.errors);
+    match parsed.config {
+        Some(config) if errors.is_empty() => Ok(Loaded {
+            config,
+            warnings: parsed.warnings,
+        }),
+        _ => Err(Invalid {
+            errors,
+            warnings: parsed.warnings,
+        }),
+    }
+}
+
+struct Parsed {
+    config: Option<MeshConfig>,
+    errors: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+/// Parse `(file name, text)` pairs into one configuration.
+fn parse_sources(sources: &[(PathBuf, String)]) -> Parsed {
+    let mut cx = Cx::default();
+    let mut config = MeshConfig::default();
+    let mut egress_seen: Option<Origin> = None;
+    for (file, text) in sources {
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let origin = Origin {
+                file: file.clone(),
+                doc: i + 1,
+                resource: None,
+            };
+            let value = match Value::deserialize(doc) {
+                Ok(v) => v,
+                Err(e) => {
+                    cx.error(&origin, "", format!("not valid YAML: {e}"));
+                    // The YAML stream cannot be resumed after a syntax error.
+                    break;
+                }
+            };
+            if value.is_null() {
+                continue;
+            }
+            cx.document(&origin, value, &mut config, &mut egress_seen);
+        }
+    }
+    let Cx { errors, warnings } = cx;
+    Parsed {
+        config: errors.is_empty().then_some(config),
+        errors,
+        warnings,
+    }
+}
+
+/// Parse YAML text as if it were one file named `name` (tests and `validate` on stdin).
+#[cfg(test)]
+pub fn parse_str(name: &str, text: &str) -> Result<Loaded, Invalid> {
+    let parsed = parse_sources(&[(PathBuf::from(name), text.to_owned())]);
+    match parsed.config {
+        Some(config) => Ok(Loaded {
+            config,
+            warnings: parsed.warnings,
+        }),
+        None => Err(Invalid {
+            errors: parsed.errors,
+            warnings: parsed.warnings,
+        }),
+    }
+}
+
+#[derive(Default)]
+struct Cx {
+    errors: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct EgressConfigSpec {
+    #[serde(default)]
+    outbound_traffic_policy: Option<PolicySpec>,
+    #[serde(default)]
+    interception: Option<InterceptionSpec>,
+}
+
+#[derive(Deserialize)]
+struct PolicySpec {
+    #[serde(default)]
+    mode: Mode,
+}
+
+/// A list, or Istio's annotation spelling: one comma-separated string.
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum ListOrCsv {
+    List(Vec<Scalar>),
+    One(Scalar),
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum Scalar {
+    Num(u64),
+    Str(String),
+}
+
+impl ListOrCsv {
+    /// The items, each with its field path suffix (`[i]`, or nothing for a single string).
+    fn items(&self) -> Vec<(String, String)> {
+        let scalar = |s: &Scalar| match s {
+            Scalar::Num(n) => n.to_string(),
+            Scalar::Str(s) => s.clone(),
+        };
+        match self {
+            ListOrCsv::List(v) => v
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("[{i}]"), scalar(s).trim().to_owned()))
+                .collect(),
+            ListOrCsv::One(s) => scalar(s)
+                .split(',')
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(|p| (String::new(), p.to_owned()))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct InterceptionSpec {
+    #[serde(default, rename = "includeOutboundIPRanges")]
+    include_ranges: Option<ListOrCsv>,
+    #[serde(default, rename = "excludeOutboundIPRanges")]
+    exclude_ranges: Option<ListOrCsv>,
+    #[serde(default, rename = "includeOutboundPorts")]
+    include_ports: Option<ListOrCsv>,
+    #[serde(default, rename = "excludeOutboundPorts")]
+    exclude_ports: Option<ListOrCsv>,
+    #[serde(default, rename = "excludeUids")]
+    exclude_uids: Option<ListOrCsv>,
+    #[serde(default, rename = "excludeGids")]
+    exclude_gids: Option<ListOrCsv>,
+}
+
+/// Istio's per-pod annotation spellings of the interception knobs, accepted as aliases.
+const ANNOTATION_ALIASES: [(&str, &str); 4] = [
+    (
+        "traffic.sidecar.istio.io/includeOutboundIPRanges",
+        "includeOutboundIPRanges",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        "excludeOutboundIPRanges",
+    ),
+    (
+        "traffic.sidecar.istio.io/includeOutboundPorts",
+        "includeOutboundPorts",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        "excludeOutboundPorts",
+    ),
+];
+
+impl Cx {
+    fn error(&mut self, origin: &Origin, field: &str, message: impl Into<String>) {
+        self.errors.push(Problem {
+            origin: origin.clone(),
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, origin: &Origin, field: &str, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            origin: origin.clone(),
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserialize `value` (found at `field`) into `T`, warning about every unknown field.
+    fn typed<T: DeserializeOwned>(
+        &mut self,
+        origin: &Origin,
+        field: &str,
+        value: Value,
+    ) -> Option<T> {
+        let mut unknown = Vec::new();
+        let mut record = |p: serde_ignored::Path| unknown.push(p.to_string());
+        let de = serde_ignored::Deserializer::new(value, &mut record);
+        let result: Result<T, _> = serde_path_to_error::deserialize(de);
+        for u in unknown {
+            self.warn(origin, &join(field, &u), "unknown field, ignored");
+        }
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                self.error(origin, &join(field, &path), e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    fn document(
+        &mut self,
+        origin: &Origin,
+        value: Value,
+        config: &mut MeshConfig,
+        egress_seen: &mut Option<Origin>,
+    ) {
+        let Value::Mapping(mut map) = value else {
+            self.error(
+                origin,
+                "",
+                "a document must be a mapping with apiVersion and kind",
+            );
+            return;
+        };
+        let api = map.remove("apiVersion");
+        let kind = map.remove("kind");
+        let (Some(Value::String(api)), Some(Value::String(kind))) = (api, kind) else {
+            self.error(origin, "", "missing apiVersion or kind");
+            return;
+        };
+        let meta: Meta = match map.remove("metadata") {
+            Some(m) => {
+                let m = strip_k8s_metadata(m);
+                match self.typed(origin, "metadata", m) {
+                    Some(m) => m,
+                    None => return,
+                }
+            }
+            None => Meta {
+                name: None,
+                namespace: None,
+            },
+        };
+        let namespace = meta.namespace.unwrap_or_else(|| "default".to_owned());
+        let name = meta.name.unwrap_or_default();
+        let origin = Origin {
+            resource: Some(format!("{kind} {namespace}/{name}")),
+            ..origin.clone()
+        };
+        if name.is_empty() {
+            self.error(&origin, "metadata.name", "missing");
+        }
+        let spec = map.remove("spec").unwrap_or(Value::Null);
+        let status = map.remove("status");
+        for (k, _) in map {
+            let k = k.as_str().unwrap_or("?").to_owned();
+            self.warn(&origin, &k, "unknown field, ignored");
+        }
+        if status.is_some() {
+            self.warn(&origin, "status", "ignored");
+        }
+        match (api.as_str(), kind.as_str()) {
+            (EGRESS_VERSION, "EgressConfig") => {
+                if let Some(first) = egress_seen {
+                    self.error(
+                        &origin,
+                        "",
+                        format!("a second EgressConfig (the first is at {first})"),
+                    );
+                    return;
+                }
+                *egress_seen = Some(origin.clone());
+                self.egress_config(&origin, spec, config);
+            }
+            (v, "ServiceEntry") if ISTIO_VERSIONS.contains(&v) => {
+                if let Some(se) = self.service_entry(&origin, namespace, name, spec) {
+                    config.service_entries.push(se);
+                }
+            }
+            (v, "ServiceEntry" | "EgressConfig") => self.error(
+                &origin,
+                "apiVersion",
+                format!("unsupported apiVersion {v:?} for {kind}"),
+            ),
+            _ => self.warn(
+                &origin,
+                "",
+                format!("{api} {kind} is not applied by this version of egress; ignored"),
+            ),
+        }
+    }
+
+    fn egress_config(&mut self, origin: &Origin, spec: Value, config: &mut MeshConfig) {
+        let spec = rename_annotation_aliases(spec);
+        let Some(spec) = self.typed::<EgressConfigSpec>(origin, "spec", spec) else {
+            return;
+        };
+        if let Some(p) = spec.outbound_traffic_policy {
+            config.mode = p.mode;
+        }
+        let Some(i) = spec.interception else {
+            return;
+        };
+        let f = "spec.interception";
+        let mut out = Interception::default();
+        if let Some(l) = &i.include_ranges {
+            out.include_ranges =
+                self.ranges(origin, &format!("{f}.includeOutboundIPRanges"), l, true);
+        }
+        if let Some(l) = &i.exclude_ranges {
+            out.exclude_ranges =
+                self.ranges(origin, &format!("{f}.excludeOutboundIPRanges"), l, false);
+        }
+        if let Some(l) = &i.include_ports {
+            out.include_ports =
+                self.numbers(origin, &format!("{f}.includeOutboundPorts"), l, 1, 65535);
+        }
+        if let Some(l) = &i.exclude_ports {
+            out.exclude_ports =
+                self.numbers(origin, &format!("{f}.excludeOutboundPorts"), l, 1, 65535);
+        }
+        if let Some(l) = &i.exclude_uids {
+            out.exclude_uids =
+                self.numbers(origin, &format!("{f}.excludeUids"), l, 0, u32::MAX as u64);
+        }
+        if let Some(l) = &i.exclude_gids {
+            out.exclude_gids =
+                self.numbers(origin, &format!("{f}.excludeGids"), l, 0, u32::MAX as u64);
+        }
+        config.interception = out;
+    }
+
+    fn ranges(&mut self, origin: &Origin, field: &str, list: &ListOrCsv, star: bool) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (suffix, item) in list.items() {
+            if star && item == "*" {
+                out.extend(all_ranges());
+                continue;
+            }
+            match parse_net(&item) {
+                Some(n) => out.push(n),
+                None => self.error(
+                    origin,
+                    &format!("{field}{suffix}"),
+                    format!("{item:?} is not an IP address or CIDR"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn numbers<T: TryFrom<u64>>(
+        &mut self,
+        origin: &Origin,
+        field: &str,
+        list: &ListOrCsv,
+        min: u64,
+        max: u64,
+    ) -> Vec<T> {
+        let mut out = Vec::new();
+        for (suffix, item) in list.items() {
+            match item.parse::<u64>().ok().filter(|n| (min..=max).contains(n)) {
+                Some(n) => out.extend(T::try_from(n).ok()),
+                None => self.error(
+                    origin,
+                    &format!("{field}{suffix}"),
+                    format!("{item:?} is not a number from {min} to {max}"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn service_entry(
+        &mut self,
+        origin: &Origin,
+        namespace: String,
+        name: String,
+        spec: Value,
+    ) -> Option<ServiceEntry> {
+        let spec: ServiceEntrySpec = self.typed(origin, "spec", spec)?;
+        let before = self.errors.len();
+        if spec.hosts.is_empty() {
+            self.error(origin, "spec.hosts", "at least one host is required");
+        }
+        for (i, h) in spec.hosts.iter().enumerate() {
+            if !valid_host(h) {
+                self.error(
+                    origin,
+                    &format!("spec.hosts[{i}]"),
+                    format!("{h:?} is not a host name"),
+                );
+            }
+        }
+        let mut addresses = Vec::new();
+        for (i, a) in spec.addresses.iter().enumerate() {
+            match parse_net(a) {
+                Some(n) => addresses.push(n),
+                None => self.error(
+                    origin,
+                    &format!("spec.addresses[{i}]"),
+                    format!("{a:?} is not an IP address or CIDR"),
+                ),
+            }
+        }
+        for (i, p) in spec.ports.iter().enumerate() {
+            let f = format!("spec.ports[{i}]");
+            if !(1..=65535).contains(&p.number) {
+                self.error(
+                    origin,
+                    &format!("{f}.number"),
+                    format!("{} is not a port (1-65535)", p.number),
+                );
+            }
+            if let Some(t) = p.target_port.filter(|t| !(1..=65535).contains(t)) {
+                self.error(
+                    origin,
+                    &format!("{f}.targetPort"),
+                    format!("{t} is not a port (1-65535)"),
+                );
+            }
+            match &p.protocol {
+                Some(proto) if !PROTOCOLS.contains(&proto.to_ascii_uppercase().as_str()) => self
+                    .error(
+                        origin,
+                        &format!("{f}.protocol"),
+                        format!("{proto:?} is not one of {}", PROTOCOLS.join(", ")),
+                    ),
+                _ => {}
+            }
+        }
+        if let Some(r) = spec
+            .resolution
+            .as_deref()
+            .filter(|r| !RESOLUTIONS.contains(r))
+        {
+            self.error(
+                origin,
+                "spec.resolution",
+                format!("{r:?} is not one of {}", RESOLUTIONS.join(", ")),
+            );
+        }
+        if let Some(l) = spec.location.as_deref().filter(|l| !LOCATIONS.contains(l)) {
+            self.error(
+                origin,
+                "spec.location",
+                format!("{l:?} is not one of {}", LOCATIONS.join(", ")),
+            );
+        }
+        for (i, e) in spec.endpoints.iter().enumerate() {
+            for (pname, port) in &e.ports {
+                if !(1..=65535).contains(port) {
+                    self.error(
+                        origin,
+                        &format!("spec.endpoints[{i}].ports.{pname}"),
+                        format!("{port} is not a port (1-65535)"),
+                    );
+                }
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        self.not_yet_applied(origin, &spec);
+        Some(ServiceEntry {
+            namespace,
+            name,
+            spec,
+            addresses,
+        })
+    }
+
+    /// Say which parts of a valid ServiceEntry the datapath does not act on yet.
+    fn not_yet_applied(&mut self, origin: &Origin, spec: &ServiceEntrySpec) {
+        if spec.addresses.is_empty() {
+            self.warn(
+                origin,
+                "spec.hosts",
+                "entries without addresses are matched by HTTP Host or TLS SNI, which is not \
+                 applied yet: under REGISTRY_ONLY this entry allows no connection",
+            );
+        } else if spec.ports.is_empty() {
+            self.warn(
+                origin,
+                "spec.ports",
+                "no ports: under REGISTRY_ONLY the addresses allow no connection",
+            );
+        }
+        let mut later = Vec::new();
+        if !spec.endpoints.is_empty() {
+            later.push("endpoints");
+        }
+        if matches!(spec.resolution.as_deref(), Some("DNS" | "DNS_ROUND_ROBIN")) {
+            later.push("resolution");
+        }
+        if spec.ports.iter().any(|p| p.target_port.is_some()) {
+            later.push("ports[].targetPort");
+        }
+        if spec.workload_selector.is_some() {
+            later.push("workloadSelector");
+        }
+        if !spec.export_to.is_empty() {
+            later.push("exportTo");
+        }
+        if !later.is_empty() {
+            self.warn(
+                origin,
+                "spec",
+                format!(
+                    "not applied yet: {}; connections go to the address the client dialled",
+                    later.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+/// Drop the Kubernetes bookkeeping fields kubectl adds (`labels`, `annotations`, ...): they are
+/// not ours to warn about.
+fn strip_k8s_metadata(m: Value) -> Value {
+    let Value::Mapping(mut map) = m else {
+        return m;
+    };
+    for k in [
+        "labels",
+        "annotations",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        map.remove(k);
+    }
+    Value::Mapping(map)
+}
+
+/// Accept `traffic.sidecar.istio.io/...` keys under `spec.interception` as their plain names.
+fn rename_annotation_aliases(spec: Value) -> Value {
+    let Value::Mapping(mut spec) = spec else {
+        return spec;
+    };
+    if let Some(Value::Mapping(i)) = spec.get_mut("interception") {
+        for (alias, name) in ANNOTATION_ALIASES {
+            if let Some(v) = i.remove(alias) {
+                i.insert(Value::String(name.to_owned()), v);
+            }
+        }
+    }
+    Value::Mapping(spec)
+}
+
+fn join(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => a.to_owned(),
+        (true, false) => b.to_owned(),
+        (false, false) if b.starts_with('[') => format!("{a}{b}"),
+        _ => format!("{a}.{b}"),
+    }
+}
+
+/// An IP address (as a host prefix) or a CIDR, host bits cleared.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Some(n.trunc());
+    }
+    s.parse::<IpAddr>().ok().map(IpNet::from)
+}
+
+/// A DNS name, optionally with a leading `*.` wildcard, or a lone `*`.
+fn valid_host(h: &str) -> bool {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    if h == "*" {
+        return true;
+    }
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEEDS: &str = r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata:
+  name: default
+spec:
+  outboundTrafficPolicy:
+    mode: REGISTRY_ONLY
+  interception:
+    includeOutboundIPRanges: "*"
+    excludeOutboundIPRanges: ["10.0.0.0/8", "fd00::/8"]
+    includeOutboundPorts: "8443, 9000"
+    excludeOutboundPorts: [22]
+    excludeUids: [1337]
+    excludeGids: "1338"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: httpbin-ext
+  namespace: default
+spec:
+  hosts: [httpbin.org]
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: tcp-ext
+spec:
+  hosts: [tcp.example]
+  addresses: [198.18.0.0/24, 2001:db8::1]
+  ports:
+  - number: 443
+    name: tcp
+    protocol: TCP
+  resolution: NONE
+"#;
+
+    #[test]
+    fn parses_egress_config_and_service_entries() {
+        let l = parse_str("mesh.yaml", SEEDS).expect("valid");
+        let c = &l.config;
+        assert_eq!(c.mode, Mode::RegistryOnly);
+        let i = &c.interception;
+        assert_eq!(i.include_ranges, all_ranges());
+        assert_eq!(
+            i.exclude_ranges,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "fd00::/8".parse().unwrap()
+            ]
+        );
+        assert_eq!(i.include_ports, vec![8443, 9000]);
+        assert_eq!(i.exclude_ports, vec![22]);
+        assert_eq!(i.exclude_uids, vec![1337]);
+        assert_eq!(i.exclude_gids, vec![1338]);
+        assert_eq!(c.service_entries.len(), 2);
+        let tcp = &c.service_entries[1];
+        assert_eq!(
+            (tcp.namespace.as_str(), tcp.name.as_str()),
+            ("default", "tcp-ext")
+        );
+        assert_eq!(
+            tcp.addresses,
+            vec![
+                "198.18.0.0/24".parse::<IpNet>().unwrap(),
+                "2001:db8::1/128".parse().unwrap()
+            ]
+        );
+        // httpbin-ext has no addresses: the warning says it allows nothing yet.
+        assert!(
+            l.warnings.iter().any(|w| w
+                .to_string()
+                .contains("ServiceEntry default/httpbin-ext: spec.hosts")),
+            "{:?}",
+            l.warnings
+        );
+    }
+
+    #[test]
+    fn errors_name_file_document_resource_and_field() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ok}
+spec: {hosts: [a.example], addresses: [198.18.0.1], ports: [{number: 80, name: h, protocol: TCP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wikipedia-ext, namespace: default}
+spec:
+  hosts: [en.wikipedia.org]
+  addresses: [198.18.0.0/24, 91.198.174.0/33]
+  ports:
+  - {number: 70000, name: x, protocol: TCP}
+  - {number: 443, name: y, protocol: QUIC}
+"#;
+        let e = parse_str("mesh/wikipedia.yaml", text).unwrap_err();
+        let msgs: Vec<String> = e.errors.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            msgs,
+            vec![
+                "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.addresses[1]: \
+                 \"91.198.174.0/33\" is not an IP address or CIDR",
+                "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[0].number: \
+                 70000 is not a port (1-65535)",
+                "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[1].protocol: \
+                 \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, TCP, MONGO",
+            ]
+        );
+    }
+
+    #[test]
+    fn type_errors_carry_the_field_path() {
+        let text = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\n\
+                    spec:\n  outboundTrafficPolicy: {mode: DENY_ALL}\n";
+        let e = parse_str("m.yaml", text).unwrap_err();
+        let m = e.errors[0].to_string();
+        assert!(
+            m.starts_with("m.yaml doc 1 EgressConfig default/d: spec.outboundTrafficPolicy.mode: "),
+            "{m}"
+        );
+        assert!(m.contains("DENY_ALL"), "{m}");
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_warned_about() {
+        let text = r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: d}
+spec:
+  interception:
+    traffic.sidecar.istio.io/excludeOutboundIPRanges: "10.1.0.0/16,10.2.0.0/16"
+    includeOutboundIPRangez: "*"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs}
+spec: {hosts: [a.example]}
+"#;
+        let l = parse_str("m.yaml", text).expect("valid");
+        assert_eq!(l.config.interception.exclude_ranges.len(), 2);
+        let w: Vec<String> = l.warnings.iter().map(|p| p.to_string()).collect();
+        assert!(
+            w.iter()
+                .any(|w| w.contains("spec.interception.includeOutboundIPRangez: unknown field")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|w| w.contains("doc 2 VirtualService default/vs: networking.istio.io/v1 VirtualService is not applied")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_and_bad_yaml_is_located() {
+        let text = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\nspec:\n  \
+                    interception:\n    excludeOutboundPorts: [0, 22, x]\n    excludeUids: [-1]\n";
+        let e = parse_str("m.yaml", text).unwrap_err();
+        assert_eq!(e.errors.len(), 3, "{:?}", e.errors);
+        let e = parse_str("m.yaml", "kind: [unclosed\n").unwrap_err();
+        assert!(
+            e.errors[0]
+                .to_string()
+                .starts_with("m.yaml doc 1: not valid YAML"),
+            "{:?}",
+            e.errors
+        );
+        let e = parse_str("m.yaml", "a: 1\n").unwrap_err();
+        assert!(e.errors[0].message.contains("apiVersion"));
+    }
+
+    #[test]
+    fn a_second_egress_config_is_an_error() {
+        let doc = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\n";
+        let e = parse_str("m.yaml", &format!("{doc}---\n{doc}")).unwrap_err();
+        assert!(
+            e.errors[0].message.contains("a second EgressConfig"),
+            "{:?}",
+            e.errors
+        );
+    }
+}

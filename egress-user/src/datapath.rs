@@ -1,0 +1,317 @@
+//! The kernel side as the agent sees it: load the object, pin its maps, program them from a
+//! plan, attach the programs to cgroups, and read the live maps (`egress explain`, counters,
+//! original destinations).
+
+use std::{fs::File, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
+};
+use egress_common::{
+    ALL_MAPS, AllowKeyV4, AllowKeyV6, Config, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_CONFIG, MAP_COUNTERS,
+    MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6, MAP_INCLUDE_V4,
+    MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_PORTS, Tables, allow_key_v4,
+    allow_key_v6, decide::REASON_COUNT,
+};
+use log::info;
+
+use crate::plan::Plan;
+
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-kern"));
+
+const PROG_CONNECT4: &str = "egress_connect4";
+const PROG_CONNECT6: &str = "egress_connect6";
+const PROG_SOCKOPS: &str = "egress_sockops";
+const PROG_GETSOCKOPT: &str = "egress_getsockopt";
+
+/// Capacities of the sized maps.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub cidrs: u32,
+    pub allowed: u32,
+    pub orig: u32,
+}
+
+/// The loaded object. Dropping it detaches every program (the links close with it).
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Load the object (maps created, programs not yet loaded) and pin every map in `pin_dir`,
+    /// replacing stale pins left by an agent that did not exit cleanly.
+    pub fn load(cap: Capacity, pin_dir: &Path) -> Result<Self> {
+        if KERNEL_OBJECT.is_empty() {
+            bail!("this binary was built with AYA_BUILD_SKIP=1 and carries no kernel programs");
+        }
+        let mut loader = EbpfLoader::new();
+        for m in [
+            MAP_INCLUDE_V4,
+            MAP_INCLUDE_V6,
+            MAP_EXCLUDE_V4,
+            MAP_EXCLUDE_V6,
+        ] {
+            loader.map_max_entries(m, cap.cidrs);
+        }
+        for m in [MAP_ALLOW_V4, MAP_ALLOW_V6] {
+            loader.map_max_entries(m, cap.allowed);
+        }
+        for m in [MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER] {
+            loader.map_max_entries(m, cap.orig);
+        }
+        let ebpf = loader
+            .load(KERNEL_OBJECT)
+            .context("loading the kernel object")?;
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+        for name in ALL_MAPS {
+            let path = pin_dir.join(name);
+            if path.exists() {
+                log::warn!("replacing stale pin {}", path.display());
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+            let map = ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            map.pin(&path)
+                .with_context(|| format!("pinning {name} at {}", path.display()))?;
+        }
+        Ok(Datapath { ebpf })
+    }
+
+    /// Load every program into the kernel, logging each one's verified instruction count.
+    pub fn load_programs(&mut self) -> Result<()> {
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let p: &mut CgroupSockAddr = self.program(name)?.try_into()?;
+            p.load().with_context(|| format!("verifying {name}"))?;
+        }
+        let p: &mut SockOps = self.program(PROG_SOCKOPS)?.try_into()?;
+        p.load()
+            .with_context(|| format!("verifying {PROG_SOCKOPS}"))?;
+        let p: &mut CgroupSockopt = self.program(PROG_GETSOCKOPT)?.try_into()?;
+        p.load()
+            .with_context(|| format!("verifying {PROG_GETSOCKOPT}"))?;
+        for (name, prog) in self.ebpf.programs() {
+            let count = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+                .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+            info!("loaded {name}: verified_instructions={count}");
+        }
+        Ok(())
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut aya::programs::Program> {
+        self.ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))
+    }
+
+    /// Attach connect4/connect6 and sock_ops to the intercepted cgroup.
+    pub fn attach_interception(&mut self, cgroup: &Path) -> Result<()> {
+        let fd = open_cgroup(cgroup)?;
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let p: &mut CgroupSockAddr = self.program(name)?.try_into()?;
+            p.attach(&fd, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        }
+        let p: &mut SockOps = self.program(PROG_SOCKOPS)?.try_into()?;
+        p.attach(&fd, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {PROG_SOCKOPS} to {}", cgroup.display()))?;
+        Ok(())
+    }
+
+    /// Attach the `SO_ORIGINAL_DST` emulation to the cgroup a transparent proxy runs in.
+    pub fn attach_getsockopt(&mut self, cgroup: &Path) -> Result<()> {
+        let fd = open_cgroup(cgroup)?;
+        let p: &mut CgroupSockopt = self.program(PROG_GETSOCKOPT)?.try_into()?;
+        p.attach(&fd, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {PROG_GETSOCKOPT} to {}", cgroup.display()))?;
+        Ok(())
+    }
+}
+
+fn open_cgroup(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("opening cgroup {}", path.display()))
+}
+
+/// Remove the pins made by `Datapath::load`, and the directory if it is left empty.
+pub fn unpin(pin_dir: &Path) {
+    for name in ALL_MAPS {
+        let _ = std::fs::remove_file(pin_dir.join(name));
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+}
+
+/// The pinned maps of a running datapath.
+pub struct Maps {
+    config: Array<MapData, Config>,
+    include_v4: LpmTrie<MapData, [u8; 4], u32>,
+    include_v6: LpmTrie<MapData, [u8; 16], u32>,
+    exclude_v4: LpmTrie<MapData, [u8; 4], u32>,
+    exclude_v6: LpmTrie<MapData, [u8; 16], u32>,
+    allow_v4: LpmTrie<MapData, AllowKeyV4, u32>,
+    allow_v6: LpmTrie<MapData, AllowKeyV6, u32>,
+    ports: HashMap<MapData, u16, u8>,
+    exclude_uids: HashMap<MapData, u32, u8>,
+    exclude_gids: HashMap<MapData, u32, u8>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+pub fn open<T>(dir: &Path, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is `egress run` running with this --pin-path?)",
+            path.display()
+        )
+    })?;
+    let map = Map::from_map_data(data).with_context(|| format!("map {}", path.display()))?;
+    T::try_from(map).with_context(|| format!("map {} has an unexpected type", path.display()))
+}
+
+impl Maps {
+    pub fn open(dir: &Path) -> Result<Self> {
+        Ok(Maps {
+            config: open(dir, MAP_CONFIG)?,
+            include_v4: open(dir, MAP_INCLUDE_V4)?,
+            include_v6: open(dir, MAP_INCLUDE_V6)?,
+            exclude_v4: open(dir, MAP_EXCLUDE_V4)?,
+            exclude_v6: open(dir, MAP_EXCLUDE_V6)?,
+            allow_v4: open(dir, MAP_ALLOW_V4)?,
+            allow_v6: open(dir, MAP_ALLOW_V6)?,
+            ports: open(dir, MAP_PORTS)?,
+            exclude_uids: open(dir, MAP_EXCLUDE_UIDS)?,
+            exclude_gids: open(dir, MAP_EXCLUDE_GIDS)?,
+            counters: open(dir, MAP_COUNTERS)?,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Fill freshly created maps with `plan`, then enable the datapath with `cfg`.
+    pub fn program(&mut self, plan: &Plan, cfg: Config) -> Result<()> {
+        for n in &plan.include_v4 {
+            self.include_v4
+                .insert(
+                    &Key::new(n.prefix_len().into(), n.network().octets()),
+                    n.prefix_len() as u32,
+                    0,
+                )
+                .with_context(|| format!("includeOutboundIPRanges {n}"))?;
+        }
+        for n in &plan.include_v6 {
+            self.include_v6
+                .insert(
+                    &Key::new(n.prefix_len().into(), n.network().octets()),
+                    n.prefix_len() as u32,
+                    0,
+                )
+                .with_context(|| format!("includeOutboundIPRanges {n}"))?;
+        }
+        for n in &plan.exclude_v4 {
+            self.exclude_v4
+                .insert(
+                    &Key::new(n.prefix_len().into(), n.network().octets()),
+                    n.prefix_len() as u32,
+                    0,
+                )
+                .with_context(|| format!("excludeOutboundIPRanges {n}"))?;
+        }
+        for n in &plan.exclude_v6 {
+            self.exclude_v6
+                .insert(
+                    &Key::new(n.prefix_len().into(), n.network().octets()),
+                    n.prefix_len() as u32,
+                    0,
+                )
+                .with_context(|| format!("excludeOutboundIPRanges {n}"))?;
+        }
+        for (port, n) in &plan.allow_v4 {
+            let key = Key::new(
+                16 + u32::from(n.prefix_len()),
+                allow_key_v4(*port, n.network().octets()),
+            );
+            self.allow_v4
+                .insert(&key, n.prefix_len() as u32, 0)
+                .with_context(|| format!("ServiceEntry address {n} port {port}"))?;
+        }
+        for (port, n) in &plan.allow_v6 {
+            let key = Key::new(
+                16 + u32::from(n.prefix_len()),
+                allow_key_v6(*port, n.network().octets()),
+            );
+            self.allow_v6
+                .insert(&key, n.prefix_len() as u32, 0)
+                .with_context(|| format!("ServiceEntry address {n} port {port}"))?;
+        }
+        for (port, flags) in &plan.ports {
+            self.ports
+                .insert(port, flags, 0)
+                .with_context(|| format!("port {port}"))?;
+        }
+        for uid in &plan.exclude_uids {
+            self.exclude_uids
+                .insert(uid, 1, 0)
+                .with_context(|| format!("excludeUids {uid}"))?;
+        }
+        for gid in &plan.exclude_gids {
+            self.exclude_gids
+                .insert(gid, 1, 0)
+                .with_context(|| format!("excludeGids {gid}"))?;
+        }
+        self.config.set(0, cfg, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
+    /// The per-reason counters, summed over CPUs, indexed by reason code.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..REASON_COUNT)
+            .map(|i| Ok(self.counters.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+}
+
+fn found(r: Result<u32, aya::maps::MapError>) -> Option<u8> {
+    r.ok().map(|p| p as u8)
+}
+
+impl Tables for Maps {
+    fn uid_excluded(&self, uid: u32) -> bool {
+        self.exclude_uids.get(&uid, 0).is_ok()
+    }
+    fn gid_excluded(&self, gid: u32) -> bool {
+        self.exclude_gids.get(&gid, 0).is_ok()
+    }
+    fn port_flags(&self, port: u16) -> u8 {
+        self.ports.get(&port, 0).unwrap_or(0)
+    }
+    fn include_v4(&self, a: [u8; 4]) -> Option<u8> {
+        found(self.include_v4.get(&Key::new(32, a), 0))
+    }
+    fn exclude_v4(&self, a: [u8; 4]) -> Option<u8> {
+        found(self.exclude_v4.get(&Key::new(32, a), 0))
+    }
+    fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
+        found(self.allow_v4.get(&Key::new(48, allow_key_v4(port, a)), 0))
+    }
+    fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
+        found(self.include_v6.get(&Key::new(128, a), 0))
+    }
+    fn exclude_v6(&self, a: [u8; 16]) -> Option<u8> {
+        found(self.exclude_v6.get(&Key::new(128, a), 0))
+    }
+    fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
+        found(self.allow_v6.get(&Key::new(144, allow_key_v6(port, a)), 0))
+    }
+}

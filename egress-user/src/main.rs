@@ -1,0 +1,468 @@
+//! `egress`: the agent and its CLI.
+
+mod config;
+mod datapath;
+mod explain;
+mod plan;
+mod proxy;
+mod sys;
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use egress_common::Config;
+use log::{error, info, warn};
+
+use crate::{
+    config::MeshConfig,
+    datapath::{Capacity, Datapath, Maps},
+    proxy::{OrigMaps, Proxy},
+};
+
+/// eBPF egress interception for service meshes: every TCP connect() of an intercepted cgroup is
+/// redirected to this agent, let straight out, or refused, in the kernel, from mesh configuration.
+#[derive(Parser)]
+#[command(name = "egress", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Attach the datapath to a cgroup, program it from the configuration, and proxy
+    /// redirected connections to their original destinations until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Run a command inside the intercepted cgroup.
+    Exec {
+        /// The intercepted cgroup [default: `egress` under the cgroup2 mount].
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Print the verdict for a destination and the rule that decided, from the live maps of a
+    /// running agent, or from a configuration with --config.
+    Explain {
+        /// Decide from this configuration (file or directory) instead of the live maps.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where the running agent pinned its maps.
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The connecting user [default: yours].
+        #[arg(long)]
+        uid: Option<u32>,
+        /// The connecting group [default: yours].
+        #[arg(long)]
+        gid: Option<u32>,
+        /// Destination, IP:PORT (IPv6 as [ADDR]:PORT).
+        destination: SocketAddr,
+    },
+    /// Print how many connects each rule decided, from the live per-CPU counters.
+    Stats {
+        /// Where the running agent pinned its maps.
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Check a configuration (file or directory) and print every problem.
+    Validate { path: PathBuf },
+}
+
+const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/egress";
+const DEFAULT_CGROUP: &str = "egress";
+
+/// Settings shared by the agent and `explain --config`.
+#[derive(Args, Clone)]
+struct AgentArgs {
+    /// Port of the outbound listener on 127.0.0.1 and [::1].
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// SO_MARK the agent puts on its upstream sockets; the hooks let such sockets through.
+    #[arg(long, default_value_t = 1337, value_parser = clap::value_parser!(u32).range(1..))]
+    mark: u32,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Mesh configuration: a YAML file or a directory of them [default: capture every
+    /// destination, ALLOW_ANY].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The cgroup to intercept [default: create `egress` under the cgroup2 mount].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Directory on a bpf filesystem where the maps are pinned for `egress explain`.
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// How long to wait for an upstream to accept a connection (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Age after which an original-destination record nobody claimed is removed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    orig_max_age: Duration,
+    /// Capacity of each CIDR map (include/exclude, IPv4/IPv6).
+    #[arg(long, default_value_t = egress_common::DEFAULT_MAX_CIDRS)]
+    max_cidrs: u32,
+    /// Do not listen: another transparent proxy serves the outbound port and reads the
+    /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers.
+    #[arg(long)]
+    external_proxy: bool,
+    /// With --external-proxy: the cgroup that proxy runs in [default: the agent's own].
+    #[arg(long, requires = "external_proxy")]
+    proxy_cgroup: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 10s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration such as 10s or 500ms")),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(args) => run(args),
+        Cmd::Exec { cgroup, command } => exec(cgroup, command),
+        Cmd::Explain {
+            config,
+            pin_path,
+            agent,
+            uid,
+            gid,
+            destination,
+        } => explain_cmd(config, &pin_path, &agent, uid, gid, destination),
+        Cmd::Stats { pin_path } => stats(&pin_path),
+        Cmd::Validate { path } => return validate(&path),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Load and compile a configuration, printing its warnings; or the built-in default.
+fn load_config(path: Option<&Path>) -> Result<MeshConfig> {
+    let Some(path) = path else {
+        return Ok(MeshConfig::default());
+    };
+    match config::load(path) {
+        Ok(l) => {
+            for w in &l.warnings {
+                warn!("{w}");
+            }
+            Ok(l.config)
+        }
+        Err(e) => {
+            for w in &e.warnings {
+                warn!("{w}");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn datapath_config(agent: &AgentArgs, mode: u8, netns_cookie: u64) -> Config {
+    Config {
+        netns_cookie,
+        agent_mark: agent.mark,
+        listener_port: agent.outbound_port,
+        mode,
+        enabled: 1,
+        listener_v4: Ipv4Addr::LOCALHOST.octets(),
+        listener_v6: Ipv6Addr::LOCALHOST.octets(),
+        _pad: [0; 4],
+    }
+}
+
+/// What `run` created and must remove, also when it fails half-way.
+struct Created {
+    pin_dir: PathBuf,
+    cgroup: Option<PathBuf>,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        datapath::unpin(&self.pin_dir);
+        if let Some(c) = &self.cgroup
+            && let Err(e) = std::fs::remove_dir(c)
+        {
+            warn!(
+                "could not remove cgroup {}: {e} (processes still in it?)",
+                c.display()
+            );
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let mesh = load_config(args.config.as_deref())?;
+    let plan = plan::compile(&mesh);
+    sys::raise_nofile_limit();
+    let root = sys::cgroup2_root()?;
+    let mut created = Created {
+        pin_dir: args.pin_path.clone(),
+        cgroup: None,
+    };
+    let cgroup = match &args.cgroup {
+        Some(c) => {
+            if !c.join("cgroup.procs").exists() {
+                bail!("--cgroup {}: not a cgroup v2 directory", c.display());
+            }
+            c.clone()
+        }
+        None => {
+            let c = root.join(DEFAULT_CGROUP);
+            if !c.exists() {
+                std::fs::create_dir(&c)
+                    .with_context(|| format!("creating cgroup {}", c.display()))?;
+                created.cgroup = Some(c.clone());
+            }
+            c
+        }
+    };
+    sys::ensure_bpffs(&args.pin_path)?;
+    let cap = Capacity {
+        cidrs: args.max_cidrs,
+        allowed: egress_common::DEFAULT_MAX_ALLOWED,
+        orig: egress_common::DEFAULT_MAX_ORIG,
+    };
+    for (what, n) in [
+        ("IPv4 include", plan.include_v4.len()),
+        ("IPv4 exclude", plan.exclude_v4.len()),
+        ("IPv6 include", plan.include_v6.len()),
+        ("IPv6 exclude", plan.exclude_v6.len()),
+    ] {
+        if n > cap.cidrs as usize {
+            bail!(
+                "{n} {what} CIDRs do not fit in maps of {} (raise --max-cidrs)",
+                cap.cidrs
+            );
+        }
+    }
+    let mut dp = Datapath::load(cap, &args.pin_path)?;
+    let mut maps = Maps::open(&args.pin_path)?;
+    let cfg = datapath_config(&args.agent, plan.mode, sys::netns_cookie()?);
+    maps.program(&plan, cfg)?;
+    dp.load_programs()?;
+    info!(
+        "configuration: mode={} include_v4={} include_v6={} exclude_v4={} exclude_v6={} ports={} \
+         excluded_uids={} excluded_gids={} allowed_v4={} allowed_v6={}",
+        if plan.mode == egress_common::MODE_REGISTRY_ONLY {
+            "REGISTRY_ONLY"
+        } else {
+            "ALLOW_ANY"
+        },
+        plan.include_v4.len(),
+        plan.include_v6.len(),
+        plan.exclude_v4.len(),
+        plan.exclude_v6.len(),
+        plan.ports.len(),
+        plan.exclude_uids.len(),
+        plan.exclude_gids.len(),
+        plan.allow_v4.len(),
+        plan.allow_v6.len(),
+    );
+
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async {
+        let port = args.agent.outbound_port;
+        let listeners = if args.external_proxy {
+            Vec::new()
+        } else {
+            let mut v = Vec::new();
+            for addr in [
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+            ] {
+                v.push(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("listening on {addr}"))?,
+                );
+            }
+            v
+        };
+        dp.attach_interception(&cgroup)?;
+        if args.external_proxy {
+            let pc = match &args.proxy_cgroup {
+                Some(p) => p.clone(),
+                None => sys::cgroup_of("self")?,
+            };
+            dp.attach_getsockopt(&pc)?;
+            info!(
+                "answering SO_ORIGINAL_DST for a transparent proxy in cgroup {}",
+                pc.display()
+            );
+        }
+        let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
+        let px = Arc::new(Proxy {
+            orig: orig.clone(),
+            mark: args.agent.mark,
+            connect_timeout: args.connect_timeout,
+        });
+        for l in listeners {
+            tokio::spawn(px.clone().serve(l));
+        }
+        let max_age = args.orig_max_age;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5).min(max_age));
+            loop {
+                tick.tick().await;
+                let n = orig.lock().map(|mut m| m.sweep(max_age)).unwrap_or(0);
+                if n > 0 {
+                    info!("removed {n} original-destination records older than {max_age:?}");
+                }
+            }
+        });
+        println!("{}", cgroup.display());
+        info!(
+            "ready: intercepting cgroup {} outbound listener 127.0.0.1:{port} [::1]:{port}{}",
+            cgroup.display(),
+            if args.external_proxy {
+                " (external proxy)"
+            } else {
+                ""
+            }
+        );
+        wait_for_signal().await?;
+        info!("shutting down: detaching from {}", cgroup.display());
+        anyhow::Ok(())
+    })?;
+    drop(dp);
+    drop(created);
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn exec(cgroup: Option<PathBuf>, command: Vec<String>) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let cgroup = match cgroup {
+        Some(c) => c,
+        None => sys::cgroup2_root()?.join(DEFAULT_CGROUP),
+    };
+    if !cgroup.join("cgroup.procs").exists() {
+        bail!(
+            "{} is not a cgroup: start `egress run` first, or pass --cgroup",
+            cgroup.display()
+        );
+    }
+    sys::enter_cgroup(&cgroup, std::process::id())?;
+    let err = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    Err(err).with_context(|| format!("running {}", command[0]))
+}
+
+fn explain_cmd(
+    config: Option<PathBuf>,
+    pin_path: &Path,
+    agent: &AgentArgs,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    dst: SocketAddr,
+) -> Result<()> {
+    // SAFETY: getuid/getgid cannot fail.
+    let uid = uid.unwrap_or_else(|| unsafe { libc::getuid() });
+    let gid = gid.unwrap_or_else(|| unsafe { libc::getgid() });
+    let line = match config {
+        Some(path) => {
+            let mesh = load_config(Some(&path))?;
+            let plan = plan::compile(&mesh);
+            let cfg = datapath_config(agent, plan.mode, 0);
+            let d = explain::explain(&plan, &cfg, dst, uid, gid);
+            explain::describe(&d, &cfg, dst, uid, gid)
+        }
+        None => {
+            let maps = Maps::open(pin_path)?;
+            let cfg = maps.config()?;
+            let d = explain::explain(&maps, &cfg, dst, uid, gid);
+            explain::describe(&d, &cfg, dst, uid, gid)
+        }
+    };
+    println!("{line}");
+    Ok(())
+}
+
+fn stats(pin_path: &Path) -> Result<()> {
+    let counts = Maps::open(pin_path)?.counters()?;
+    for (reason, n) in egress_common::Reason::ALL.iter().zip(counts) {
+        println!("{:<8} {:<17} {n}", reason_verdict(*reason), reason.name());
+    }
+    Ok(())
+}
+
+/// The verdict a reason code stands for.
+fn reason_verdict(r: egress_common::Reason) -> &'static str {
+    use egress_common::Reason::*;
+    match r {
+        IncludedPort | IncludedCidr | RegistryAllowed => "redirect",
+        RegistryDenied => "deny",
+        Agent | OtherNetns | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
+        | ExcludedCidr | NotIncluded => "bypass",
+    }
+}
+
+fn validate(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(l) => {
+            for w in &l.warnings {
+                println!("warning: {w}");
+            }
+            let c = &l.config;
+            println!(
+                "{}: valid ({} ServiceEntries, {} warnings)",
+                path.display(),
+                c.service_entries.len(),
+                l.warnings.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for w in &e.warnings {
+                println!("warning: {w}");
+            }
+            for p in &e.errors {
+                println!("error: {p}");
+            }
+            error!("{}: {} errors", path.display(), e.errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The outbound listener: every redirected connection is matched to its original destination
+//! (recorded by the kernel programs), forwarded there over a marked socket that the hooks let
+//! through, and logged in one line.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData};
+use egress_common::{
+    MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_mapped, v4_unmapped,
+};
+use log::{info, warn};
+use socket2::SockRef;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+
+/// The original-destination maps, shared by the connection tasks and the sweeper.
+pub struct OrigMaps {
+    pub by_cookie: HashMap<MapData, u64, OrigDst>,
+    pub by_peer: HashMap<MapData, PeerKey, OrigDst>,
+}
+
+impl OrigMaps {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        Ok(OrigMaps {
+            by_cookie: crate::datapath::open(pin_dir, MAP_ORIG_BY_COOKIE)?,
+            by_peer: crate::datapath::open(pin_dir, MAP_ORIG_BY_PEER)?,
+        })
+    }
+
+    /// Take the record of the client whose socket is `peer`, removing it from the map.
+    fn take(&mut self, peer: SocketAddr) -> Option<OrigDst> {
+        let key = peer_key(peer);
+        let rec = self.by_peer.get(&key, 0).ok()?;
+        let _ = self.by_peer.remove(&key);
+        Some(rec)
+    }
+
+    /// Remove records older than `max_age`: connects that never reached the agent (refused,
+    /// abandoned) and accepted connections the sock_ops close hook could not clear. Returns how
+    /// many were removed.
+    pub fn sweep(&mut self, max_age: Duration) -> usize {
+        let now = monotonic_ns();
+        let max = max_age.as_nanos() as u64;
+        let stale = |r: &OrigDst| now.saturating_sub(r.created_ns) > max;
+        let cookies: Vec<u64> = self
+            .by_cookie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| stale(r))
+            .map(|(k, _)| k)
+            .collect();
+        let peers: Vec<PeerKey> = self
+            .by_peer
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| stale(r))
+            .map(|(k, _)| k)
+            .collect();
+        let n = cookies.len() + peers.len();
+        for k in cookies {
+            let _ = self.by_cookie.remove(&k);
+        }
+        for k in peers {
+            let _ = self.by_peer.remove(&k);
+        }
+        n
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The key the kernel used for the client socket that is our peer.
+pub fn peer_key(peer: SocketAddr) -> PeerKey {
+    let addr = match peer.ip() {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    };
+    PeerKey {
+        addr,
+        port: peer.port(),
+        _pad: 0,
+    }
+}
+
+/// The destination the client dialled.
+pub fn orig_addr(r: &OrigDst) -> SocketAddr {
+    let ip = match v4_unmapped(&r.addr) {
+        Some(a) => IpAddr::V4(Ipv4Addr::from(a)),
+        None => IpAddr::V6(Ipv6Addr::from(r.addr)),
+    };
+    SocketAddr::new(ip, r.port)
+}
+
+pub struct Proxy {
+    pub orig: Arc<Mutex<OrigMaps>>,
+    /// `SO_MARK` of upstream sockets, which the hooks bypass.
+    pub mark: u32,
+    pub connect_timeout: Duration,
+}
+
+const BUF: usize = 64 * 1024;
+
+impl Proxy {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((sock, peer)) => {
+                    let px = self.clone();
+                    tokio::spawn(async move { px.handle(sock, peer).await });
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: back off instead of spinning.
+                    warn!("accept on {:?}: {e}", listener.local_addr().ok());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let rec = self.orig.lock().map(|mut m| m.take(peer)).unwrap_or(None);
+        let Some(rec) = rec else {
+            warn!(
+                "conn peer={peer} result=no-original-destination: not a redirected connection, reset"
+            );
+            reset(&client);
+            return;
+        };
+        let dst = orig_addr(&rec);
+        let reason = Reason::from_u32(rec.reason).map_or("unknown", Reason::name);
+        let who = format!(
+            "peer={peer} orig_dst={dst} verdict=redirect reason={reason} pid={} uid={} gid={}",
+            rec.pid, rec.uid, rec.gid
+        );
+        let upstream = match self.connect(dst).await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(
+                    "conn {who} upstream=- bytes_up=0 bytes_down=0 duration_ms={} result=connect-failed error=\"{e}\"",
+                    start.elapsed().as_millis()
+                );
+                reset(&client);
+                return;
+            }
+        };
+        let local = upstream
+            .local_addr()
+            .map_or_else(|_| "-".to_owned(), |a| a.to_string());
+        let (up, down, result) = relay(client, upstream).await;
+        let result = match result {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("error error=\"{e}\""),
+        };
+        info!(
+            "conn {who} upstream={local} bytes_up={up} bytes_down={down} duration_ms={} result={result}",
+            start.elapsed().as_millis()
+        );
+    }
+
+    async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let sock = match dst {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        SockRef::from(&sock).set_mark(self.mark)?;
+        match tokio::time::timeout(self.connect_timeout, sock.connect(dst)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.connect_timeout),
+            )),
+        }
+    }
+}
+
+/// Close with a reset rather than a FIN, so that the client sees the failure at once.
+fn reset(s: &TcpStream) {
+    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// Copy both ways until both are done, honouring half-close. On an error in either direction
+/// both sockets are reset. Returns bytes client→upstream, upstream→client, and the outcome.
+async fn relay(mut client: TcpStream, mut upstream: TcpStream) -> (u64, u64, io::Result<()>) {
+    let (mut up, mut down) = (0u64, 0u64);
+    let result = {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        tokio::try_join!(pipe(cr, uw, &mut up), pipe(ur, cw, &mut down)).map(|_| ())
+    };
+    if result.is_err() {
+        reset(&client);
+        reset(&upstream);
+    }
+    (up, down, result)
+}
+
+async fn pipe<R, W>(mut r: R, mut w: W, count: &mut u64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: pass the FIN on, keep the other direction open.
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}

@@ -1,0 +1,183 @@
+//! The host facts the agent needs: where cgroup v2 and bpffs are mounted, which cgroup a
+//! process is in, and the agent's network namespace.
+
+use std::{
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// One line of `/proc/self/mountinfo`: (mount point, filesystem type).
+fn mounts() -> Result<Vec<(PathBuf, String)>> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(text.lines().filter_map(parse_mountinfo_line).collect())
+}
+
+fn parse_mountinfo_line(line: &str) -> Option<(PathBuf, String)> {
+    // id parent major:minor root mount-point options [optional fields...] - fstype source ...
+    let (left, right) = line.split_once(" - ")?;
+    let mount_point = left.split(' ').nth(4)?;
+    let fstype = right.split(' ').next()?;
+    Some((
+        PathBuf::from(unescape_octal(mount_point)),
+        fstype.to_owned(),
+    ))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mountinfo` (never assumed).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    mounts()?
+        .into_iter()
+        .find(|(_, t)| t == "cgroup2")
+        .map(|(p, _)| p)
+        .context(
+            "no cgroup2 filesystem is mounted (see /proc/self/mountinfo): egress needs cgroup v2",
+        )
+}
+
+/// The cgroup v2 directory a process is in.
+pub fn cgroup_of(pid: &str) -> Result<PathBuf> {
+    let root = cgroup2_root()?;
+    let path = format!("/proc/{pid}/cgroup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .with_context(|| format!("{path} has no cgroup v2 entry"))?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// Move a process into a cgroup.
+pub fn enter_cgroup(cgroup: &Path, pid: u32) -> Result<()> {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string()).with_context(|| format!("writing {}", procs.display()))
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Make sure `pin_dir`'s parent is on a bpf filesystem, mounting one at `/sys/fs/bpf` if that
+/// is where it should be and nothing is mounted there yet.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if parent != default {
+        bail!(
+            "{} is not on a bpf filesystem: mount one (mount -t bpf bpf DIR) or pass another --pin-path",
+            parent.display()
+        );
+    }
+    std::fs::create_dir_all(default).context("creating /sys/fs/bpf")?;
+    let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+    // SAFETY: all pointers are valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
+    }
+    log::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+).
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("socket for SO_NETNS_COOKIE")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("getsockopt(SO_NETNS_COOKIE): needs Linux 5.14 or later");
+    }
+    Ok(cookie)
+}
+
+/// Raise the soft open-file limit to the hard one: every proxied connection holds two sockets.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
+    {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid pointer to an initialised rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines() {
+        let l = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw";
+        assert_eq!(
+            parse_mountinfo_line(l),
+            Some((
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                "cgroup2".to_owned()
+            ))
+        );
+        let l = r"50 31 0:40 / /mnt/with\040space rw - bpf bpf rw";
+        assert_eq!(
+            parse_mountinfo_line(l),
+            Some((PathBuf::from("/mnt/with space"), "bpf".to_owned()))
+        );
+        assert_eq!(parse_mountinfo_line("garbage"), None);
+    }
+}
