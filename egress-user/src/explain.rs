@@ -7,30 +7,41 @@ use egress_common::{Config, Decision, Query, Reason, Tables, decide, v4_unmapped
 
 use crate::plan::network;
 
-/// Decide `dst` as a connect() by `uid`/`gid` from the agent's network namespace would be.
-pub fn explain<T: Tables>(t: &T, cfg: &Config, dst: SocketAddr, uid: u32, gid: u32) -> Decision {
-    fn q<A>(dst: A, port: u16, uid: u32, gid: u32, netns: u64) -> Query<A> {
+/// Who makes the connect() being explained.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// `SO_MARK` of the socket.
+    pub mark: u32,
+    /// Network namespace cookie; `None` is the agent's namespace.
+    pub netns: Option<u64>,
+}
+
+/// Decide `dst` as a connect() by `caller` would be decided.
+pub fn explain<T: Tables>(t: &T, cfg: &Config, dst: SocketAddr, caller: &Caller) -> Decision {
+    fn q<A>(dst: A, port: u16, c: &Caller, netns: u64) -> Query<A> {
         Query {
             dst,
             port,
-            uid,
-            gid,
-            mark: 0,
+            uid: c.uid,
+            gid: c.gid,
+            mark: c.mark,
             netns,
         }
     }
-    let (port, netns) = (dst.port(), cfg.netns_cookie);
+    let (port, netns) = (dst.port(), caller.netns.unwrap_or(cfg.netns_cookie));
     match dst.ip() {
-        IpAddr::V4(a) => decide(t, cfg, &q(a.octets(), port, uid, gid, netns)),
+        IpAddr::V4(a) => decide(t, cfg, &q(a.octets(), port, caller, netns)),
         IpAddr::V6(a) => match v4_unmapped(&a.octets()) {
-            Some(v4) => decide(t, cfg, &q(v4, port, uid, gid, netns)),
-            None => decide(t, cfg, &q(a.octets(), port, uid, gid, netns)),
+            Some(v4) => decide(t, cfg, &q(v4, port, caller, netns)),
+            None => decide(t, cfg, &q(a.octets(), port, caller, netns)),
         },
     }
 }
 
 /// One line: `verdict (rule) [reason-code]`.
-pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, uid: u32, gid: u32) -> String {
+pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) -> String {
     let ip = match dst.ip() {
         IpAddr::V6(a) => v4_unmapped(&a.octets()).map_or(IpAddr::V6(a), |v| IpAddr::from(v)),
         v4 => v4,
@@ -40,8 +51,8 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, uid: u32, gid: u32)
     let rule = match d.reason {
         Reason::Agent => format!("the agent's own connection, socket mark {}", cfg.agent_mark),
         Reason::OtherNetns => "made in another network namespace than the agent's".to_owned(),
-        Reason::ExcludedUid => format!("excludeUids {uid}"),
-        Reason::ExcludedGid => format!("excludeGids {gid}"),
+        Reason::ExcludedUid => format!("excludeUids {}", caller.uid),
+        Reason::ExcludedGid => format!("excludeGids {}", caller.gid),
         Reason::ExcludedPort => format!("excludeOutboundPorts {port}"),
         Reason::AgentListener => format!("the agent's outbound listener {dst}"),
         Reason::ExcludedCidr => format!("excludeOutboundIPRanges {net}"),
@@ -81,7 +92,13 @@ mod tests {
         };
         let line = |s: &str| {
             let dst: SocketAddr = s.parse().unwrap();
-            describe(&explain(&p, &cfg, dst, 0, 0), &cfg, dst, 0, 0)
+            let c = Caller {
+                uid: 0,
+                gid: 0,
+                mark: 0,
+                netns: None,
+            };
+            describe(&explain(&p, &cfg, dst, &c), &cfg, dst, &c)
         };
         assert_eq!(
             line("127.20.0.10:80"),

@@ -66,6 +66,12 @@ enum Cmd {
         /// The connecting group [default: yours].
         #[arg(long)]
         gid: Option<u32>,
+        /// SO_MARK of the connecting socket.
+        #[arg(long, default_value_t = 0)]
+        socket_mark: u32,
+        /// Network namespace cookie of the connecting socket [default: the agent's].
+        #[arg(long)]
+        netns_cookie: Option<u64>,
         /// Destination, IP:PORT (IPv6 as [ADDR]:PORT).
         destination: SocketAddr,
     },
@@ -153,8 +159,19 @@ fn main() -> ExitCode {
             agent,
             uid,
             gid,
+            socket_mark,
+            netns_cookie,
             destination,
-        } => explain_cmd(config, &pin_path, &agent, uid, gid, destination),
+        } => {
+            let caller = explain::Caller {
+                // SAFETY: getuid/getgid cannot fail.
+                uid: uid.unwrap_or_else(|| unsafe { libc::getuid() }),
+                gid: gid.unwrap_or_else(|| unsafe { libc::getgid() }),
+                mark: socket_mark,
+                netns: netns_cookie,
+            };
+            explain_cmd(config, &pin_path, &agent, &caller, destination)
+        }
         Cmd::Stats { pin_path } => stats(&pin_path),
         Cmd::Validate { path } => return validate(&path),
     };
@@ -394,26 +411,22 @@ fn explain_cmd(
     config: Option<PathBuf>,
     pin_path: &Path,
     agent: &AgentArgs,
-    uid: Option<u32>,
-    gid: Option<u32>,
+    caller: &explain::Caller,
     dst: SocketAddr,
 ) -> Result<()> {
-    // SAFETY: getuid/getgid cannot fail.
-    let uid = uid.unwrap_or_else(|| unsafe { libc::getuid() });
-    let gid = gid.unwrap_or_else(|| unsafe { libc::getgid() });
     let line = match config {
         Some(path) => {
             let mesh = load_config(Some(&path))?;
             let plan = plan::compile(&mesh);
             let cfg = datapath_config(agent, plan.mode, 0);
-            let d = explain::explain(&plan, &cfg, dst, uid, gid);
-            explain::describe(&d, &cfg, dst, uid, gid)
+            let d = explain::explain(&plan, &cfg, dst, caller);
+            explain::describe(&d, &cfg, dst, caller)
         }
         None => {
             let maps = Maps::open(pin_path)?;
             let cfg = maps.config()?;
-            let d = explain::explain(&maps, &cfg, dst, uid, gid);
-            explain::describe(&d, &cfg, dst, uid, gid)
+            let d = explain::explain(&maps, &cfg, dst, caller);
+            explain::describe(&d, &cfg, dst, caller)
         }
     };
     println!("{line}");

@@ -1,1 +1,575 @@
+//! Harness for the privileged integration tests: a cgroup per test, the real `egress` agent,
+//! real servers on 127.0.0.0/8 and [::1], and the `egress-probe` client run inside the cgroup.
+//!
+//! Everything a test creates (cgroups, pinned maps, processes) is removed when its guard drops,
+//! also when the test fails.
 
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Byte `i` of the payload every test sends.
+pub fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(31).wrapping_add(7) % 251) as u8
+}
+
+/// FNV-1a over a byte stream, incrementally.
+#[derive(Clone, Copy)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Hash of the first `n` payload bytes.
+pub fn pattern_hash(n: u64) -> u64 {
+    let mut h = Fnv::default();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut i = 0;
+    while i < n {
+        buf.clear();
+        let end = (i + 64 * 1024).min(n);
+        buf.extend((i..end).map(pattern));
+        h.update(&buf);
+        i = end;
+    }
+    h.0
+}
+
+/// Whether the privileged tests can run here. When they cannot: with
+/// `EGRESS_REQUIRE_PRIVILEGED=1` the test fails saying why; otherwise it is recorded as skipped
+/// (in `EGRESS_SKIP_LOG`, for the summary) and printed.
+pub fn privileged(test: &str) -> bool {
+    let why = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root".to_owned())
+    } else if cgroup2_root().is_none() {
+        Some("no cgroup2 filesystem mounted".to_owned())
+    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("kernel without BTF (/sys/kernel/btf/vmlinux)".to_owned())
+    } else {
+        None
+    };
+    let Some(why) = why else {
+        return true;
+    };
+    if std::env::var("EGRESS_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!("{test}: privileged test cannot run: {why} (EGRESS_REQUIRE_PRIVILEGED=1)");
+    }
+    eprintln!("{test}: SKIPPED (privileged): {why}");
+    if let Ok(log) = std::env::var("EGRESS_SKIP_LOG") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+    false
+}
+
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split(' ').nth(4)?))
+    })
+}
+
+/// A binary of this workspace's target directory (the test binary runs from `deps/` in it).
+fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// The `egress` binary under test: `EGRESS_BIN` (set by `cargo xtask test`), else the build
+/// in this target directory.
+pub fn egress_bin() -> PathBuf {
+    match std::env::var_os("EGRESS_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_bin("egress"),
+    }
+}
+
+/// The probe client, built with these tests.
+pub fn probe_bin() -> PathBuf {
+    target_bin("egress-probe")
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn unique(tag: &str) -> String {
+    format!(
+        "egress-test-{}-{}-{tag}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A cgroup v2 child made for one test; its processes are killed and it is removed on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(tag: &str) -> Cgroup {
+        let path = cgroup2_root().expect("cgroup2").join(unique(tag));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Cgroup { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (and, in practice, [::1]).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running agent. Stopped with SIGTERM on drop; its pins and the config file go with it.
+pub struct Agent {
+    child: Child,
+    pub port: u16,
+    pub pin: PathBuf,
+    config: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct AgentOpts<'a> {
+    pub config: &'a str,
+    pub cgroup: &'a Cgroup,
+    /// Start the agent inside the intercepted cgroup (its own connects are then hooked too).
+    pub inside: bool,
+    pub extra: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(o: AgentOpts<'_>) -> Agent {
+        ensure_bpffs();
+        let name = unique("agent");
+        let config = std::env::temp_dir().join(format!("{name}.yaml"));
+        std::fs::write(&config, o.config).unwrap();
+        let pin = PathBuf::from("/sys/fs/bpf").join(&name);
+        let port = free_port();
+        let mut c = Command::new(egress_bin());
+        if o.inside {
+            // `egress exec` puts the agent in the intercepted cgroup before it starts.
+            c.arg("exec")
+                .arg("--cgroup")
+                .arg(&o.cgroup.path)
+                .arg("--")
+                .arg(egress_bin());
+        }
+        c.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--cgroup")
+            .arg(&o.cgroup.path)
+            .arg("--pin-path")
+            .arg(&pin)
+            .arg("--outbound-port")
+            .arg(port.to_string())
+            .args(&o.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("starting egress");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("ready: intercepting") {
+                    let _ = ready_tx.send(());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let agent = Agent {
+            child,
+            port,
+            pin,
+            config,
+            log,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!("agent did not become ready:\n{}", agent.logs().join("\n"));
+        }
+        agent
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The agent's per-connection log lines.
+    pub fn conns(&self) -> Vec<ConnLine> {
+        self.logs()
+            .iter()
+            .filter_map(|l| ConnLine::parse(l))
+            .collect()
+    }
+
+    /// Wait until a connection line satisfies `pred`.
+    pub fn wait_conn(&self, what: &str, pred: impl Fn(&ConnLine) -> bool) -> ConnLine {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(c) = self.conns().into_iter().find(|c| pred(c)) {
+                return c;
+            }
+            if Instant::now() > deadline {
+                panic!("no agent log line for {what}:\n{}", self.logs().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn egress(&self, args: &[&str]) -> Output {
+        Command::new(egress_bin())
+            .args(args)
+            .output()
+            .expect("running egress")
+    }
+
+    /// `egress explain` against the live maps.
+    pub fn explain(&self, dst: &str, extra: &[&str]) -> String {
+        let pin = self.pin.to_str().unwrap();
+        let mut args = vec!["explain", "--pin-path", pin];
+        args.extend_from_slice(extra);
+        args.push(dst);
+        let o = self.egress(&args);
+        assert!(
+            o.status.success(),
+            "explain {dst}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    }
+
+    /// `egress stats`: reason code → count.
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        let o = self.egress(&["stats", "--pin-path", self.pin.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "stats: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((f.get(1)?.to_string(), f.get(2)?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Entries in (ORIG_BY_COOKIE, ORIG_BY_PEER), read from the pinned maps.
+    pub fn orig_entries(&self) -> (usize, usize) {
+        use aya::maps::{HashMap, Map, MapData};
+        use egress_common::{MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey};
+        let open = |name: &str| {
+            Map::from_map_data(MapData::from_pin(self.pin.join(name)).unwrap()).unwrap()
+        };
+        let cookie: HashMap<_, u64, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_COOKIE)).unwrap();
+        let peer: HashMap<_, PeerKey, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_PEER)).unwrap();
+        (cookie.keys().count(), peer.keys().count())
+    }
+
+    /// Stop with SIGTERM and wait; returns the log.
+    pub fn stop(mut self) -> Vec<String> {
+        self.terminate();
+        self.logs()
+    }
+
+    fn terminate(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.terminate();
+        let _ = std::fs::remove_file(&self.config);
+        // If the agent died without cleaning up, do it for it.
+        if self.pin.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin);
+        }
+    }
+}
+
+fn ensure_bpffs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "));
+        if !mounted {
+            let ok = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status()
+                .unwrap();
+            assert!(ok.success(), "mounting bpffs");
+        }
+    });
+}
+
+/// One `conn ...` line of the agent's log, as key=value pairs.
+#[derive(Clone, Debug)]
+pub struct ConnLine {
+    pub fields: BTreeMap<String, String>,
+}
+
+impl ConnLine {
+    fn parse(line: &str) -> Option<ConnLine> {
+        let rest = &line[line.find("] conn ")? + 7..];
+        let mut fields = BTreeMap::new();
+        for part in rest.split(' ') {
+            if let Some((k, v)) = part.split_once('=') {
+                fields
+                    .entry(k.to_owned())
+                    .or_insert_with(|| v.trim_matches('"').to_owned());
+            }
+        }
+        Some(ConnLine { fields })
+    }
+
+    pub fn get(&self, k: &str) -> &str {
+        self.fields.get(k).map_or("", String::as_str)
+    }
+}
+
+/// Run `egress-probe ARGS`, inside `cgroup` (through `egress exec`) when given.
+pub fn probe(cgroup: Option<&Cgroup>, args: &[&str]) -> ProbeResult {
+    let mut c = match cgroup {
+        Some(cg) => {
+            let mut c = Command::new(egress_bin());
+            c.arg("exec")
+                .arg("--cgroup")
+                .arg(&cg.path)
+                .arg("--")
+                .arg(probe_bin());
+            c
+        }
+        None => Command::new(probe_bin()),
+    };
+    let o = c.args(args).output().expect("running egress-probe");
+    ProbeResult {
+        code: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+#[derive(Debug)]
+pub struct ProbeResult {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ProbeResult {
+    /// The value of `key=` in the probe's output.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let pat = format!("{key}=");
+        self.stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&pat).map(str::to_owned))
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.get("local")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("probe printed no local address: {self:?}"))
+    }
+}
+
+/// What a server saw of one connection.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// The connecting socket's address.
+    pub peer: SocketAddr,
+    /// The address it connected to.
+    pub local: SocketAddr,
+    pub received: u64,
+    pub hash: u64,
+}
+
+/// Echo servers on given addresses, recording each connection once it ends.
+pub struct Servers {
+    rt: tokio::runtime::Runtime,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Default for Servers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Servers {
+    pub fn new() -> Servers {
+        Servers {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Echo everything back, half-closing after the client does.
+    pub fn echo(&self, addr: SocketAddr) -> SocketAddr {
+        self.listen(addr, false)
+    }
+
+    /// Write the address the client reached (our local address), then echo like `echo`.
+    pub fn whoami(&self, addr: SocketAddr) -> SocketAddr {
+        self.listen(addr, true)
+    }
+
+    fn listen(&self, addr: SocketAddr, announce: bool) -> SocketAddr {
+        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        l.set_nonblocking(true).unwrap();
+        let bound = l.local_addr().unwrap();
+        let seen = self.seen.clone();
+        self.rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((mut s, peer)) = l.accept().await else {
+                    continue;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let local = s.local_addr().unwrap();
+                    if announce && s.write_all(format!("{local}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut h = Fnv::default();
+                    let mut n = 0u64;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => {
+                                h.update(&buf[..k]);
+                                n += k as u64;
+                                if s.write_all(&buf[..k]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = s.shutdown().await;
+                    seen.lock().unwrap().push(Seen {
+                        peer,
+                        local,
+                        received: n,
+                        hash: h.0,
+                    });
+                });
+            }
+        });
+        bound
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Wait for the record of the connection from `peer`.
+    pub fn wait_from(&self, peer: SocketAddr) -> Seen {
+        self.wait(&format!("a connection from {peer}"), |s| s.peer == peer)
+    }
+
+    pub fn wait(&self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.seen().into_iter().find(|s| pred(s)) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("server saw no {what}; saw {:?}", self.seen());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Poll `f` until it returns true or `secs` pass.
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,252 @@
+//! A plain std-socket client (and one tiny transparent-proxy stand-in) that the integration
+//! tests run inside the intercepted cgroup. It prints `key=value` words for the test to read.
+//!
+//! egress-probe [--as-uid N] [--as-gid N] echo ADDR BYTES
+//!     connect, send BYTES of the test pattern while reading the echo, check it.
+//! egress-probe [...] hold COUNT ADDR...
+//!     open COUNT connections at once over ADDRs (round robin) to `whoami` servers and check
+//!     that each reached the address it dialled.
+//! egress-probe origdst-server COUNT ADDR...
+//!     listen on ADDRs; for COUNT accepted connections, ask getsockopt(SO_ORIGINAL_DST) and
+//!     print and send back the answer.
+
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::ExitCode,
+};
+
+use egress_tests::pattern;
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut take_opt = |name: &str| -> Option<u32> {
+        let i = args.iter().position(|a| a == name)?;
+        let v = args.get(i + 1)?.parse().ok()?;
+        args.drain(i..i + 2);
+        Some(v)
+    };
+    let (uid, gid) = (take_opt("--as-uid"), take_opt("--as-gid"));
+    raise_nofile_limit();
+    // Drop privileges after `egress exec` has put us in the cgroup as root.
+    unsafe {
+        if let Some(g) = gid {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
+            assert_eq!(libc::setgid(g), 0, "setgid");
+        }
+        if let Some(u) = uid {
+            assert_eq!(libc::setuid(u), 0, "setuid");
+        }
+    }
+    let addr = |s: &String| {
+        s.parse::<SocketAddr>()
+            .unwrap_or_else(|_| panic!("{s}: not IP:PORT"))
+    };
+    match args.first().map(String::as_str) {
+        Some("echo") => echo(addr(&args[1]), args[2].parse().expect("BYTES")),
+        Some("hold") => hold(
+            args[1].parse().expect("COUNT"),
+            &args[2..].iter().map(addr).collect::<Vec<_>>(),
+        ),
+        Some("origdst-server") => origdst_server(
+            args[1].parse().expect("COUNT"),
+            &args[2..].iter().map(addr).collect::<Vec<_>>(),
+        ),
+        _ => {
+            eprintln!(
+                "usage: egress-probe [--as-uid N] [--as-gid N] echo ADDR BYTES | hold COUNT ADDR... | origdst-server COUNT ADDR..."
+            );
+            ExitCode::from(64)
+        }
+    }
+}
+
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn connect(dst: SocketAddr) -> Result<TcpStream, ExitCode> {
+    TcpStream::connect(dst).map_err(|e| {
+        println!(
+            "connect_error errno={} kind={:?}",
+            e.raw_os_error().unwrap_or(0),
+            e.kind()
+        );
+        ExitCode::from(3)
+    })
+}
+
+fn echo(dst: SocketAddr, n: u64) -> ExitCode {
+    let s = match connect(dst) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    println!(
+        "local={} pid={}",
+        s.local_addr().unwrap(),
+        std::process::id()
+    );
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut i = 0;
+        while i < n {
+            buf.clear();
+            let end = (i + 64 * 1024).min(n);
+            buf.extend((i..end).map(pattern));
+            w.write_all(&buf)?;
+            i = end;
+        }
+        w.shutdown(Shutdown::Write)
+    });
+    let mut r = s;
+    let mut got = 0u64;
+    let mut matched = true;
+    let mut buf = vec![0u8; 64 * 1024];
+    let read_err = loop {
+        match r.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(k) => {
+                for (j, b) in buf[..k].iter().enumerate() {
+                    matched &= *b == pattern(got + j as u64);
+                }
+                got += k as u64;
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    let write = writer.join().unwrap();
+    println!("sent={n} received={got} match={}", matched && got == n);
+    match (read_err, write) {
+        (None, Ok(())) => ExitCode::SUCCESS,
+        (e, w) => {
+            let e = e.or(w.err()).unwrap();
+            println!(
+                "io_error kind={:?} errno={}",
+                e.kind(),
+                e.raw_os_error().unwrap_or(0)
+            );
+            ExitCode::from(4)
+        }
+    }
+}
+
+fn hold(count: usize, dsts: &[SocketAddr]) -> ExitCode {
+    let mut conns = Vec::with_capacity(count);
+    for i in 0..count {
+        let dst = dsts[i % dsts.len()];
+        match connect(dst) {
+            Ok(s) => conns.push((dst, s)),
+            Err(c) => return c,
+        }
+    }
+    // Every connection is open now; each server announces the address it was reached at.
+    let (mut ok, mut wrong) = (0, 0);
+    for (dst, s) in &conns {
+        let mut line = String::new();
+        let mut r = BufReader::new(s);
+        if r.read_line(&mut line).is_ok() && line.trim() == dst.to_string() {
+            ok += 1;
+        } else {
+            wrong += 1;
+            println!("mismatch dialled={dst} reached={:?}", line.trim());
+        }
+    }
+    println!("open={} ok={ok} wrong={wrong}", conns.len());
+    for (_, s) in &conns {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    if wrong == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(5)
+    }
+}
+
+fn origdst_server(count: usize, addrs: &[SocketAddr]) -> ExitCode {
+    let listeners: Vec<TcpListener> = addrs
+        .iter()
+        .map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("binding {a}: {e}")))
+        .collect();
+    for l in &listeners {
+        l.set_nonblocking(true).unwrap();
+    }
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    let mut served = 0;
+    while served < count {
+        let mut idle = true;
+        for l in &listeners {
+            match l.accept() {
+                Ok((mut s, peer)) => {
+                    idle = false;
+                    served += 1;
+                    s.set_nonblocking(false).unwrap();
+                    let answer = match original_dst(&s, peer.is_ipv4()) {
+                        Ok(a) => a.to_string(),
+                        Err(e) => format!("error:{}", e.raw_os_error().unwrap_or(0)),
+                    };
+                    println!("origdst peer={peer} orig={answer}");
+                    std::io::stdout().flush().unwrap();
+                    let _ = s.write_all(format!("{answer}\n").as_bytes());
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        if idle {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// getsockopt(SOL_IP, SO_ORIGINAL_DST) or getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), exactly as
+/// a transparent proxy asks it.
+fn original_dst(s: &TcpStream, v4: bool) -> std::io::Result<SocketAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = if v4 {
+        std::mem::size_of::<libc::sockaddr_in>()
+    } else {
+        std::mem::size_of::<libc::sockaddr_in6>()
+    } as libc::socklen_t;
+    let level = if v4 { libc::SOL_IP } else { libc::SOL_IPV6 };
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Ok(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Ok(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
+        }
+        f => Err(std::io::Error::other(format!("family {f}"))),
+    }
+}

@@ -1,0 +1,704 @@
+//! Privileged integration tests of the datapath: real cgroups, the real agent, real sockets.
+//! Stand-in external services live on 127.0.0.0/8 and [::1]; every test has its own cgroup,
+//! agent, ports and pinned maps.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::{Command, Stdio},
+};
+
+use egress_tests::{
+    Agent, AgentOpts, Cgroup, Servers, eventually, free_port, pattern_hash, privileged, probe,
+};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn start(config: &str, cg: &Cgroup) -> Agent {
+    Agent::start(AgentOpts {
+        config,
+        cgroup: cg,
+        inside: false,
+        extra: vec![],
+    })
+}
+
+/// Counters that went up between two `egress stats` readings.
+fn increments(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0);
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+fn one(reason: &str) -> BTreeMap<String, u64> {
+    BTreeMap::from([(reason.to_owned(), 1)])
+}
+
+/// The bracketed reason code of an `egress explain` line.
+fn explained_reason(line: &str) -> &str {
+    line.rsplit_once('[')
+        .and_then(|(_, r)| r.strip_suffix(']'))
+        .unwrap_or("")
+}
+
+const ALLOW_ANY: &str = r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: default}
+spec:
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+  interception:
+    includeOutboundIPRanges: ["127.20.0.0/16", "::1/128"]
+    excludeOutboundIPRanges: ["127.20.9.0/24"]
+    includeOutboundPorts: [INCLUDED_PORT]
+    excludeOutboundPorts: [EXCLUDED_PORT]
+    excludeUids: [4242]
+    excludeGids: [4343]
+"#;
+
+struct Ports {
+    any: u16,
+    included: u16,
+    excluded: u16,
+}
+
+fn allow_any(p: &Ports) -> String {
+    ALLOW_ANY
+        .replace("INCLUDED_PORT", &p.included.to_string())
+        .replace("EXCLUDED_PORT", &p.excluded.to_string())
+}
+
+fn ports() -> Ports {
+    Ports {
+        any: free_port(),
+        included: free_port(),
+        excluded: free_port(),
+    }
+}
+
+#[test]
+fn redirect_delivers_exact_bytes_and_reports_the_original_destination() {
+    if !privileged("redirect_delivers_exact_bytes_and_reports_the_original_destination") {
+        return;
+    }
+    let cg = Cgroup::new("redirect");
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    let servers = Servers::new();
+    let dst = servers.echo(sa(&format!("127.20.0.10:{}", p.any)));
+    for n in [0u64, 1, 64 * 1024, 64 * 1024 * 1024] {
+        let r = probe(Some(&cg), &["echo", &dst.to_string(), &n.to_string()]);
+        assert_eq!(r.code, Some(0), "{n} bytes: {r:?}");
+        assert_eq!(r.get("match").as_deref(), Some("true"), "{n} bytes: {r:?}");
+        let client = r.local();
+        let conn = agent.wait_conn(&format!("the {n}-byte connection"), |c| {
+            c.get("peer") == client.to_string()
+        });
+        assert_eq!(conn.get("orig_dst"), dst.to_string());
+        assert_eq!(conn.get("reason"), "included-cidr");
+        assert_eq!(conn.get("result"), "ok");
+        assert_eq!(conn.get("bytes_up"), n.to_string());
+        assert_eq!(conn.get("bytes_down"), n.to_string());
+        // The upstream was reached by the agent's socket, not the client's, and got every byte.
+        let upstream: SocketAddr = conn.get("upstream").parse().unwrap();
+        assert_ne!(upstream, client);
+        let seen = servers.wait_from(upstream);
+        assert_eq!(seen.local, dst);
+        assert_eq!(seen.received, n);
+        assert_eq!(seen.hash, pattern_hash(n));
+    }
+    let stats = agent.stats();
+    assert_eq!(stats["included-cidr"], 4, "{stats:?}");
+}
+
+/// Each case: where the probe connects, as whom, and what must happen.
+struct Case {
+    dst: SocketAddr,
+    args: &'static [&'static str],
+    reason: &'static str,
+}
+
+#[test]
+fn bypassed_connections_go_straight_out_and_explain_agrees() {
+    if !privileged("bypassed_connections_go_straight_out_and_explain_agrees") {
+        return;
+    }
+    let cg = Cgroup::new("bypass");
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    let servers = Servers::new();
+    let cases = [
+        Case {
+            dst: servers.echo(sa(&format!("127.20.9.10:{}", p.any))),
+            args: &[],
+            reason: "excluded-cidr",
+        },
+        Case {
+            dst: servers.echo(sa(&format!("127.20.0.11:{}", p.excluded))),
+            args: &[],
+            reason: "excluded-port",
+        },
+        Case {
+            dst: servers.echo(sa(&format!("127.20.0.12:{}", p.any))),
+            args: &["--as-uid", "4242"],
+            reason: "excluded-uid",
+        },
+        Case {
+            dst: servers.echo(sa(&format!("127.20.0.13:{}", p.any))),
+            args: &["--as-gid", "4343"],
+            reason: "excluded-gid",
+        },
+        Case {
+            dst: servers.echo(sa(&format!("127.30.0.1:{}", p.any))),
+            args: &[],
+            reason: "not-included",
+        },
+    ];
+    for c in &cases {
+        let before = agent.stats();
+        let mut args: Vec<&str> = c.args.to_vec();
+        let dst = c.dst.to_string();
+        args.extend(["echo", &dst, "5"]);
+        let r = probe(Some(&cg), &args);
+        assert_eq!(r.code, Some(0), "{}: {r:?}", c.reason);
+        // The upstream's peer is the client's own socket.
+        let seen = servers.wait_from(r.local());
+        assert_eq!((seen.local, seen.received), (c.dst, 5), "{}", c.reason);
+        assert_eq!(
+            increments(&before, &agent.stats()),
+            one(c.reason),
+            "{}",
+            c.reason
+        );
+        let (uid, gid) = match c.reason {
+            "excluded-uid" => ("4242", "0"),
+            "excluded-gid" => ("0", "4343"),
+            _ => ("0", "0"),
+        };
+        let line = agent.explain(&dst, &["--uid", uid, "--gid", gid]);
+        assert!(line.starts_with("bypass ("), "{line}");
+        assert_eq!(explained_reason(&line), c.reason, "{line}");
+    }
+    // The agent saw none of them.
+    let conns = agent.conns();
+    for c in &cases {
+        assert!(
+            conns.iter().all(|l| l.get("orig_dst") != c.dst.to_string()),
+            "agent saw {}: {conns:?}",
+            c.dst
+        );
+    }
+    assert!(
+        agent
+            .explain(&format!("127.20.9.200:{}", p.any), &[])
+            .contains("excludeOutboundIPRanges 127.20.9.0/24"),
+    );
+}
+
+#[test]
+fn redirect_reasons_and_the_agent_listener_match_explain() {
+    if !privileged("redirect_reasons_and_the_agent_listener_match_explain") {
+        return;
+    }
+    let cg = Cgroup::new("explain");
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    let servers = Servers::new();
+    // Outside includeOutboundIPRanges, on an included port: redirected.
+    let by_port = servers.echo(sa(&format!("127.31.0.1:{}", p.included)));
+    let by_cidr = servers.echo(sa(&format!("127.20.0.20:{}", p.any)));
+    for (dst, reason, rule) in [
+        (
+            by_port,
+            "included-port",
+            format!("includeOutboundPorts {}", p.included),
+        ),
+        (
+            by_cidr,
+            "included-cidr",
+            "includeOutboundIPRanges 127.20.0.0/16".to_owned(),
+        ),
+    ] {
+        let before = agent.stats();
+        let r = probe(Some(&cg), &["echo", &dst.to_string(), "3"]);
+        assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+        let conn = agent.wait_conn(reason, |c| c.get("peer") == r.local().to_string());
+        assert_eq!(
+            (conn.get("orig_dst"), conn.get("reason")),
+            (dst.to_string().as_str(), reason)
+        );
+        assert_eq!(increments(&before, &agent.stats()), one(reason));
+        let line = agent.explain(&dst.to_string(), &[]);
+        assert_eq!(line, format!("redirect ({rule}) [{reason}]"));
+    }
+    // Straight to the agent's listener: not redirected onto itself; the agent, finding no
+    // original destination, resets it.
+    let listener = format!("127.0.0.1:{}", agent.port);
+    let before = agent.stats();
+    let r = probe(Some(&cg), &["echo", &listener, "3"]);
+    assert_ne!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    assert_eq!(increments(&before, &agent.stats()), one("agent-listener"));
+    assert_eq!(
+        explained_reason(&agent.explain(&listener, &[])),
+        "agent-listener"
+    );
+    assert!(eventually(10, || agent
+        .logs()
+        .iter()
+        .any(|l| l.contains("result=no-original-destination"))));
+}
+
+const REGISTRY_ONLY: &str = r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: default}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  interception:
+    includeOutboundIPRanges: "127.20.0.0/16"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: tcp-ext, namespace: default}
+spec:
+  hosts: [tcp.example]
+  addresses: [127.20.1.0/24]
+  ports:
+  - {number: PORT, name: tcp, protocol: TCP}
+  resolution: NONE
+"#;
+
+#[test]
+fn registry_only_denies_at_connect_what_no_service_entry_allows() {
+    if !privileged("registry_only_denies_at_connect_what_no_service_entry_allows") {
+        return;
+    }
+    let cg = Cgroup::new("registry");
+    let port = free_port();
+    let other = free_port();
+    let agent = start(&REGISTRY_ONLY.replace("PORT", &port.to_string()), &cg);
+    let servers = Servers::new();
+    let allowed = servers.echo(sa(&format!("127.20.1.5:{port}")));
+    let unlisted = servers.echo(sa(&format!("127.20.2.5:{port}")));
+    let wrong_port = servers.echo(sa(&format!("127.20.1.5:{other}")));
+
+    let before = agent.stats();
+    let r = probe(Some(&cg), &["echo", &allowed.to_string(), "100"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    agent.wait_conn("the allowed connection", |c| {
+        c.get("orig_dst") == allowed.to_string()
+    });
+    assert_eq!(increments(&before, &agent.stats()), one("registry-allowed"));
+    assert_eq!(
+        agent.explain(&allowed.to_string(), &[]),
+        format!(
+            "redirect (REGISTRY_ONLY: allowed by ServiceEntry address 127.20.1.0/24 port {port}) [registry-allowed]"
+        )
+    );
+
+    for dst in [unlisted, wrong_port] {
+        let before = agent.stats();
+        let r = probe(Some(&cg), &["echo", &dst.to_string(), "1"]);
+        // connect() itself fails with EPERM: nothing left the host.
+        assert_eq!(r.get("errno").as_deref(), Some("1"), "{dst}: {r:?}");
+        assert!(r.stdout.contains("connect_error"), "{r:?}");
+        assert_eq!(increments(&before, &agent.stats()), one("registry-denied"));
+        assert!(
+            agent
+                .explain(&dst.to_string(), &[])
+                .starts_with("deny (REGISTRY_ONLY")
+        );
+    }
+    assert!(
+        servers.seen().iter().all(|s| s.local == allowed),
+        "{:?}",
+        servers.seen()
+    );
+}
+
+#[test]
+fn ipv6_and_v4_mapped_destinations_follow_the_rules_of_their_address() {
+    if !privileged("ipv6_and_v4_mapped_destinations_follow_the_rules_of_their_address") {
+        return;
+    }
+    let cg = Cgroup::new("ipv6");
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    let servers = Servers::new();
+    let v6 = servers.echo(sa(&format!("[::1]:{}", p.any)));
+    let v4 = servers.echo(sa(&format!("127.20.0.30:{}", p.any)));
+    let v4_excluded = servers.echo(sa(&format!("127.20.9.30:{}", p.any)));
+
+    // IPv6 to [::1] (included as ::1/128): through the agent's [::1] listener.
+    let r = probe(Some(&cg), &["echo", &v6.to_string(), "4096"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    let conn = agent.wait_conn("the IPv6 connection", |c| {
+        c.get("peer") == r.local().to_string()
+    });
+    assert_eq!(conn.get("orig_dst"), v6.to_string());
+    assert_ne!(
+        servers
+            .wait_from(conn.get("upstream").parse().unwrap())
+            .peer,
+        r.local()
+    );
+
+    // An IPv6 socket dialling ::ffff:127.20.0.30 is decided by the IPv4 rules (included) ...
+    let mapped = format!("[::ffff:127.20.0.30]:{}", p.any);
+    let r = probe(Some(&cg), &["echo", &mapped, "4096"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    assert!(r.local().is_ipv6(), "the client used an IPv6 socket: {r:?}");
+    let conn = agent.wait_conn("the v4-mapped connection", |c| {
+        c.get("peer") == unmap(r.local()).to_string()
+    });
+    assert_eq!(conn.get("orig_dst"), v4.to_string());
+    assert_eq!(
+        servers
+            .wait_from(conn.get("upstream").parse().unwrap())
+            .local,
+        v4
+    );
+
+    // ... and by the IPv4 exclusions: 127.20.9.0/24 goes straight out even from a v6 socket.
+    let before = agent.stats();
+    let r = probe(
+        Some(&cg),
+        &["echo", &format!("[::ffff:127.20.9.30]:{}", p.any), "7"],
+    );
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    let seen = servers.wait_from(unmap(r.local()));
+    assert_eq!(seen.local, v4_excluded);
+    assert_eq!(increments(&before, &agent.stats()), one("excluded-cidr"));
+    assert_eq!(
+        explained_reason(&agent.explain(&format!("[::ffff:127.20.9.30]:{}", p.any), &[])),
+        "excluded-cidr"
+    );
+}
+
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_untouched() {
+    if !privileged("processes_outside_the_cgroup_are_untouched") {
+        return;
+    }
+    let cg = Cgroup::new("outside");
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    let servers = Servers::new();
+    let dst = servers.echo(sa(&format!("127.20.0.40:{}", p.any)));
+    let r = probe(None, &["echo", &dst.to_string(), "10"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    assert_eq!(servers.wait_from(r.local()).received, 10);
+    assert!(
+        agent.stats().values().all(|v| *v == 0),
+        "{:?}",
+        agent.stats()
+    );
+    assert!(agent.conns().is_empty());
+}
+
+#[test]
+fn the_agents_own_upstream_connections_are_not_redirected_back() {
+    if !privileged("the_agents_own_upstream_connections_are_not_redirected_back") {
+        return;
+    }
+    let cg = Cgroup::new("noloop");
+    let p = ports();
+    // The agent runs inside the cgroup it intercepts, with every destination included.
+    let config = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\nspec:\n  \
+                  interception: {includeOutboundIPRanges: \"*\"}\n";
+    let agent = Agent::start(AgentOpts {
+        config,
+        cgroup: &cg,
+        inside: true,
+        extra: vec![],
+    });
+    let servers = Servers::new();
+    let dst = servers.echo(sa(&format!("127.20.0.50:{}", p.any)));
+    let r = probe(Some(&cg), &["echo", &dst.to_string(), "1000"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    let conn = agent.wait_conn("the connection", |c| c.get("peer") == r.local().to_string());
+    let seen = servers.wait_from(conn.get("upstream").parse().unwrap());
+    assert_eq!(seen.received, 1000);
+    let stats = agent.stats();
+    assert_eq!(
+        (stats["included-cidr"], stats["agent"]),
+        (1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(agent.conns().len(), 1, "{:?}", agent.logs());
+    assert_eq!(
+        agent.explain(&dst.to_string(), &["--socket-mark", "1337"]),
+        "bypass (the agent's own connection, socket mark 1337) [agent]"
+    );
+}
+
+#[test]
+fn a_thousand_concurrent_connections_recover_their_own_destinations_and_the_maps_drain() {
+    if !privileged(
+        "a_thousand_concurrent_connections_recover_their_own_destinations_and_the_maps_drain",
+    ) {
+        return;
+    }
+    let cg = Cgroup::new("many");
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    let servers = Servers::new();
+    // 1,000 distinct destinations: 100 addresses x 10 ports.
+    let ports: Vec<u16> = (0..10).map(|_| free_port()).collect();
+    let mut dsts = Vec::new();
+    for a in 1..=100 {
+        for port in &ports {
+            dsts.push(
+                servers
+                    .whoami(sa(&format!(
+                        "127.20.{}.{}:{port}",
+                        100 + a / 50,
+                        a % 50 + 1
+                    )))
+                    .to_string(),
+            );
+        }
+    }
+    let mut args = vec!["hold", "1000"];
+    args.extend(dsts.iter().map(String::as_str));
+    let r = probe(Some(&cg), &args);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.get("ok").as_deref(), Some("1000"), "{r:?}");
+    assert_eq!(agent.stats()["included-cidr"], 1000);
+    assert!(
+        eventually(20, || agent.orig_entries() == (0, 0)),
+        "original-destination maps not empty after the connections closed: {:?}",
+        agent.orig_entries()
+    );
+
+    // A batch of connects to a dead upstream: each client is reset, nothing is left behind.
+    let dead = format!("127.20.120.1:{}", free_port());
+    for _ in 0..20 {
+        let r = probe(Some(&cg), &["echo", &dead, "10"]);
+        assert_ne!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    }
+    assert!(eventually(10, || agent
+        .conns()
+        .iter()
+        .filter(|c| c.get("result") == "connect-failed")
+        .count()
+        == 20));
+    assert!(
+        eventually(20, || agent.orig_entries() == (0, 0)),
+        "original-destination maps not empty after dead-upstream connects: {:?}",
+        agent.orig_entries()
+    );
+}
+
+#[test]
+fn getsockopt_original_dst_serves_a_transparent_proxy() {
+    if !privileged("getsockopt_original_dst_serves_a_transparent_proxy") {
+        return;
+    }
+    let clients = Cgroup::new("sockopt-clients");
+    let proxy_cg = Cgroup::new("sockopt-proxy");
+    let p = ports();
+    let agent = Agent::start(AgentOpts {
+        config: &allow_any(&p),
+        cgroup: &clients,
+        inside: false,
+        extra: vec![
+            "--external-proxy".into(),
+            "--proxy-cgroup".into(),
+            proxy_cg.path.display().to_string(),
+        ],
+    });
+    // A plain listener in the proxy's cgroup stands where the agent would: it asks
+    // getsockopt(SOL_IP / SOL_IPV6, SO_ORIGINAL_DST) and sends the answer back.
+    let l4 = format!("127.0.0.1:{}", agent.port);
+    let l6 = format!("[::1]:{}", agent.port);
+    let mut server = Command::new(egress_tests::egress_bin())
+        .args(["exec", "--cgroup", proxy_cg.path.to_str().unwrap(), "--"])
+        .arg(egress_tests::probe_bin())
+        .args(["origdst-server", "3", &l4, &l6])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    // `hold` checks that the line it reads back is the address it dialled.
+    for dst in [format!("127.20.0.60:{}", p.any), format!("[::1]:{}", p.any)] {
+        let r = probe(Some(&clients), &["hold", "1", &dst]);
+        assert_eq!(r.get("ok").as_deref(), Some("1"), "{dst}: {r:?}");
+    }
+    // A connection that was not redirected gets the kernel's own answer, untouched.
+    let r = probe(None, &["hold", "1", &l4]);
+    assert!(r.stdout.contains("reached=\"error:"), "{r:?}");
+    assert!(server.wait().unwrap().success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(
+        rest.contains(&format!("orig=127.20.0.60:{}", p.any)),
+        "{rest}"
+    );
+    assert!(rest.contains(&format!("orig=[::1]:{}", p.any)), "{rest}");
+    // The records of the proxied connections are gone once their clients closed.
+    assert!(
+        eventually(10, || agent.orig_entries() == (0, 0)),
+        "{:?}",
+        agent.orig_entries()
+    );
+}
+
+/// A network namespace made by the test, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("egress-test-{}", std::process::id());
+        let ok = |args: &[&str]| {
+            assert!(
+                Command::new("ip").args(args).status().unwrap().success(),
+                "ip {args:?}"
+            )
+        };
+        ok(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ok(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn connects_from_another_network_namespace_are_bypassed() {
+    if !privileged("connects_from_another_network_namespace_are_bypassed") {
+        return;
+    }
+    let cg = Cgroup::new("netns");
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    let ns = Netns::new();
+    // The agent's loopback listener is unreachable from there: the connection is left alone
+    // and meets that namespace's own (empty) loopback.
+    let dst = format!("127.20.0.70:{}", p.any);
+    let before = agent.stats();
+    // Into the cgroup first: `ip netns exec` remounts /sys, hiding the cgroup2 mount.
+    let o = Command::new(egress_tests::egress_bin())
+        .args(["exec", "--cgroup", cg.path.to_str().unwrap(), "--"])
+        .args(["ip", "netns", "exec", &ns.0])
+        .arg(egress_tests::probe_bin())
+        .args(["echo", &dst, "1"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("errno=111"),
+        "expected ECONNREFUSED inside the namespace: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(increments(&before, &agent.stats()), one("other-netns"));
+    assert_eq!(
+        explained_reason(&agent.explain(&dst, &["--netns-cookie", "1"])),
+        "other-netns"
+    );
+}
+
+#[test]
+fn a_bad_configuration_is_reported_and_attaches_nothing() {
+    if !privileged("a_bad_configuration_is_reported_and_attaches_nothing") {
+        return;
+    }
+    let cg = Cgroup::new("badconfig");
+    let dir = std::env::temp_dir().join(format!("egress-test-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mesh.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: wikipedia-ext}\n\
+         spec:\n  hosts: [en.wikipedia.org]\n  addresses: [\"91.198.174.0/33\"]\n  ports: [{number: 443, name: t, protocol: TLS}]\n",
+    )
+    .unwrap();
+    let pin = format!("/sys/fs/bpf/egress-test-badconfig-{}", std::process::id());
+    let o = Command::new(egress_tests::egress_bin())
+        .args([
+            "run",
+            "--config",
+            file.to_str().unwrap(),
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+            "--pin-path",
+            &pin,
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!(
+            "{} doc 1 ServiceEntry default/wikipedia-ext: spec.addresses[0]: \"91.198.174.0/33\" is not an IP address or CIDR",
+            file.display()
+        )),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(&pin).exists(), "maps were pinned");
+    // Nothing is attached: a client in the cgroup reaches its destination directly.
+    let servers = Servers::new();
+    let dst = servers.echo(sa(&format!("127.20.0.80:{}", free_port())));
+    let r = probe(Some(&cg), &["echo", &dst.to_string(), "3"]);
+    assert_eq!(servers.wait_from(r.local()).received, 3);
+}
+
+#[test]
+fn connect4_is_verified_small_and_its_size_is_logged() {
+    if !privileged("connect4_is_verified_small_and_its_size_is_logged") {
+        return;
+    }
+    let cg = Cgroup::new("insns");
+    let p = ports();
+    let logs = start(&allow_any(&p), &cg).stop();
+    let count = |prog: &str| -> u32 {
+        let l = logs
+            .iter()
+            .find(|l| l.contains(&format!("loaded {prog}: verified_instructions=")))
+            .unwrap_or_else(|| panic!("no instruction count for {prog}: {logs:?}"));
+        l.rsplit('=').next().unwrap().parse().unwrap()
+    };
+    for prog in [
+        "egress_connect4",
+        "egress_connect6",
+        "egress_sockops",
+        "egress_getsockopt",
+    ] {
+        assert!(count(prog) > 0);
+    }
+    // No logging on the hot path: connect4 stays within a small verifier budget.
+    assert!(
+        count("egress_connect4") < 1000,
+        "connect4 grew to {} instructions",
+        count("egress_connect4")
+    );
+}
