@@ -43,7 +43,7 @@ pub fn explain<T: Tables>(t: &T, cfg: &Config, dst: SocketAddr, caller: &Caller)
 /// One line: `verdict (rule) [reason-code]`.
 pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) -> String {
     let ip = match dst.ip() {
-        IpAddr::V6(a) => v4_unmapped(&a.octets()).map_or(IpAddr::V6(a), |v| IpAddr::from(v)),
+        IpAddr::V6(a) => v4_unmapped(&a.octets()).map_or(IpAddr::V6(a), IpAddr::from),
         v4 => v4,
     };
     let net = network(ip, d.prefix_len);

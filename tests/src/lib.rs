@@ -385,14 +385,24 @@ pub struct ConnLine {
 
 impl ConnLine {
     fn parse(line: &str) -> Option<ConnLine> {
-        let rest = &line[line.find("] conn ")? + 7..];
+        let mut rest = &line[line.find("] conn ")? + 7..];
         let mut fields = BTreeMap::new();
-        for part in rest.split(' ') {
-            if let Some((k, v)) = part.split_once('=') {
-                fields
-                    .entry(k.to_owned())
-                    .or_insert_with(|| v.trim_matches('"').to_owned());
-            }
+        // key=value words; a value may be "quoted, with spaces".
+        while let Some(eq) = rest.find('=') {
+            let key = rest[..eq].trim().to_owned();
+            let after = &rest[eq + 1..];
+            let (value, next) = match after.strip_prefix('"') {
+                Some(q) => {
+                    let end = q.find('"').unwrap_or(q.len());
+                    (&q[..end], q.get(end + 1..).unwrap_or(""))
+                }
+                None => {
+                    let end = after.find(' ').unwrap_or(after.len());
+                    (&after[..end], &after[end..])
+                }
+            };
+            fields.entry(key).or_insert_with(|| value.to_owned());
+            rest = next.trim_start();
         }
         Some(ConnLine { fields })
     }
