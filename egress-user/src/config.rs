@@ -360,29 +360,30 @@ struct PolicySpec {
 #[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum ListOrCsv {
-    List(Vec<Scalar>),
-    One(Scalar),
+    List(Vec<Value>),
+    One(Value),
 }
 
-#[derive(Deserialize, Clone)]
-#[serde(untagged)]
-enum Scalar {
-    Num(u64),
-    Str(String),
+/// A YAML scalar as text; anything else is kept as its YAML for the error message.
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.trim().to_owned(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => {
+            serde_yaml_ng::to_string(other).map_or_else(|_| "?".to_owned(), |s| s.trim().to_owned())
+        }
+    }
 }
 
 impl ListOrCsv {
     /// The items, each with its field path suffix (`[i]`, or nothing for a single string).
     fn items(&self) -> Vec<(String, String)> {
-        let scalar = |s: &Scalar| match s {
-            Scalar::Num(n) => n.to_string(),
-            Scalar::Str(s) => s.clone(),
-        };
         match self {
             ListOrCsv::List(v) => v
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (format!("[{i}]"), scalar(s).trim().to_owned()))
+                .map(|(i, s)| (format!("[{i}]"), scalar(s)))
                 .collect(),
             ListOrCsv::One(s) => scalar(s)
                 .split(',')
@@ -455,7 +456,7 @@ impl Cx {
         value: Value,
     ) -> Option<T> {
         let mut unknown = Vec::new();
-        let mut record = |p: serde_ignored::Path| unknown.push(p.to_string());
+        let mut record = |p: serde_ignored::Path| unknown.push(field_path(&p));
         let de = serde_ignored::Deserializer::new(value, &mut record);
         let result: Result<T, _> = serde_path_to_error::deserialize(de);
         for u in unknown {
@@ -777,6 +778,19 @@ impl Cx {
                 ),
             );
         }
+    }
+}
+
+/// `a.b[1].c` for a path serde_ignored reports (its own Display marks `Option`s with `?`).
+fn field_path(p: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => join(&field_path(parent), key),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
     }
 }
 
