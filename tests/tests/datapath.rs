@@ -750,3 +750,88 @@ fn an_upstream_that_never_answers_gets_the_client_reset_not_hung() {
     );
     drop((fillers, sock));
 }
+
+/// Whether something listens on TCP `port` (IPv4), from /proc/net/tcp.
+fn tcp_listening(port: u16) -> bool {
+    let hex = format!(":{port:04X} ");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .any(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| format!("{a} ").ends_with(&hex))
+                && l.split_whitespace().nth(3) == Some("0A")
+        })
+}
+
+#[test]
+fn haproxy_in_transparent_mode_stands_in_for_the_agent() {
+    if !privileged("haproxy_in_transparent_mode_stands_in_for_the_agent") {
+        return;
+    }
+    let Some(haproxy) = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        panic!("haproxy is not installed: `cargo xtask setup` installs Debian's package");
+    };
+    let clients = Cgroup::new("haproxy-clients");
+    let proxy_cg = Cgroup::new("haproxy-proxy");
+    let p = ports();
+    let agent = Agent::start(AgentOpts {
+        config: &allow_any(&p),
+        cgroup: &clients,
+        inside: false,
+        extra: vec![
+            "--external-proxy".into(),
+            "--proxy-cgroup".into(),
+            proxy_cg.path.display().to_string(),
+        ],
+    });
+    // `server s 0.0.0.0:0`: connect to wherever the client meant to go, as HAProxy learns it
+    // from getsockopt(SOL_IP, SO_ORIGINAL_DST).
+    let cfg = std::env::temp_dir().join(format!("egress-test-haproxy-{}.cfg", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend fe\n  bind 127.0.0.1:{}\n  default_backend be\nbackend be\n  server s 0.0.0.0:0\n",
+            agent.port
+        ),
+    )
+    .unwrap();
+    let mut hap = Command::new(egress_tests::egress_bin())
+        .args([
+            "exec",
+            "--cgroup",
+            proxy_cg.path.to_str().unwrap(),
+            "--",
+            haproxy,
+            "-db",
+            "-f",
+        ])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Not by connecting: a connection without a record would send HAProxy to itself.
+    let listening = eventually(10, || tcp_listening(agent.port));
+    let servers = Servers::new();
+    let dst = servers.echo(sa(&format!("127.20.0.95:{}", p.any)));
+    let r = if listening {
+        Some(probe(Some(&clients), &["echo", &dst.to_string(), "65536"]))
+    } else {
+        None
+    };
+    let _ = hap.kill();
+    let _ = hap.wait();
+    let _ = std::fs::remove_file(&cfg);
+    let r = r.expect("haproxy did not start listening");
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    // The echo server was reached at the original destination, by HAProxy's socket.
+    let seen = servers.wait("the proxied connection", |s| s.local == dst);
+    assert_ne!(seen.peer, r.local());
+    assert_eq!((seen.received, seen.hash), (65536, pattern_hash(65536)));
+}

@@ -19,8 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building the kernel programs needs, when missing: rust-src for the nightly
-    /// toolchain and bpf-linker 0.10.4.
+    /// Install what building and testing need, when missing: rust-src for the nightly
+    /// toolchain, bpf-linker 0.10.4, and (as root, with apt-get) Debian's haproxy.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -119,7 +119,30 @@ fn setup() -> Result<()> {
             "--force",
         ]))?;
     }
+    // The getsockopt(SO_ORIGINAL_DST) test runs Debian's HAProxy in the agent's place.
+    if which("haproxy").is_none() {
+        if !is_root() || which("apt-get").is_none() {
+            eprintln!(
+                "xtask: haproxy is missing and cannot be installed here (needs root and apt-get)"
+            );
+        } else {
+            eprintln!("xtask: installing haproxy");
+            status(Command::new("apt-get").args(["update", "-qq"]))?;
+            status(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "haproxy"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
+    }
     Ok(())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
 }
 
 fn is_root() -> bool {
