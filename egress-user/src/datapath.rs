@@ -16,9 +16,32 @@ use egress_common::{
     MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_PORTS, Tables, allow_key_v4,
     allow_key_v6, decide::REASON_COUNT,
 };
+use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
 
 use crate::plan::Plan;
+
+/// "198.18.0.0/24 port 443", formatted only when an insert fails.
+struct PortNet<N>(u16, N);
+
+impl<N: std::fmt::Display> std::fmt::Display for PortNet<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} port {}", self.1, self.0)
+    }
+}
+
+/// Insert LPM entries ((key prefix bits, key data, prefix length to store), label).
+fn fill<K: aya::Pod, D: std::fmt::Display>(
+    map: &mut LpmTrie<MapData, K, u32>,
+    what: &str,
+    entries: impl IntoIterator<Item = ((u32, K, u8), D)>,
+) -> Result<()> {
+    for ((bits, data, len), label) in entries {
+        map.insert(&Key::new(bits, data), u32::from(len), 0)
+            .with_context(|| format!("{what} {label}"))?;
+    }
+    Ok(())
+}
 
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-kern"));
 
@@ -201,60 +224,60 @@ impl Maps {
 
     /// Fill freshly created maps with `plan`, then enable the datapath with `cfg`.
     pub fn program(&mut self, plan: &Plan, cfg: Config) -> Result<()> {
-        for n in &plan.include_v4 {
-            self.include_v4
-                .insert(
-                    &Key::new(n.prefix_len().into(), n.network().octets()),
-                    n.prefix_len() as u32,
-                    0,
-                )
-                .with_context(|| format!("includeOutboundIPRanges {n}"))?;
-        }
-        for n in &plan.include_v6 {
-            self.include_v6
-                .insert(
-                    &Key::new(n.prefix_len().into(), n.network().octets()),
-                    n.prefix_len() as u32,
-                    0,
-                )
-                .with_context(|| format!("includeOutboundIPRanges {n}"))?;
-        }
-        for n in &plan.exclude_v4 {
-            self.exclude_v4
-                .insert(
-                    &Key::new(n.prefix_len().into(), n.network().octets()),
-                    n.prefix_len() as u32,
-                    0,
-                )
-                .with_context(|| format!("excludeOutboundIPRanges {n}"))?;
-        }
-        for n in &plan.exclude_v6 {
-            self.exclude_v6
-                .insert(
-                    &Key::new(n.prefix_len().into(), n.network().octets()),
-                    n.prefix_len() as u32,
-                    0,
-                )
-                .with_context(|| format!("excludeOutboundIPRanges {n}"))?;
-        }
-        for (port, n) in &plan.allow_v4 {
-            let key = Key::new(
-                16 + u32::from(n.prefix_len()),
-                allow_key_v4(*port, n.network().octets()),
-            );
-            self.allow_v4
-                .insert(&key, n.prefix_len() as u32, 0)
-                .with_context(|| format!("ServiceEntry address {n} port {port}"))?;
-        }
-        for (port, n) in &plan.allow_v6 {
-            let key = Key::new(
-                16 + u32::from(n.prefix_len()),
-                allow_key_v6(*port, n.network().octets()),
-            );
-            self.allow_v6
-                .insert(&key, n.prefix_len() as u32, 0)
-                .with_context(|| format!("ServiceEntry address {n} port {port}"))?;
-        }
+        let v4 = |n: &Ipv4Net| {
+            (
+                u32::from(n.prefix_len()),
+                n.network().octets(),
+                n.prefix_len(),
+            )
+        };
+        let v6 = |n: &Ipv6Net| {
+            (
+                u32::from(n.prefix_len()),
+                n.network().octets(),
+                n.prefix_len(),
+            )
+        };
+        let inc = "includeOutboundIPRanges";
+        let exc = "excludeOutboundIPRanges";
+        fill(
+            &mut self.include_v4,
+            inc,
+            plan.include_v4.iter().map(|n| (v4(n), n)),
+        )?;
+        fill(
+            &mut self.include_v6,
+            inc,
+            plan.include_v6.iter().map(|n| (v6(n), n)),
+        )?;
+        fill(
+            &mut self.exclude_v4,
+            exc,
+            plan.exclude_v4.iter().map(|n| (v4(n), n)),
+        )?;
+        fill(
+            &mut self.exclude_v6,
+            exc,
+            plan.exclude_v6.iter().map(|n| (v6(n), n)),
+        )?;
+        // Port first, then address: a prefix of 16 + n bits is one port and an /n range.
+        let se = "ServiceEntry address";
+        fill(
+            &mut self.allow_v4,
+            se,
+            plan.allow_v4.iter().map(|(port, n)| {
+                let (bits, a, len) = v4(n);
+                ((16 + bits, allow_key_v4(*port, a), len), PortNet(*port, *n))
+            }),
+        )?;
+        fill(
+            &mut self.allow_v6,
+            se,
+            plan.allow_v6.iter().map(|(port, n)| {
+                let (bits, a, len) = v6(n);
+                ((16 + bits, allow_key_v6(*port, a), len), PortNet(*port, *n))
+            }),
+        )?;
         for (port, flags) in &plan.ports {
             self.ports
                 .insert(port, flags, 0)

@@ -283,6 +283,14 @@ fn run(args: RunArgs) -> Result<()> {
             );
         }
     }
+    for (what, n) in [("IPv4", plan.allow_v4.len()), ("IPv6", plan.allow_v6.len())] {
+        if n > cap.allowed as usize {
+            bail!(
+                "{n} {what} ServiceEntry (address, port) pairs do not fit in a map of {}",
+                cap.allowed
+            );
+        }
+    }
     let mut dp = Datapath::load(cap, &args.pin_path)?;
     let mut maps = Maps::open(&args.pin_path)?;
     let cfg = datapath_config(&args.agent, plan.mode, sys::netns_cookie()?);

@@ -77,6 +77,31 @@ fn allow_any(p: &Ports) -> String {
         .replace("EXCLUDED_PORT", &p.excluded.to_string())
 }
 
+/// A test's cgroup, ports, agent (ALLOW_ANY configuration) and servers. Fields drop in order:
+/// servers and agent stop before the cgroup is removed.
+struct Fixture {
+    servers: Servers,
+    agent: Agent,
+    p: Ports,
+    cg: Cgroup,
+}
+
+/// The fixture, or `None` when the privileged test cannot run here (and need not).
+fn fixture(test: &str, tag: &str) -> Option<Fixture> {
+    if !privileged(test) {
+        return None;
+    }
+    let cg = Cgroup::new(tag);
+    let p = ports();
+    let agent = start(&allow_any(&p), &cg);
+    Some(Fixture {
+        servers: Servers::new(),
+        agent,
+        p,
+        cg,
+    })
+}
+
 fn ports() -> Ports {
     Ports {
         any: free_port(),
@@ -87,13 +112,18 @@ fn ports() -> Ports {
 
 #[test]
 fn redirect_delivers_exact_bytes_and_reports_the_original_destination() {
-    if !privileged("redirect_delivers_exact_bytes_and_reports_the_original_destination") {
+    let Some(Fixture {
+        cg,
+        p,
+        agent,
+        servers,
+    }) = fixture(
+        "redirect_delivers_exact_bytes_and_reports_the_original_destination",
+        "redirect",
+    )
+    else {
         return;
-    }
-    let cg = Cgroup::new("redirect");
-    let p = ports();
-    let agent = start(&allow_any(&p), &cg);
-    let servers = Servers::new();
+    };
     let dst = servers.echo(sa(&format!("127.20.0.10:{}", p.any)));
     for n in [0u64, 1, 64 * 1024, 64 * 1024 * 1024] {
         let r = probe(Some(&cg), &["echo", &dst.to_string(), &n.to_string()]);
@@ -129,13 +159,18 @@ struct Case {
 
 #[test]
 fn bypassed_connections_go_straight_out_and_explain_agrees() {
-    if !privileged("bypassed_connections_go_straight_out_and_explain_agrees") {
+    let Some(Fixture {
+        cg,
+        p,
+        agent,
+        servers,
+    }) = fixture(
+        "bypassed_connections_go_straight_out_and_explain_agrees",
+        "bypass",
+    )
+    else {
         return;
-    }
-    let cg = Cgroup::new("bypass");
-    let p = ports();
-    let agent = start(&allow_any(&p), &cg);
-    let servers = Servers::new();
+    };
     let cases = [
         Case {
             dst: servers.echo(sa(&format!("127.20.9.10:{}", p.any))),
@@ -206,13 +241,18 @@ fn bypassed_connections_go_straight_out_and_explain_agrees() {
 
 #[test]
 fn redirect_reasons_and_the_agent_listener_match_explain() {
-    if !privileged("redirect_reasons_and_the_agent_listener_match_explain") {
+    let Some(Fixture {
+        cg,
+        p,
+        agent,
+        servers,
+    }) = fixture(
+        "redirect_reasons_and_the_agent_listener_match_explain",
+        "explain",
+    )
+    else {
         return;
-    }
-    let cg = Cgroup::new("explain");
-    let p = ports();
-    let agent = start(&allow_any(&p), &cg);
-    let servers = Servers::new();
+    };
     // Outside includeOutboundIPRanges, on an included port: redirected.
     let by_port = servers.echo(sa(&format!("127.31.0.1:{}", p.included)));
     let by_cidr = servers.echo(sa(&format!("127.20.0.20:{}", p.any)));
@@ -327,13 +367,18 @@ fn registry_only_denies_at_connect_what_no_service_entry_allows() {
 
 #[test]
 fn ipv6_and_v4_mapped_destinations_follow_the_rules_of_their_address() {
-    if !privileged("ipv6_and_v4_mapped_destinations_follow_the_rules_of_their_address") {
+    let Some(Fixture {
+        cg,
+        p,
+        agent,
+        servers,
+    }) = fixture(
+        "ipv6_and_v4_mapped_destinations_follow_the_rules_of_their_address",
+        "ipv6",
+    )
+    else {
         return;
-    }
-    let cg = Cgroup::new("ipv6");
-    let p = ports();
-    let agent = start(&allow_any(&p), &cg);
-    let servers = Servers::new();
+    };
     let v6 = servers.echo(sa(&format!("[::1]:{}", p.any)));
     let v4 = servers.echo(sa(&format!("127.20.0.30:{}", p.any)));
     let v4_excluded = servers.echo(sa(&format!("127.20.9.30:{}", p.any)));
@@ -396,13 +441,16 @@ fn unmap(a: SocketAddr) -> SocketAddr {
 
 #[test]
 fn processes_outside_the_cgroup_are_untouched() {
-    if !privileged("processes_outside_the_cgroup_are_untouched") {
+    // The cgroup is kept (bound) while the agent intercepts it; the client stays outside.
+    let Some(Fixture {
+        cg: _cg,
+        p,
+        agent,
+        servers,
+    }) = fixture("processes_outside_the_cgroup_are_untouched", "outside")
+    else {
         return;
-    }
-    let cg = Cgroup::new("outside");
-    let p = ports();
-    let agent = start(&allow_any(&p), &cg);
-    let servers = Servers::new();
+    };
     let dst = servers.echo(sa(&format!("127.20.0.40:{}", p.any)));
     let r = probe(None, &["echo", &dst.to_string(), "10"]);
     assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
