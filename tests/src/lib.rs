@@ -43,18 +43,27 @@ impl Fnv {
     }
 }
 
-/// Hash of the first `n` payload bytes.
-pub fn pattern_hash(n: u64) -> u64 {
-    let mut h = Fnv::default();
+/// Feed the first `n` payload bytes to `f`, 64 KiB at a time.
+pub fn pattern_chunks<E>(n: u64, mut f: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut i = 0;
     while i < n {
         buf.clear();
         let end = (i + 64 * 1024).min(n);
         buf.extend((i..end).map(pattern));
-        h.update(&buf);
+        f(&buf)?;
         i = end;
     }
+    Ok(())
+}
+
+/// Hash of the first `n` payload bytes.
+pub fn pattern_hash(n: u64) -> u64 {
+    let mut h = Fnv::default();
+    let _ = pattern_chunks(n, |c| {
+        h.update(c);
+        Ok::<(), ()>(())
+    });
     h.0
 }
 
@@ -482,6 +491,7 @@ impl Default for Servers {
 
 impl Servers {
     pub fn new() -> Servers {
+        raise_nofile_limit();
         Servers {
             rt: tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -568,6 +578,27 @@ impl Servers {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Raise the soft open-file limit to the hard one (servers for a thousand connections need more
+/// than a default of 1024); returns the limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
 }
 
 /// Poll `f` until it returns true or `secs` pass.

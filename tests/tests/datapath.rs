@@ -510,6 +510,12 @@ fn a_thousand_concurrent_connections_recover_their_own_destinations_and_the_maps
     let p = ports();
     let agent = start(&allow_any(&p), &cg);
     let servers = Servers::new();
+    // Listeners, accepted sockets and the probe's own: about 3,000 descriptors in play.
+    let limit = egress_tests::raise_nofile_limit();
+    assert!(
+        limit >= 4096,
+        "this test needs RLIMIT_NOFILE >= 4096; the hard limit here is {limit}"
+    );
     // 1,000 distinct destinations: 100 addresses x 10 ports.
     let ports: Vec<u16> = (0..10).map(|_| free_port()).collect();
     let mut dsts = Vec::new();
@@ -562,13 +568,17 @@ fn a_thousand_concurrent_connections_recover_their_own_destinations_and_the_maps
     );
 }
 
-#[test]
-fn getsockopt_original_dst_serves_a_transparent_proxy() {
-    if !privileged("getsockopt_original_dst_serves_a_transparent_proxy") {
-        return;
-    }
-    let clients = Cgroup::new("sockopt-clients");
-    let proxy_cg = Cgroup::new("sockopt-proxy");
+/// An agent in `--external-proxy` mode: clients in one cgroup, the proxy in another.
+struct ExternalProxy {
+    agent: Agent,
+    p: Ports,
+    proxy_cg: Cgroup,
+    clients: Cgroup,
+}
+
+fn external_proxy(tag: &str) -> ExternalProxy {
+    let clients = Cgroup::new(&format!("{tag}-clients"));
+    let proxy_cg = Cgroup::new(&format!("{tag}-proxy"));
     let p = ports();
     let agent = Agent::start(AgentOpts {
         config: &allow_any(&p),
@@ -580,6 +590,25 @@ fn getsockopt_original_dst_serves_a_transparent_proxy() {
             proxy_cg.path.display().to_string(),
         ],
     });
+    ExternalProxy {
+        agent,
+        p,
+        proxy_cg,
+        clients,
+    }
+}
+
+#[test]
+fn getsockopt_original_dst_serves_a_transparent_proxy() {
+    if !privileged("getsockopt_original_dst_serves_a_transparent_proxy") {
+        return;
+    }
+    let ExternalProxy {
+        clients,
+        proxy_cg,
+        p,
+        agent,
+    } = external_proxy("sockopt");
     // A plain listener in the proxy's cgroup stands where the agent would: it asks
     // getsockopt(SOL_IP / SOL_IPV6, SO_ORIGINAL_DST) and sends the answer back.
     let l4 = format!("127.0.0.1:{}", agent.port);
@@ -824,19 +853,12 @@ fn haproxy_in_transparent_mode_stands_in_for_the_agent() {
     else {
         panic!("haproxy is not installed: `cargo xtask setup` installs Debian's package");
     };
-    let clients = Cgroup::new("haproxy-clients");
-    let proxy_cg = Cgroup::new("haproxy-proxy");
-    let p = ports();
-    let agent = Agent::start(AgentOpts {
-        config: &allow_any(&p),
-        cgroup: &clients,
-        inside: false,
-        extra: vec![
-            "--external-proxy".into(),
-            "--proxy-cgroup".into(),
-            proxy_cg.path.display().to_string(),
-        ],
-    });
+    let ExternalProxy {
+        clients,
+        proxy_cg,
+        p,
+        agent,
+    } = external_proxy("haproxy");
     // `server s 0.0.0.0:0`: connect to wherever the client meant to go, as HAProxy learns it
     // from getsockopt(SOL_IP, SO_ORIGINAL_DST).
     let cfg = std::env::temp_dir().join(format!("egress-test-haproxy-{}.cfg", std::process::id()));

@@ -17,7 +17,7 @@ use std::{
     process::ExitCode,
 };
 
-use egress_tests::pattern;
+use egress_tests::{pattern, pattern_chunks, raise_nofile_limit};
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -62,19 +62,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn connect(dst: SocketAddr) -> Result<TcpStream, ExitCode> {
     TcpStream::connect(dst).map_err(|e| {
         println!(
@@ -98,15 +85,7 @@ fn echo(dst: SocketAddr, n: u64) -> ExitCode {
     );
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(64 * 1024);
-        let mut i = 0;
-        while i < n {
-            buf.clear();
-            let end = (i + 64 * 1024).min(n);
-            buf.extend((i..end).map(pattern));
-            w.write_all(&buf)?;
-            i = end;
-        }
+        pattern_chunks(n, |c| w.write_all(c))?;
         w.shutdown(Shutdown::Write)
     });
     let mut r = s;
