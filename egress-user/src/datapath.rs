@@ -16,31 +16,36 @@ use egress_common::{
     MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_PORTS, Tables, allow_key_v4,
     allow_key_v6, decide::REASON_COUNT,
 };
-use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
 
-use crate::plan::Plan;
+use crate::plan::{Entry, Op, Plan, diff};
 
-/// "198.18.0.0/24 port 443", formatted only when an insert fails.
-struct PortNet<N>(u16, N);
-
-impl<N: std::fmt::Display> std::fmt::Display for PortNet<N> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} port {}", self.1, self.0)
+/// Insert or delete one LPM entry whose value is the prefix length.
+fn lpm_set<K: aya::Pod>(
+    map: &mut LpmTrie<MapData, K, u32>,
+    bits: u32,
+    data: K,
+    len: u8,
+    add: bool,
+) -> Result<(), aya::maps::MapError> {
+    let key = Key::new(bits, data);
+    if add {
+        map.insert(&key, u32::from(len), 0)
+    } else {
+        map.remove(&key)
     }
 }
 
-/// Insert LPM entries ((key prefix bits, key data, prefix length to store), label).
-fn fill<K: aya::Pod, D: std::fmt::Display>(
-    map: &mut LpmTrie<MapData, K, u32>,
-    what: &str,
-    entries: impl IntoIterator<Item = ((u32, K, u8), D)>,
-) -> Result<()> {
-    for ((bits, data, len), label) in entries {
-        map.insert(&Key::new(bits, data), u32::from(len), 0)
-            .with_context(|| format!("{what} {label}"))?;
+fn set_flag<K: aya::Pod + Eq + std::hash::Hash>(
+    map: &mut HashMap<MapData, K, u8>,
+    key: K,
+    add: bool,
+) -> Result<(), aya::maps::MapError> {
+    if add {
+        map.insert(key, 1, 0)
+    } else {
+        map.remove(&key)
     }
-    Ok(())
 }
 
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-kern"));
@@ -224,77 +229,86 @@ impl Maps {
 
     /// Fill freshly created maps with `plan`, then enable the datapath with `cfg`.
     pub fn program(&mut self, plan: &Plan, cfg: Config) -> Result<()> {
-        let v4 = |n: &Ipv4Net| {
-            (
-                u32::from(n.prefix_len()),
-                n.network().octets(),
-                n.prefix_len(),
-            )
-        };
-        let v6 = |n: &Ipv6Net| {
-            (
-                u32::from(n.prefix_len()),
-                n.network().octets(),
-                n.prefix_len(),
-            )
-        };
-        let inc = "includeOutboundIPRanges";
-        let exc = "excludeOutboundIPRanges";
-        fill(
-            &mut self.include_v4,
-            inc,
-            plan.include_v4.iter().map(|n| (v4(n), n)),
-        )?;
-        fill(
-            &mut self.include_v6,
-            inc,
-            plan.include_v6.iter().map(|n| (v6(n), n)),
-        )?;
-        fill(
-            &mut self.exclude_v4,
-            exc,
-            plan.exclude_v4.iter().map(|n| (v4(n), n)),
-        )?;
-        fill(
-            &mut self.exclude_v6,
-            exc,
-            plan.exclude_v6.iter().map(|n| (v6(n), n)),
-        )?;
-        // Port first, then address: a prefix of 16 + n bits is one port and an /n range.
-        let se = "ServiceEntry address";
-        fill(
-            &mut self.allow_v4,
-            se,
-            plan.allow_v4.iter().map(|(port, n)| {
-                let (bits, a, len) = v4(n);
-                ((16 + bits, allow_key_v4(*port, a), len), PortNet(*port, *n))
-            }),
-        )?;
-        fill(
-            &mut self.allow_v6,
-            se,
-            plan.allow_v6.iter().map(|(port, n)| {
-                let (bits, a, len) = v6(n);
-                ((16 + bits, allow_key_v6(*port, a), len), PortNet(*port, *n))
-            }),
-        )?;
-        for (port, flags) in &plan.ports {
-            self.ports
-                .insert(port, flags, 0)
-                .with_context(|| format!("port {port}"))?;
-        }
-        for uid in &plan.exclude_uids {
-            self.exclude_uids
-                .insert(uid, 1, 0)
-                .with_context(|| format!("excludeUids {uid}"))?;
-        }
-        for gid in &plan.exclude_gids {
-            self.exclude_gids
-                .insert(gid, 1, 0)
-                .with_context(|| format!("excludeGids {gid}"))?;
+        self.config
+            .set(0, Config { enabled: 0, ..cfg }, 0)
+            .context("writing CONFIG")?;
+        for op in diff(&Plan::default(), plan) {
+            self.apply(&op)?;
         }
         self.config.set(0, cfg, 0).context("writing CONFIG")?;
         Ok(())
+    }
+
+    /// Apply one step of a `diff` to the maps.
+    pub fn apply(&mut self, op: &Op) -> Result<()> {
+        let (e, add) = match op {
+            Op::Mode(m) => {
+                let cfg = Config {
+                    mode: *m,
+                    ..self.config()?
+                };
+                return self.config.set(0, cfg, 0).context("writing CONFIG");
+            }
+            Op::Add(e) => (e, true),
+            Op::Remove(e) => (e, false),
+        };
+        let r = match *e {
+            Entry::Include4(n) => lpm_set(
+                &mut self.include_v4,
+                n.prefix_len().into(),
+                n.network().octets(),
+                n.prefix_len(),
+                add,
+            ),
+            Entry::Include6(n) => lpm_set(
+                &mut self.include_v6,
+                n.prefix_len().into(),
+                n.network().octets(),
+                n.prefix_len(),
+                add,
+            ),
+            Entry::Exclude4(n) => lpm_set(
+                &mut self.exclude_v4,
+                n.prefix_len().into(),
+                n.network().octets(),
+                n.prefix_len(),
+                add,
+            ),
+            Entry::Exclude6(n) => lpm_set(
+                &mut self.exclude_v6,
+                n.prefix_len().into(),
+                n.network().octets(),
+                n.prefix_len(),
+                add,
+            ),
+            // Port first, then address: a prefix of 16 + n bits is one port and an /n range.
+            Entry::Allow4(port, n) => lpm_set(
+                &mut self.allow_v4,
+                16 + u32::from(n.prefix_len()),
+                allow_key_v4(port, n.network().octets()),
+                n.prefix_len(),
+                add,
+            ),
+            Entry::Allow6(port, n) => lpm_set(
+                &mut self.allow_v6,
+                16 + u32::from(n.prefix_len()),
+                allow_key_v6(port, n.network().octets()),
+                n.prefix_len(),
+                add,
+            ),
+            Entry::Uid(u) => set_flag(&mut self.exclude_uids, u, add),
+            Entry::Gid(g) => set_flag(&mut self.exclude_gids, g, add),
+            Entry::Port(port, bit) => {
+                let old = self.ports.get(&port, 0).unwrap_or(0);
+                let new = if add { old | bit } else { old & !bit };
+                if new == 0 {
+                    self.ports.remove(&port)
+                } else {
+                    self.ports.insert(port, new, 0)
+                }
+            }
+        };
+        r.with_context(|| format!("applying {op:?}"))
     }
 
     /// The per-reason counters, summed over CPUs, indexed by reason code.

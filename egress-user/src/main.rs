@@ -1,10 +1,12 @@
 //! `egress`: the agent and its CLI.
 
+mod admin;
 mod config;
 mod datapath;
 mod explain;
 mod plan;
 mod proxy;
+mod reload;
 mod sys;
 
 use std::{
@@ -81,12 +83,23 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Show the running agent's configuration generation and the last rejected configuration.
+    Status {
+        #[arg(long, default_value_t = DEFAULT_ADMIN_PORT)]
+        admin_port: u16,
+    },
+    /// Make the running agent reload its configuration now; prints what changed or every error.
+    Reload {
+        #[arg(long, default_value_t = DEFAULT_ADMIN_PORT)]
+        admin_port: u16,
+    },
     /// Check a configuration (file or directory) and print every problem.
     Validate { path: PathBuf },
 }
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/egress";
 const DEFAULT_CGROUP: &str = "egress";
+const DEFAULT_ADMIN_PORT: u16 = 15000;
 
 /// Settings shared by the agent and `explain --config`.
 #[derive(Args, Clone)]
@@ -122,6 +135,12 @@ struct RunArgs {
     /// Capacity of each CIDR map (include/exclude, IPv4/IPv6).
     #[arg(long, default_value_t = egress_common::DEFAULT_MAX_CIDRS)]
     max_cidrs: u32,
+    /// Capacity of each map of ServiceEntry (address, port) pairs (IPv4, IPv6).
+    #[arg(long, default_value_t = egress_common::DEFAULT_MAX_ALLOWED)]
+    max_service_entry_addresses: u32,
+    /// Port of the admin endpoint on 127.0.0.1 (`egress status`, `egress reload`).
+    #[arg(long, default_value_t = DEFAULT_ADMIN_PORT)]
+    admin_port: u16,
     /// Do not listen: another transparent proxy serves the outbound port and reads the
     /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers.
     #[arg(long)]
@@ -173,6 +192,12 @@ fn main() -> ExitCode {
             explain_cmd(config, &pin_path, &agent, &caller, destination)
         }
         Cmd::Stats { pin_path } => stats(&pin_path),
+        Cmd::Status { admin_port } => {
+            admin::request(admin_port, "GET", "/status").map(|b| print!("{b}"))
+        }
+        Cmd::Reload { admin_port } => {
+            admin::request(admin_port, "POST", "/reload").map(|b| print!("{b}"))
+        }
         Cmd::Validate { path } => return validate(&path),
     };
     match result {
@@ -241,6 +266,12 @@ impl Drop for Created {
 fn run(args: RunArgs) -> Result<()> {
     let mesh = load_config(args.config.as_deref())?;
     let plan = plan::compile(&mesh);
+    let cap = Capacity {
+        cidrs: args.max_cidrs,
+        allowed: args.max_service_entry_addresses,
+        orig: egress_common::DEFAULT_MAX_ORIG,
+    };
+    reload::check_capacity(&plan, &cap)?;
     sys::raise_nofile_limit();
     let root = sys::cgroup2_root()?;
     let mut created = Created {
@@ -265,55 +296,26 @@ fn run(args: RunArgs) -> Result<()> {
         }
     };
     sys::ensure_bpffs(&args.pin_path)?;
-    let cap = Capacity {
-        cidrs: args.max_cidrs,
-        allowed: egress_common::DEFAULT_MAX_ALLOWED,
-        orig: egress_common::DEFAULT_MAX_ORIG,
-    };
-    for (what, n) in [
-        ("IPv4 include", plan.include_v4.len()),
-        ("IPv4 exclude", plan.exclude_v4.len()),
-        ("IPv6 include", plan.include_v6.len()),
-        ("IPv6 exclude", plan.exclude_v6.len()),
-    ] {
-        if n > cap.cidrs as usize {
-            bail!(
-                "{n} {what} CIDRs do not fit in maps of {} (raise --max-cidrs)",
-                cap.cidrs
-            );
-        }
-    }
-    for (what, n) in [("IPv4", plan.allow_v4.len()), ("IPv6", plan.allow_v6.len())] {
-        if n > cap.allowed as usize {
-            bail!(
-                "{n} {what} ServiceEntry (address, port) pairs do not fit in a map of {}",
-                cap.allowed
-            );
-        }
-    }
     let mut dp = Datapath::load(cap, &args.pin_path)?;
     let mut maps = Maps::open(&args.pin_path)?;
     let cfg = datapath_config(&args.agent, plan.mode, sys::netns_cookie()?);
     maps.program(&plan, cfg)?;
     dp.load_programs()?;
-    info!(
-        "configuration: mode={} include_v4={} include_v6={} exclude_v4={} exclude_v6={} ports={} \
-         excluded_uids={} excluded_gids={} allowed_v4={} allowed_v6={}",
-        if plan.mode == egress_common::MODE_REGISTRY_ONLY {
-            "REGISTRY_ONLY"
-        } else {
-            "ALLOW_ANY"
-        },
-        plan.include_v4.len(),
-        plan.include_v6.len(),
-        plan.exclude_v4.len(),
-        plan.exclude_v6.len(),
-        plan.ports.len(),
-        plan.exclude_uids.len(),
-        plan.exclude_gids.len(),
-        plan.allow_v4.len(),
-        plan.allow_v6.len(),
-    );
+    let reloader = reload::Reloader::new(args.config.clone(), maps, plan, cap);
+    let status = reloader.status();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || reloader.run(rx))
+        .context("starting the reload thread")?;
+    // Kept alive for as long as the agent runs.
+    let _watcher = match &args.config {
+        Some(path) => Some(
+            reload::watch(path, tx.clone())
+                .with_context(|| format!("watching {} for changes", path.display()))?,
+        ),
+        None => None,
+    };
 
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async {
@@ -334,6 +336,11 @@ fn run(args: RunArgs) -> Result<()> {
             }
             v
         };
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, args.admin_port));
+        let admin_listener = tokio::net::TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("admin endpoint {admin}"))?;
+        tokio::spawn(admin::serve(admin_listener, tx.clone(), status));
         dp.attach_interception(&cgroup)?;
         if args.external_proxy {
             let pc = match &args.proxy_cgroup {
@@ -368,7 +375,7 @@ fn run(args: RunArgs) -> Result<()> {
         });
         println!("{}", cgroup.display());
         info!(
-            "ready: intercepting cgroup {} outbound listener 127.0.0.1:{port} [::1]:{port}{}",
+            "ready: intercepting cgroup {} outbound listener 127.0.0.1:{port} [::1]:{port}{} admin {admin}",
             cgroup.display(),
             if args.external_proxy {
                 " (external proxy)"
@@ -376,7 +383,7 @@ fn run(args: RunArgs) -> Result<()> {
                 ""
             }
         );
-        wait_for_signal().await?;
+        wait_for_signals(&tx).await?;
         info!("shutting down: detaching from {}", cgroup.display());
         anyhow::Ok(())
     })?;
@@ -385,15 +392,21 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
+/// Until SIGINT or SIGTERM; SIGHUP asks for a reload.
+async fn wait_for_signals(tx: &std::sync::mpsc::Sender<reload::Msg>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let _ = tx.send(reload::Msg::Reload { why: "SIGHUP", reply: None });
+            }
+        }
     }
-    Ok(())
 }
 
 fn exec(cgroup: Option<PathBuf>, command: Vec<String>) -> Result<()> {

@@ -12,6 +12,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::{MeshConfig, Mode};
 
+/// What the maps hold. `Plan::default()` is empty maps in ALLOW_ANY mode.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub mode: u8,
@@ -80,6 +81,152 @@ pub fn compile(c: &MeshConfig) -> Plan {
         allow_v4,
         allow_v6,
     }
+}
+
+/// One map entry, as the datapath plan sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Include4(Ipv4Net),
+    Include6(Ipv6Net),
+    Exclude4(Ipv4Net),
+    Exclude6(Ipv6Net),
+    Allow4(u16, Ipv4Net),
+    Allow6(u16, Ipv6Net),
+    /// A `PORT_INCLUDE` or `PORT_EXCLUDE` bit of a port.
+    Port(u16, u8),
+    Uid(u32),
+    Gid(u32),
+}
+
+/// One step of moving the maps from one plan to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Add(Entry),
+    Remove(Entry),
+    /// Switch `outboundTrafficPolicy.mode`.
+    Mode(u8),
+}
+
+impl Plan {
+    /// Every entry, grouped as `diff` orders them: first those that can only make more
+    /// connections bypass (exclusions), then those that can only make more connections
+    /// redirect or pass the registry (inclusions, allow entries).
+    fn entries(&self) -> (Vec<Entry>, Vec<Entry>) {
+        let mut widen_bypass = Vec::new();
+        widen_bypass.extend(self.exclude_v4.iter().map(|n| Entry::Exclude4(*n)));
+        widen_bypass.extend(self.exclude_v6.iter().map(|n| Entry::Exclude6(*n)));
+        widen_bypass.extend(self.exclude_uids.iter().map(|u| Entry::Uid(*u)));
+        widen_bypass.extend(self.exclude_gids.iter().map(|g| Entry::Gid(*g)));
+        let mut widen_redirect = Vec::new();
+        widen_redirect.extend(self.include_v4.iter().map(|n| Entry::Include4(*n)));
+        widen_redirect.extend(self.include_v6.iter().map(|n| Entry::Include6(*n)));
+        widen_redirect.extend(self.allow_v4.iter().map(|(p, n)| Entry::Allow4(*p, *n)));
+        widen_redirect.extend(self.allow_v6.iter().map(|(p, n)| Entry::Allow6(*p, *n)));
+        for (port, flags) in &self.ports {
+            if flags & PORT_EXCLUDE != 0 {
+                widen_bypass.push(Entry::Port(*port, PORT_EXCLUDE));
+            }
+            if flags & PORT_INCLUDE != 0 {
+                widen_redirect.push(Entry::Port(*port, PORT_INCLUDE));
+            }
+        }
+        (widen_bypass, widen_redirect)
+    }
+
+    fn contains(&self, e: &Entry) -> bool {
+        match e {
+            Entry::Include4(n) => self.include_v4.contains(n),
+            Entry::Include6(n) => self.include_v6.contains(n),
+            Entry::Exclude4(n) => self.exclude_v4.contains(n),
+            Entry::Exclude6(n) => self.exclude_v6.contains(n),
+            Entry::Allow4(p, n) => self.allow_v4.contains(&(*p, *n)),
+            Entry::Allow6(p, n) => self.allow_v6.contains(&(*p, *n)),
+            Entry::Port(p, bit) => self.ports.get(p).is_some_and(|f| f & bit != 0),
+            Entry::Uid(u) => self.exclude_uids.contains(u),
+            Entry::Gid(g) => self.exclude_gids.contains(g),
+        }
+    }
+
+    /// Apply one step to this in-memory copy, exactly as `Maps::apply` does to the maps.
+    pub fn apply(&mut self, op: &Op) {
+        fn set<T: Ord + Copy>(s: &mut BTreeSet<T>, v: T, add: bool) {
+            if add {
+                s.insert(v);
+            } else {
+                s.remove(&v);
+            }
+        }
+        let (e, add) = match op {
+            Op::Mode(m) => {
+                self.mode = *m;
+                return;
+            }
+            Op::Add(e) => (e, true),
+            Op::Remove(e) => (e, false),
+        };
+        match *e {
+            Entry::Include4(n) => set(&mut self.include_v4, n, add),
+            Entry::Include6(n) => set(&mut self.include_v6, n, add),
+            Entry::Exclude4(n) => set(&mut self.exclude_v4, n, add),
+            Entry::Exclude6(n) => set(&mut self.exclude_v6, n, add),
+            Entry::Allow4(p, n) => set(&mut self.allow_v4, (p, n), add),
+            Entry::Allow6(p, n) => set(&mut self.allow_v6, (p, n), add),
+            Entry::Uid(u) => set(&mut self.exclude_uids, u, add),
+            Entry::Gid(g) => set(&mut self.exclude_gids, g, add),
+            Entry::Port(p, bit) => {
+                let f = self.ports.entry(p).or_insert(0);
+                *f = if add { *f | bit } else { *f & !bit };
+                if *f == 0 {
+                    self.ports.remove(&p);
+                }
+            }
+        }
+    }
+}
+
+/// The steps that move maps holding `old` to `new`, entry by entry, ordered so that no
+/// intermediate state gives a connection a verdict that `old` and `new` agree it must not have:
+///
+/// 1. add new exclusions: they only bypass more, and nothing both plans redirect is excluded
+///    by either;
+/// 2. add new inclusions and allow entries: they only redirect or allow more, and whatever both
+///    plans bypass stays excluded (by the old or the new exclusions, both present) or stays
+///    outside every inclusion;
+/// 3. switch the mode, once the allow entries of the new plan are in place;
+/// 4. remove old inclusions and allow entries;
+/// 5. remove old exclusions.
+pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
+    let (old_bypass, old_redirect) = old.entries();
+    let (new_bypass, new_redirect) = new.entries();
+    let mut ops = Vec::new();
+    ops.extend(
+        new_bypass
+            .iter()
+            .filter(|e| !old.contains(e))
+            .map(|e| Op::Add(*e)),
+    );
+    ops.extend(
+        new_redirect
+            .iter()
+            .filter(|e| !old.contains(e))
+            .map(|e| Op::Add(*e)),
+    );
+    if old.mode != new.mode {
+        ops.push(Op::Mode(new.mode));
+    }
+    ops.extend(
+        old_redirect
+            .iter()
+            .filter(|e| !new.contains(e))
+            .map(|e| Op::Remove(*e)),
+    );
+    ops.extend(
+        old_bypass
+            .iter()
+            .filter(|e| !new.contains(e))
+            .map(|e| Op::Remove(*e)),
+    );
+    ops
 }
 
 fn lpm<'a, N: 'a + Copy>(
@@ -265,5 +412,151 @@ spec:
             network("127.20.9.7".parse().unwrap(), 16).to_string(),
             "127.20.0.0/16"
         );
+    }
+
+    mod diff {
+        use super::*;
+        use crate::config::{Interception, ServiceEntry, ServiceEntrySpec, ServicePort};
+        use egress_common::Verdict;
+        use proptest::prelude::*;
+
+        // A small universe, so that random rules overlap often.
+        fn net4() -> impl Strategy<Value = IpNet> {
+            (0u8..16, 28u8..=32)
+                .prop_map(|(a, p)| IpNet::new([10, 0, 0, a].into(), p).unwrap().trunc())
+        }
+        fn net6() -> impl Strategy<Value = IpNet> {
+            (0u8..16, 124u8..=128).prop_map(|(a, p)| {
+                let mut o = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                o[15] = a;
+                IpNet::new(o.into(), p).unwrap().trunc()
+            })
+        }
+        fn nets() -> impl Strategy<Value = Vec<IpNet>> {
+            prop::collection::vec(
+                prop_oneof![4 => net4(), 1 => net6(), 1 => Just("0.0.0.0/0".parse().unwrap())],
+                0..5,
+            )
+        }
+        const PORTS: [u16; 3] = [80, 443, 8080];
+        fn ports() -> impl Strategy<Value = Vec<u16>> {
+            prop::collection::vec(prop::sample::select(&PORTS[..]), 0..3)
+        }
+        fn ids() -> impl Strategy<Value = Vec<u32>> {
+            prop::collection::vec(prop::sample::select(&[0u32, 7][..]), 0..2)
+        }
+        fn entry() -> impl Strategy<Value = ServiceEntry> {
+            (
+                nets(),
+                prop::collection::vec(prop::sample::select(&PORTS[..]), 1..3),
+            )
+                .prop_map(|(addresses, ports)| ServiceEntry {
+                    namespace: "default".into(),
+                    name: "se".into(),
+                    spec: ServiceEntrySpec {
+                        hosts: vec!["a.example".into()],
+                        ports: ports
+                            .iter()
+                            .map(|p| ServicePort {
+                                number: u32::from(*p),
+                                name: None,
+                                protocol: None,
+                                target_port: None,
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                    addresses,
+                })
+        }
+        fn config() -> impl Strategy<Value = MeshConfig> {
+            (
+                any::<bool>(),
+                nets(),
+                nets(),
+                ports(),
+                ports(),
+                ids(),
+                ids(),
+                prop::collection::vec(entry(), 0..3),
+            )
+                .prop_map(|(ro, inc, exc, ip, ep, uids, gids, service_entries)| {
+                    MeshConfig {
+                        mode: if ro {
+                            Mode::RegistryOnly
+                        } else {
+                            Mode::AllowAny
+                        },
+                        interception: Interception {
+                            include_ranges: inc,
+                            exclude_ranges: exc,
+                            include_ports: ip,
+                            exclude_ports: ep,
+                            exclude_uids: uids,
+                            exclude_gids: gids,
+                        },
+                        service_entries,
+                    }
+                })
+        }
+
+        /// The verdict of every connect the universe allows: each address, port and id.
+        fn verdicts(p: &Plan) -> Vec<Verdict> {
+            let cfg = Config {
+                enabled: 1,
+                listener_port: 15001,
+                mode: p.mode,
+                ..Config::default()
+            };
+            let mut out = Vec::new();
+            for a in 0u8..16 {
+                for port in PORTS {
+                    for (uid, gid) in [(0, 0), (7, 0), (0, 7)] {
+                        let q4 = Query {
+                            dst: [10, 0, 0, a],
+                            port,
+                            uid,
+                            gid,
+                            mark: 0,
+                            netns: 0,
+                        };
+                        out.push(decide(p, &cfg, &q4).verdict);
+                        let mut v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                        v6[15] = a;
+                        let q6 = Query {
+                            dst: v6,
+                            port,
+                            uid,
+                            gid,
+                            mark: 0,
+                            netns: 0,
+                        };
+                        out.push(decide(p, &cfg, &q6).verdict);
+                    }
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn applying_the_diff_reaches_the_new_plan_and_never_breaks_what_both_agree_on(a in config(), b in config()) {
+                let (pa, pb) = (compile(&a), compile(&b));
+                let (va, vb) = (verdicts(&pa), verdicts(&pb));
+                let mut live = pa.clone();
+                for op in diff(&pa, &pb) {
+                    live.apply(&op);
+                    let v = verdicts(&live);
+                    for i in 0..v.len() {
+                        if va[i] == vb[i] {
+                            prop_assert_eq!(v[i], va[i], "connect #{} after {:?}", i, op);
+                        }
+                    }
+                }
+                prop_assert_eq!(&live, &pb);
+                prop_assert!(diff(&pb, &pb).is_empty());
+            }
+        }
     }
 }

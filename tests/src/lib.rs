@@ -187,6 +187,7 @@ pub fn free_port() -> u16 {
 pub struct Agent {
     child: Child,
     pub port: u16,
+    pub admin_port: u16,
     pub pin: PathBuf,
     config: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
@@ -208,6 +209,7 @@ impl Agent {
         std::fs::write(&config, o.config).unwrap();
         let pin = PathBuf::from("/sys/fs/bpf").join(&name);
         let port = free_port();
+        let admin_port = free_port();
         let mut c = Command::new(egress_bin());
         if o.inside {
             // `egress exec` puts the agent in the intercepted cgroup before it starts.
@@ -226,6 +228,8 @@ impl Agent {
             .arg(&pin)
             .arg("--outbound-port")
             .arg(port.to_string())
+            .arg("--admin-port")
+            .arg(admin_port.to_string())
             .args(&o.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -247,6 +251,7 @@ impl Agent {
         let agent = Agent {
             child,
             port,
+            admin_port,
             pin,
             config,
             log,
@@ -255,6 +260,39 @@ impl Agent {
             panic!("agent did not become ready:\n{}", agent.logs().join("\n"));
         }
         agent
+    }
+
+    /// Replace the configuration file the agent watches, atomically (write, then rename).
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Replace the configuration file in place, as `echo > file` would.
+    pub fn overwrite_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Wait for a log line containing `needle` that was not there before `after` lines.
+    pub fn wait_log(&self, after: usize, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(l) = self.logs().iter().skip(after).find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no agent log line with {needle:?}:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn logs(&self) -> Vec<String> {
@@ -333,6 +371,11 @@ impl Agent {
         let cookie: HashMap<_, u64, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_COOKIE)).unwrap();
         let peer: HashMap<_, PeerKey, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_PEER)).unwrap();
         (cookie.keys().count(), peer.keys().count())
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     /// Stop with SIGTERM and wait; returns the log.

@@ -6,6 +6,10 @@
 //! egress-probe [...] hold COUNT ADDR...
 //!     open COUNT connections at once over ADDRs (round robin) to `whoami` servers and check
 //!     that each reached the address it dialled.
+//! egress-probe load SECS RATE ADDR
+//!     for SECS seconds open RATE connections a second (1 byte each way), count failures.
+//! egress-probe watch SECS INTERVAL_MS ADDR...
+//!     every INTERVAL_MS try to connect to each ADDR; print when (unix ms) and the outcome.
 //! egress-probe origdst-server COUNT ADDR...
 //!     listen on ADDRs; for COUNT accepted connections, ask getsockopt(SO_ORIGINAL_DST) and
 //!     print and send back the answer.
@@ -48,6 +52,16 @@ fn main() -> ExitCode {
         Some("hold") => hold(
             args[1].parse().expect("COUNT"),
             &args[2..].iter().map(addr).collect::<Vec<_>>(),
+        ),
+        Some("load") => load(
+            args[1].parse().expect("SECS"),
+            args[2].parse().expect("RATE"),
+            addr(&args[3]),
+        ),
+        Some("watch") => watch(
+            args[1].parse().expect("SECS"),
+            args[2].parse().expect("INTERVAL_MS"),
+            &args[3..].iter().map(addr).collect::<Vec<_>>(),
         ),
         Some("origdst-server") => origdst_server(
             args[1].parse().expect("COUNT"),
@@ -118,6 +132,85 @@ fn echo(dst: SocketAddr, n: u64) -> ExitCode {
             ExitCode::from(4)
         }
     }
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// One short connection: connect, one byte out, its echo back, close.
+fn ping(dst: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(dst)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    if &b != b"x" {
+        return Err(std::io::Error::other("wrong echo"));
+    }
+    Ok(())
+}
+
+fn load(secs: u64, rate: u64, dst: SocketAddr) -> ExitCode {
+    use std::time::{Duration, Instant};
+    const THREADS: u64 = 4;
+    let start = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let every = Duration::from_nanos(1_000_000_000 * THREADS / rate);
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                let mut next = start;
+                while start.elapsed() < Duration::from_secs(secs) {
+                    match ping(dst) {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(format!("t={} error={:?}", unix_ms(), e.kind())),
+                    }
+                    next += every;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in workers {
+        let (o, f) = w.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    for f in &failed {
+        println!("failure {f}");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "attempts={} ok={ok} failed={} seconds={secs:.2}",
+        ok + failed.len() as u64,
+        failed.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn watch(secs: u64, interval_ms: u64, dsts: &[SocketAddr]) -> ExitCode {
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        for d in dsts {
+            let outcome = match TcpStream::connect(d) {
+                Ok(_) => "allowed".to_owned(),
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => "denied".to_owned(),
+                Err(e) => format!("error:{}", e.raw_os_error().unwrap_or(0)),
+            };
+            println!("watch t={} dst={d} outcome={outcome}", unix_ms());
+        }
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
+    ExitCode::SUCCESS
 }
 
 fn hold(count: usize, dsts: &[SocketAddr]) -> ExitCode {

@@ -1,0 +1,262 @@
+//! Keeping the datapath in step with the configuration: on a file change (debounced), SIGHUP
+//! or an admin request, load and compile the configuration, then apply the difference to the
+//! live maps entry by entry (`plan::diff`). A configuration that does not load, does not fit or
+//! fails half-way leaves the one in force in place.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        mpsc::{Receiver, RecvTimeoutError, Sender},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use log::{debug, error, info, warn};
+
+use crate::{
+    config,
+    datapath::{Capacity, Maps},
+    plan::{Plan, compile, diff},
+};
+
+/// Quiet time after the last file event before reloading: editors write in several steps.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The outcome of a reload request: a summary, or every error.
+pub type Outcome = Result<String, String>;
+
+pub enum Msg {
+    /// Something changed where the configuration lives.
+    Changed,
+    /// Reload now; the outcome goes to `reply` when given.
+    Reload {
+        why: &'static str,
+        reply: Option<tokio::sync::oneshot::Sender<Outcome>>,
+    },
+}
+
+/// What `egress status` reports.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub config: Option<PathBuf>,
+    pub generation: u64,
+    pub summary: String,
+    pub last_error: Option<String>,
+}
+
+impl Status {
+    pub fn render(&self) -> String {
+        let config = self.config.as_ref().map_or_else(
+            || "(built-in default)".to_owned(),
+            |p| p.display().to_string(),
+        );
+        let mut s = format!(
+            "config: {config}\ngeneration: {}\nin force: {}\n",
+            self.generation, self.summary
+        );
+        if let Some(e) = &self.last_error {
+            s.push_str(&format!("last rejected configuration:\n{e}\n"));
+        }
+        s
+    }
+}
+
+/// Refuse a plan that would not fit the maps, before anything is applied.
+pub fn check_capacity(plan: &Plan, cap: &Capacity) -> Result<()> {
+    for (what, n) in [
+        ("IPv4 include", plan.include_v4.len()),
+        ("IPv4 exclude", plan.exclude_v4.len()),
+        ("IPv6 include", plan.include_v6.len()),
+        ("IPv6 exclude", plan.exclude_v6.len()),
+    ] {
+        if n > cap.cidrs as usize {
+            bail!(
+                "{n} {what} CIDRs do not fit in maps of {} (raise --max-cidrs)",
+                cap.cidrs
+            );
+        }
+    }
+    for (what, n) in [("IPv4", plan.allow_v4.len()), ("IPv6", plan.allow_v6.len())] {
+        if n > cap.allowed as usize {
+            bail!(
+                "{n} {what} ServiceEntry (address, port) pairs do not fit in a map of {} \
+                 (raise --max-service-entry-addresses)",
+                cap.allowed
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One line describing a plan, for logs and status.
+pub fn summary(p: &Plan) -> String {
+    format!(
+        "mode={} include_v4={} include_v6={} exclude_v4={} exclude_v6={} ports={} \
+         excluded_uids={} excluded_gids={} allowed_v4={} allowed_v6={}",
+        if p.mode == egress_common::MODE_REGISTRY_ONLY {
+            "REGISTRY_ONLY"
+        } else {
+            "ALLOW_ANY"
+        },
+        p.include_v4.len(),
+        p.include_v6.len(),
+        p.exclude_v4.len(),
+        p.exclude_v6.len(),
+        p.ports.len(),
+        p.exclude_uids.len(),
+        p.exclude_gids.len(),
+        p.allow_v4.len(),
+        p.allow_v6.len(),
+    )
+}
+
+/// Owns the maps and the plan they hold; runs on its own thread.
+pub struct Reloader {
+    path: Option<PathBuf>,
+    maps: Maps,
+    applied: Plan,
+    cap: Capacity,
+    status: Arc<Mutex<Status>>,
+}
+
+impl Reloader {
+    /// `applied` is what `maps` already hold: generation 1.
+    pub fn new(path: Option<PathBuf>, maps: Maps, applied: Plan, cap: Capacity) -> Self {
+        let status = Status {
+            config: path.clone(),
+            generation: 1,
+            summary: summary(&applied),
+            last_error: None,
+        };
+        info!("configuration generation 1 in force: {}", status.summary);
+        Reloader {
+            path,
+            maps,
+            applied,
+            cap,
+            status: Arc::new(Mutex::new(status)),
+        }
+    }
+
+    pub fn status(&self) -> Arc<Mutex<Status>> {
+        self.status.clone()
+    }
+
+    /// Serve requests until every sender is gone.
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        let mut pending: Option<Instant> = None;
+        loop {
+            let msg = match pending {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match msg {
+                Ok(Msg::Changed) => pending = Some(Instant::now() + DEBOUNCE),
+                Ok(Msg::Reload { why, reply }) => {
+                    pending = None;
+                    let outcome = self.reload(why);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    pending = None;
+                    let _ = self.reload("file change");
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn reject(&self, message: String) -> Outcome {
+        let generation = self.status.lock().map_or(0, |s| s.generation);
+        error!("configuration rejected, generation {generation} stays in force:\n{message}");
+        if let Ok(mut s) = self.status.lock() {
+            s.last_error = Some(message.clone());
+        }
+        Err(message)
+    }
+
+    fn reload(&mut self, why: &str) -> Outcome {
+        let Some(path) = self.path.clone() else {
+            return Ok("no --config: the built-in default stays in force".to_owned());
+        };
+        let mesh = match config::load(&path) {
+            Ok(l) => {
+                for w in &l.warnings {
+                    warn!("{w}");
+                }
+                l.config
+            }
+            Err(e) => {
+                for w in &e.warnings {
+                    warn!("{w}");
+                }
+                return self.reject(e.to_string());
+            }
+        };
+        let plan = compile(&mesh);
+        if let Err(e) = check_capacity(&plan, &self.cap) {
+            return self.reject(format!("{}: {e}", path.display()));
+        }
+        let ops = diff(&self.applied, &plan);
+        if ops.is_empty() {
+            debug!("reload ({why}): configuration unchanged");
+            if let Ok(mut s) = self.status.lock() {
+                s.last_error = None;
+            }
+            return Ok("unchanged".to_owned());
+        }
+        let start = Instant::now();
+        let mut live = self.applied.clone();
+        for op in &ops {
+            if let Err(e) = self.maps.apply(op) {
+                // Put the maps back as they were; the configuration in force stays.
+                for undo in diff(&live, &self.applied) {
+                    if let Err(e) = self.maps.apply(&undo) {
+                        error!("restoring the previous configuration: {e:#}");
+                    }
+                }
+                return self.reject(format!("{}: {e:#}", path.display()));
+            }
+            live.apply(op);
+        }
+        self.applied = plan;
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.generation += 1;
+        s.summary = summary(&self.applied);
+        s.last_error = None;
+        let line = format!(
+            "applied configuration generation {} ({} changes in {:.1?}, {why}): {}",
+            s.generation,
+            ops.len(),
+            start.elapsed(),
+            s.summary
+        );
+        info!("{line}");
+        Ok(line)
+    }
+}
+
+/// Watch where the configuration lives (the directory, or a file's directory: editors and
+/// ConfigMap volumes replace files by renaming) and report every change.
+pub fn watch(path: &Path, tx: Sender<Msg>) -> Result<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher as _};
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.send(Msg::Changed);
+        }
+    })?;
+    w.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(w)
+}
