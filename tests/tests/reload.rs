@@ -235,8 +235,7 @@ fn rewriting_the_configuration_under_load_fails_no_connection_both_versions_allo
             let allowed = (dst == only_a) == *a;
             let last = seen
                 .iter()
-                .filter(|(t, d, _)| *d == dst && *t >= *from && *t < until)
-                .last();
+                .rfind(|(t, d, _)| *d == dst && *t >= *from && *t < until);
             let Some((t, _, got)) = last else {
                 panic!(
                     "no observation of {dst} while version {} was in force",
