@@ -58,10 +58,15 @@ pub enum Reason {
     RegistryAllowed = 10,
     /// Redirected under `REGISTRY_ONLY`, but no ServiceEntry allows the address and port.
     RegistryDenied = 11,
+    /// Redirected under `REGISTRY_ONLY`: dialled through a Kubernetes Service, which is in the
+    /// registry.
+    RegistryService = 12,
+    /// Dialled a Kubernetes Service that has no endpoints: refused.
+    ServiceNoEndpoints = 13,
 }
 
 /// Number of reason codes: the size of the counters map.
-pub const REASON_COUNT: u32 = 12;
+pub const REASON_COUNT: u32 = 14;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -77,6 +82,8 @@ impl Reason {
         Reason::NotIncluded,
         Reason::RegistryAllowed,
         Reason::RegistryDenied,
+        Reason::RegistryService,
+        Reason::ServiceNoEndpoints,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
@@ -94,6 +101,8 @@ impl Reason {
             Reason::NotIncluded => "not-included",
             Reason::RegistryAllowed => "registry-allowed",
             Reason::RegistryDenied => "registry-denied",
+            Reason::RegistryService => "registry-service",
+            Reason::ServiceNoEndpoints => "service-no-endpoints",
         }
     }
 
@@ -134,6 +143,9 @@ pub struct Query<A> {
     pub mark: u32,
     /// Network namespace cookie of the socket.
     pub netns: u64,
+    /// Dialled through a Kubernetes Service (the destination is one of its endpoints): the
+    /// registry knows it.
+    pub service: bool,
 }
 
 /// The lookups the decision needs. CIDR lookups are longest-prefix matches returning the
@@ -236,6 +248,9 @@ pub fn decide<T: Tables, A: Addr>(t: &T, cfg: &Config, q: &Query<A>) -> Decision
         return Decision::new(Bypass, NotIncluded, 0);
     };
     if cfg.mode == MODE_REGISTRY_ONLY {
+        if q.service {
+            return Decision::new(Redirect, RegistryService, 0);
+        }
         return match q.dst.allow(t, q.port) {
             Some(p) => Decision::new(Redirect, RegistryAllowed, p),
             None => Decision::new(Deny, RegistryDenied, 0),
@@ -350,6 +365,7 @@ mod tests {
             gid: 1000,
             mark: 0,
             netns: NETNS,
+            service: false,
         }
     }
 
@@ -555,6 +571,25 @@ mod tests {
         let mut v6 = [0u8; 16];
         v6[15] = 1;
         check(&t, &c, &q(v6, 80), Verdict::Deny, Reason::RegistryDenied, 0);
+        // An endpoint reached through a Kubernetes Service is registered.
+        let via_service = Query {
+            service: true,
+            ..q([127, 20, 2, 7], 443)
+        };
+        check(
+            &t,
+            &c,
+            &via_service,
+            Verdict::Redirect,
+            Reason::RegistryService,
+            0,
+        );
+        // ... but still subject to the interception rules.
+        let excluded = Query {
+            service: true,
+            ..q([127, 20, 9, 1], 443)
+        };
+        check(&t, &c, &excluded, Verdict::Bypass, Reason::ExcludedCidr, 24);
     }
 
     #[test]

@@ -29,9 +29,13 @@ pub const MAP_EXCLUDE_GIDS: &str = "EXCLUDE_GIDS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
 pub const MAP_ORIG_BY_PEER: &str = "ORIG_BY_PEER";
+pub const MAP_SERVICES_V4: &str = "SERVICES_V4";
+pub const MAP_SERVICES_V6: &str = "SERVICES_V6";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_DIALLED: &str = "DIALLED";
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_CONFIG,
     MAP_INCLUDE_V4,
     MAP_INCLUDE_V6,
@@ -45,6 +49,10 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_COUNTERS,
     MAP_ORIG_BY_COOKIE,
     MAP_ORIG_BY_PEER,
+    MAP_SERVICES_V4,
+    MAP_SERVICES_V6,
+    MAP_BACKENDS,
+    MAP_DIALLED,
 ];
 
 /// Default capacities; the agent may override them at load time.
@@ -52,6 +60,10 @@ pub const DEFAULT_MAX_CIDRS: u32 = 100_000;
 pub const DEFAULT_MAX_ALLOWED: u32 = 65_536;
 pub const DEFAULT_MAX_IDS: u32 = 4_096;
 pub const DEFAULT_MAX_ORIG: u32 = 65_536;
+pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
+/// Backend slots: twice the backends in force, since a service's new set is written before
+/// its old one is removed.
+pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 
 /// The datapath's settings: one entry in the `CONFIG` array.
 #[repr(C)]
@@ -97,15 +109,58 @@ pub struct OrigDst {
     pub created_ns: u64,
 }
 
-/// A client socket's local address: what the agent sees as the peer of an accepted socket.
+/// A socket address; IPv4 as `::ffff:a.b.c.d`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PeerKey {
-    /// IPv4 as `::ffff:a.b.c.d`.
+pub struct SockAddr16 {
     pub addr: [u8; 16],
     /// Host order.
     pub port: u16,
     pub _pad: u16,
+}
+
+/// A client socket's local address: what the agent sees as the peer of an accepted socket.
+pub type PeerKey = SockAddr16;
+/// One endpoint of a Kubernetes Service.
+pub type Backend = SockAddr16;
+/// The address a translated or redirected socket dialled, which `getpeername` answers with.
+pub type Dialled = SockAddr16;
+
+/// Key of `SERVICES_V4`: a Service's cluster IP and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKeyV4 {
+    pub addr: [u8; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `SERVICES_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKeyV6 {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `SERVICES_V4`/`SERVICES_V6`: the backends are `BACKENDS[(id, 0..count)]`. A
+/// Service without endpoints (count 0) refuses connects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub id: u32,
+    pub count: u32,
+}
+
+/// Key of `BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub id: u32,
+    pub index: u32,
 }
 
 /// `::ffff:a.b.c.d` for an IPv4 address.
@@ -155,5 +210,9 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no pointers.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::OrigDst {}
-    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::SockAddr16 {}
+    unsafe impl aya::Pod for super::ServiceKeyV4 {}
+    unsafe impl aya::Pod for super::ServiceKeyV6 {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::BackendKey {}
 }

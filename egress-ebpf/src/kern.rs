@@ -8,16 +8,19 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use egress_common::{
-    AF_INET, AF_INET6, AllowKeyV4, AllowKeyV6, Config, DEFAULT_MAX_ALLOWED, DEFAULT_MAX_CIDRS,
-    DEFAULT_MAX_IDS, DEFAULT_MAX_ORIG, OrigDst, PeerKey, Query, SO_ORIGINAL_DST, Tables, Verdict,
-    allow_key_v4, allow_key_v6, decide, decide::Addr, decide::REASON_COUNT, v4_mapped, v4_unmapped,
+    AF_INET, AF_INET6, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, DEFAULT_MAX_ALLOWED,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS, DEFAULT_MAX_ORIG,
+    DEFAULT_MAX_SERVICES, Dialled, OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, Service,
+    ServiceKeyV4, ServiceKeyV6, Tables, Verdict, allow_key_v4, allow_key_v6, decide,
+    decide::{Addr, REASON_COUNT},
+    v4_mapped, v4_unmapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -51,6 +54,18 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(D
 #[map]
 static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> =
     LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
+#[map]
+static SERVICES_V4: HashMap<ServiceKeyV4, Service> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+static SERVICES_V6: HashMap<ServiceKeyV6, Service> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+/// Socket cookie → the address the application dialled, for `getpeername`; kept until the
+/// socket closes.
+#[map]
+static DIALLED: LruHashMap<u64, Dialled> = LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
 
 /// The decision's lookups, answered from the maps.
 struct Maps;
@@ -130,18 +145,96 @@ fn bytes_to_words(b: [u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// Which listener address a redirected connection is sent to.
-#[derive(Clone, Copy)]
+/// How the socket's destination is written: `user_ip4`, or `user_ip6` (IPv6, or IPv4 in mapped
+/// form on an IPv6 socket).
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
     V4,
     V6,
-    /// An IPv4 destination on an IPv6 socket: the IPv4 listener in mapped form.
     Mapped,
 }
 
-/// Decide one connect() and apply the verdict. Returns the hook's return value.
+/// Replace the destination the connect() goes to. `addr` is IPv4-mapped unless `fam` is V6.
 #[inline(always)]
-fn handle<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, orig: [u8; 16], fam: Family) -> i32 {
+fn write_dst(ctx: &SockAddrContext, fam: Family, addr: [u8; 16], port: u16) {
+    let sa = ctx.sock_addr;
+    unsafe {
+        if fam == Family::V4 {
+            let v4 = [addr[12], addr[13], addr[14], addr[15]];
+            write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(v4));
+        } else {
+            let w = bytes_to_words(addr);
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be()));
+    }
+}
+
+/// A Kubernetes Service behind the dialled address, if any: one of its endpoints chosen at
+/// random, or `Err` when it has none.
+#[inline(always)]
+fn pick_backend(svc: Option<&Service>) -> Option<Result<Backend, ()>> {
+    let svc = svc?;
+    if svc.count == 0 {
+        return Some(Err(()));
+    }
+    let index = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let b = unsafe { BACKENDS.get(&BackendKey { id: svc.id, index }) }?;
+    Some(Ok(*b))
+}
+
+/// One connect(): translate a Kubernetes Service address, decide, apply the verdict.
+/// `dialled` is the destination as given (IPv4-mapped unless `fam` is V6).
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, fam: Family, dialled: [u8; 16], port: u16) -> i32 {
+    let svc = unsafe {
+        match v4_unmapped(&dialled) {
+            Some(a) if fam != Family::V6 => SERVICES_V4.get(&ServiceKeyV4 {
+                addr: a,
+                port,
+                _pad: 0,
+            }),
+            _ => SERVICES_V6.get(&ServiceKeyV6 {
+                addr: dialled,
+                port,
+                _pad: 0,
+            }),
+        }
+    };
+    let (dst, dst_port, service) = match pick_backend(svc) {
+        None => (dialled, port, false),
+        Some(Ok(b)) => (b.addr, b.port, true),
+        Some(Err(())) => {
+            count(Reason::ServiceNoEndpoints as u32);
+            return 0;
+        }
+    };
+    match (fam, v4_unmapped(&dst)) {
+        (Family::V4 | Family::Mapped, Some(v4)) => {
+            handle(ctx, fam, v4, dst, dst_port, dialled, port, service)
+        }
+        (Family::V6, _) => handle(ctx, fam, dst, dst, dst_port, dialled, port, service),
+        // An IPv4 Service with an IPv6 endpoint cannot be reached from this socket.
+        _ => 1,
+    }
+}
+
+/// Decide one connect() to `dst` (IPv4-mapped form in `dst16`) and apply the verdict.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn handle<A: Addr>(
+    ctx: &SockAddrContext,
+    fam: Family,
+    dst: A,
+    dst16: [u8; 16],
+    port: u16,
+    dialled: [u8; 16],
+    dialled_port: u16,
+    service: bool,
+) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
         return 1;
     };
@@ -160,60 +253,50 @@ fn handle<A: Addr>(ctx: &SockAddrContext, dst: A, port: u16, orig: [u8; 16], fam
         gid: (ids >> 32) as u32,
         mark,
         netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        service,
     };
     let d = decide(&Maps, cfg, &q);
     count(d.reason as u32);
-    match d.verdict {
-        Verdict::Bypass => 1,
-        Verdict::Deny => 0,
-        Verdict::Redirect => {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let rec = OrigDst {
-                addr: orig,
-                port,
-                _pad: 0,
-                reason: d.reason as u32,
-                uid: q.uid,
-                gid: q.gid,
-                pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-                _pad2: 0,
-                cookie,
-                created_ns: unsafe { bpf_ktime_get_ns() },
-            };
-            // If the record cannot be stored the agent finds none and resets the connection:
-            // a redirect never turns into an unmediated bypass.
-            let _ = ORIG_BY_COOKIE.insert(&cookie, &rec, BPF_ANY as u64);
-            match fam {
-                Family::V4 => unsafe {
-                    write_volatile(
-                        addr_of_mut!((*sa).user_ip4),
-                        u32::from_ne_bytes(cfg.listener_v4),
-                    )
-                },
-                Family::V6 => write_ip6(ctx, cfg.listener_v6),
-                Family::Mapped => write_ip6(ctx, v4_mapped(cfg.listener_v4)),
-            }
-            unsafe {
-                write_volatile(
-                    addr_of_mut!((*sa).user_port),
-                    u32::from(cfg.listener_port.to_be()),
-                )
-            };
-            1
-        }
+    if d.verdict == Verdict::Deny {
+        return 0;
     }
-}
-
-#[inline(always)]
-fn write_ip6(ctx: &SockAddrContext, a: [u8; 16]) {
-    let sa = ctx.sock_addr;
-    let w = bytes_to_words(a);
-    unsafe {
-        write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
-        write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
-        write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
-        write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
+    if d.verdict == Verdict::Bypass && !service {
+        return 1;
     }
+    // Translated or redirected: getpeername() answers with what the application dialled.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let seen = Dialled {
+        addr: dialled,
+        port: dialled_port,
+        _pad: 0,
+    };
+    let _ = DIALLED.insert(&cookie, &seen, BPF_ANY as u64);
+    if d.verdict == Verdict::Bypass {
+        write_dst(ctx, fam, dst16, port);
+        return 1;
+    }
+    let rec = OrigDst {
+        addr: dst16,
+        port,
+        _pad: 0,
+        reason: d.reason as u32,
+        uid: q.uid,
+        gid: q.gid,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad2: 0,
+        cookie,
+        created_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // If the record cannot be stored the agent finds none and resets the connection: a
+    // redirect never turns into an unmediated bypass.
+    let _ = ORIG_BY_COOKIE.insert(&cookie, &rec, BPF_ANY as u64);
+    let listener = if fam == Family::V6 {
+        cfg.listener_v6
+    } else {
+        v4_mapped(cfg.listener_v4)
+    };
+    write_dst(ctx, fam, listener, cfg.listener_port);
+    1
 }
 
 #[inline(always)]
@@ -232,7 +315,20 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     let ip = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) }.to_ne_bytes();
-    handle(&ctx, ip, user_port(&ctx), v4_mapped(ip), Family::V4)
+    connect(&ctx, Family::V4, v4_mapped(ip), user_port(&ctx))
+}
+
+#[inline(always)]
+fn user_ip6(ctx: &SockAddrContext) -> [u8; 16] {
+    let sa = ctx.sock_addr;
+    unsafe {
+        words_to_bytes([
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+        ])
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -240,21 +336,36 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     if !is_tcp(&ctx) {
         return 1;
     }
-    let sa = ctx.sock_addr;
-    let ip = unsafe {
-        words_to_bytes([
-            read_volatile(addr_of!((*sa).user_ip6[0])),
-            read_volatile(addr_of!((*sa).user_ip6[1])),
-            read_volatile(addr_of!((*sa).user_ip6[2])),
-            read_volatile(addr_of!((*sa).user_ip6[3])),
-        ])
+    let ip = user_ip6(&ctx);
+    // An IPv4 destination on an IPv6 socket follows the IPv4 rules.
+    let fam = if v4_unmapped(&ip).is_some() {
+        Family::Mapped
+    } else {
+        Family::V6
     };
-    let port = user_port(&ctx);
-    match v4_unmapped(&ip) {
-        // An IPv4 destination on an IPv6 socket follows the IPv4 rules.
-        Some(v4) => handle(&ctx, v4, port, ip, Family::Mapped),
-        None => handle(&ctx, ip, port, ip, Family::V6),
+    connect(&ctx, fam, ip, user_port(&ctx))
+}
+
+/// getpeername() on a translated or redirected socket: the address the application dialled,
+/// not the endpoint or the agent's listener.
+#[cgroup_sock_addr(getpeername4)]
+pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(d) = unsafe { DIALLED.get(&cookie) } {
+        let d = *d;
+        write_dst(&ctx, Family::V4, d.addr, d.port);
     }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(d) = unsafe { DIALLED.get(&cookie) } {
+        let d = *d;
+        write_dst(&ctx, Family::V6, d.addr, d.port);
+    }
+    1
 }
 
 /// The client socket's local address, the key the agent will look up. Context fields are read
@@ -301,8 +412,9 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // Ask to hear about this socket's close, so that its records never outlive it.
-        if unsafe { ORIG_BY_COOKIE.get(&cookie) }.is_some() {
+        // Ask to hear about this socket's close, so that its records never outlive it. Every
+        // translated or redirected socket has a DIALLED record.
+        if unsafe { DIALLED.get(&cookie) }.is_some() {
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
@@ -313,6 +425,7 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
             let _ = ORIG_BY_COOKIE.remove(&cookie);
         }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
+        let _ = DIALLED.remove(&cookie);
         let _ = ORIG_BY_COOKIE.remove(&cookie);
         let _ = ORIG_BY_PEER.remove(&peer_key_of(&ctx));
     }

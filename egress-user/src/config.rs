@@ -15,6 +15,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 
+use crate::k8s;
+
 /// `outboundTrafficPolicy.mode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 pub enum Mode {
@@ -169,6 +171,10 @@ pub struct MeshConfig {
     pub mode: Mode,
     pub interception: Interception,
     pub service_entries: Vec<ServiceEntry>,
+    /// Kubernetes Services (selector-less ones are translated in the kernel).
+    pub services: Vec<k8s::Service>,
+    /// Ready endpoints, from Endpoints and EndpointSlices.
+    pub endpoints: Vec<k8s::EndpointSet>,
 }
 
 /// A configuration that parsed, with its warnings.
@@ -339,6 +345,8 @@ struct Meta {
     name: Option<String>,
     #[serde(default)]
     namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -505,6 +513,7 @@ impl Cx {
             None => Meta {
                 name: None,
                 namespace: None,
+                labels: BTreeMap::new(),
             },
         };
         let namespace = meta.namespace.unwrap_or_else(|| "default".to_owned());
@@ -516,14 +525,27 @@ impl Cx {
         if name.is_empty() {
             self.error(&origin, "metadata.name", "missing");
         }
-        let spec = map.remove("spec").unwrap_or(Value::Null);
         let status = map.remove("status");
+        if status.is_some() {
+            self.warn(&origin, "status", "ignored");
+        }
+        // Endpoints and EndpointSlices keep their data at the top level.
+        if let ("v1", "Endpoints") | ("discovery.k8s.io/v1", "EndpointSlice") =
+            (api.as_str(), kind.as_str())
+        {
+            let body = Value::Mapping(map);
+            if kind == "Endpoints" {
+                let sets = self.endpoints(&origin, &namespace, &name, body);
+                config.endpoints.extend(sets);
+            } else if let Some(set) = self.endpoint_slice(&origin, &namespace, &meta.labels, body) {
+                config.endpoints.push(set);
+            }
+            return;
+        }
+        let spec = map.remove("spec").unwrap_or(Value::Null);
         for (k, _) in map {
             let k = k.as_str().unwrap_or("?").to_owned();
             self.warn(&origin, &k, "unknown field, ignored");
-        }
-        if status.is_some() {
-            self.warn(&origin, "status", "ignored");
         }
         match (api.as_str(), kind.as_str()) {
             (EGRESS_VERSION, "EgressConfig") => {
@@ -543,17 +565,235 @@ impl Cx {
                     config.service_entries.push(se);
                 }
             }
-            (v, "ServiceEntry" | "EgressConfig") => self.error(
-                &origin,
-                "apiVersion",
-                format!("unsupported apiVersion {v:?} for {kind}"),
-            ),
+            ("v1", "Service") => {
+                if let Some(svc) = self.k8s_service(&origin, namespace, name, spec) {
+                    config.services.push(svc);
+                }
+            }
+            (v, "ServiceEntry" | "EgressConfig" | "Service" | "Endpoints" | "EndpointSlice") => {
+                self.error(
+                    &origin,
+                    "apiVersion",
+                    format!("unsupported apiVersion {v:?} for {kind}"),
+                )
+            }
             _ => self.warn(
                 &origin,
                 "",
                 format!("{api} {kind} is not applied by this version of egress; ignored"),
             ),
         }
+    }
+
+    fn k8s_service(
+        &mut self,
+        origin: &Origin,
+        namespace: String,
+        name: String,
+        spec: Value,
+    ) -> Option<k8s::Service> {
+        let spec: k8s::ServiceSpec = self.typed(origin, "spec", spec)?;
+        let before = self.errors.len();
+        const TYPES: [&str; 4] = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+        if let Some(t) = spec.type_.as_deref().filter(|t| !TYPES.contains(t)) {
+            self.error(
+                origin,
+                "spec.type",
+                format!("{t:?} is not one of {}", TYPES.join(", ")),
+            );
+        }
+        let mut cluster_ips = Vec::new();
+        let listed = spec
+            .cluster_ip
+            .iter()
+            .map(|ip| ("spec.clusterIP".to_owned(), ip));
+        let listed = listed.chain(
+            spec.cluster_ips
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip)),
+        );
+        for (field, ip) in listed {
+            if ip.is_empty() || ip == "None" {
+                continue;
+            }
+            match ip.parse::<IpAddr>() {
+                Ok(a) if !cluster_ips.contains(&a) => cluster_ips.push(a),
+                Ok(_) => {}
+                Err(_) => self.error(origin, &field, format!("{ip:?} is not an IP address")),
+            }
+        }
+        for (i, p) in spec.ports.iter().enumerate() {
+            if !(1..=65535).contains(&p.port) {
+                self.error(
+                    origin,
+                    &format!("spec.ports[{i}].port"),
+                    format!("{} is not a port (1-65535)", p.port),
+                );
+            }
+            match p.protocol.as_deref() {
+                None | Some("TCP") => {}
+                Some("UDP" | "SCTP") => self.warn(
+                    origin,
+                    &format!("spec.ports[{i}].protocol"),
+                    "only TCP is translated; this port is not",
+                ),
+                Some(other) => self.error(
+                    origin,
+                    &format!("spec.ports[{i}].protocol"),
+                    format!("{other:?} is not one of TCP, UDP, SCTP"),
+                ),
+            }
+        }
+        let external = spec.type_.as_deref() == Some("ExternalName");
+        if external && spec.external_name.as_deref().is_none_or(|n| !valid_host(n)) {
+            self.error(
+                origin,
+                "spec.externalName",
+                "an ExternalName Service needs a host name here",
+            );
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        if external {
+            self.warn(
+                origin,
+                "spec.externalName",
+                "kept for DNS (a CNAME to the external name), which is not applied yet",
+            );
+        } else if spec.selector.is_some() {
+            self.warn(origin, "spec.selector", "a Service with a selector is served in-cluster by kube-proxy; egress translates only selector-less Services");
+        } else if cluster_ips.is_empty() {
+            self.warn(origin, "spec.clusterIP", "no cluster IP: egress cannot translate this Service in the kernel (set the address the cluster assigned)");
+        }
+        Some(k8s::Service {
+            namespace,
+            name,
+            spec,
+            cluster_ips,
+        })
+    }
+
+    fn endpoint_port(&mut self, origin: &Origin, field: &str, port: Option<u32>) -> Option<u16> {
+        match port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {
+            Some(p) => Some(p),
+            None => {
+                self.error(
+                    origin,
+                    field,
+                    format!(
+                        "{} is not a port (1-65535)",
+                        port.map_or_else(|| "missing".to_owned(), |p| p.to_string())
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn endpoints(
+        &mut self,
+        origin: &Origin,
+        namespace: &str,
+        name: &str,
+        body: Value,
+    ) -> Vec<k8s::EndpointSet> {
+        let Some(body) = self.typed::<k8s::EndpointsBody>(origin, "", body) else {
+            return Vec::new();
+        };
+        let mut sets = Vec::new();
+        for (i, subset) in body.subsets.iter().enumerate() {
+            let mut addresses = Vec::new();
+            for (j, a) in subset.addresses.iter().enumerate() {
+                match a.ip.parse::<IpAddr>() {
+                    Ok(ip) => addresses.push(ip),
+                    Err(_) => self.error(
+                        origin,
+                        &format!("subsets[{i}].addresses[{j}].ip"),
+                        format!("{:?} is not an IP address", a.ip),
+                    ),
+                }
+            }
+            let mut ports = Vec::new();
+            for (j, p) in subset.ports.iter().enumerate() {
+                if let Some(port) = self.endpoint_port(
+                    origin,
+                    &format!("subsets[{i}].ports[{j}].port"),
+                    Some(p.port),
+                ) {
+                    ports.push((p.name.clone(), port));
+                }
+            }
+            sets.push(k8s::EndpointSet {
+                namespace: namespace.to_owned(),
+                service: name.to_owned(),
+                addresses,
+                ports,
+            });
+        }
+        sets
+    }
+
+    fn endpoint_slice(
+        &mut self,
+        origin: &Origin,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        body: Value,
+    ) -> Option<k8s::EndpointSet> {
+        let body: k8s::EndpointSliceBody = self.typed(origin, "", body)?;
+        let Some(service) = labels.get("kubernetes.io/service-name") else {
+            self.warn(
+                origin,
+                "metadata.labels",
+                "no kubernetes.io/service-name label: these endpoints belong to no Service",
+            );
+            return None;
+        };
+        match body.address_type.as_str() {
+            "IPv4" | "IPv6" => {}
+            "FQDN" => {
+                self.warn(origin, "addressType", "FQDN endpoints are not applied yet");
+                return None;
+            }
+            other => {
+                self.error(
+                    origin,
+                    "addressType",
+                    format!("{other:?} is not one of IPv4, IPv6, FQDN"),
+                );
+                return None;
+            }
+        }
+        let mut addresses = Vec::new();
+        for (i, e) in body.endpoints.iter().enumerate() {
+            // Kubernetes: a missing `ready` condition means ready.
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            for (j, a) in e.addresses.iter().enumerate() {
+                match a.parse::<IpAddr>() {
+                    Ok(ip) if ready => addresses.push(ip),
+                    Ok(_) => {}
+                    Err(_) => self.error(
+                        origin,
+                        &format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is not an IP address"),
+                    ),
+                }
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in body.ports.iter().enumerate() {
+            if let Some(port) = self.endpoint_port(origin, &format!("ports[{i}].port"), p.port) {
+                ports.push((p.name.clone(), port));
+            }
+        }
+        Some(k8s::EndpointSet {
+            namespace: namespace.to_owned(),
+            service: service.clone(),
+            addresses,
+            ports,
+        })
     }
 
     fn egress_config(&mut self, origin: &Origin, spec: Value, config: &mut MeshConfig) {
@@ -801,7 +1041,6 @@ fn strip_k8s_metadata(m: Value) -> Value {
         return m;
     };
     for k in [
-        "labels",
         "annotations",
         "uid",
         "resourceVersion",

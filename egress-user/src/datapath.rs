@@ -2,7 +2,12 @@
 //! plan, attach the programs to cgroups, and read the live maps (`egress explain`, counters,
 //! original destinations).
 
-use std::{fs::File, path::Path};
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -11,14 +16,43 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
 };
 use egress_common::{
-    ALL_MAPS, AllowKeyV4, AllowKeyV6, Config, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_CONFIG, MAP_COUNTERS,
-    MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6, MAP_INCLUDE_V4,
-    MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_PORTS, Tables, allow_key_v4,
-    allow_key_v6, decide::REASON_COUNT,
+    ALL_MAPS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, MAP_ALLOW_V4, MAP_ALLOW_V6,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4,
+    MAP_EXCLUDE_V6, MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER,
+    MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16,
+    Tables, allow_key_v4, allow_key_v6, decide::REASON_COUNT, v4_mapped,
 };
 use log::info;
 
 use crate::plan::{Entry, Op, Plan, diff};
+
+fn sock_addr16(a: SocketAddr) -> SockAddr16 {
+    let addr = match a.ip() {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    SockAddr16 {
+        addr,
+        port: a.port(),
+        _pad: 0,
+    }
+}
+
+fn service_key_v4(a: Ipv4Addr, port: u16) -> ServiceKeyV4 {
+    ServiceKeyV4 {
+        addr: a.octets(),
+        port,
+        _pad: 0,
+    }
+}
+
+fn service_key_v6(a: Ipv6Addr, port: u16) -> ServiceKeyV6 {
+    ServiceKeyV6 {
+        addr: a.octets(),
+        port,
+        _pad: 0,
+    }
+}
 
 /// Insert or delete one LPM entry whose value is the prefix length.
 fn lpm_set<K: aya::Pod>(
@@ -54,6 +88,14 @@ const PROG_CONNECT4: &str = "egress_connect4";
 const PROG_CONNECT6: &str = "egress_connect6";
 const PROG_SOCKOPS: &str = "egress_sockops";
 const PROG_GETSOCKOPT: &str = "egress_getsockopt";
+const PROG_GETPEERNAME4: &str = "egress_getpeername4";
+const PROG_GETPEERNAME6: &str = "egress_getpeername6";
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+];
 
 /// Capacities of the sized maps.
 #[derive(Clone, Copy, Debug)]
@@ -113,7 +155,7 @@ impl Datapath {
 
     /// Load every program into the kernel, logging each one's verified instruction count.
     pub fn load_programs(&mut self) -> Result<()> {
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = self.program(name)?.try_into()?;
             p.load().with_context(|| format!("verifying {name}"))?;
         }
@@ -140,10 +182,10 @@ impl Datapath {
             .with_context(|| format!("program {name} missing from the object"))
     }
 
-    /// Attach connect4/connect6 and sock_ops to the intercepted cgroup.
+    /// Attach connect4/6, getpeername4/6 and sock_ops to the intercepted cgroup.
     pub fn attach_interception(&mut self, cgroup: &Path) -> Result<()> {
         let fd = open_cgroup(cgroup)?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = self.program(name)?.try_into()?;
             p.attach(&fd, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
@@ -189,6 +231,12 @@ pub struct Maps {
     exclude_uids: HashMap<MapData, u32, u8>,
     exclude_gids: HashMap<MapData, u32, u8>,
     counters: PerCpuArray<MapData, u64>,
+    services_v4: HashMap<MapData, ServiceKeyV4, Service>,
+    services_v6: HashMap<MapData, ServiceKeyV6, Service>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    /// The Services the maps hold, and the next free backend id.
+    service_ids: BTreeMap<SocketAddr, Service>,
+    next_service_id: u32,
 }
 
 pub fn open<T>(dir: &Path, name: &str) -> Result<T>
@@ -220,6 +268,11 @@ impl Maps {
             exclude_uids: open(dir, MAP_EXCLUDE_UIDS)?,
             exclude_gids: open(dir, MAP_EXCLUDE_GIDS)?,
             counters: open(dir, MAP_COUNTERS)?,
+            services_v4: open(dir, MAP_SERVICES_V4)?,
+            services_v6: open(dir, MAP_SERVICES_V6)?,
+            backends: open(dir, MAP_BACKENDS)?,
+            service_ids: BTreeMap::new(),
+            next_service_id: 0,
         })
     }
 
@@ -252,7 +305,15 @@ impl Maps {
             Op::Add(e) => (e, true),
             Op::Remove(e) => (e, false),
         };
-        let r = match *e {
+        let r = match e.clone() {
+            Entry::Service(vip, backends) => {
+                return if add {
+                    self.put_service(vip, &backends)
+                } else {
+                    self.drop_service(vip)
+                }
+                .with_context(|| format!("applying {op:?}"));
+            }
             Entry::Include4(n) => lpm_set(
                 &mut self.include_v4,
                 n.prefix_len().into(),
@@ -309,6 +370,78 @@ impl Maps {
             }
         };
         r.with_context(|| format!("applying {op:?}"))
+    }
+
+    /// Write a Service's endpoints under a fresh id, point the Service at them in one update,
+    /// then free the slots of the set it replaces: a connect sees the old set or the new one.
+    fn put_service(
+        &mut self,
+        vip: SocketAddr,
+        backends: &[SocketAddr],
+    ) -> Result<(), aya::maps::MapError> {
+        let svc = Service {
+            id: self.next_service_id,
+            count: backends.len() as u32,
+        };
+        self.next_service_id = self.next_service_id.wrapping_add(1);
+        for (i, b) in backends.iter().enumerate() {
+            let key = BackendKey {
+                id: svc.id,
+                index: i as u32,
+            };
+            self.backends.insert(key, sock_addr16(*b), 0)?;
+        }
+        self.write_service(vip, Some(svc))?;
+        if let Some(old) = self.service_ids.insert(vip, svc) {
+            self.free_backends(old);
+        }
+        Ok(())
+    }
+
+    fn drop_service(&mut self, vip: SocketAddr) -> Result<(), aya::maps::MapError> {
+        self.write_service(vip, None)?;
+        if let Some(old) = self.service_ids.remove(&vip) {
+            self.free_backends(old);
+        }
+        Ok(())
+    }
+
+    fn write_service(
+        &mut self,
+        vip: SocketAddr,
+        svc: Option<Service>,
+    ) -> Result<(), aya::maps::MapError> {
+        match (vip.ip(), svc) {
+            (IpAddr::V4(a), Some(s)) => {
+                self.services_v4.insert(service_key_v4(a, vip.port()), s, 0)
+            }
+            (IpAddr::V4(a), None) => self.services_v4.remove(&service_key_v4(a, vip.port())),
+            (IpAddr::V6(a), Some(s)) => {
+                self.services_v6.insert(service_key_v6(a, vip.port()), s, 0)
+            }
+            (IpAddr::V6(a), None) => self.services_v6.remove(&service_key_v6(a, vip.port())),
+        }
+    }
+
+    fn free_backends(&mut self, svc: Service) {
+        for index in 0..svc.count {
+            let _ = self.backends.remove(&BackendKey { id: svc.id, index });
+        }
+    }
+
+    /// The endpoints of the Service at `vip`, if one is in force.
+    pub fn service(&self, vip: SocketAddr) -> Option<Vec<SocketAddr>> {
+        let svc = match vip.ip() {
+            IpAddr::V4(a) => self.services_v4.get(&service_key_v4(a, vip.port()), 0),
+            IpAddr::V6(a) => self.services_v6.get(&service_key_v6(a, vip.port()), 0),
+        }
+        .ok()?;
+        Some(
+            (0..svc.count)
+                .filter_map(|index| self.backends.get(&BackendKey { id: svc.id, index }, 0).ok())
+                .map(|b| crate::proxy::orig_addr_of(&b.addr, b.port))
+                .collect(),
+        )
     }
 
     /// The per-reason counters, summed over CPUs, indexed by reason code.

@@ -18,9 +18,75 @@ pub struct Caller {
     pub netns: Option<u64>,
 }
 
-/// Decide `dst` as a connect() by `caller` would be decided.
-pub fn explain<T: Tables>(t: &T, cfg: &Config, dst: SocketAddr, caller: &Caller) -> Decision {
-    fn q<A>(dst: A, port: u16, c: &Caller, netns: u64) -> Query<A> {
+/// The Kubernetes Services the datapath translates.
+pub trait Services {
+    /// The endpoints of the Service at `vip`, if there is one.
+    fn service(&self, vip: SocketAddr) -> Option<Vec<SocketAddr>>;
+}
+
+impl Services for crate::plan::Plan {
+    fn service(&self, vip: SocketAddr) -> Option<Vec<SocketAddr>> {
+        self.services.get(&vip).cloned()
+    }
+}
+
+impl Services for crate::datapath::Maps {
+    fn service(&self, vip: SocketAddr) -> Option<Vec<SocketAddr>> {
+        crate::datapath::Maps::service(self, vip)
+    }
+}
+
+/// IPv4-mapped IPv6 destinations are decided as IPv4.
+fn unmap(dst: SocketAddr) -> SocketAddr {
+    match dst.ip() {
+        IpAddr::V6(a) => {
+            v4_unmapped(&a.octets()).map_or(dst, |v4| SocketAddr::from((v4, dst.port())))
+        }
+        IpAddr::V4(_) => dst,
+    }
+}
+
+/// Explain a connect() to `dst` by `caller`: one line, or one per endpoint when `dst` is a
+/// Kubernetes Service the datapath translates.
+pub fn explain<T: Tables + Services>(
+    t: &T,
+    cfg: &Config,
+    dst: SocketAddr,
+    caller: &Caller,
+) -> Vec<String> {
+    let dst = unmap(dst);
+    match t.service(dst) {
+        None => vec![describe(
+            &decide_one(t, cfg, dst, caller, false),
+            cfg,
+            dst,
+            caller,
+        )],
+        Some(endpoints) if endpoints.is_empty() => vec![format!(
+            "deny (Kubernetes Service {dst} has no endpoints) [{}]",
+            Reason::ServiceNoEndpoints.name()
+        )],
+        Some(endpoints) => endpoints
+            .iter()
+            .map(|e| {
+                let d = decide_one(t, cfg, *e, caller, true);
+                format!(
+                    "via endpoint {e} of Kubernetes Service {dst}: {}",
+                    describe(&d, cfg, *e, caller)
+                )
+            })
+            .collect(),
+    }
+}
+
+fn decide_one<T: Tables>(
+    t: &T,
+    cfg: &Config,
+    dst: SocketAddr,
+    caller: &Caller,
+    service: bool,
+) -> Decision {
+    fn q<A>(dst: A, port: u16, c: &Caller, netns: u64, service: bool) -> Query<A> {
         Query {
             dst,
             port,
@@ -28,15 +94,13 @@ pub fn explain<T: Tables>(t: &T, cfg: &Config, dst: SocketAddr, caller: &Caller)
             gid: c.gid,
             mark: c.mark,
             netns,
+            service,
         }
     }
     let (port, netns) = (dst.port(), caller.netns.unwrap_or(cfg.netns_cookie));
     match dst.ip() {
-        IpAddr::V4(a) => decide(t, cfg, &q(a.octets(), port, caller, netns)),
-        IpAddr::V6(a) => match v4_unmapped(&a.octets()) {
-            Some(v4) => decide(t, cfg, &q(v4, port, caller, netns)),
-            None => decide(t, cfg, &q(a.octets(), port, caller, netns)),
-        },
+        IpAddr::V4(a) => decide(t, cfg, &q(a.octets(), port, caller, netns, service)),
+        IpAddr::V6(a) => decide(t, cfg, &q(a.octets(), port, caller, netns, service)),
     }
 }
 
@@ -66,6 +130,10 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
         Reason::RegistryDenied => {
             format!("REGISTRY_ONLY: no ServiceEntry address allows {ip} port {port}")
         }
+        Reason::RegistryService => {
+            "REGISTRY_ONLY: reached through a Kubernetes Service, which is registered".to_owned()
+        }
+        Reason::ServiceNoEndpoints => format!("Kubernetes Service {dst} has no endpoints"),
     };
     format!("{} ({rule}) [{}]", d.verdict.name(), d.reason.name())
 }
@@ -98,7 +166,7 @@ mod tests {
                 mark: 0,
                 netns: None,
             };
-            describe(&explain(&p, &cfg, dst, &c), &cfg, dst, &c)
+            explain(&p, &cfg, dst, &c).join("\n")
         };
         assert_eq!(
             line("127.20.0.10:80"),

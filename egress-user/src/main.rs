@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod datapath;
 mod explain;
+mod k8s;
 mod plan;
 mod proxy;
 mod reload;
@@ -440,14 +441,12 @@ fn explain_cmd(
             let mesh = load_config(Some(&path))?;
             let plan = plan::compile(&mesh);
             let cfg = datapath_config(agent, plan.mode, 0);
-            let d = explain::explain(&plan, &cfg, dst, caller);
-            explain::describe(&d, &cfg, dst, caller)
+            explain::explain(&plan, &cfg, dst, caller).join("\n")
         }
         None => {
             let maps = Maps::open(pin_path)?;
             let cfg = maps.config()?;
-            let d = explain::explain(&maps, &cfg, dst, caller);
-            explain::describe(&d, &cfg, dst, caller)
+            explain::explain(&maps, &cfg, dst, caller).join("\n")
         }
     };
     println!("{line}");
@@ -466,8 +465,8 @@ fn stats(pin_path: &Path) -> Result<()> {
 fn reason_verdict(r: egress_common::Reason) -> &'static str {
     use egress_common::Reason::*;
     match r {
-        IncludedPort | IncludedCidr | RegistryAllowed => "redirect",
-        RegistryDenied => "deny",
+        IncludedPort | IncludedCidr | RegistryAllowed | RegistryService => "redirect",
+        RegistryDenied | ServiceNoEndpoints => "deny",
         Agent | OtherNetns | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
         | ExcludedCidr | NotIncluded => "bypass",
     }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use egress_common::{MODE_ALLOW_ANY, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Tables};
@@ -26,6 +26,9 @@ pub struct Plan {
     /// (port, network) pairs that ServiceEntry addresses allow under REGISTRY_ONLY.
     pub allow_v4: BTreeSet<(u16, Ipv4Net)>,
     pub allow_v6: BTreeSet<(u16, Ipv6Net)>,
+    /// Kubernetes Service address (cluster IP, port) → its ready endpoints, sorted. A connect
+    /// to the former goes to one of the latter; none refuses it.
+    pub services: BTreeMap<SocketAddr, Vec<SocketAddr>>,
 }
 
 fn split(nets: &[IpNet]) -> (BTreeSet<Ipv4Net>, BTreeSet<Ipv6Net>) {
@@ -66,7 +69,43 @@ pub fn compile(c: &MeshConfig) -> Plan {
             }
         }
     }
+    let mut services: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
+    for svc in c.services.iter().filter(|s| s.translated()) {
+        let sets: Vec<_> = c
+            .endpoints
+            .iter()
+            .filter(|e| e.namespace == svc.namespace && e.service == svc.name)
+            .collect();
+        let tcp = svc
+            .spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP");
+        for sp in tcp {
+            let Ok(port) = u16::try_from(sp.port) else {
+                continue;
+            };
+            let mut backends = Vec::new();
+            for set in &sets {
+                let Some(bport) = set.port_for(sp.name.as_deref(), svc.spec.ports.len()) else {
+                    continue;
+                };
+                backends.extend(set.addresses.iter().map(|a| SocketAddr::new(*a, bport)));
+            }
+            for vip in &svc.cluster_ips {
+                let mut same_family: Vec<SocketAddr> = backends
+                    .iter()
+                    .filter(|b| b.is_ipv4() == vip.is_ipv4())
+                    .copied()
+                    .collect();
+                same_family.sort();
+                same_family.dedup();
+                services.insert(SocketAddr::new(*vip, port), same_family);
+            }
+        }
+    }
     Plan {
+        services,
         mode: match c.mode {
             Mode::AllowAny => MODE_ALLOW_ANY,
             Mode::RegistryOnly => MODE_REGISTRY_ONLY,
@@ -84,7 +123,7 @@ pub fn compile(c: &MeshConfig) -> Plan {
 }
 
 /// One map entry, as the datapath plan sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Entry {
     Include4(Ipv4Net),
     Include6(Ipv6Net),
@@ -96,10 +135,12 @@ pub enum Entry {
     Port(u16, u8),
     Uid(u32),
     Gid(u32),
+    /// A Service address and its whole endpoint set: adding it replaces the set in force.
+    Service(SocketAddr, Vec<SocketAddr>),
 }
 
 /// One step of moving the maps from one plan to another.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     Add(Entry),
     Remove(Entry),
@@ -122,6 +163,11 @@ impl Plan {
         widen_redirect.extend(self.include_v6.iter().map(|n| Entry::Include6(*n)));
         widen_redirect.extend(self.allow_v4.iter().map(|(p, n)| Entry::Allow4(*p, *n)));
         widen_redirect.extend(self.allow_v6.iter().map(|(p, n)| Entry::Allow6(*p, *n)));
+        widen_redirect.extend(
+            self.services
+                .iter()
+                .map(|(vip, b)| Entry::Service(*vip, b.clone())),
+        );
         for (port, flags) in &self.ports {
             if flags & PORT_EXCLUDE != 0 {
                 widen_bypass.push(Entry::Port(*port, PORT_EXCLUDE));
@@ -144,6 +190,16 @@ impl Plan {
             Entry::Port(p, bit) => self.ports.get(p).is_some_and(|f| f & bit != 0),
             Entry::Uid(u) => self.exclude_uids.contains(u),
             Entry::Gid(g) => self.exclude_gids.contains(g),
+            Entry::Service(vip, b) => self.services.get(vip) == Some(b),
+        }
+    }
+
+    /// Whether removing `e` is part of moving to this plan: not for a Service this plan keeps
+    /// with other endpoints (adding those replaced the old set already).
+    fn drops(&self, e: &Entry) -> bool {
+        match e {
+            Entry::Service(vip, _) => !self.services.contains_key(vip),
+            e => !self.contains(e),
         }
     }
 
@@ -164,7 +220,14 @@ impl Plan {
             Op::Add(e) => (e, true),
             Op::Remove(e) => (e, false),
         };
-        match *e {
+        match e.clone() {
+            Entry::Service(vip, b) => {
+                if add {
+                    self.services.insert(vip, b);
+                } else {
+                    self.services.remove(&vip);
+                }
+            }
             Entry::Include4(n) => set(&mut self.include_v4, n, add),
             Entry::Include6(n) => set(&mut self.include_v6, n, add),
             Entry::Exclude4(n) => set(&mut self.exclude_v4, n, add),
@@ -191,7 +254,7 @@ impl Plan {
 ///    by either;
 /// 2. add new inclusions and allow entries: they only redirect or allow more, and whatever both
 ///    plans bypass stays excluded (by the old or the new exclusions, both present) or stays
-///    outside every inclusion;
+///    outside every inclusion; a Service's new endpoint set replaces the old one in one write;
 /// 3. switch the mode, once the allow entries of the new plan are in place;
 /// 4. remove old inclusions and allow entries;
 /// 5. remove old exclusions.
@@ -199,32 +262,29 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
     let (old_bypass, old_redirect) = old.entries();
     let (new_bypass, new_redirect) = new.entries();
     let mut ops = Vec::new();
-    ops.extend(
-        new_bypass
-            .iter()
-            .filter(|e| !old.contains(e))
-            .map(|e| Op::Add(*e)),
-    );
+    let added = |e: &&Entry| !old.contains(e);
+    ops.extend(new_bypass.iter().filter(added).map(|e| Op::Add(e.clone())));
     ops.extend(
         new_redirect
             .iter()
-            .filter(|e| !old.contains(e))
-            .map(|e| Op::Add(*e)),
+            .filter(added)
+            .map(|e| Op::Add(e.clone())),
     );
     if old.mode != new.mode {
         ops.push(Op::Mode(new.mode));
     }
+    let dropped = |e: &&Entry| new.drops(e);
     ops.extend(
         old_redirect
             .iter()
-            .filter(|e| !new.contains(e))
-            .map(|e| Op::Remove(*e)),
+            .filter(dropped)
+            .map(|e| Op::Remove(e.clone())),
     );
     ops.extend(
         old_bypass
             .iter()
-            .filter(|e| !new.contains(e))
-            .map(|e| Op::Remove(*e)),
+            .filter(dropped)
+            .map(|e| Op::Remove(e.clone())),
     );
     ops
 }
@@ -384,6 +444,7 @@ spec:
             gid: 0,
             mark: 0,
             netns: 0,
+            service: false,
         };
         let d = decide(&p, &cfg, &q([127, 20, 1, 9], 443));
         assert_eq!(
@@ -402,6 +463,145 @@ spec:
         );
     }
 
+    /// The resources of the egress tasks, as their documentation gives them.
+    const SEEDS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: httpbin-ext
+spec:
+  hosts:
+  - httpbin.org
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: google-ext
+spec:
+  hosts:
+  - www.google.com
+  ports:
+  - number: 443
+    name: https
+    protocol: HTTPS
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: tcp-ext
+spec:
+  hosts:
+  - tcp.example.com
+  addresses:
+  - 198.18.10.0/24
+  ports:
+  - number: 443
+    name: tcp
+    protocol: TCP
+  location: MESH_EXTERNAL
+  resolution: NONE
+---
+kind: Service
+apiVersion: v1
+metadata:
+  name: my-httpbin
+spec:
+  type: ExternalName
+  externalName: httpbin.org
+  ports:
+  - name: http
+    protocol: TCP
+    port: 80
+---
+kind: Service
+apiVersion: v1
+metadata:
+  name: my-wikipedia
+spec:
+  ports:
+  - protocol: TCP
+    port: 443
+    name: tls
+---
+kind: Endpoints
+apiVersion: v1
+metadata:
+  name: my-wikipedia
+subsets:
+  - addresses:
+      - ip: 198.35.26.96
+      - ip: 208.80.153.224
+    ports:
+      - port: 443
+        name: tls
+"#;
+
+    #[test]
+    fn compiles_the_seed_resources() {
+        let l = config::parse_str("seeds.yaml", SEEDS).expect("valid");
+        let c = &l.config;
+        assert_eq!(c.service_entries.len(), 3);
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.endpoints.len(), 1);
+        let p = compile(&l.config);
+        // Only the TCP entry can be decided by address alone.
+        assert_eq!(
+            p.allow_v4,
+            BTreeSet::from([(443, "198.18.10.0/24".parse().unwrap())])
+        );
+        assert!(p.allow_v6.is_empty());
+        // The cluster assigns my-wikipedia's cluster IP; without one there is nothing to
+        // translate, and the warning says so.
+        assert!(p.services.is_empty());
+        let warnings: Vec<String> = l.warnings.iter().map(|w| w.to_string()).collect();
+        let has = |s: &str| warnings.iter().any(|w| w.contains(s));
+        assert!(
+            has("doc 5 Service default/my-wikipedia: spec.clusterIP: no cluster IP"),
+            "{warnings:?}"
+        );
+        assert!(
+            has("doc 4 Service default/my-httpbin: spec.externalName: kept for DNS"),
+            "{warnings:?}"
+        );
+        assert!(
+            has("doc 1 ServiceEntry default/httpbin-ext: spec.hosts"),
+            "{warnings:?}"
+        );
+        assert!(
+            has("doc 2 ServiceEntry default/google-ext: spec.hosts"),
+            "{warnings:?}"
+        );
+
+        // With the address the cluster assigned, connects to it go to either endpoint.
+        let assigned = SEEDS.replace(
+            "spec:\n  ports:\n  - protocol: TCP",
+            "spec:\n  clusterIP: 10.96.0.50\n  ports:\n  - protocol: TCP",
+        );
+        let p = compile(
+            &config::parse_str("seeds.yaml", &assigned)
+                .expect("valid")
+                .config,
+        );
+        assert_eq!(
+            p.services,
+            BTreeMap::from([(
+                "10.96.0.50:443".parse().unwrap(),
+                vec![
+                    "198.35.26.96:443".parse().unwrap(),
+                    "208.80.153.224:443".parse().unwrap()
+                ]
+            )])
+        );
+    }
+
     #[test]
     fn default_configuration_captures_everything() {
         let p = compile(&MeshConfig::default());
@@ -417,6 +617,7 @@ spec:
     mod diff {
         use super::*;
         use crate::config::{Interception, ServiceEntry, ServiceEntrySpec, ServicePort};
+        use crate::k8s;
         use egress_common::Verdict;
         use proptest::prelude::*;
 
@@ -479,9 +680,10 @@ spec:
                 ids(),
                 ids(),
                 prop::collection::vec(entry(), 0..3),
+                prop::collection::vec(service(), 0..3),
             )
-                .prop_map(|(ro, inc, exc, ip, ep, uids, gids, service_entries)| {
-                    MeshConfig {
+                .prop_map(
+                    |(ro, inc, exc, ip, ep, uids, gids, service_entries, services)| MeshConfig {
                         mode: if ro {
                             Mode::RegistryOnly
                         } else {
@@ -496,8 +698,42 @@ spec:
                             exclude_gids: gids,
                         },
                         service_entries,
-                    }
-                })
+                        services: services.iter().map(|(s, _)| s.clone()).collect(),
+                        endpoints: services.into_iter().map(|(_, e)| e).collect(),
+                    },
+                )
+        }
+
+        /// A selector-less Service on 10.0.1.x:80 with endpoints among 10.0.0.0/28.
+        fn service() -> impl Strategy<Value = (k8s::Service, k8s::EndpointSet)> {
+            (0u8..4, prop::collection::vec(0u8..16, 0..3)).prop_map(|(vip, eps)| {
+                let name = format!("s{vip}");
+                let svc = k8s::Service {
+                    namespace: "default".into(),
+                    name: name.clone(),
+                    spec: k8s::ServiceSpec {
+                        ports: vec![k8s::ServicePort {
+                            name: None,
+                            protocol: None,
+                            port: 80,
+                            target_port: None,
+                            app_protocol: None,
+                        }],
+                        ..Default::default()
+                    },
+                    cluster_ips: vec![IpAddr::from([10, 0, 1, vip])],
+                };
+                let set = k8s::EndpointSet {
+                    namespace: "default".into(),
+                    service: name,
+                    addresses: eps
+                        .into_iter()
+                        .map(|e| IpAddr::from([10, 0, 0, e]))
+                        .collect(),
+                    ports: vec![(None, 8080)],
+                };
+                (svc, set)
+            })
         }
 
         /// The verdict of every connect the universe allows: each address, port and id.
@@ -519,6 +755,7 @@ spec:
                             gid,
                             mark: 0,
                             netns: 0,
+                            service: false,
                         };
                         out.push(decide(p, &cfg, &q4).verdict);
                         let mut v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -530,6 +767,7 @@ spec:
                             gid,
                             mark: 0,
                             netns: 0,
+                            service: false,
                         };
                         out.push(decide(p, &cfg, &q6).verdict);
                     }
@@ -551,6 +789,13 @@ spec:
                     for i in 0..v.len() {
                         if va[i] == vb[i] {
                             prop_assert_eq!(v[i], va[i], "connect #{} after {:?}", i, op);
+                        }
+                    }
+                    // A Service in both plans always has the old or the new endpoint set.
+                    for (vip, old) in &pa.services {
+                        if let Some(new) = pb.services.get(vip) {
+                            let now = live.services.get(vip);
+                            prop_assert!(now == Some(old) || now == Some(new), "{} after {:?}", vip, op);
                         }
                     }
                 }

@@ -101,11 +101,16 @@ pub fn peer_key(peer: SocketAddr) -> PeerKey {
 
 /// The destination the client dialled.
 pub fn orig_addr(r: &OrigDst) -> SocketAddr {
-    let ip = match v4_unmapped(&r.addr) {
+    orig_addr_of(&r.addr, r.port)
+}
+
+/// A socket address from its map form (IPv4 as `::ffff:a.b.c.d`).
+pub fn orig_addr_of(addr: &[u8; 16], port: u16) -> SocketAddr {
+    let ip = match v4_unmapped(addr) {
         Some(a) => IpAddr::V4(Ipv4Addr::from(a)),
-        None => IpAddr::V6(Ipv6Addr::from(r.addr)),
+        None => IpAddr::V6(Ipv6Addr::from(*addr)),
     };
-    SocketAddr::new(ip, r.port)
+    SocketAddr::new(ip, port)
 }
 
 pub struct Proxy {

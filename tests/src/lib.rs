@@ -555,6 +555,40 @@ impl Servers {
         self.listen(addr, true)
     }
 
+    /// A minimal HTTP/1.1 server: every request gets `200 OK` with the address it was reached
+    /// at as the body.
+    pub fn http(&self, addr: SocketAddr) -> SocketAddr {
+        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        l.set_nonblocking(true).unwrap();
+        let bound = l.local_addr().unwrap();
+        self.rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let body = s.local_addr().unwrap().to_string();
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        bound
+    }
+
     fn listen(&self, addr: SocketAddr, announce: bool) -> SocketAddr {
         let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         l.set_nonblocking(true).unwrap();

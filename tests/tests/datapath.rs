@@ -772,14 +772,18 @@ fn connect4_is_verified_small_and_its_size_is_logged() {
     for prog in [
         "egress_connect4",
         "egress_connect6",
+        "egress_getpeername4",
+        "egress_getpeername6",
         "egress_sockops",
         "egress_getsockopt",
     ] {
         assert!(count(prog) > 0);
     }
-    // No logging on the hot path: connect4 stays within a small verifier budget.
+    // No logging on the hot path: connect4 stays within a small verifier budget. (About 1,400
+    // today: the verifier walks the decision once for plain destinations and once for
+    // translated Kubernetes Service endpoints; one aya-log call alone adds about 500.)
     assert!(
-        count("egress_connect4") < 1000,
+        count("egress_connect4") < 2000,
         "connect4 grew to {} instructions",
         count("egress_connect4")
     );

@@ -6,6 +6,9 @@
 //! egress-probe [...] hold COUNT ADDR...
 //!     open COUNT connections at once over ADDRs (round robin) to `whoami` servers and check
 //!     that each reached the address it dialled.
+//! egress-probe many COUNT ADDR
+//!     COUNT connections one after another to a `whoami` server: for each, print what
+//!     getpeername() says and the address the server was reached at.
 //! egress-probe load SECS RATE ADDR
 //!     for SECS seconds open RATE connections a second (1 byte each way), count failures.
 //! egress-probe watch SECS INTERVAL_MS ADDR...
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
             args[1].parse().expect("COUNT"),
             &args[2..].iter().map(addr).collect::<Vec<_>>(),
         ),
+        Some("many") => many(args[1].parse().expect("COUNT"), addr(&args[2])),
         Some("load") => load(
             args[1].parse().expect("SECS"),
             args[2].parse().expect("RATE"),
@@ -132,6 +136,19 @@ fn echo(dst: SocketAddr, n: u64) -> ExitCode {
             ExitCode::from(4)
         }
     }
+}
+
+fn many(count: usize, dst: SocketAddr) -> ExitCode {
+    for _ in 0..count {
+        let s = match connect(dst) {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        let mut line = String::new();
+        let _ = BufReader::new(&s).read_line(&mut line);
+        println!("peer={} reached={}", s.peer_addr().unwrap(), line.trim());
+    }
+    ExitCode::SUCCESS
 }
 
 fn unix_ms() -> u128 {
