@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 
-use crate::k8s;
+use crate::{istio, k8s};
 
 /// `outboundTrafficPolicy.mode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -175,6 +175,18 @@ pub struct MeshConfig {
     pub services: Vec<k8s::Service>,
     /// Ready endpoints, from Endpoints and EndpointSlices.
     pub endpoints: Vec<k8s::EndpointSet>,
+    /// Istio resources the L7 datapath applies: validated, kept.
+    pub sidecars: Vec<Named<istio::SidecarSpec>>,
+    pub virtual_services: Vec<Named<istio::VirtualServiceSpec>>,
+    pub destination_rules: Vec<Named<istio::DestinationRuleSpec>>,
+}
+
+/// A resource's spec with its namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named<T> {
+    pub namespace: String,
+    pub name: String,
+    pub spec: T,
 }
 
 /// A configuration that parsed, with its warnings.
@@ -565,6 +577,33 @@ impl Cx {
                     config.service_entries.push(se);
                 }
             }
+            (v, "Sidecar") if ISTIO_VERSIONS.contains(&v) => {
+                if let Some(spec) = self.sidecar(&origin, spec) {
+                    config.sidecars.push(Named {
+                        namespace,
+                        name,
+                        spec,
+                    });
+                }
+            }
+            (v, "VirtualService") if ISTIO_VERSIONS.contains(&v) => {
+                if let Some(spec) = self.virtual_service(&origin, spec) {
+                    config.virtual_services.push(Named {
+                        namespace,
+                        name,
+                        spec,
+                    });
+                }
+            }
+            (v, "DestinationRule") if ISTIO_VERSIONS.contains(&v) => {
+                if let Some(spec) = self.destination_rule(&origin, spec) {
+                    config.destination_rules.push(Named {
+                        namespace,
+                        name,
+                        spec,
+                    });
+                }
+            }
             ("v1", "Service") => {
                 if let Some(svc) = self.k8s_service(&origin, namespace, name, spec) {
                     config.services.push(svc);
@@ -583,6 +622,144 @@ impl Cx {
                 format!("{api} {kind} is not applied by this version of egress; ignored"),
             ),
         }
+    }
+
+    fn sidecar(&mut self, origin: &Origin, spec: Value) -> Option<istio::SidecarSpec> {
+        let spec: istio::SidecarSpec = self.typed(origin, "spec", spec)?;
+        if spec.outbound_traffic_policy.is_some() {
+            self.warn(
+                origin,
+                "spec.outboundTrafficPolicy",
+                "per-namespace and per-workload policy is not applied yet: the EgressConfig mode is in force",
+            );
+        }
+        if !spec.egress.is_empty() || !spec.ingress.is_empty() {
+            self.warn(
+                origin,
+                "spec",
+                "egress and ingress listeners are not applied",
+            );
+        }
+        Some(spec)
+    }
+
+    fn duration(&mut self, origin: &Origin, field: &str, value: Option<&String>) {
+        if let Some(v) = value.filter(|v| istio::parse_duration(v).is_none()) {
+            self.error(
+                origin,
+                field,
+                format!("{v:?} is not a duration such as 3s, 1.5s or 100ms"),
+            );
+        }
+    }
+
+    fn virtual_service(
+        &mut self,
+        origin: &Origin,
+        spec: Value,
+    ) -> Option<istio::VirtualServiceSpec> {
+        let spec: istio::VirtualServiceSpec = self.typed(origin, "spec", spec)?;
+        let before = self.errors.len();
+        if spec.hosts.is_empty() {
+            self.error(origin, "spec.hosts", "at least one host is required");
+        }
+        for (i, r) in spec.http.iter().enumerate() {
+            let f = format!("spec.http[{i}]");
+            self.duration(origin, &format!("{f}.timeout"), r.timeout.as_ref());
+            if let Some(retries) = &r.retries {
+                if retries.attempts.is_some_and(|a| a < 0) {
+                    self.error(
+                        origin,
+                        &format!("{f}.retries.attempts"),
+                        "must not be negative",
+                    );
+                }
+                self.duration(
+                    origin,
+                    &format!("{f}.retries.perTryTimeout"),
+                    retries.per_try_timeout.as_ref(),
+                );
+            }
+            for (j, d) in r.route.iter().enumerate() {
+                if let Some(p) = d
+                    .destination
+                    .port
+                    .as_ref()
+                    .filter(|p| !(1..=65535).contains(&p.number))
+                {
+                    self.error(
+                        origin,
+                        &format!("{f}.route[{j}].destination.port.number"),
+                        format!("{} is not a port (1-65535)", p.number),
+                    );
+                }
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        self.warn(
+            origin,
+            "spec",
+            "routes, timeouts and retries are applied by the HTTP datapath, not yet",
+        );
+        Some(spec)
+    }
+
+    fn tls(&mut self, origin: &Origin, field: &str, tls: Option<&istio::ClientTls>) {
+        let Some(mode) = tls.and_then(|t| t.mode.as_deref()) else {
+            return;
+        };
+        if !istio::TLS_MODES.contains(&mode) {
+            self.error(
+                origin,
+                &format!("{field}.mode"),
+                format!("{mode:?} is not one of {}", istio::TLS_MODES.join(", ")),
+            );
+        }
+    }
+
+    fn destination_rule(
+        &mut self,
+        origin: &Origin,
+        spec: Value,
+    ) -> Option<istio::DestinationRuleSpec> {
+        let spec: istio::DestinationRuleSpec = self.typed(origin, "spec", spec)?;
+        let before = self.errors.len();
+        if !valid_host(&spec.host) {
+            self.error(
+                origin,
+                "spec.host",
+                format!("{:?} is not a host name", spec.host),
+            );
+        }
+        if let Some(tp) = &spec.traffic_policy {
+            self.tls(origin, "spec.trafficPolicy.tls", tp.tls.as_ref());
+            for (i, pl) in tp.port_level_settings.iter().enumerate() {
+                let f = format!("spec.trafficPolicy.portLevelSettings[{i}]");
+                if let Some(p) = pl
+                    .port
+                    .as_ref()
+                    .filter(|p| !(1..=65535).contains(&p.number))
+                {
+                    self.error(
+                        origin,
+                        &format!("{f}.port.number"),
+                        format!("{} is not a port (1-65535)", p.number),
+                    );
+                }
+                self.tls(origin, &format!("{f}.tls"), pl.tls.as_ref());
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        self.warn(
+            origin,
+            "spec.trafficPolicy",
+            "TLS origination is applied by the HTTP datapath, not yet",
+        );
+        Some(spec)
     }
 
     fn k8s_service(
@@ -1262,7 +1439,7 @@ spec: {hosts: [a.example]}
             "{w:?}"
         );
         assert!(
-            w.iter().any(|w| w.contains("doc 2 VirtualService default/vs: networking.istio.io/v1 VirtualService is not applied")),
+            w.iter().any(|w| w.contains("doc 2 VirtualService default/vs: spec: routes, timeouts and retries are applied by the HTTP datapath, not yet")),
             "{w:?}"
         );
     }
@@ -1293,6 +1470,103 @@ spec: {hosts: [a.example]}
             e.errors[0].message.contains("a second EgressConfig"),
             "{:?}",
             e.errors
+        );
+    }
+
+    #[test]
+    fn istio_routing_resources_are_validated_and_kept() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin-ext}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - timeout: 3s
+    retries: {attempts: 2, perTryTimeout: 1.5s, retryOn: "connect-failure,5xx"}
+    route:
+    - destination: {host: httpbin.org, port: {number: 80}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: secure}
+spec:
+  host: secure.example
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: SIMPLE, sni: secure.example, caCertificates: /etc/egress/ca.pem}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: Sidecar
+metadata: {name: default, namespace: istio-system}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+"#;
+        let l = parse_str("m.yaml", text).expect("valid");
+        let c = &l.config;
+        assert_eq!(
+            c.virtual_services[0].spec.http[0].timeout.as_deref(),
+            Some("3s")
+        );
+        let tls = c.destination_rules[0]
+            .spec
+            .traffic_policy
+            .as_ref()
+            .unwrap()
+            .port_level_settings[0]
+            .tls
+            .as_ref();
+        assert_eq!(tls.and_then(|t| t.sni.as_deref()), Some("secure.example"));
+        assert_eq!(c.sidecars[0].namespace, "istio-system");
+        assert_eq!(
+            c.sidecars[0]
+                .spec
+                .outbound_traffic_policy
+                .as_ref()
+                .map(|p| p.mode),
+            Some(Mode::RegistryOnly)
+        );
+        // The mesh-wide mode is not changed by a Sidecar, and the warning says so.
+        assert_eq!(c.mode, Mode::AllowAny);
+        assert!(l.warnings.iter().any(|w| {
+            w.to_string()
+                .contains("doc 3 Sidecar istio-system/default: spec.outboundTrafficPolicy")
+        }));
+
+        let bad = text
+            .replace("timeout: 3s", "timeout: 3 seconds")
+            .replace("mode: SIMPLE", "mode: TLS");
+        let e = parse_str("m.yaml", &bad).unwrap_err();
+        let msgs: Vec<String> = e.errors.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            msgs,
+            vec![
+                "m.yaml doc 1 VirtualService default/httpbin-ext: spec.http[0].timeout: \"3 seconds\" is not a duration such as 3s, 1.5s or 100ms",
+                "m.yaml doc 2 DestinationRule default/secure: spec.trafficPolicy.portLevelSettings[0].tls.mode: \"TLS\" is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL",
+            ]
+        );
+    }
+
+    #[test]
+    fn kubernetes_endpoint_errors_are_located() {
+        let text = "kind: Endpoints\napiVersion: v1\nmetadata: {name: svc}\nsubsets:\n- addresses: [{ip: 198.18.0.300}]\n  ports: [{port: 0}]\n---\n\
+                    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: svc}}\n\
+                    addressType: IPv4\nendpoints: [{addresses: [198.18.0.1], conditions: {ready: false}}, {addresses: [198.18.0.2]}]\nports: [{port: 443}]\n";
+        let e = parse_str("k.yaml", text).unwrap_err();
+        let msgs: Vec<String> = e.errors.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            msgs,
+            vec![
+                "k.yaml doc 1 Endpoints default/svc: subsets[0].addresses[0].ip: \"198.18.0.300\" is not an IP address",
+                "k.yaml doc 1 Endpoints default/svc: subsets[0].ports[0].port: 0 is not a port (1-65535)",
+            ]
+        );
+        // Only the ready endpoint of the slice counts.
+        let ok = parse_str("k.yaml", text.split("---\n").nth(1).unwrap()).expect("valid");
+        assert_eq!(
+            ok.config.endpoints[0].addresses,
+            vec!["198.18.0.2".parse::<IpAddr>().unwrap()]
         );
     }
 }

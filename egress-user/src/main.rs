@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod datapath;
 mod explain;
+mod istio;
 mod k8s;
 mod plan;
 mod proxy;

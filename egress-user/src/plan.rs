@@ -700,6 +700,7 @@ subsets:
                         service_entries,
                         services: services.iter().map(|(s, _)| s.clone()).collect(),
                         endpoints: services.into_iter().map(|(_, e)| e).collect(),
+                        ..Default::default()
                     },
                 )
         }
