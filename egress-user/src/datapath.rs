@@ -118,16 +118,19 @@ impl Datapath {
             bail!("this binary was built with AYA_BUILD_SKIP=1 and carries no kernel programs");
         }
         let mut loader = EbpfLoader::new();
+        // Twice the capacity: a reload adds the new entries before it removes the old ones, so
+        // even a configuration replaced whole fits. LPM tries allocate entries as they are
+        // inserted, so the headroom costs nothing until it is used.
         for m in [
             MAP_INCLUDE_V4,
             MAP_INCLUDE_V6,
             MAP_EXCLUDE_V4,
             MAP_EXCLUDE_V6,
         ] {
-            loader.map_max_entries(m, cap.cidrs);
+            loader.map_max_entries(m, cap.cidrs.saturating_mul(2));
         }
         for m in [MAP_ALLOW_V4, MAP_ALLOW_V6] {
-            loader.map_max_entries(m, cap.allowed);
+            loader.map_max_entries(m, cap.allowed.saturating_mul(2));
         }
         for m in [MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER] {
             loader.map_max_entries(m, cap.orig);

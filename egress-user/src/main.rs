@@ -301,7 +301,9 @@ fn run(args: RunArgs) -> Result<()> {
     let mut dp = Datapath::load(cap, &args.pin_path)?;
     let mut maps = Maps::open(&args.pin_path)?;
     let cfg = datapath_config(&args.agent, plan.mode, sys::netns_cookie()?);
+    let start = std::time::Instant::now();
     maps.program(&plan, cfg)?;
+    info!("programmed the maps in {:.1?}", start.elapsed());
     dp.load_programs()?;
     let reloader = reload::Reloader::new(args.config.clone(), maps, plan, cap);
     let status = reloader.status();

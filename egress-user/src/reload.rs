@@ -78,6 +78,28 @@ pub fn check_capacity(plan: &Plan, cap: &Capacity) -> Result<()> {
             );
         }
     }
+    // The id and Service maps are sized for twice these, for the same reason as the tries.
+    let ids = egress_common::DEFAULT_MAX_IDS as usize / 2;
+    for (what, n) in [
+        ("excludeUids", plan.exclude_uids.len()),
+        ("excludeGids", plan.exclude_gids.len()),
+    ] {
+        if n > ids {
+            bail!("{n} {what} entries do not fit: at most {ids}");
+        }
+    }
+    let services = egress_common::DEFAULT_MAX_SERVICES as usize / 2;
+    if plan.services.len() > services {
+        bail!(
+            "{} Kubernetes Service ports do not fit: at most {services}",
+            plan.services.len()
+        );
+    }
+    let endpoints: usize = plan.services.values().map(Vec::len).sum();
+    let slots = egress_common::DEFAULT_MAX_BACKENDS as usize / 2;
+    if endpoints > slots {
+        bail!("{endpoints} Kubernetes Service endpoints do not fit: at most {slots}");
+    }
     for (what, n) in [("IPv4", plan.allow_v4.len()), ("IPv6", plan.allow_v6.len())] {
         if n > cap.allowed as usize {
             bail!(
@@ -210,10 +232,13 @@ impl Reloader {
             return Ok("unchanged".to_owned());
         }
         let start = Instant::now();
-        let mut live = self.applied.clone();
-        for op in &ops {
+        for (i, op) in ops.iter().enumerate() {
             if let Err(e) = self.maps.apply(op) {
                 // Put the maps back as they were; the configuration in force stays.
+                let mut live = self.applied.clone();
+                for done in &ops[..i] {
+                    live.apply(done);
+                }
                 for undo in diff(&live, &self.applied) {
                     if let Err(e) = self.maps.apply(&undo) {
                         error!("restoring the previous configuration: {e:#}");
@@ -221,7 +246,6 @@ impl Reloader {
                 }
                 return self.reject(format!("{}: {e:#}", path.display()));
             }
-            live.apply(op);
         }
         self.applied = plan;
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());

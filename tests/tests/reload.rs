@@ -251,3 +251,94 @@ fn rewriting_the_configuration_under_load_fails_no_connection_both_versions_allo
         }
     }
 }
+
+/// `count` distinct /32s in 10.0.0.0/8 (configuration data only: no traffic goes there).
+fn many_cidrs(count: u32, changed: bool) -> String {
+    let mut list: Vec<String> = (0..count)
+        .map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255))
+        .collect();
+    if changed {
+        list[0] = "10.255.255.255/32".to_owned();
+    }
+    // Istio's annotation spelling: one comma-separated string.
+    format!(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: d}}\nspec:\n  \
+         interception:\n    includeOutboundIPRanges: [127.20.0.0/16]\n    \
+         excludeOutboundIPRanges: \"{}\"\n",
+        list.join(",")
+    )
+}
+
+#[test]
+fn a_hundred_thousand_cidrs_load_apply_and_change_one_at_a_time() {
+    if !privileged("a_hundred_thousand_cidrs_load_apply_and_change_one_at_a_time") {
+        return;
+    }
+    let cg = Cgroup::new("100k");
+    let agent = Agent::start(AgentOpts {
+        config: &many_cidrs(100_000, false),
+        cgroup: &cg,
+        inside: false,
+        extra: vec![],
+    });
+    let programmed = agent.wait_log(0, "programmed the maps in");
+    println!(
+        "100,000 CIDRs: {}",
+        &programmed[programmed.find("programmed").unwrap()..]
+    );
+    assert!(
+        agent
+            .explain("10.1.134.159:80", &[])
+            .contains("excludeOutboundIPRanges 10.1.134.159/32")
+    );
+    let admin = agent.admin_port.to_string();
+    let status =
+        String::from_utf8(agent.egress(&["status", "--admin-port", &admin]).stdout).unwrap();
+    assert!(status.contains("exclude_v4=100000"), "{status}");
+
+    let n = agent.logs().len();
+    agent.write_config(&many_cidrs(100_000, true));
+    let applied = agent.wait_log(n, "applied configuration generation 2");
+    println!(
+        "one CIDR changed: {}",
+        &applied[applied.find("applied").unwrap()..]
+    );
+    assert!(applied.contains("(2 changes in"), "{applied}");
+    assert!(agent.explain("10.0.0.0:80", &[]).contains("[not-included]"));
+    assert!(
+        agent
+            .explain("10.255.255.255:80", &[])
+            .contains("[excluded-cidr]")
+    );
+}
+
+#[test]
+fn a_configuration_that_does_not_fit_is_refused_with_the_numbers() {
+    if !privileged("a_configuration_that_does_not_fit_is_refused_with_the_numbers") {
+        return;
+    }
+    let cg = Cgroup::new("capacity");
+    let file =
+        std::env::temp_dir().join(format!("egress-test-capacity-{}.yaml", std::process::id()));
+    std::fs::write(&file, many_cidrs(2_000, false)).unwrap();
+    let pin = format!("/sys/fs/bpf/egress-test-capacity-{}", std::process::id());
+    let o = Command::new(egress_bin())
+        .args([
+            "run",
+            "--config",
+            file.to_str().unwrap(),
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+        ])
+        .args(["--pin-path", &pin, "--max-cidrs", "1000"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("2000 IPv4 exclude CIDRs do not fit in maps of 1000 (raise --max-cidrs)"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(&pin).exists());
+}
