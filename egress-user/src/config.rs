@@ -236,13 +236,17 @@ pub fn config_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path).with_context(|| format!("{}", path.display()))? {
         let p = entry?.path();
-        let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
-        if yaml && p.is_file() {
+        if is_yaml(&p) && p.is_file() {
             files.push(p);
         }
     }
     files.sort();
     Ok(files)
+}
+
+/// A `.yaml` or `.yml` file name.
+pub fn is_yaml(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
 }
 
 /// Load a file or directory. I/O failures are errors of the file they concern.

@@ -265,22 +265,58 @@ impl Reloader {
 }
 
 /// Watch where the configuration lives (the directory, or a file's directory: editors and
-/// ConfigMap volumes replace files by renaming) and report every change.
+/// ConfigMap volumes replace files by renaming) and report changes that concern it.
 pub fn watch(path: &Path, tx: Sender<Msg>) -> Result<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher as _};
-    let dir = if path.is_dir() {
-        path.to_path_buf()
+    let (dir, file) = if path.is_dir() {
+        (path.to_path_buf(), None)
     } else {
-        match path.parent() {
+        let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
-        }
+        };
+        (dir, path.file_name().map(|f| f.to_owned()))
     };
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok_and(|e| !e.kind.is_access()) {
+        let Ok(ev) = ev else {
+            return;
+        };
+        if !ev.kind.is_access() && ev.paths.iter().any(|p| concerns(p, file.as_deref())) {
             let _ = tx.send(Msg::Changed);
         }
     })?;
     w.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(w)
+}
+
+/// Whether a change to `p` can change the configuration: the file itself (or, for a
+/// directory, a YAML file in it), or a Kubernetes ConfigMap volume's `..data` swap. Other files
+/// beside it, the agent's own log for one, must not cause reloads.
+fn concerns(p: &Path, file: Option<&std::ffi::OsStr>) -> bool {
+    let Some(name) = p.file_name() else {
+        return false;
+    };
+    if name.to_string_lossy().starts_with("..") {
+        return true;
+    }
+    match file {
+        Some(f) => name == f,
+        None => config::is_yaml(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changes_to_the_configuration_cause_reloads() {
+        let f = Some(std::ffi::OsStr::new("mesh.yaml"));
+        assert!(concerns(Path::new("/etc/egress/mesh.yaml"), f));
+        assert!(!concerns(Path::new("/etc/egress/agent.log"), f));
+        assert!(!concerns(Path::new("/etc/egress/other.yaml"), f));
+        assert!(concerns(Path::new("/etc/egress/..data"), f));
+        assert!(concerns(Path::new("/etc/egress/a.yml"), None));
+        assert!(!concerns(Path::new("/etc/egress/.a.yaml.swp"), None));
+    }
 }

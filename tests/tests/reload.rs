@@ -80,6 +80,21 @@ fn an_invalid_edit_keeps_the_configuration_in_force_and_the_fix_applies() {
     assert!(!reload.status.success());
     assert!(String::from_utf8_lossy(&reload.stderr).contains(&error));
     through_agent("after the broken edit");
+    // Other files beside the configuration (the agent's own log, say) cause no reload.
+    let n = agent.logs().len();
+    let sibling = agent.config_path().with_extension("log");
+    for i in 0..5 {
+        std::fs::write(&sibling, format!("line {i}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = std::fs::remove_file(&sibling);
+    let reloads: Vec<String> = agent.logs()[n..]
+        .iter()
+        .filter(|l| l.contains("configuration rejected"))
+        .cloned()
+        .collect();
+    assert!(reloads.is_empty(), "{reloads:?}");
 
     // The fix excludes the destination: it goes straight out from then on.
     let n = agent.logs().len();
