@@ -142,19 +142,31 @@ impl Proxy {
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
         let rec = self.orig.lock().map(|mut m| m.take(peer)).unwrap_or(None);
-        let Some(rec) = rec else {
-            warn!(
-                "conn peer={peer} result=no-original-destination: not a redirected connection, reset"
-            );
-            reset(&client);
-            return;
+        let (dst, who) = match rec {
+            Some(rec) => {
+                let dst = orig_addr(&rec);
+                let reason = Reason::from_u32(rec.reason).map_or("unknown", Reason::name);
+                let who = format!(
+                    "peer={peer} orig_dst={dst} verdict=redirect reason={reason} pid={} uid={} gid={}",
+                    rec.pid, rec.uid, rec.gid
+                );
+                (dst, who)
+            }
+            // Not redirected by our hooks: perhaps by iptables REDIRECT, which conntrack answers.
+            None => match netfilter_original_dst(&client) {
+                Some(dst) => (
+                    dst,
+                    format!("peer={peer} orig_dst={dst} verdict=redirect reason=netfilter"),
+                ),
+                None => {
+                    warn!(
+                        "conn peer={peer} result=no-original-destination: not a redirected connection, reset"
+                    );
+                    reset(&client);
+                    return;
+                }
+            },
         };
-        let dst = orig_addr(&rec);
-        let reason = Reason::from_u32(rec.reason).map_or("unknown", Reason::name);
-        let who = format!(
-            "peer={peer} orig_dst={dst} verdict=redirect reason={reason} pid={} uid={} gid={}",
-            rec.pid, rec.uid, rec.gid
-        );
         let upstream = match self.connect(dst).await {
             Ok(s) => s,
             Err(e) => {
@@ -194,6 +206,54 @@ impl Proxy {
             )),
         }
     }
+}
+
+/// The destination before an iptables `REDIRECT`, from conntrack (`SO_ORIGINAL_DST`), if the
+/// connection was redirected to us that way: not when it was addressed to us directly.
+fn netfilter_original_dst(s: &TcpStream) -> Option<SocketAddr> {
+    use std::os::fd::AsRawFd as _;
+    let local = s.local_addr().ok()?;
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let (level, len) = match local {
+        SocketAddr::V4(_) => (libc::SOL_IP, std::mem::size_of::<libc::sockaddr_in>()),
+        SocketAddr::V6(_) => (libc::SOL_IPV6, std::mem::size_of::<libc::sockaddr_in6>()),
+    };
+    let mut len = len as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            egress_common::SO_ORIGINAL_DST,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let dst = match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            SocketAddr::from((
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            SocketAddr::from((
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => return None,
+    };
+    (dst != local).then_some(dst)
 }
 
 /// Close with a reset rather than a FIN, so that the client sees the failure at once.

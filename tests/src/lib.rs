@@ -691,3 +691,82 @@ pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// An iptables nat chain sending TCP to `dst` (locally generated) to `port`, except sockets
+/// marked `skip_mark` (the proxy's own upstream connections). Removed on drop.
+pub struct IptablesRedirect {
+    chain: String,
+    jump: Vec<String>,
+}
+
+impl IptablesRedirect {
+    pub fn new(dst: &str, port: u16, skip_mark: u32) -> IptablesRedirect {
+        let chain = format!(
+            "EGRESS_T{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let run = |args: &[&str]| {
+            let o = Command::new("iptables")
+                .args(["-w", "-t", "nat"])
+                .args(args)
+                .output()
+                .expect("running iptables");
+            assert!(
+                o.status.success(),
+                "iptables {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        run(&["-N", &chain]);
+        let guard = IptablesRedirect {
+            chain: chain.clone(),
+            jump: ["OUTPUT", "-p", "tcp", "-d", dst, "-j", &chain]
+                .map(str::to_owned)
+                .to_vec(),
+        };
+        run(&[
+            "-A",
+            &chain,
+            "-m",
+            "mark",
+            "--mark",
+            &skip_mark.to_string(),
+            "-j",
+            "RETURN",
+        ]);
+        run(&[
+            "-A",
+            &chain,
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port.to_string(),
+        ]);
+        let mut add = vec!["-A".to_owned()];
+        add.extend(guard.jump.iter().cloned());
+        run(&add.iter().map(String::as_str).collect::<Vec<_>>());
+        guard
+    }
+}
+
+impl Drop for IptablesRedirect {
+    fn drop(&mut self) {
+        let mut del = vec![
+            "-w".to_owned(),
+            "-t".to_owned(),
+            "nat".to_owned(),
+            "-D".to_owned(),
+        ];
+        del.extend(self.jump.iter().cloned());
+        let _ = Command::new("iptables").args(&del).status();
+        let _ = Command::new("iptables")
+            .args(["-w", "-t", "nat", "-F", &self.chain])
+            .status();
+        let _ = Command::new("iptables")
+            .args(["-w", "-t", "nat", "-X", &self.chain])
+            .status();
+    }
+}

@@ -909,3 +909,39 @@ fn haproxy_in_transparent_mode_stands_in_for_the_agent() {
     assert_ne!(seen.peer, r.local());
     assert_eq!((seen.received, seen.hash), (65536, pattern_hash(65536)));
 }
+
+#[test]
+fn behind_iptables_redirect_the_agent_finds_the_original_destination_from_conntrack() {
+    if !privileged(
+        "behind_iptables_redirect_the_agent_finds_the_original_destination_from_conntrack",
+    ) {
+        return;
+    }
+    let Some(Fixture {
+        cg: _cg,
+        p,
+        agent,
+        servers,
+    }) = fixture("iptables-redirect", "iptables")
+    else {
+        return;
+    };
+    // Classic interception instead of the hooks: a client outside the cgroup, a nat rule.
+    let _rule = egress_tests::IptablesRedirect::new("127.53.0.0/16", agent.port, 1337);
+    let dst = servers.echo(sa(&format!("127.53.0.10:{}", p.any)));
+    let r = probe(None, &["echo", &dst.to_string(), "4096"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    let conn = agent.wait_conn("the REDIRECTed connection", |c| {
+        c.get("peer") == r.local().to_string()
+    });
+    assert_eq!(
+        (conn.get("orig_dst"), conn.get("reason")),
+        (dst.to_string().as_str(), "netfilter")
+    );
+    assert_eq!(
+        servers
+            .wait_from(conn.get("upstream").parse().unwrap())
+            .received,
+        4096
+    );
+}

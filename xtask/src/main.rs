@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
-    /// toolchain, bpf-linker 0.10.4, and (as root, with apt-get) Debian's haproxy.
+    /// toolchain, bpf-linker 0.10.4, and (as root, with apt-get) Debian's haproxy and iptables.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -119,18 +119,24 @@ fn setup() -> Result<()> {
             "--force",
         ]))?;
     }
-    // The getsockopt(SO_ORIGINAL_DST) test runs Debian's HAProxy in the agent's place.
-    if which("haproxy").is_none() {
+    // Tests and benchmarks run Debian's HAProxy in the agent's place and the agent behind
+    // iptables REDIRECT.
+    let missing: Vec<&str> = ["haproxy", "iptables"]
+        .into_iter()
+        .filter(|p| which(p).is_none())
+        .collect();
+    if !missing.is_empty() {
         if !is_root() || which("apt-get").is_none() {
             eprintln!(
-                "xtask: haproxy is missing and cannot be installed here (needs root and apt-get)"
+                "xtask: {missing:?} missing and cannot be installed here (needs root and apt-get)"
             );
         } else {
-            eprintln!("xtask: installing haproxy");
+            eprintln!("xtask: installing {missing:?}");
             status(Command::new("apt-get").args(["update", "-qq"]))?;
             status(
                 Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "haproxy"])
+                    .args(["install", "-y", "-qq"])
+                    .args(&missing)
                     .env("DEBIAN_FRONTEND", "noninteractive"),
             )?;
         }
