@@ -202,6 +202,7 @@ impl Reloader {
     }
 
     fn reload(&mut self, why: &str) -> Outcome {
+        let loading = Instant::now();
         let Some(path) = self.path.clone() else {
             return Ok("no --config: the built-in default stays in force".to_owned());
         };
@@ -224,6 +225,7 @@ impl Reloader {
             return self.reject(format!("{}: {e}", path.display()));
         }
         let ops = diff(&self.applied, &plan);
+        let loaded = loading.elapsed();
         if ops.is_empty() {
             debug!("reload ({why}): configuration unchanged");
             if let Ok(mut s) = self.status.lock() {
@@ -253,7 +255,7 @@ impl Reloader {
         s.summary = summary(&self.applied);
         s.last_error = None;
         let line = format!(
-            "applied configuration generation {} ({} changes in {:.1?}, {why}): {}",
+            "applied configuration generation {} (loaded and compared in {loaded:.1?}; {} changes applied in {:.1?}; {why}): {}",
             s.generation,
             ops.len(),
             start.elapsed(),

@@ -19,6 +19,8 @@ use std::{
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod plot;
+
 /// Byte `i` of the payload every test sends.
 pub fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(31).wrapping_add(7) % 251) as u8
@@ -111,20 +113,20 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-/// A binary of this workspace's target directory (the test binary runs from `deps/` in it).
+/// A binary of this workspace's target directory: beside the running executable, or one
+/// level up from a test binary in `deps/`.
 fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} not found: run the tests with `cargo xtask test`",
-        p.display()
-    );
-    p
+    let dir = exe.parent().expect("exe dir");
+    [dir.join(name), dir.parent().expect("target dir").join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found next to {}: run with `cargo xtask test`",
+                exe.display()
+            )
+        })
 }
 
 /// The `egress` binary under test: `EGRESS_BIN` (set by `cargo xtask test`), else the build
@@ -239,9 +241,21 @@ impl Agent {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
+        // EGRESS_AGENT_LOG=FILE keeps a copy of every agent's log, for debugging a run.
+        let mut mirror = std::env::var_os("EGRESS_AGENT_LOG").and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if let Some(f) = mirror.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
                 if line.contains("ready: intercepting") {
                     let _ = ready_tx.send(());
                 }
@@ -371,6 +385,10 @@ impl Agent {
         let cookie: HashMap<_, u64, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_COOKIE)).unwrap();
         let peer: HashMap<_, PeerKey, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_PEER)).unwrap();
         (cookie.keys().count(), peer.keys().count())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, sig: i32) {
@@ -520,6 +538,23 @@ pub struct Seen {
     pub hash: u64,
 }
 
+/// A non-blocking listener with a deep accept queue: clients that connect faster than the
+/// server accepts must not see SYNs dropped (the default backlog of 128 overflows).
+fn bind(addr: SocketAddr) -> std::net::TcpListener {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+    s.listen(4096).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
+
 /// Echo servers on given addresses, recording each connection once it ends.
 pub struct Servers {
     rt: tokio::runtime::Runtime,
@@ -558,8 +593,7 @@ impl Servers {
     /// A minimal HTTP/1.1 server: every request gets `200 OK` with the address it was reached
     /// at as the body.
     pub fn http(&self, addr: SocketAddr) -> SocketAddr {
-        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        l.set_nonblocking(true).unwrap();
+        let l = bind(addr);
         let bound = l.local_addr().unwrap();
         self.rt.spawn(async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
@@ -589,9 +623,36 @@ impl Servers {
         bound
     }
 
+    /// Read everything, then answer with the byte count (8 bytes, big endian) and close.
+    pub fn sink(&self, addr: SocketAddr) -> SocketAddr {
+        let l = bind(addr);
+        let bound = l.local_addr().unwrap();
+        self.rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut n = 0u64;
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(k) => n += k as u64,
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = s.write_all(&n.to_be_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        bound
+    }
+
     fn listen(&self, addr: SocketAddr, announce: bool) -> SocketAddr {
-        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        l.set_nonblocking(true).unwrap();
+        let l = bind(addr);
         let bound = l.local_addr().unwrap();
         let seen = self.seen.clone();
         self.rt.spawn(async move {
@@ -701,53 +762,63 @@ pub struct IptablesRedirect {
 
 impl IptablesRedirect {
     pub fn new(dst: &str, port: u16, skip_mark: u32) -> IptablesRedirect {
+        Self::with_exemption(
+            dst,
+            port,
+            &["-m", "mark", "--mark", &skip_mark.to_string()],
+            &[],
+        )
+    }
+
+    /// Like `new`, but exempting what `exempt` matches (an iptables match, e.g. an owner uid),
+    /// and with a RETURN rule for each of `returns` before the REDIRECT, as Istio's chain has
+    /// for excluded ranges. Installed in one iptables-restore transaction, as Istio does.
+    pub fn with_exemption(
+        dst: &str,
+        port: u16,
+        exempt: &[&str],
+        returns: &[String],
+    ) -> IptablesRedirect {
         let chain = format!(
             "EGRESS_T{}_{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let run = |args: &[&str]| {
-            let o = Command::new("iptables")
-                .args(["-w", "-t", "nat"])
-                .args(args)
-                .output()
-                .expect("running iptables");
-            assert!(
-                o.status.success(),
-                "iptables {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        };
-        run(&["-N", &chain]);
+        let mut rules = format!(
+            "*nat\n:{chain} - [0:0]\n-A {chain} {} -j RETURN\n",
+            exempt.join(" ")
+        );
+        for r in returns {
+            rules.push_str(&format!("-A {chain} -d {r} -j RETURN\n"));
+        }
+        rules.push_str(&format!(
+            "-A {chain} -p tcp -j REDIRECT --to-ports {port}\n"
+        ));
+        rules.push_str(&format!("-I OUTPUT -p tcp -d {dst} -j {chain}\nCOMMIT\n"));
+        let mut restore = Command::new("iptables-restore")
+            .args(["-w", "--noflush"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("running iptables-restore");
+        {
+            use std::io::Write as _;
+            restore
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(rules.as_bytes())
+                .unwrap();
+        }
         let guard = IptablesRedirect {
             chain: chain.clone(),
             jump: ["OUTPUT", "-p", "tcp", "-d", dst, "-j", &chain]
                 .map(str::to_owned)
                 .to_vec(),
         };
-        run(&[
-            "-A",
-            &chain,
-            "-m",
-            "mark",
-            "--mark",
-            &skip_mark.to_string(),
-            "-j",
-            "RETURN",
-        ]);
-        run(&[
-            "-A",
-            &chain,
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port.to_string(),
-        ]);
-        let mut add = vec!["-A".to_owned()];
-        add.extend(guard.jump.iter().cloned());
-        run(&add.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            restore.wait().unwrap().success(),
+            "iptables-restore of chain {chain}"
+        );
         guard
     }
 }

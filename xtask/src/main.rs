@@ -29,6 +29,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks, side by side in one run (as root): writes BENCHMARKS.md and its plots.
+    Bench {
+        /// A short run that checks the machinery, not a measurement.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, run the unit tests and the privileged integration tests, print a summary.
     Test {
         /// Only run tests whose name contains this.
@@ -62,6 +68,7 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(args),
         Cmd::Test { filter } => test(filter),
+        Cmd::Bench { quick } => bench(quick),
     }
 }
 
@@ -174,6 +181,30 @@ fn run(args: Vec<String>) -> Result<()> {
         c
     };
     c.arg("run").arg("--config").arg(config).args(args);
+    status(&mut c)
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup()?;
+    let root = root();
+    status(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "egress-user",
+        "-p",
+        "egress-tests",
+        "--bins",
+    ]))?;
+    let mut c = Command::new(root.join("target/release/egress-bench"));
+    c.current_dir(&root)
+        .env("EGRESS_BIN", root.join("target/release/egress"))
+        .arg("run");
+    if quick {
+        c.args(["--quick", "--out", "target/quick/BENCHMARKS.md"]);
+    } else {
+        c.args(["--out", "BENCHMARKS.md"]);
+    }
     status(&mut c)
 }
 

@@ -1,0 +1,852 @@
+//! `egress-bench`: the side-by-side benchmarks behind `cargo xtask bench`.
+//!
+//! egress-bench run [--quick] [--out BENCHMARKS.md]
+//!     every contender, alternating round by round so the machine's drift cancels out, and the
+//!     report with ratios to the direct connection. Needs root; all traffic stays on loopback.
+//! egress-bench client connect ADDR COUNT            connect + close, one after another
+//! egress-bench client rr ADDR COUNT SIZE THREADS    connect, SIZE out, SIZE back, close
+//! egress-bench client stream ADDR BYTES             one connection, BYTES out, count back
+//! egress-bench client hold ADDR COUNT               COUNT idle connections until stdin closes
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    Agent, AgentOpts, Cgroup, IptablesRedirect, Servers, egress_bin, free_port, raise_nofile_limit,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    raise_nofile_limit();
+    match a.as_slice() {
+        ["client", rest @ ..] => client(rest),
+        ["run", rest @ ..] => run(rest),
+        _ => {
+            eprintln!(
+                "usage: egress-bench run [--quick] [--out FILE] | client connect|rr|stream|hold ..."
+            );
+            ExitCode::from(64)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients: each prints one line of key=value.
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|_| panic!("{s}: not IP:PORT"))
+}
+
+fn num(s: &str) -> u64 {
+    s.parse().unwrap_or_else(|_| panic!("{s}: not a number"))
+}
+
+/// Latency percentiles 1..=99 and 99.9 of `ns`, in microseconds.
+fn percentiles(mut ns: Vec<u64>) -> Vec<f64> {
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)] as f64 / 1000.0;
+    let mut p: Vec<f64> = (1..=99).map(|i| at(f64::from(i) / 100.0)).collect();
+    p.push(at(0.999));
+    p
+}
+
+fn report(ops: usize, secs: f64, lat: Vec<u64>, extra: &str) {
+    let p = percentiles(lat);
+    let all: Vec<String> = p.iter().map(|v| format!("{v:.1}")).collect();
+    println!(
+        "ops={ops} secs={secs:.3} rate={:.1} p50_us={:.1} p99_us={:.1} pcts={} {extra}",
+        ops as f64 / secs,
+        p[49],
+        p[98],
+        all.join(",")
+    );
+}
+
+/// Close with a reset: thousands of connections a second to one address would otherwise pile
+/// up in TIME_WAIT, and port reuse against them stalls a SYN now and then for a second,
+/// which is not what these benchmarks measure.
+fn close_now(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+}
+
+fn client(a: &[&str]) -> ExitCode {
+    match a {
+        ["connect", dst, count] => {
+            let (dst, n) = (addr(dst), num(count) as usize);
+            let mut lat = Vec::with_capacity(n);
+            let start = Instant::now();
+            for _ in 0..n {
+                let t = Instant::now();
+                close_now(TcpStream::connect(dst).expect("connect"));
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            report(n, start.elapsed().as_secs_f64(), lat, "");
+        }
+        ["rr", dst, count, size, threads] => {
+            let (dst, n, size, threads) = (
+                addr(dst),
+                num(count) as usize,
+                num(size) as usize,
+                num(threads) as usize,
+            );
+            let start = Instant::now();
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let req = vec![7u8; size];
+                        let mut resp = vec![0u8; size];
+                        let mut lat = Vec::with_capacity(n / threads);
+                        for _ in 0..n / threads {
+                            let t = Instant::now();
+                            let mut s = TcpStream::connect(dst).expect("connect");
+                            s.set_nodelay(true).unwrap();
+                            s.write_all(&req).expect("request");
+                            s.read_exact(&mut resp).expect("response");
+                            close_now(s);
+                            lat.push(t.elapsed().as_nanos() as u64);
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let lat: Vec<u64> = workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect();
+            report(lat.len(), start.elapsed().as_secs_f64(), lat, "");
+        }
+        ["stream", dst, bytes] => {
+            let (dst, total) = (addr(dst), num(bytes));
+            let chunk = vec![1u8; 1 << 20];
+            let start = Instant::now();
+            let mut s = TcpStream::connect(dst).expect("connect");
+            let mut sent = 0u64;
+            while sent < total {
+                let k = (total - sent).min(chunk.len() as u64) as usize;
+                s.write_all(&chunk[..k]).expect("send");
+                sent += k as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut count = [0u8; 8];
+            s.read_exact(&mut count).expect("count");
+            let secs = start.elapsed().as_secs_f64();
+            assert_eq!(u64::from_be_bytes(count), total, "the sink got every byte");
+            println!(
+                "bytes={total} secs={secs:.3} gbps={:.3}",
+                total as f64 / secs / 1e9
+            );
+        }
+        ["hold", dst, count] => {
+            let (dst, n) = (addr(dst), num(count) as usize);
+            let conns: Vec<TcpStream> = (0..n)
+                .map(|_| TcpStream::connect(dst).expect("connect"))
+                .collect();
+            println!("held={}", conns.len());
+            std::io::stdout().flush().unwrap();
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        }
+        _ => {
+            eprintln!("unknown client arguments {a:?}");
+            return ExitCode::from(64);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+/// `key=value` words of a client's output line.
+fn fields(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Run a client, inside `cgroup` when given; its result line.
+fn run_client(cgroup: Option<&Cgroup>, args: &[String]) -> BTreeMap<String, String> {
+    let me = std::env::current_exe().unwrap();
+    let mut c = match cgroup {
+        Some(cg) => {
+            let mut c = Command::new(egress_bin());
+            c.args(["exec", "--cgroup", cg.path.to_str().unwrap(), "--"])
+                .arg(&me);
+            c
+        }
+        None => Command::new(&me),
+    };
+    let o = c
+        .arg("client")
+        .args(args)
+        .output()
+        .expect("running a client");
+    assert!(
+        o.status.success(),
+        "client {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    fields(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap_or(""),
+    )
+}
+
+/// Median, min and max of a sample.
+#[derive(Clone, Copy, Default)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn spread(mut v: Vec<f64>) -> Spread {
+    v.sort_by(|a, b| a.total_cmp(b));
+    Spread {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = |v: f64| {
+            if v >= 100.0 {
+                format!("{v:.0}")
+            } else if v >= 10.0 {
+                format!("{v:.1}")
+            } else {
+                format!("{v:.3}")
+            }
+        };
+        write!(f, "{} ({}–{})", p(self.median), p(self.min), p(self.max))
+    }
+}
+
+/// One contender's measurements over the rounds: metric → values.
+#[derive(Default)]
+struct Samples(BTreeMap<&'static str, Vec<f64>>);
+
+impl Samples {
+    fn push(&mut self, metric: &'static str, v: f64) {
+        self.0.entry(metric).or_default().push(v);
+    }
+    fn get(&self, metric: &str) -> Spread {
+        spread(
+            self.0
+                .get(metric)
+                .cloned()
+                .unwrap_or_else(|| vec![f64::NAN]),
+        )
+    }
+}
+
+struct Settings {
+    rounds: usize,
+    connects: u64,
+    rr_ops: u64,
+    stream_bytes: u64,
+    cidrs: Vec<u32>,
+    idle: usize,
+}
+
+/// Owner of HAProxy's sockets, so that iptables can exempt its upstream connections.
+const HAPROXY_UID: u32 = 4343;
+/// Excluded CIDRs beyond the one the benchmark destination is in: /32s in 10.0.0.0/8,
+/// configuration only (no traffic goes there).
+fn filler_cidrs(n: u32) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255))
+        .collect()
+}
+
+fn agent_config(cidrs: u32) -> String {
+    let mut exclude = filler_cidrs(cidrs.saturating_sub(1));
+    exclude.push("127.58.0.0/24".to_owned());
+    format!(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: bench}}\nspec:\n  \
+         interception:\n    includeOutboundIPRanges: [127.58.0.0/16, 127.59.0.0/16]\n    \
+         excludeOutboundIPRanges: \"{}\"\n",
+        exclude.join(",")
+    )
+}
+
+fn run(a: &[&str]) -> ExitCode {
+    assert!(
+        egress_tests::privileged("egress-bench"),
+        "egress-bench run needs root, cgroup v2 and BTF"
+    );
+    let quick = a.contains(&"--quick");
+    let out = a
+        .iter()
+        .position(|x| *x == "--out")
+        .and_then(|i| a.get(i + 1))
+        .map_or_else(|| "BENCHMARKS.md".to_owned(), |s| (*s).to_owned());
+    let s = if quick {
+        Settings {
+            rounds: 2,
+            connects: 300,
+            rr_ops: 400,
+            stream_bytes: 64 << 20,
+            cidrs: vec![10, 1000],
+            idle: 500,
+        }
+    } else {
+        Settings {
+            rounds: 5,
+            connects: 3000,
+            rr_ops: 4000,
+            stream_bytes: 1 << 30,
+            cidrs: vec![10, 1000, 100_000],
+            idle: 10_000,
+        }
+    };
+
+    if let Some(dir) = std::path::Path::new(&out)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).expect("creating the report directory");
+    }
+    let servers = Servers::new();
+    let port = free_port();
+    let sink_port = free_port();
+    let ep = |a: &str| -> SocketAddr { format!("{a}:{port}").parse().unwrap() };
+    let sp = |a: &str| -> SocketAddr { format!("{a}:{sink_port}").parse().unwrap() };
+    // One destination per contender, so that each path's rules apply to it alone.
+    let direct = servers.echo(ep("127.57.0.1"));
+    let egress_bypass = servers.echo(ep("127.58.0.1"));
+    let ipt_exclude = servers.echo(ep("127.55.0.1"));
+    let egress_redirect = servers.echo(ep("127.59.0.1"));
+    let ipt_egress = servers.echo(ep("127.54.0.1"));
+    let ipt_haproxy = servers.echo(ep("127.60.0.1"));
+    let sink_direct = servers.sink(sp("127.57.0.1"));
+    let sink_egress = servers.sink(sp("127.59.0.1"));
+    let sink_haproxy = servers.sink(sp("127.60.0.1"));
+
+    let cg = Cgroup::new("bench");
+    let agent = Agent::start(AgentOpts {
+        config: &agent_config(s.cidrs[0]),
+        cgroup: &cg,
+        inside: false,
+        extra: vec![],
+    });
+    let haproxy_port = free_port();
+    let haproxy = start_haproxy(haproxy_port);
+    let _to_haproxy = IptablesRedirect::with_exemption(
+        "127.60.0.0/16",
+        haproxy_port,
+        &["-m", "owner", "--uid-owner", &HAPROXY_UID.to_string()],
+        &[],
+    );
+    // The iptables contender gets its own agent (same binary, attached to an empty cgroup): if
+    // both interceptions aimed at one listener, conntrack would see the REDIRECTed
+    // connections' reply tuples clash with hook-redirected ones reusing a client port, and
+    // remap those connections' source ports, hiding them from the agent's lookup.
+    let cg_ipt = Cgroup::new("bench-iptables");
+    let agent_ipt = Agent::start(AgentOpts {
+        config: &agent_config(10),
+        cgroup: &cg_ipt,
+        inside: false,
+        extra: vec![],
+    });
+    let _to_agent = IptablesRedirect::new("127.54.0.0/16", agent_ipt.port, 1337);
+
+    let mut md = String::new();
+    let mut plots = Plots::default();
+
+    // 1. Bypass cost against the number of excluded CIDRs.
+    let mut bypass_rows = Vec::new();
+    let mut restore_times = Vec::new();
+    for (i, &n) in s.cidrs.iter().enumerate() {
+        if i > 0 {
+            let before = agent.logs().len();
+            agent.write_config(&agent_config(n));
+            agent.wait_log(before, "applied configuration generation");
+        }
+        let mut returns = filler_cidrs(n.saturating_sub(1));
+        returns.push("127.55.0.0/24".to_owned());
+        let t = Instant::now();
+        let chain = IptablesRedirect::with_exemption(
+            "127.55.0.0/16",
+            9,
+            &["-m", "mark", "--mark", "1337"],
+            &returns,
+        );
+        restore_times.push((n, t.elapsed()));
+        let contenders: [(&str, Option<&Cgroup>, SocketAddr); 3] = [
+            ("direct", None, direct),
+            ("egress bypass", Some(&cg), egress_bypass),
+            ("iptables exclude chain", None, ipt_exclude),
+        ];
+        let mut samples: Vec<Samples> = (0..3).map(|_| Samples::default()).collect();
+        for _ in 0..s.rounds {
+            for (k, (_, cgroup, dst)) in contenders.iter().enumerate() {
+                let r = run_client(
+                    *cgroup,
+                    &["connect".into(), dst.to_string(), s.connects.to_string()],
+                );
+                samples[k].push("p50", r["p50_us"].parse().unwrap());
+                samples[k].push("p99", r["p99_us"].parse().unwrap());
+                samples[k].push("rate", r["rate"].parse().unwrap());
+            }
+        }
+        drop(chain);
+        for (k, (name, _, _)) in contenders.iter().enumerate() {
+            plots
+                .bypass
+                .entry(name)
+                .or_default()
+                .push((f64::from(n), samples[k].get("p50").median));
+        }
+        bypass_rows.push((n, contenders.map(|c| c.0), samples));
+    }
+    writeln!(
+        md,
+        "## 1. Bypass: connect + close of an excluded destination\n"
+    )
+    .unwrap();
+    writeln!(md, "{} sequential connects per run, {} rounds; medians with (min–max) over rounds; ratio of medians to direct.\n", s.connects, s.rounds).unwrap();
+    writeln!(
+        md,
+        "| excluded CIDRs | contender | p50 µs | p99 µs | connects/s | p50 vs direct |"
+    )
+    .unwrap();
+    writeln!(md, "|---:|---|---:|---:|---:|---:|").unwrap();
+    for (n, names, samples) in &bypass_rows {
+        let base = samples[0].get("p50").median;
+        for (k, name) in names.iter().enumerate() {
+            let p50 = samples[k].get("p50");
+            writeln!(
+                md,
+                "| {n} | {name} | {p50} | {} | {} | {:.2}× |",
+                samples[k].get("p99"),
+                samples[k].get("rate"),
+                p50.median / base
+            )
+            .unwrap();
+        }
+    }
+    writeln!(md).unwrap();
+    for (n, t) in &restore_times {
+        writeln!(
+            md,
+            "- iptables-restore of a chain with {n} RETURN rules: {:.2} s",
+            t.as_secs_f64()
+        )
+        .unwrap();
+    }
+    writeln!(md).unwrap();
+
+    // 2. Short redirected connections.
+    let rr: [(&str, Option<&Cgroup>, SocketAddr); 4] = [
+        ("direct", None, direct),
+        ("egress redirect", Some(&cg), egress_redirect),
+        ("iptables REDIRECT → egress agent", None, ipt_egress),
+        ("iptables REDIRECT → HAProxy", None, ipt_haproxy),
+    ];
+    let mut rr_samples: Vec<Samples> = (0..rr.len()).map(|_| Samples::default()).collect();
+    for _ in 0..s.rounds {
+        for (k, (_, cgroup, dst)) in rr.iter().enumerate() {
+            let r = run_client(
+                *cgroup,
+                &[
+                    "rr".into(),
+                    dst.to_string(),
+                    s.rr_ops.to_string(),
+                    "1024".into(),
+                    "4".into(),
+                ],
+            );
+            rr_samples[k].push("p50", r["p50_us"].parse().unwrap());
+            rr_samples[k].push("p99", r["p99_us"].parse().unwrap());
+            rr_samples[k].push("rate", r["rate"].parse().unwrap());
+            let pcts: Vec<f64> = r["pcts"].split(',').map(|v| v.parse().unwrap()).collect();
+            plots.rr.insert(rr[k].0, pcts);
+        }
+    }
+    writeln!(
+        md,
+        "## 2. Short connections: connect, 1 KiB request, 1 KiB response, close\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "{} connections per run over 4 client threads, {} rounds.\n",
+        s.rr_ops, s.rounds
+    )
+    .unwrap();
+    writeln!(md, "| contender | connections/s | p50 µs | p99 µs | rate vs direct | p99 vs direct | rate vs HAProxy |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    let (base_rate, base_p99, hap_rate) = (
+        rr_samples[0].get("rate").median,
+        rr_samples[0].get("p99").median,
+        rr_samples[3].get("rate").median,
+    );
+    for (k, (name, _, _)) in rr.iter().enumerate() {
+        let (rate, p99) = (rr_samples[k].get("rate"), rr_samples[k].get("p99"));
+        writeln!(
+            md,
+            "| {name} | {rate} | {} | {p99} | {:.2}× | {:.2}× | {:.2}× |",
+            rr_samples[k].get("p50"),
+            rate.median / base_rate,
+            p99.median / base_p99,
+            rate.median / hap_rate
+        )
+        .unwrap();
+    }
+    writeln!(md).unwrap();
+
+    // 3. Stream throughput, with the proxies' CPU time per GB.
+    let streams: [(&str, Option<&Cgroup>, SocketAddr, Option<u32>); 3] = [
+        ("direct", None, sink_direct, None),
+        ("egress redirect", Some(&cg), sink_egress, Some(agent.pid())),
+        (
+            "iptables REDIRECT → HAProxy",
+            None,
+            sink_haproxy,
+            Some(haproxy.id()),
+        ),
+    ];
+    let mut st_samples: Vec<Samples> = (0..streams.len()).map(|_| Samples::default()).collect();
+    for _ in 0..s.rounds.min(3) {
+        for (k, (_, cgroup, dst, proxy)) in streams.iter().enumerate() {
+            let cpu0 = proxy.map(cpu_seconds);
+            let r = run_client(
+                *cgroup,
+                &["stream".into(), dst.to_string(), s.stream_bytes.to_string()],
+            );
+            st_samples[k].push("gbps", r["gbps"].parse().unwrap());
+            if let (Some(p), Some(c0)) = (proxy, cpu0) {
+                st_samples[k].push(
+                    "cpu",
+                    (cpu_seconds(*p) - c0) / (s.stream_bytes as f64 / 1e9),
+                );
+            }
+        }
+    }
+    writeln!(
+        md,
+        "## 3. Stream throughput: {} MiB over one connection\n",
+        s.stream_bytes >> 20
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| contender | GB/s | vs direct | proxy CPU-seconds per GB |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    let base = st_samples[0].get("gbps").median;
+    for (k, (name, _, _, proxy)) in streams.iter().enumerate() {
+        let g = st_samples[k].get("gbps");
+        let cpu = if proxy.is_some() {
+            st_samples[k].get("cpu").to_string()
+        } else {
+            "–".to_owned()
+        };
+        writeln!(md, "| {name} | {g} | {:.2}× | {cpu} |", g.median / base).unwrap();
+    }
+    writeln!(md).unwrap();
+
+    // 4. Agent footprint.
+    let idle_rss = rss_mb(agent.pid());
+    let hold_n = s
+        .idle
+        .min(((nofile_hard() as usize).saturating_sub(200)) / 2);
+    let mut hold = Command::new(egress_bin())
+        .args(["exec", "--cgroup", cg.path.to_str().unwrap(), "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "client",
+            "hold",
+            &egress_redirect.to_string(),
+            &hold_n.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(hold.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), format!("held={hold_n}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let held_rss = rss_mb(agent.pid());
+    drop(hold.stdin.take());
+    let _ = hold.wait();
+    writeln!(md, "## 4. Agent footprint\n").unwrap();
+    writeln!(md, "| state | agent RSS MB |").unwrap();
+    writeln!(md, "|---|---:|").unwrap();
+    writeln!(md, "| idle | {idle_rss:.1} |").unwrap();
+    writeln!(md, "| {hold_n} idle proxied connections | {held_rss:.1} |").unwrap();
+    if hold_n < s.idle {
+        writeln!(md, "\n{} connections were asked for; the open-file hard limit here ({}) allows {hold_n} (two descriptors each in the agent).", s.idle, nofile_hard()).unwrap();
+    }
+    writeln!(md).unwrap();
+    drop(_to_agent);
+    drop(agent_ipt);
+    drop(agent);
+    stop(haproxy);
+
+    // 5. Configuration apply.
+    writeln!(md, "## 5. Configuration apply\n").unwrap();
+    writeln!(md, "| configuration | time |").unwrap();
+    writeln!(md, "|---|---:|").unwrap();
+    for &n in &s.cidrs {
+        let a = Agent::start(AgentOpts {
+            config: &agent_config(n),
+            cgroup: &cg,
+            inside: false,
+            extra: vec![],
+        });
+        let l = a.wait_log(0, "programmed the maps in");
+        writeln!(
+            md,
+            "| program {n} CIDRs into empty maps | {} |",
+            l.rsplit("in ").next().unwrap_or("?")
+        )
+        .unwrap();
+        let before = a.logs().len();
+        let mut changed = agent_config(n);
+        changed = changed.replace("127.58.0.0/24", "127.58.0.0/25");
+        a.write_config(&changed);
+        let l = a.wait_log(before, "applied configuration generation");
+        writeln!(
+            md,
+            "| reload {n} CIDRs, one changed | {} |",
+            reload_times(&l)
+        )
+        .unwrap();
+    }
+    let entries = if quick { 1_000 } else { 10_000 };
+    let a = Agent::start(AgentOpts {
+        config: &service_entries(entries, 0),
+        cgroup: &cg,
+        inside: false,
+        extra: vec![],
+    });
+    let before = a.logs().len();
+    a.write_config(&service_entries(entries, 1));
+    let l = a.wait_log(before, "applied configuration generation");
+    writeln!(
+        md,
+        "| reload {entries} ServiceEntries, one changed | {} |",
+        reload_times(&l)
+    )
+    .unwrap();
+    drop(a);
+    writeln!(md).unwrap();
+
+    let report = header(&s, quick) + &md + &plots.write(&out);
+    std::fs::write(&out, report).expect("writing the report");
+    println!("wrote {out}");
+    ExitCode::SUCCESS
+}
+
+/// "parsed in X, N changes applied in Y" from a reload log line.
+fn reload_times(line: &str) -> String {
+    let inner = line
+        .split_once('(')
+        .and_then(|(_, r)| r.split_once(')'))
+        .map_or("?", |(i, _)| i);
+    inner.to_owned()
+}
+
+fn service_entries(n: usize, variant: u32) -> String {
+    let mut s = String::from(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: bench}\nspec:\n  \
+         outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  interception: {includeOutboundIPRanges: [127.59.0.0/16]}\n",
+    );
+    for i in 0..n as u32 {
+        let port = if i == 0 { 1000 + variant } else { 443 };
+        write!(
+            s,
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se-{i}}}\nspec:\n  \
+             hosts: [se-{i}.example]\n  addresses: [10.{}.{}.{}]\n  ports: [{{number: {port}, name: tcp, protocol: TCP}}]\n",
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255
+        )
+        .unwrap();
+    }
+    s
+}
+
+fn start_haproxy(port: u16) -> std::process::Child {
+    let cfg = std::env::temp_dir().join(format!("egress-bench-haproxy-{}.cfg", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn {}\n  uid {HAPROXY_UID}\n  gid {HAPROXY_UID}\n  nbthread 2\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server s 0.0.0.0:0\n",
+            // Two descriptors a connection, within the open-file limit.
+            (nofile_hard().saturating_sub(200) / 2).min(40_000)
+        ),
+    )
+    .unwrap();
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting haproxy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening(port) {
+        assert!(
+            Instant::now() < deadline,
+            "haproxy did not start listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn stop(mut c: std::process::Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn listening(port: u16) -> bool {
+    let hex = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&hex) && f[3] == "0A"
+        })
+}
+
+/// User + system CPU time of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn nofile_hard() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_max
+}
+
+fn header(s: &Settings, quick: bool) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "# Benchmarks\n\nRegenerated by `cargo xtask bench`{} (as root). Every figure is measured in one run, contenders \
+         alternating round by round ({} rounds) so that the machine's drift cancels out; all traffic is on loopback \
+         (127.0.0.0/8). Figures are medians with the (min–max) over rounds; ratios compare medians.\n\n\
+         - machine: {cores} cores, {cpu}; {}; Linux {}\n- contenders: **direct** (no hook, no proxy); **egress bypass** \
+         (hooks attached, destination excluded); **egress redirect** (hooks, through the agent); **iptables REDIRECT → egress \
+         agent** (the same agent behind classic interception, finding the destination through conntrack); **iptables REDIRECT \
+         → HAProxy** (Debian's HAProxy, `server s 0.0.0.0:0`); **iptables exclude chain** (Istio's RETURN rule per excluded \
+         range, the destination matching the last one)\n\n",
+        if quick { " --quick" } else { "" },
+        s.rounds,
+        mem.split_whitespace().collect::<Vec<_>>().join(" "),
+        kernel.trim()
+    )
+}
+
+/// Data for the two plots.
+#[derive(Default)]
+struct Plots {
+    /// contender → (excluded CIDRs, p50 µs)
+    bypass: BTreeMap<&'static str, Vec<(f64, f64)>>,
+    /// contender → latency percentiles 1..=99, 99.9 (last round)
+    rr: BTreeMap<&'static str, Vec<f64>>,
+}
+
+impl Plots {
+    /// Write the SVGs next to `out`; the markdown that shows them.
+    fn write(&self, out: &str) -> String {
+        let dir = std::path::Path::new(out)
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default()
+            .join("tests/benchmarks");
+        std::fs::create_dir_all(&dir).expect("creating the plot directory");
+        let bypass = dir.join("bypass.svg");
+        let rr = dir.join("short-connections.svg");
+        egress_tests::plot::lines(
+            &bypass,
+            "Bypass: connect + close p50 vs excluded CIDRs",
+            "excluded CIDRs (log)",
+            "p50 µs",
+            true,
+            &self
+                .bypass
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let pct = |v: &Vec<f64>| -> Vec<(f64, f64)> {
+            v.iter()
+                .enumerate()
+                .map(|(i, y)| (if i < 99 { (i + 1) as f64 } else { 99.9 }, *y))
+                .collect()
+        };
+        egress_tests::plot::lines(
+            &rr,
+            "Short connections: latency by percentile",
+            "percentile",
+            "µs",
+            false,
+            &self
+                .rr
+                .iter()
+                .map(|(k, v)| (*k, pct(v)))
+                .collect::<Vec<_>>(),
+        );
+        "## Plots\n\n![bypass latency vs number of CIDRs](tests/benchmarks/bypass.svg)\n\n\
+         ![short-connection latency distribution](tests/benchmarks/short-connections.svg)\n"
+            .to_owned()
+    }
+}
