@@ -362,6 +362,7 @@ fn run(args: RunArgs) -> Result<()> {
             orig: orig.clone(),
             mark: args.agent.mark,
             connect_timeout: args.connect_timeout,
+            pipes: proxy::PipePool::default(),
         });
         for l in listeners {
             tokio::spawn(px.clone().serve(l));

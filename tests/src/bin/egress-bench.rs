@@ -3,6 +3,7 @@
 //! egress-bench run [--quick] [--out BENCHMARKS.md]
 //!     every contender, alternating round by round so the machine's drift cancels out, and the
 //!     report with ratios to the direct connection. Needs root; all traffic stays on loopback.
+//! egress-bench serve echo|sink ADDR                 a server of the run's kind, until killed
 //! egress-bench client connect ADDR COUNT            connect + close, one after another
 //! egress-bench client rr ADDR COUNT SIZE THREADS    connect, SIZE out, SIZE back, close
 //! egress-bench client stream ADDR BYTES             one connection, BYTES out, count back
@@ -28,6 +29,17 @@ fn main() -> ExitCode {
     match a.as_slice() {
         ["client", rest @ ..] => client(rest),
         ["run", rest @ ..] => run(rest),
+        ["serve", kind, dst] => {
+            let servers = Servers::new();
+            match *kind {
+                "echo" => servers.echo(addr(dst)),
+                "sink" => servers.sink(addr(dst)),
+                _ => panic!("serve echo|sink ADDR"),
+            };
+            loop {
+                std::thread::park();
+            }
+        }
         _ => {
             eprintln!(
                 "usage: egress-bench run [--quick] [--out FILE] | client connect|rr|stream|hold ..."
@@ -364,6 +376,7 @@ fn run(a: &[&str]) -> ExitCode {
 
     let mut md = String::new();
     let mut plots = Plots::default();
+    let mut goals = Goals::default();
 
     // 1. Bypass cost against the number of excluded CIDRs.
     let mut bypass_rows = Vec::new();
@@ -438,6 +451,24 @@ fn run(a: &[&str]) -> ExitCode {
         }
     }
     writeln!(md).unwrap();
+    if let (Some((n_lo, _, lo)), Some((n_hi, _, hi))) = (bypass_rows.first(), bypass_rows.last()) {
+        let p50 = |v: &Vec<Samples>, k: usize| v[k].get("p50").median;
+        goals.add(
+            format!("bypass p50 with {n_hi} CIDRs ≤ 1.05× direct"),
+            p50(hi, 1) / p50(hi, 0),
+            |r| r <= 1.05,
+        );
+        goals.add(
+            format!("bypass flat from {n_lo} to {n_hi} CIDRs (p50 ratio to direct, {n_hi} ÷ {n_lo}) ≤ 1.05"),
+            (p50(hi, 1) / p50(hi, 0)) / (p50(lo, 1) / p50(lo, 0)),
+            |r| r <= 1.05,
+        );
+        goals.add(
+            format!("bypass p50 with {n_hi} CIDRs below the iptables chain's (egress ÷ iptables)"),
+            p50(hi, 1) / p50(hi, 2),
+            |r| r < 1.0,
+        );
+    }
     for (n, t) in &restore_times {
         writeln!(
             md,
@@ -506,6 +537,16 @@ fn run(a: &[&str]) -> ExitCode {
         .unwrap();
     }
     writeln!(md).unwrap();
+    goals.add(
+        "redirected short connections/s ≥ 1.5× iptables → HAProxy".into(),
+        rr_samples[1].get("rate").median / hap_rate,
+        |r| r >= 1.5,
+    );
+    goals.add(
+        "redirected short connections p99 ≤ 1.5× direct".into(),
+        rr_samples[1].get("p99").median / base_p99,
+        |r| r <= 1.5,
+    );
 
     // 3. Stream throughput, with the proxies' CPU time per GB.
     let streams: [(&str, Option<&Cgroup>, SocketAddr, Option<u32>); 3] = [
@@ -558,6 +599,11 @@ fn run(a: &[&str]) -> ExitCode {
         writeln!(md, "| {name} | {g} | {:.2}× | {cpu} |", g.median / base).unwrap();
     }
     writeln!(md).unwrap();
+    goals.add(
+        "stream throughput through the agent ≥ 0.8× direct".into(),
+        st_samples[1].get("gbps").median / base,
+        |r| r >= 0.8,
+    );
 
     // 4. Agent footprint.
     let idle_rss = rss_mb(agent.pid());
@@ -595,6 +641,12 @@ fn run(a: &[&str]) -> ExitCode {
         writeln!(md, "\n{} connections were asked for; the open-file hard limit here ({}) allows {hold_n} (two descriptors each in the agent).", s.idle, nofile_hard()).unwrap();
     }
     writeln!(md).unwrap();
+    goals.add_value(
+        format!("agent RSS with {hold_n} idle proxied connections ≤ 64 MB"),
+        held_rss,
+        "MB",
+        |v| v <= 64.0,
+    );
     drop(_to_agent);
     drop(agent_ipt);
     drop(agent);
@@ -612,12 +664,16 @@ fn run(a: &[&str]) -> ExitCode {
             extra: vec![],
         });
         let l = a.wait_log(0, "programmed the maps in");
-        writeln!(
-            md,
-            "| program {n} CIDRs into empty maps | {} |",
-            l.rsplit("in ").next().unwrap_or("?")
-        )
-        .unwrap();
+        let programmed = l.rsplit("in ").next().unwrap_or("?").to_owned();
+        writeln!(md, "| program {n} CIDRs into empty maps | {programmed} |").unwrap();
+        if Some(&n) == s.cidrs.last() {
+            goals.add_value(
+                format!("{n} CIDRs applied ≤ 0.5 s"),
+                seconds(&programmed),
+                "s",
+                |v| v <= 0.5,
+            );
+        }
         let before = a.logs().len();
         let mut changed = agent_config(n);
         changed = changed.replace("127.58.0.0/24", "127.58.0.0/25");
@@ -629,6 +685,19 @@ fn run(a: &[&str]) -> ExitCode {
             reload_times(&l)
         )
         .unwrap();
+        if Some(&n) == s.cidrs.last() {
+            let applied = l
+                .split("changes applied in ")
+                .nth(1)
+                .and_then(|r| r.split(';').next())
+                .unwrap_or("?");
+            goals.add_value(
+                format!("a one-entry change to {n} CIDRs applied ≤ 10 ms"),
+                seconds(applied) * 1000.0,
+                "ms",
+                |v| v <= 10.0,
+            );
+        }
     }
     let entries = if quick { 1_000 } else { 10_000 };
     let a = Agent::start(AgentOpts {
@@ -649,10 +718,60 @@ fn run(a: &[&str]) -> ExitCode {
     drop(a);
     writeln!(md).unwrap();
 
-    let report = header(&s, quick) + &md + &plots.write(&out);
+    let report = header(&s, quick) + &goals.render() + MISSES + &md + &plots.write(&out);
     std::fs::write(&out, report).expect("writing the report");
     println!("wrote {out}");
     ExitCode::SUCCESS
+}
+
+/// The goals, each as a figure from this run.
+#[derive(Default)]
+struct Goals(Vec<(String, String, bool)>);
+
+impl Goals {
+    /// A ratio goal.
+    fn add(&mut self, what: String, ratio: f64, met: impl Fn(f64) -> bool) {
+        self.0.push((what, format!("{ratio:.2}×"), met(ratio)));
+    }
+
+    /// A goal on an absolute value.
+    fn add_value(&mut self, what: String, v: f64, unit: &str, met: impl Fn(f64) -> bool) {
+        self.0.push((what, format!("{v:.2} {unit}"), met(v)));
+    }
+
+    fn render(&self) -> String {
+        let mut md = String::from("## Goals\n\n| goal | this run | met |\n|---|---:|:---:|\n");
+        for (what, got, met) in &self.0 {
+            writeln!(
+                md,
+                "| {what} | {got} | {} |",
+                if *met { "yes" } else { "**no**" }
+            )
+            .unwrap();
+        }
+        md.push('\n');
+        md
+    }
+}
+
+/// Why the goals this report does not meet are not met, and what was tried.
+const MISSES: &str = include_str!("../../benchmarks/misses.md");
+
+/// Seconds in a duration as Rust's `Debug` prints it (`57.7ms`, `467.4µs`, `1.2s`).
+fn seconds(d: &str) -> f64 {
+    let d = d.trim();
+    let (num, scale) = if let Some(v) = d.strip_suffix("ns") {
+        (v, 1e-9)
+    } else if let Some(v) = d.strip_suffix("µs") {
+        (v, 1e-6)
+    } else if let Some(v) = d.strip_suffix("ms") {
+        (v, 1e-3)
+    } else if let Some(v) = d.strip_suffix('s') {
+        (v, 1.0)
+    } else {
+        (d, f64::NAN)
+    };
+    num.parse::<f64>().map_or(f64::NAN, |v| v * scale)
 }
 
 /// "parsed in X, N changes applied in Y" from a reload log line.
