@@ -593,103 +593,91 @@ impl Servers {
     /// A minimal HTTP/1.1 server: every request gets `200 OK` with the address it was reached
     /// at as the body.
     pub fn http(&self, addr: SocketAddr) -> SocketAddr {
-        let l = bind(addr);
-        let bound = l.local_addr().unwrap();
-        self.rt.spawn(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let body = s.local_addr().unwrap().to_string();
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                });
+        self.serve(addr, |mut s, _| async move {
+            let body = s.local_addr().unwrap().to_string();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
             }
-        });
-        bound
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        })
     }
 
     /// Read everything, then answer with the byte count (8 bytes, big endian) and close.
     pub fn sink(&self, addr: SocketAddr) -> SocketAddr {
-        let l = bind(addr);
-        let bound = l.local_addr().unwrap();
-        self.rt.spawn(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
+        self.serve(addr, |mut s, _| async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n = 0u64;
             loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 256 * 1024];
-                    let mut n = 0u64;
-                    loop {
-                        match s.read(&mut buf).await {
-                            Ok(0) => break,
-                            Ok(k) => n += k as u64,
-                            Err(_) => return,
-                        }
-                    }
-                    let _ = s.write_all(&n.to_be_bytes()).await;
-                    let _ = s.shutdown().await;
-                });
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(k) => n += k as u64,
+                    Err(_) => return,
+                }
             }
-        });
-        bound
+            let _ = s.write_all(&n.to_be_bytes()).await;
+            let _ = s.shutdown().await;
+        })
     }
 
     fn listen(&self, addr: SocketAddr, announce: bool) -> SocketAddr {
-        let l = bind(addr);
-        let bound = l.local_addr().unwrap();
         let seen = self.seen.clone();
-        self.rt.spawn(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let Ok((mut s, peer)) = l.accept().await else {
-                    continue;
-                };
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let local = s.local_addr().unwrap();
-                    if announce && s.write_all(format!("{local}\n").as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let mut h = Fnv::default();
-                    let mut n = 0u64;
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => {
-                                h.update(&buf[..k]);
-                                n += k as u64;
-                                if s.write_all(&buf[..k]).await.is_err() {
-                                    break;
-                                }
+        self.serve(addr, move |mut s, peer| {
+            let seen = seen.clone();
+            async move {
+                let local = s.local_addr().unwrap();
+                if announce && s.write_all(format!("{local}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut h = Fnv::default();
+                let mut n = 0u64;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            h.update(&buf[..k]);
+                            n += k as u64;
+                            if s.write_all(&buf[..k]).await.is_err() {
+                                break;
                             }
                         }
                     }
-                    let _ = s.shutdown().await;
-                    seen.lock().unwrap().push(Seen {
-                        peer,
-                        local,
-                        received: n,
-                        hash: h.0,
-                    });
+                }
+                let _ = s.shutdown().await;
+                seen.lock().unwrap().push(Seen {
+                    peer,
+                    local,
+                    received: n,
+                    hash: h.0,
                 });
+            }
+        })
+    }
+
+    /// Accept on `addr` forever, one task per connection running `handle`.
+    fn serve<F, Fut>(&self, addr: SocketAddr, handle: F) -> SocketAddr
+    where
+        F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = bind(addr);
+        let bound = l.local_addr().unwrap();
+        self.rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                if let Ok((s, peer)) = l.accept().await {
+                    tokio::spawn(handle(s, peer));
+                }
             }
         });
         bound
