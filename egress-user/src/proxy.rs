@@ -211,7 +211,6 @@ impl Proxy {
 /// The destination before an iptables `REDIRECT`, from conntrack (`SO_ORIGINAL_DST`), if the
 /// connection was redirected to us that way: not when it was addressed to us directly.
 fn netfilter_original_dst(s: &TcpStream) -> Option<SocketAddr> {
-    use std::os::fd::AsRawFd as _;
     let local = s.local_addr().ok()?;
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let (level, len) = match local {

@@ -430,6 +430,41 @@ impl Drop for Agent {
     }
 }
 
+/// What `egress run` said when it refused to start.
+pub struct Refused {
+    /// The configuration file it was given.
+    pub file: PathBuf,
+    pub stderr: String,
+}
+
+/// Run `egress run` with `config` (written to a file of its own) on `cgroup`, expecting it to
+/// refuse; asserts that it failed and pinned no map.
+pub fn run_refused(config: &str, cgroup: &Cgroup, extra: &[&str]) -> Refused {
+    ensure_bpffs();
+    let name = unique("refused");
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, config).unwrap();
+    let pin = PathBuf::from("/sys/fs/bpf").join(&name);
+    let o = Command::new(egress_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&file)
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .arg("--pin-path")
+        .arg(&pin)
+        .args(extra)
+        .output()
+        .expect("running egress");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "egress run started: {stderr}");
+    assert!(!pin.exists(), "maps were pinned at {}", pin.display());
+    Refused { file, stderr }
+}
+
 fn ensure_bpffs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

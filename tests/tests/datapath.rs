@@ -714,39 +714,20 @@ fn a_bad_configuration_is_reported_and_attaches_nothing() {
         return;
     }
     let cg = Cgroup::new("badconfig");
-    let dir = std::env::temp_dir().join(format!("egress-test-badconfig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("mesh.yaml");
-    std::fs::write(
-        &file,
+    let r = egress_tests::run_refused(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: wikipedia-ext}\n\
          spec:\n  hosts: [en.wikipedia.org]\n  addresses: [\"91.198.174.0/33\"]\n  ports: [{number: 443, name: t, protocol: TLS}]\n",
-    )
-    .unwrap();
-    let pin = format!("/sys/fs/bpf/egress-test-badconfig-{}", std::process::id());
-    let o = Command::new(egress_tests::egress_bin())
-        .args([
-            "run",
-            "--config",
-            file.to_str().unwrap(),
-            "--cgroup",
-            cg.path.to_str().unwrap(),
-            "--pin-path",
-            &pin,
-        ])
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        err.contains(&format!(
-            "{} doc 1 ServiceEntry default/wikipedia-ext: spec.addresses[0]: \"91.198.174.0/33\" is not an IP address or CIDR",
-            file.display()
-        )),
-        "{err}"
+        &cg,
+        &[],
     );
-    assert!(!std::path::Path::new(&pin).exists(), "maps were pinned");
+    assert!(
+        r.stderr.contains(&format!(
+            "{} doc 1 ServiceEntry default/wikipedia-ext: spec.addresses[0]: \"91.198.174.0/33\" is not an IP address or CIDR",
+            r.file.display()
+        )),
+        "{}",
+        r.stderr
+    );
     // Nothing is attached: a client in the cgroup reaches its destination directly.
     let servers = Servers::new();
     let dst = servers.echo(sa(&format!("127.20.0.80:{}", free_port())));

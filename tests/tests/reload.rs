@@ -333,27 +333,11 @@ fn a_configuration_that_does_not_fit_is_refused_with_the_numbers() {
         return;
     }
     let cg = Cgroup::new("capacity");
-    let file =
-        std::env::temp_dir().join(format!("egress-test-capacity-{}.yaml", std::process::id()));
-    std::fs::write(&file, many_cidrs(2_000, false)).unwrap();
-    let pin = format!("/sys/fs/bpf/egress-test-capacity-{}", std::process::id());
-    let o = Command::new(egress_bin())
-        .args([
-            "run",
-            "--config",
-            file.to_str().unwrap(),
-            "--cgroup",
-            cg.path.to_str().unwrap(),
-        ])
-        .args(["--pin-path", &pin, "--max-cidrs", "1000"])
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let r = egress_tests::run_refused(&many_cidrs(2_000, false), &cg, &["--max-cidrs", "1000"]);
     assert!(
-        err.contains("2000 IPv4 exclude CIDRs do not fit in maps of 1000 (raise --max-cidrs)"),
-        "{err}"
+        r.stderr
+            .contains("2000 IPv4 exclude CIDRs do not fit in maps of 1000 (raise --max-cidrs)"),
+        "{}",
+        r.stderr
     );
-    assert!(!std::path::Path::new(&pin).exists());
 }

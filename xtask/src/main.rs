@@ -87,6 +87,11 @@ fn status(c: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo ARGS` in the workspace.
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    status(Command::new("cargo").current_dir(root).args(args))
+}
+
 fn output(c: &mut Command) -> Option<String> {
     let o = c.stderr(Stdio::null()).output().ok()?;
     o.status
@@ -165,12 +170,7 @@ fn is_root() -> bool {
 fn run(args: Vec<String>) -> Result<()> {
     setup()?;
     let root = root();
-    status(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "egress-user",
-    ]))?;
+    cargo(&root, &["build", "--release", "-p", "egress-user"])?;
     let bin = root.join("target/release/egress");
     let config = root.join("examples/mesh.yaml");
     let mut c = if is_root() {
@@ -187,15 +187,18 @@ fn run(args: Vec<String>) -> Result<()> {
 fn bench(quick: bool) -> Result<()> {
     setup()?;
     let root = root();
-    status(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "egress-user",
-        "-p",
-        "egress-tests",
-        "--bins",
-    ]))?;
+    cargo(
+        &root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "egress-user",
+            "-p",
+            "egress-tests",
+            "--bins",
+        ],
+    )?;
     let mut c = Command::new(root.join("target/release/egress-bench"));
     c.current_dir(&root)
         .env("EGRESS_BIN", root.join("target/release/egress"))
@@ -241,11 +244,7 @@ fn test(filter: Option<String>) -> Result<()> {
     setup()?;
     let root = root();
     // The integration tests drive the real binary.
-    status(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["build", "-p", "egress-user"]),
-    )?;
+    cargo(&root, &["build", "-p", "egress-user"])?;
     let bin = root.join("target/debug/egress");
     if !is_root() {
         eprintln!(
