@@ -702,12 +702,54 @@ impl Cx {
         if self.errors.len() > before {
             return None;
         }
-        self.warn(
-            origin,
-            "spec",
-            "routes, timeouts and retries are applied by the HTTP datapath, not yet",
-        );
+        self.vs_not_applied(origin, &spec);
         Some(spec)
+    }
+
+    /// Say which parts of a valid VirtualService the HTTP datapath does not act on.
+    fn vs_not_applied(&mut self, origin: &Origin, spec: &istio::VirtualServiceSpec) {
+        for (i, r) in spec.http.iter().enumerate() {
+            let f = format!("spec.http[{i}]");
+            for (j, m) in r.matches.iter().enumerate() {
+                let Some(map) = m.as_mapping() else { continue };
+                for (k, v) in map {
+                    let k = k.as_str().unwrap_or("?");
+                    let supported = matches!(k, "uri" | "method" | "name")
+                        && (k == "name" || v.get("exact").is_some() || v.get("prefix").is_some());
+                    if !supported {
+                        self.warn(
+                            origin,
+                            &format!("{f}.match[{j}].{k}"),
+                            "only uri and method with exact or prefix are matched; this \
+                             condition never matches",
+                        );
+                    }
+                }
+            }
+            if r.route.len() > 1 {
+                self.warn(
+                    origin,
+                    &format!("{f}.route"),
+                    "only the first destination is used; weights are not applied",
+                );
+            }
+            for (what, set) in [
+                ("rewrite", r.rewrite.is_some()),
+                ("headers", r.headers.is_some()),
+                ("fault", r.fault.is_some()),
+            ] {
+                if set {
+                    self.warn(origin, &format!("{f}.{what}"), "not applied");
+                }
+            }
+        }
+        if !spec.tls.is_empty() || !spec.tcp.is_empty() {
+            self.warn(
+                origin,
+                "spec",
+                "tls and tcp routes are not applied: such streams go to their ServiceEntry",
+            );
+        }
     }
 
     fn tls(&mut self, origin: &Origin, field: &str, tls: Option<&istio::ClientTls>) {
@@ -758,11 +800,42 @@ impl Cx {
         if self.errors.len() > before {
             return None;
         }
-        self.warn(
-            origin,
-            "spec.trafficPolicy",
-            "TLS origination is applied by the HTTP datapath, not yet",
-        );
+        if let Some(tp) = &spec.traffic_policy {
+            let tls = tp
+                .tls
+                .iter()
+                .map(|t| ("spec.trafficPolicy.tls".to_owned(), t))
+                .chain(
+                    tp.port_level_settings
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, p)| {
+                            Some((
+                                format!("spec.trafficPolicy.portLevelSettings[{i}].tls"),
+                                p.tls.as_ref()?,
+                            ))
+                        }),
+                );
+            for (field, t) in tls {
+                if let Some(m @ ("MUTUAL" | "ISTIO_MUTUAL")) = t.mode.as_deref() {
+                    self.warn(
+                        origin,
+                        &format!("{field}.mode"),
+                        format!("{m} is not applied: only SIMPLE TLS origination is"),
+                    );
+                }
+            }
+            if tp.connection_pool.is_some()
+                || tp.load_balancer.is_some()
+                || tp.outlier_detection.is_some()
+            {
+                self.warn(
+                    origin,
+                    "spec.trafficPolicy",
+                    "connectionPool, loadBalancer and outlierDetection are not applied",
+                );
+            }
+        }
         Some(spec)
     }
 
@@ -1159,14 +1232,7 @@ impl Cx {
 
     /// Say which parts of a valid ServiceEntry the datapath does not act on yet.
     fn not_yet_applied(&mut self, origin: &Origin, spec: &ServiceEntrySpec) {
-        if spec.addresses.is_empty() {
-            self.warn(
-                origin,
-                "spec.hosts",
-                "entries without addresses are matched by HTTP Host or TLS SNI, which is not \
-                 applied yet: under REGISTRY_ONLY this entry allows no connection",
-            );
-        } else if spec.ports.is_empty() {
+        if spec.ports.is_empty() {
             self.warn(
                 origin,
                 "spec.ports",
@@ -1174,15 +1240,6 @@ impl Cx {
             );
         }
         let mut later = Vec::new();
-        if !spec.endpoints.is_empty() {
-            later.push("endpoints");
-        }
-        if matches!(spec.resolution.as_deref(), Some("DNS" | "DNS_ROUND_ROBIN")) {
-            later.push("resolution");
-        }
-        if spec.ports.iter().any(|p| p.target_port.is_some()) {
-            later.push("ports[].targetPort");
-        }
         if spec.workload_selector.is_some() {
             later.push("workloadSelector");
         }
@@ -1193,10 +1250,7 @@ impl Cx {
             self.warn(
                 origin,
                 "spec",
-                format!(
-                    "not applied yet: {}; connections go to the address the client dialled",
-                    later.join(", ")
-                ),
+                format!("not applied yet: {}", later.join(", ")),
             );
         }
     }
@@ -1362,14 +1416,8 @@ spec:
                 "2001:db8::1/128".parse().unwrap()
             ]
         );
-        // httpbin-ext has no addresses: the warning says it allows nothing yet.
-        assert!(
-            l.warnings.iter().any(|w| w
-                .to_string()
-                .contains("ServiceEntry default/httpbin-ext: spec.hosts")),
-            "{:?}",
-            l.warnings
-        );
+        // httpbin-ext has no addresses: it is matched by Host, nothing to warn about.
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
     }
 
     #[test]
@@ -1432,7 +1480,11 @@ spec:
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: vs}
-spec: {hosts: [a.example]}
+spec:
+  hosts: [a.example]
+  http:
+  - match: [{uri: {regex: "/a.*"}}]
+    fault: {abort: {httpStatus: 500}}
 "#;
         let l = parse_str("m.yaml", text).expect("valid");
         assert_eq!(l.config.interception.exclude_ranges.len(), 2);
@@ -1443,7 +1495,13 @@ spec: {hosts: [a.example]}
             "{w:?}"
         );
         assert!(
-            w.iter().any(|w| w.contains("doc 2 VirtualService default/vs: spec: routes, timeouts and retries are applied by the HTTP datapath, not yet")),
+            w.iter().any(|w| w.contains("doc 2 VirtualService default/vs: spec.http[0].match[0].uri: only uri and method with exact or prefix are matched")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|w| w
+                    .contains("doc 2 VirtualService default/vs: spec.http[0].fault: not applied")),
             "{w:?}"
         );
     }

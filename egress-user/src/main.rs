@@ -1,14 +1,18 @@
 //! `egress`: the agent and its CLI.
 
+mod accesslog;
 mod admin;
 mod config;
 mod datapath;
 mod explain;
+mod http;
 mod istio;
 mod k8s;
 mod plan;
 mod proxy;
+mod registry;
 mod reload;
+mod sniff;
 mod sys;
 
 use std::{
@@ -147,6 +151,18 @@ struct RunArgs {
     /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers.
     #[arg(long)]
     external_proxy: bool,
+    /// Access log on standard output: a JSON line (or `key=value` text) per redirected
+    /// connection and per HTTP request.
+    #[arg(long, value_enum, default_value = "json")]
+    access_log: accesslog::Format,
+    /// On ports no ServiceEntry declares: how long to wait for the client's first bytes (to
+    /// log the HTTP Host or TLS SNI) before passing the connection on; server-first protocols
+    /// send nothing and wait this long.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    sniff_timeout: Duration,
+    /// On declared HTTP and TLS ports: how long to wait for a request head or a ClientHello.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_timeout: Duration,
     /// With --external-proxy: the cgroup that proxy runs in [default: the agent's own].
     #[arg(long, requires = "external_proxy")]
     proxy_cgroup: Option<PathBuf>,
@@ -268,6 +284,8 @@ impl Drop for Created {
 fn run(args: RunArgs) -> Result<()> {
     let mesh = load_config(args.config.as_deref())?;
     let plan = plan::compile(&mesh);
+    let reg = registry::Registry::compile(&mesh)?;
+    let shared_registry: registry::Shared = Arc::new(std::sync::RwLock::new(Arc::new(reg)));
     let cap = Capacity {
         cidrs: args.max_cidrs,
         allowed: args.max_service_entry_addresses,
@@ -305,7 +323,13 @@ fn run(args: RunArgs) -> Result<()> {
     maps.program(&plan, cfg)?;
     info!("programmed the maps in {:.1?}", start.elapsed());
     dp.load_programs()?;
-    let reloader = reload::Reloader::new(args.config.clone(), maps, plan, cap);
+    let reloader = reload::Reloader::new(
+        args.config.clone(),
+        maps,
+        (mesh, plan),
+        cap,
+        shared_registry.clone(),
+    );
     let status = reloader.status();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -363,6 +387,12 @@ fn run(args: RunArgs) -> Result<()> {
             mark: args.agent.mark,
             connect_timeout: args.connect_timeout,
             pipes: proxy::PipePool::default(),
+            registry: shared_registry,
+            log: accesslog::Log {
+                format: args.access_log,
+            },
+            sniff_timeout: args.sniff_timeout,
+            header_timeout: args.header_timeout,
         });
         for l in listeners {
             tokio::spawn(px.clone().serve(l));

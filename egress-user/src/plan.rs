@@ -61,7 +61,15 @@ pub fn compile(c: &MeshConfig) -> Plan {
             let Ok(port) = u16::try_from(port.number) else {
                 continue;
             };
-            for a in &se.addresses {
+            // Entries without addresses are matched by Host or SNI in the agent: the kernel lets
+            // every address on their ports through to it.
+            let any = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
+            let nets = if se.addresses.is_empty() {
+                &any[..]
+            } else {
+                &se.addresses[..]
+            };
+            for a in nets {
                 match a.trunc() {
                     IpNet::V4(n) => allow_v4.insert((port, n)),
                     IpNet::V6(n) => allow_v6.insert((port, n)),
@@ -552,12 +560,23 @@ subsets:
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.endpoints.len(), 1);
         let p = compile(&l.config);
-        // Only the TCP entry can be decided by address alone.
+        // The TCP entry is decided by address; the HTTP and HTTPS entries without addresses
+        // open their ports to the agent, which matches Host and SNI.
         assert_eq!(
             p.allow_v4,
-            BTreeSet::from([(443, "198.18.10.0/24".parse().unwrap())])
+            BTreeSet::from([
+                (80, "0.0.0.0/0".parse().unwrap()),
+                (443, "0.0.0.0/0".parse().unwrap()),
+                (443, "198.18.10.0/24".parse().unwrap())
+            ])
         );
-        assert!(p.allow_v6.is_empty());
+        assert_eq!(
+            p.allow_v6,
+            BTreeSet::from([
+                (80, "::/0".parse().unwrap()),
+                (443, "::/0".parse().unwrap())
+            ])
+        );
         // The cluster assigns my-wikipedia's cluster IP; without one there is nothing to
         // translate, and the warning says so.
         assert!(p.services.is_empty());
@@ -571,14 +590,7 @@ subsets:
             has("doc 4 Service default/my-httpbin: spec.externalName: kept for DNS"),
             "{warnings:?}"
         );
-        assert!(
-            has("doc 1 ServiceEntry default/httpbin-ext: spec.hosts"),
-            "{warnings:?}"
-        );
-        assert!(
-            has("doc 2 ServiceEntry default/google-ext: spec.hosts"),
-            "{warnings:?}"
-        );
+        assert!(!has("ServiceEntry"), "{warnings:?}");
 
         // With the address the cluster assigned, connects to it go to either endpoint.
         let assigned = SEEDS.replace(

@@ -1,20 +1,29 @@
 //! The outbound listener: every redirected connection is matched to its original destination
-//! (recorded by the kernel programs), forwarded there over a marked socket that the hooks let
-//! through, and logged in one line.
+//! (recorded by the kernel programs), mediated by the protocol its ServiceEntry port declares
+//! (HTTP by Host, TLS by SNI, TCP by address; undeclared ports pass through after a look at
+//! their first bytes), forwarded over a marked socket that the hooks let through, and logged.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{HashMap, MapData};
+
+use crate::{
+    accesslog::{self, Record},
+    config::Mode,
+    http,
+    registry::{self, Proto, Registry, Target},
+    sniff,
+};
 use egress_common::{
     MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_mapped, v4_unmapped,
 };
-use log::{info, warn};
+use log::warn;
 use socket2::SockRef;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use tokio::{
@@ -120,6 +129,66 @@ pub struct Proxy {
     pub mark: u32,
     pub connect_timeout: Duration,
     pub pipes: PipePool,
+    pub registry: registry::Shared,
+    pub log: accesslog::Log,
+    /// How long to wait for a client's first bytes on a port no ServiceEntry declares
+    /// before passing the connection on (server-first protocols send nothing).
+    pub sniff_timeout: Duration,
+    /// How long to wait for a request head or ClientHello on a declared HTTP or TLS port.
+    pub header_timeout: Duration,
+}
+
+/// A redirected connection: who made it and where it was going.
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+    /// The kernel's reason code for redirecting it, or `netfilter`.
+    pub reason: &'static str,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub start: Instant,
+    pub time: SystemTime,
+}
+
+impl Conn {
+    /// An access-log record of this connection, with the workload filled in.
+    pub fn record(&self, kind: &'static str, protocol: &'static str) -> Record {
+        Record {
+            time: accesslog::rfc3339(self.time),
+            kind,
+            cgroup: self.pid.and_then(accesslog::cgroup_of),
+            pid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+            peer: self.peer.to_string(),
+            orig_dst: self.dst.to_string(),
+            reason: self.reason,
+            protocol,
+            verdict: "allow",
+            policy: "registered",
+            result: "ok",
+            ..Record::default()
+        }
+    }
+}
+
+/// What a client's first bytes showed on a port no ServiceEntry declares.
+enum Sniffed {
+    Host(String),
+    Sni(String),
+    Nothing,
+}
+
+/// The outcome of waiting for a client's first bytes.
+enum Peeked<T> {
+    Got(T),
+    /// The client sent nothing (more) within the time allowed.
+    Timeout,
+    /// The client closed (or failed) before enough bytes came.
+    Closed,
+    /// More bytes than the parser accepts, still incomplete.
+    TooLong,
 }
 
 impl Proxy {
@@ -139,72 +208,320 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    /// The original destination of an accepted connection, from the kernel's record or, for
+    /// a connection iptables redirected, from conntrack.
+    fn original(&self, client: &TcpStream, peer: SocketAddr) -> Option<Conn> {
         let start = Instant::now();
+        let time = SystemTime::now();
         let rec = self.orig.lock().map(|mut m| m.take(peer)).unwrap_or(None);
-        let (dst, who) = match rec {
-            Some(rec) => {
-                let dst = orig_addr(&rec);
-                let reason = Reason::from_u32(rec.reason).map_or("unknown", Reason::name);
-                let who = format!(
-                    "peer={peer} orig_dst={dst} verdict=redirect reason={reason} pid={} uid={} gid={}",
-                    rec.pid, rec.uid, rec.gid
-                );
-                (dst, who)
-            }
-            // Not redirected by our hooks: perhaps by iptables REDIRECT, which conntrack answers.
-            None => match netfilter_original_dst(&client) {
-                Some(dst) => (
-                    dst,
-                    format!("peer={peer} orig_dst={dst} verdict=redirect reason=netfilter"),
-                ),
-                None => {
-                    warn!(
-                        "conn peer={peer} result=no-original-destination: not a redirected connection, reset"
-                    );
-                    reset(&client);
-                    return;
-                }
+        Some(match rec {
+            Some(rec) => Conn {
+                peer,
+                dst: orig_addr(&rec),
+                reason: Reason::from_u32(rec.reason).map_or("unknown", Reason::name),
+                pid: Some(rec.pid),
+                uid: Some(rec.uid),
+                gid: Some(rec.gid),
+                start,
+                time,
             },
+            None => Conn {
+                peer,
+                dst: netfilter_original_dst(client)?,
+                reason: "netfilter",
+                pid: None,
+                uid: None,
+                gid: None,
+                start,
+                time,
+            },
+        })
+    }
+
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let Some(conn) = self.original(&client, peer) else {
+            warn!(
+                "conn peer={peer} result=no-original-destination: not a redirected connection, reset"
+            );
+            reset(&client);
+            return;
         };
-        let upstream = match self.connect(dst).await {
-            Ok(s) => s,
+        let reg = registry::load(&self.registry);
+        // Connections dialled through a Kubernetes Service are in the registry as they are.
+        let proto = if conn.reason == Reason::RegistryService.name() {
+            Some(Proto::Tcp)
+        } else {
+            reg.protocol(conn.dst)
+        };
+        match proto {
+            Some(Proto::Http) => {
+                let first =
+                    self.peek(&client, self.header_timeout, sniff::MAX_HEAD, |b| {
+                        match sniff::classify(b) {
+                            sniff::Kind::Incomplete => None,
+                            k => Some(k),
+                        }
+                    })
+                    .await;
+                if let Peeked::Got(sniff::Kind::Http2) = first {
+                    // HTTP/2 with prior knowledge is not parsed: it passes as TCP, matched by
+                    // address only.
+                    let mut rec = conn.record("connection", "http2");
+                    let m = reg.by_address(conn.dst);
+                    let target = self.policy(&reg, &mut rec, m, None, conn.dst);
+                    return self.finish(client, target, rec).await;
+                }
+                http::serve(self.clone(), conn, client).await
+            }
+            Some(Proto::Tls) => self.tls(conn, client, &reg).await,
+            Some(Proto::Tcp) => {
+                let mut rec = conn.record("connection", "tcp");
+                let m = reg.by_address(conn.dst);
+                let target = if conn.reason == Reason::RegistryService.name() {
+                    rec.matched = Some("Kubernetes Service".into());
+                    Some(Target::Addr(conn.dst))
+                } else if let Some(m) = m {
+                    self.policy(&reg, &mut rec, Some(m), None, conn.dst)
+                } else {
+                    // A port that entries without addresses declare TCP: they allow it.
+                    let any = reg.by_port(conn.dst.port());
+                    self.policy(&reg, &mut rec, any, None, conn.dst)
+                };
+                self.finish(client, target, rec).await
+            }
+            None => self.passthrough(conn, client, &reg).await,
+        }
+    }
+
+    /// Decide a stream by the entry that matched it (if any) and the mode; fill the verdict
+    /// into `rec`. Returns where to connect, or `None` to refuse.
+    fn policy(
+        &self,
+        reg: &Registry,
+        rec: &mut Record,
+        m: Option<registry::Match<'_>>,
+        host: Option<&str>,
+        dst: SocketAddr,
+    ) -> Option<Target> {
+        match m {
+            Some(m) => {
+                rec.matched = Some(m.entry.id.clone());
+                rec.policy = "registered";
+                let t = m.entry.target(m.port, host, dst);
+                if t.is_none() {
+                    rec.error = Some("the ServiceEntry has no endpoints".into());
+                }
+                t
+            }
+            None if reg.mode == Mode::AllowAny => {
+                rec.policy = "allow-any";
+                Some(Target::Addr(dst))
+            }
+            None => {
+                rec.policy = "not-registered";
+                None
+            }
+        }
+    }
+
+    /// Connect to `target` and relay, or refuse (reset) when there is none; log either way.
+    async fn finish(&self, client: TcpStream, target: Option<Target>, mut rec: Record) {
+        let Some(target) = target else {
+            rec.verdict = "deny";
+            rec.result = "denied";
+            reset(&client);
+            self.log.write(&rec);
+            return;
+        };
+        let start = Instant::now();
+        match self.connect_target(&target).await {
             Err(e) => {
-                info!(
-                    "conn {who} upstream=- bytes_up=0 bytes_down=0 duration_ms={} result=connect-failed error=\"{e}\"",
-                    start.elapsed().as_millis()
-                );
+                rec.result = "connect-failed";
+                rec.error = Some(e.to_string());
                 reset(&client);
+            }
+            Ok(upstream) => {
+                rec.upstream = upstream.peer_addr().ok().map(|a| a.to_string());
+                rec.upstream_local = upstream.local_addr().ok().map(|a| a.to_string());
+                let (up, down, result) = relay(client, upstream, &self.pipes).await;
+                rec.bytes_up = up;
+                rec.bytes_down = down;
+                if let Err(e) = result {
+                    rec.result = "error";
+                    rec.error = Some(e.to_string());
+                }
+            }
+        }
+        rec.duration_ms = start.elapsed().as_millis() as u64;
+        self.log.write(&rec);
+    }
+
+    /// A declared TLS port: allowed by the ClientHello's server name, never decrypted.
+    async fn tls(&self, conn: Conn, client: TcpStream, reg: &Registry) {
+        let mut rec = conn.record("connection", "tls");
+        let hello =
+            self.peek(&client, self.header_timeout, sniff::MAX_HELLO + 5, |b| {
+                match sniff::client_hello(b) {
+                    sniff::Hello::Incomplete => None,
+                    sniff::Hello::Complete { sni } => Some(Ok(sni)),
+                    sniff::Hello::Invalid(why) => Some(Err(why)),
+                }
+            })
+            .await;
+        let sni = match hello {
+            Peeked::Got(Ok(sni)) => sni,
+            Peeked::Got(Err(why)) => {
+                rec.error = Some(format!("malformed ClientHello: {why}"));
+                None
+            }
+            Peeked::Timeout => {
+                rec.error = Some(format!("no ClientHello within {:?}", self.header_timeout));
+                None
+            }
+            Peeked::TooLong => {
+                rec.error = Some("ClientHello too large".into());
+                None
+            }
+            Peeked::Closed => {
+                rec.result = "closed";
+                rec.error = Some("client closed before its ClientHello".into());
+                self.log.write(&rec);
                 return;
             }
         };
-        let local = upstream
-            .local_addr()
-            .map_or_else(|_| "-".to_owned(), |a| a.to_string());
-        let (up, down, result) = relay(client, upstream, &self.pipes).await;
-        let result = match result {
-            Ok(()) => "ok".to_owned(),
-            Err(e) => format!("error error=\"{e}\""),
-        };
-        info!(
-            "conn {who} upstream={local} bytes_up={up} bytes_down={down} duration_ms={} result={result}",
-            start.elapsed().as_millis()
-        );
+        rec.sni = sni.clone();
+        let m = sni
+            .as_deref()
+            .and_then(|s| reg.by_host(s, conn.dst.port()))
+            .or_else(|| reg.by_address(conn.dst));
+        let target = self.policy(reg, &mut rec, m, sni.as_deref(), conn.dst);
+        if target.is_none() && rec.error.is_none() {
+            rec.error = Some(match &sni {
+                Some(s) => format!(
+                    "SNI {s:?} is not registered on port {} (REGISTRY_ONLY)",
+                    conn.dst.port()
+                ),
+                None => "no SNI to match (REGISTRY_ONLY)".into(),
+            });
+        }
+        self.finish(client, target, rec).await
     }
 
-    async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let sock = match dst {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    /// A port no entry declares: look at the first bytes to log the host, then pass through.
+    async fn passthrough(&self, conn: Conn, client: TcpStream, reg: &Registry) {
+        let mut rec = conn.record("connection", "passthrough");
+        let sniffed = self
+            .peek(
+                &client,
+                self.sniff_timeout,
+                sniff::MAX_HEAD,
+                |b| match sniff::classify(b) {
+                    sniff::Kind::Incomplete => None,
+                    sniff::Kind::Tls => match sniff::client_hello(b) {
+                        sniff::Hello::Incomplete => None,
+                        sniff::Hello::Complete { sni: Some(s) } => Some(Sniffed::Sni(s)),
+                        _ => Some(Sniffed::Nothing),
+                    },
+                    sniff::Kind::Http1 => match sniff::http_head(b) {
+                        sniff::Head::Incomplete => None,
+                        sniff::Head::Complete(r) => {
+                            Some(r.host.map_or(Sniffed::Nothing, Sniffed::Host))
+                        }
+                        sniff::Head::Invalid(_) => Some(Sniffed::Nothing),
+                    },
+                    _ => Some(Sniffed::Nothing),
+                },
+            )
+            .await;
+        match sniffed {
+            Peeked::Got(Sniffed::Host(h)) => rec.host = Some(h),
+            Peeked::Got(Sniffed::Sni(s)) => rec.sni = Some(s),
+            _ => {}
+        }
+        let target = self.policy(reg, &mut rec, None, None, conn.dst);
+        self.finish(client, target, rec).await
+    }
+
+    /// Wait (at most `wait`) until `parse` can say something about the client's first bytes,
+    /// which stay in the socket (`MSG_PEEK`) for whoever reads next.
+    async fn peek<T>(
+        &self,
+        s: &TcpStream,
+        wait: Duration,
+        max: usize,
+        mut parse: impl FnMut(&[u8]) -> Option<T>,
+    ) -> Peeked<T> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut buf = vec![0u8; 2048.min(max)];
+        let mut last = 0;
+        loop {
+            let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+                Err(_) => return Peeked::Timeout,
+                Ok(Err(_)) | Ok(Ok(0)) => return Peeked::Closed,
+                Ok(Ok(n)) => n,
+            };
+            if n > last
+                && let Some(t) = parse(&buf[..n])
+            {
+                return Peeked::Got(t);
+            }
+            if n == buf.len() {
+                if n >= max {
+                    return Peeked::TooLong;
+                }
+                buf.resize((n * 2).min(max), 0);
+            } else if n == last {
+                // The socket stays readable with the same bytes: wait for more to arrive.
+                if tokio::time::Instant::now() >= deadline {
+                    return Peeked::Timeout;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            last = n;
+        }
+    }
+
+    /// Connect to an upstream: an address, or a name resolved now (every address is tried in
+    /// turn), within `connect_timeout` in all.
+    pub async fn connect_target(&self, target: &Target) -> io::Result<TcpStream> {
+        let work = async {
+            match target {
+                Target::Addr(a) => self.connect_one(*a).await,
+                Target::Name(name, port) => {
+                    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), *port))
+                        .await
+                        .map_err(|e| io::Error::new(e.kind(), format!("resolving {name}: {e}")))?
+                        .collect();
+                    let mut last = io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("resolving {name}: no address"),
+                    );
+                    for a in addrs {
+                        match self.connect_one(a).await {
+                            Ok(s) => return Ok(s),
+                            Err(e) => last = io::Error::new(e.kind(), format!("{a}: {e}")),
+                        }
+                    }
+                    Err(last)
+                }
+            }
         };
-        SockRef::from(&sock).set_mark(self.mark)?;
-        match tokio::time::timeout(self.connect_timeout, sock.connect(dst)).await {
+        match tokio::time::timeout(self.connect_timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("no answer within {:?}", self.connect_timeout),
             )),
         }
+    }
+
+    async fn connect_one(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let sock = match dst {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        SockRef::from(&sock).set_mark(self.mark)?;
+        sock.connect(dst).await
     }
 }
 

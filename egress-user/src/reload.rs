@@ -16,9 +16,10 @@ use anyhow::{Result, bail};
 use log::{debug, error, info, warn};
 
 use crate::{
-    config,
+    config::{self, MeshConfig},
     datapath::{Capacity, Maps},
     plan::{Plan, compile, diff},
+    registry::{self, Registry},
 };
 
 /// Quiet time after the last file event before reloading: editors write in several steps.
@@ -138,14 +139,24 @@ pub fn summary(p: &Plan) -> String {
 pub struct Reloader {
     path: Option<PathBuf>,
     maps: Maps,
+    /// The configuration in force and the plan the maps hold.
+    mesh: MeshConfig,
     applied: Plan,
     cap: Capacity,
     status: Arc<Mutex<Status>>,
+    /// What the stream mediation uses; replaced whole after the maps.
+    registry: registry::Shared,
 }
 
 impl Reloader {
     /// `applied` is what `maps` already hold: generation 1.
-    pub fn new(path: Option<PathBuf>, maps: Maps, applied: Plan, cap: Capacity) -> Self {
+    pub fn new(
+        path: Option<PathBuf>,
+        maps: Maps,
+        (mesh, applied): (MeshConfig, Plan),
+        cap: Capacity,
+        registry: registry::Shared,
+    ) -> Self {
         let status = Status {
             config: path.clone(),
             generation: 1,
@@ -156,9 +167,11 @@ impl Reloader {
         Reloader {
             path,
             maps,
+            mesh,
             applied,
             cap,
             status: Arc::new(Mutex::new(status)),
+            registry,
         }
     }
 
@@ -224,9 +237,13 @@ impl Reloader {
         if let Err(e) = check_capacity(&plan, &self.cap) {
             return self.reject(format!("{}: {e}", path.display()));
         }
+        let reg = match Registry::compile(&mesh) {
+            Ok(r) => r,
+            Err(e) => return self.reject(format!("{}: {e:#}", path.display())),
+        };
         let ops = diff(&self.applied, &plan);
         let loaded = loading.elapsed();
-        if ops.is_empty() {
+        if ops.is_empty() && mesh == self.mesh {
             debug!("reload ({why}): configuration unchanged");
             if let Ok(mut s) = self.status.lock() {
                 s.last_error = None;
@@ -250,6 +267,8 @@ impl Reloader {
             }
         }
         self.applied = plan;
+        self.mesh = mesh;
+        registry::store(&self.registry, reg);
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.generation += 1;
         s.summary = summary(&self.applied);

@@ -193,6 +193,8 @@ pub struct Agent {
     pub pin: PathBuf,
     config: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
+    /// Access-log records (JSON lines on the agent's standard output).
+    access: Arc<Mutex<Vec<ConnLine>>>,
 }
 
 pub struct AgentOpts<'a> {
@@ -234,9 +236,20 @@ impl Agent {
             .arg(admin_port.to_string())
             .args(&o.extra)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = c.spawn().expect("starting egress");
+        let access = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let records = access.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(r) = ConnLine::parse(&line) {
+                    records.lock().unwrap().push(r);
+                }
+            }
+        });
         let log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -269,6 +282,7 @@ impl Agent {
             pin,
             config,
             log,
+            access,
         };
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
             panic!("agent did not become ready:\n{}", agent.logs().join("\n"));
@@ -313,23 +327,52 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
-    /// The agent's per-connection log lines.
+    /// The agent's access-log records of connections.
     pub fn conns(&self) -> Vec<ConnLine> {
-        self.logs()
+        self.records("connection")
+    }
+
+    /// The agent's access-log records of `kind` (`connection` or `request`).
+    pub fn records(&self, kind: &str) -> Vec<ConnLine> {
+        self.access
+            .lock()
+            .unwrap()
             .iter()
-            .filter_map(|l| ConnLine::parse(l))
+            .filter(|r| r.get("kind") == kind)
+            .cloned()
             .collect()
     }
 
-    /// Wait until a connection line satisfies `pred`.
+    /// Wait until a connection record satisfies `pred`.
     pub fn wait_conn(&self, what: &str, pred: impl Fn(&ConnLine) -> bool) -> ConnLine {
+        self.wait_record("connection", what, pred)
+    }
+
+    /// Wait until an access-log record of `kind` satisfies `pred`.
+    pub fn wait_record(
+        &self,
+        kind: &str,
+        what: &str,
+        pred: impl Fn(&ConnLine) -> bool,
+    ) -> ConnLine {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(c) = self.conns().into_iter().find(|c| pred(c)) {
+            if let Some(c) = self.records(kind).into_iter().find(|c| pred(c)) {
                 return c;
             }
             if Instant::now() > deadline {
-                panic!("no agent log line for {what}:\n{}", self.logs().join("\n"));
+                let records: Vec<String> = self
+                    .access
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|r| format!("{:?}", r.fields))
+                    .collect();
+                panic!(
+                    "no access-log record for {what}:\n{}\nlog:\n{}",
+                    records.join("\n"),
+                    self.logs().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -482,7 +525,7 @@ fn ensure_bpffs() {
     });
 }
 
-/// One `conn ...` line of the agent's log, as key=value pairs.
+/// One access-log record of the agent (a JSON line), its values as strings.
 #[derive(Clone, Debug)]
 pub struct ConnLine {
     pub fields: BTreeMap<String, String>,
@@ -490,25 +533,19 @@ pub struct ConnLine {
 
 impl ConnLine {
     fn parse(line: &str) -> Option<ConnLine> {
-        let mut rest = &line[line.find("] conn ")? + 7..];
-        let mut fields = BTreeMap::new();
-        // key=value words; a value may be "quoted, with spaces".
-        while let Some(eq) = rest.find('=') {
-            let key = rest[..eq].trim().to_owned();
-            let after = &rest[eq + 1..];
-            let (value, next) = match after.strip_prefix('"') {
-                Some(q) => {
-                    let end = q.find('"').unwrap_or(q.len());
-                    (&q[..end], q.get(end + 1..).unwrap_or(""))
-                }
-                None => {
-                    let end = after.find(' ').unwrap_or(after.len());
-                    (&after[..end], &after[end..])
-                }
-            };
-            fields.entry(key).or_insert_with(|| value.to_owned());
-            rest = next.trim_start();
-        }
+        let serde_json::Value::Object(map) = serde_json::from_str(line).ok()? else {
+            return None;
+        };
+        let fields = map
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, v)
+            })
+            .collect();
         Some(ConnLine { fields })
     }
 

@@ -139,7 +139,8 @@ fn redirect_delivers_exact_bytes_and_reports_the_original_destination() {
         assert_eq!(conn.get("bytes_up"), n.to_string());
         assert_eq!(conn.get("bytes_down"), n.to_string());
         // The upstream was reached by the agent's socket, not the client's, and got every byte.
-        let upstream: SocketAddr = conn.get("upstream").parse().unwrap();
+        assert_eq!(conn.get("upstream"), dst.to_string());
+        let upstream: SocketAddr = conn.get("upstream_local").parse().unwrap();
         assert_ne!(upstream, client);
         let seen = servers.wait_from(upstream);
         assert_eq!(seen.local, dst);
@@ -392,7 +393,7 @@ fn ipv6_and_v4_mapped_destinations_follow_the_rules_of_their_address() {
     assert_eq!(conn.get("orig_dst"), v6.to_string());
     assert_ne!(
         servers
-            .wait_from(conn.get("upstream").parse().unwrap())
+            .wait_from(conn.get("upstream_local").parse().unwrap())
             .peer,
         r.local()
     );
@@ -408,7 +409,7 @@ fn ipv6_and_v4_mapped_destinations_follow_the_rules_of_their_address() {
     assert_eq!(conn.get("orig_dst"), v4.to_string());
     assert_eq!(
         servers
-            .wait_from(conn.get("upstream").parse().unwrap())
+            .wait_from(conn.get("upstream_local").parse().unwrap())
             .local,
         v4
     );
@@ -484,7 +485,7 @@ fn the_agents_own_upstream_connections_are_not_redirected_back() {
     let r = probe(Some(&cg), &["echo", &dst.to_string(), "1000"]);
     assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
     let conn = agent.wait_conn("the connection", |c| c.get("peer") == r.local().to_string());
-    let seen = servers.wait_from(conn.get("upstream").parse().unwrap());
+    let seen = servers.wait_from(conn.get("upstream_local").parse().unwrap());
     assert_eq!(seen.received, 1000);
     let stats = agent.stats();
     assert_eq!(
@@ -921,7 +922,7 @@ fn behind_iptables_redirect_the_agent_finds_the_original_destination_from_conntr
     );
     assert_eq!(
         servers
-            .wait_from(conn.get("upstream").parse().unwrap())
+            .wait_from(conn.get("upstream_local").parse().unwrap())
             .received,
         4096
     );

@@ -44,7 +44,7 @@ fn an_invalid_edit_keeps_the_configuration_in_force_and_the_fix_applies() {
         let seen = servers.wait_from(
             agent
                 .wait_conn(why, |c| c.get("peer") == r.local().to_string())
-                .get("upstream")
+                .get("upstream_local")
                 .parse()
                 .unwrap(),
         );
