@@ -383,10 +383,8 @@ impl Proxy {
                 None
             }
             Peeked::Closed => {
-                rec.result = "closed";
                 rec.error = Some("client closed before its ClientHello".into());
-                self.log.write(&rec);
-                return;
+                None
             }
         };
         rec.sni = sni.clone();
@@ -688,7 +686,11 @@ async fn splice_half(
         }) {
             Ok(0) => {
                 pipes.give(pipe);
-                return SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                // The other side may be gone already (it closed after its last bytes).
+                return match SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                    r => r,
+                };
             }
             Ok(n) => n,
             Err(e) => {

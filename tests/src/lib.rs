@@ -19,6 +19,7 @@ use std::{
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod l7;
 pub mod plot;
 
 /// Byte `i` of the payload every test sends.
@@ -145,7 +146,7 @@ pub fn probe_bin() -> PathBuf {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-fn unique(tag: &str) -> String {
+pub(crate) fn unique(tag: &str) -> String {
     format!(
         "egress-test-{}-{}-{tag}",
         std::process::id(),
@@ -207,6 +208,13 @@ pub struct AgentOpts<'a> {
 
 impl Agent {
     pub fn start(o: AgentOpts<'_>) -> Agent {
+        Agent::start_resolving(o, None)
+    }
+
+    /// Start an agent whose name lookups see `hosts` as /etc/hosts (and no DNS server but
+    /// 127.0.0.1), as a pod's hostAliases would: the agent runs in a mount namespace of its own
+    /// with both files bind-mounted. Names are then resolved without leaving the machine.
+    pub fn start_resolving(o: AgentOpts<'_>, hosts: Option<&str>) -> Agent {
         ensure_bpffs();
         let name = unique("agent");
         let config = std::env::temp_dir().join(format!("{name}.yaml"));
@@ -214,7 +222,26 @@ impl Agent {
         let pin = PathBuf::from("/sys/fs/bpf").join(&name);
         let port = free_port();
         let admin_port = free_port();
-        let mut c = Command::new(egress_bin());
+        let mut c = match hosts {
+            Some(h) => {
+                let hosts_file = config.with_extension("hosts");
+                let resolv = config.with_extension("resolv");
+                std::fs::write(&hosts_file, h).unwrap();
+                std::fs::write(
+                    &resolv,
+                    "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+                )
+                .unwrap();
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /etc/hosts && mount --bind \"$1\" /etc/resolv.conf && shift && exec \"$@\"")
+                    .arg(&hosts_file)
+                    .arg(&resolv)
+                    .arg(egress_bin());
+                c
+            }
+            None => Command::new(egress_bin()),
+        };
         if o.inside {
             // `egress exec` puts the agent in the intercepted cgroup before it starts.
             c.arg("exec")
@@ -465,7 +492,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
-        let _ = std::fs::remove_file(&self.config);
+        for ext in ["yaml", "hosts", "resolv"] {
+            let _ = std::fs::remove_file(self.config.with_extension(ext));
+        }
         // If the agent died without cleaning up, do it for it.
         if self.pin.exists() {
             let _ = std::fs::remove_dir_all(&self.pin);
@@ -612,7 +641,7 @@ pub struct Seen {
 
 /// A non-blocking listener with a deep accept queue: clients that connect faster than the
 /// server accepts must not see SYNs dropped (the default backlog of 128 overflows).
-fn bind(addr: SocketAddr) -> std::net::TcpListener {
+pub(crate) fn bind(addr: SocketAddr) -> std::net::TcpListener {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,

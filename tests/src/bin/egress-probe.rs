@@ -13,6 +13,9 @@
 //!     for SECS seconds open RATE connections a second (1 byte each way), count failures.
 //! egress-probe watch SECS INTERVAL_MS ADDR...
 //!     every INTERVAL_MS try to connect to each ADDR; print when (unix ms) and the outcome.
+//! egress-probe raw ADDR HEX HOLD_MS
+//!     connect, send the bytes HEX spells, wait HOLD_MS, half-close, read until the end
+//!     (at most 30 s); print how many bytes came back, the text, and how the read ended.
 //! egress-probe origdst-server COUNT ADDR...
 //!     listen on ADDRs; for COUNT accepted connections, ask getsockopt(SO_ORIGINAL_DST) and
 //!     print and send back the answer.
@@ -67,13 +70,14 @@ fn main() -> ExitCode {
             args[2].parse().expect("INTERVAL_MS"),
             &args[3..].iter().map(addr).collect::<Vec<_>>(),
         ),
+        Some("raw") => raw(addr(&args[1]), &args[2], args[3].parse().expect("HOLD_MS")),
         Some("origdst-server") => origdst_server(
             args[1].parse().expect("COUNT"),
             &args[2..].iter().map(addr).collect::<Vec<_>>(),
         ),
         _ => {
             eprintln!(
-                "usage: egress-probe [--as-uid N] [--as-gid N] echo ADDR BYTES | hold COUNT ADDR... | origdst-server COUNT ADDR..."
+                "usage: egress-probe [--as-uid N] [--as-gid N] echo ADDR BYTES | hold COUNT ADDR... | raw ADDR HEX HOLD_MS | origdst-server COUNT ADDR..."
             );
             ExitCode::from(64)
         }
@@ -89,6 +93,35 @@ fn connect(dst: SocketAddr) -> Result<TcpStream, ExitCode> {
         );
         ExitCode::from(3)
     })
+}
+
+fn raw(dst: SocketAddr, hex: &str, hold_ms: u64) -> ExitCode {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("HEX"))
+        .collect();
+    let mut s = match connect(dst) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let sent = s.write_all(&bytes);
+    std::thread::sleep(std::time::Duration::from_millis(hold_ms));
+    let _ = s.shutdown(Shutdown::Write);
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let end = match s.read_to_end(&mut got) {
+        Ok(_) => "eof".to_owned(),
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    println!(
+        "local={} sent={} received={} end={end} text={:?}",
+        s.local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string()),
+        sent.is_ok(),
+        got.len(),
+        String::from_utf8_lossy(&got).replace(' ', "_")
+    );
+    ExitCode::SUCCESS
 }
 
 fn echo(dst: SocketAddr, n: u64) -> ExitCode {
