@@ -124,6 +124,10 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
         Reason::IncludedCidr => format!("includeOutboundIPRanges {net}"),
         Reason::NotIncluded if cfg.enabled == 0 => "the datapath is not enabled".to_owned(),
         Reason::NotIncluded => "not in includeOutboundIPRanges or includeOutboundPorts".to_owned(),
+        Reason::RegistryAllowed if d.prefix_len == 0 => format!(
+            "REGISTRY_ONLY: port {port} belongs to a ServiceEntry without addresses; the agent \
+             decides by HTTP Host or TLS SNI"
+        ),
         Reason::RegistryAllowed => {
             format!("REGISTRY_ONLY: allowed by ServiceEntry address {net} port {port}")
         }
@@ -188,6 +192,35 @@ mod tests {
         assert_eq!(
             line("127.0.0.1:15001"),
             "bypass (the agent's outbound listener 127.0.0.1:15001) [agent-listener]"
+        );
+        // Under REGISTRY_ONLY a ServiceEntry without addresses opens its port to the agent.
+        let l = config::parse_str(
+            "m.yaml",
+            "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\nspec:\n  \
+             outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: h}\n\
+             spec: {hosts: [httpbin.org], ports: [{number: 80, name: http, protocol: HTTP}]}\n",
+        )
+        .expect("valid");
+        let p = compile(&l.config);
+        let cfg = Config {
+            mode: egress_common::MODE_REGISTRY_ONLY,
+            ..cfg
+        };
+        let c = Caller {
+            uid: 0,
+            gid: 0,
+            mark: 0,
+            netns: None,
+        };
+        assert_eq!(
+            explain(&p, &cfg, "198.18.0.1:80".parse().unwrap(), &c).join("\n"),
+            "redirect (REGISTRY_ONLY: port 80 belongs to a ServiceEntry without addresses; the \
+             agent decides by HTTP Host or TLS SNI) [registry-allowed]"
+        );
+        assert_eq!(
+            explain(&p, &cfg, "198.18.0.1:81".parse().unwrap(), &c).join("\n"),
+            "deny (REGISTRY_ONLY: no ServiceEntry address allows 198.18.0.1 port 81) [registry-denied]"
         );
     }
 }
