@@ -225,8 +225,8 @@ fn server_name(data: &[u8]) -> Result<Option<String>, &'static str> {
     Ok(host)
 }
 
-/// A DNS name as sent in SNI or Host: ASCII letters, digits, `-`, `_`, `.`; lower-cased; no
-/// trailing dot (RFC 6066 forbids one; a Host header's is removed).
+/// A DNS name as sent in SNI or Host: labels of 1 to 63 ASCII letters, digits, `-` or `_`,
+/// joined by `.`; lower-cased; one trailing dot (the root) is removed.
 fn hostname(b: &[u8]) -> Option<String> {
     let b = b.strip_suffix(b".").unwrap_or(b);
     if b.is_empty()
@@ -234,6 +234,8 @@ fn hostname(b: &[u8]) -> Option<String> {
         || !b
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        || b.split(|&c| c == b'.')
+            .any(|l| l.is_empty() || l.len() > 63)
     {
         return None;
     }
@@ -296,11 +298,15 @@ pub fn http_head(b: &[u8]) -> Head {
     }
 }
 
-/// `http://authority/...` → `authority`.
+/// `http://authority/...` → `authority` (the scheme in any case, RFC 3986 §3.1).
 fn absolute_authority(target: &str) -> Option<&str> {
-    let rest = target
-        .strip_prefix("http://")
-        .or_else(|| target.strip_prefix("https://"))?;
+    let scheme = |s: &str| {
+        target
+            .get(..s.len())
+            .filter(|p| p.eq_ignore_ascii_case(s))
+            .map(|_| &target[s.len()..])
+    };
+    let rest = scheme("http://").or_else(|| scheme("https://"))?;
     Some(rest.split(['/', '?', '#']).next().unwrap_or(rest))
 }
 
@@ -462,6 +468,17 @@ mod tests {
             panic!()
         };
         assert_eq!(r.host.as_deref(), Some("a.example"));
+        let Head::Complete(r) = http_head(b"GET HTTPS://B.example/x HTTP/1.1\r\n\r\n") else {
+            panic!()
+        };
+        assert_eq!(r.host.as_deref(), Some("b.example"));
+        for bad in ["a..b", ".a", "a..", &format!("{}.b", "x".repeat(64))] {
+            let head = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert!(
+                matches!(http_head(head.as_bytes()), Head::Invalid(_)),
+                "{bad}"
+            );
+        }
         let Head::Complete(r) = http_head(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n") else {
             panic!()
         };

@@ -9,6 +9,13 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
+/// Installed when `cargo fuzz` is missing; a cargo-fuzz already there is used as it is.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The cargo-fuzz targets in egress-user/fuzz, which `cargo xtask test` runs as tests named
+/// `fuzz::<target>`.
+const FUZZ_TARGETS: &[&str] = &["client_hello", "http_head"];
+/// How long `cargo xtask test` runs each fuzz target unless `EGRESS_FUZZ_SECONDS` says.
+const FUZZ_SECONDS: u64 = 30;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -20,7 +27,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
-    /// toolchain, bpf-linker 0.10.4, and (as root, with apt-get) Debian's haproxy and iptables.
+    /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
+    /// iptables and curl.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -35,7 +43,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// Set up, run the unit tests and the privileged integration tests, print a summary.
+    /// Set up, run the unit tests and the privileged integration tests, then each fuzz target
+    /// for EGRESS_FUZZ_SECONDS (default 30, 0 skips them), print a summary.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -131,9 +140,18 @@ fn setup() -> Result<()> {
             "--force",
         ]))?;
     }
-    // Tests and benchmarks run Debian's HAProxy in the agent's place and the agent behind
-    // iptables REDIRECT.
-    let missing: Vec<&str> = ["haproxy", "iptables"]
+    // `cargo xtask test` runs the fuzz targets under egress-user/fuzz.
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        status(Command::new("cargo").args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]))?;
+    }
+    // Tests and benchmarks run Debian's HAProxy in the agent's place, the agent behind
+    // iptables REDIRECT, and curl as the agent's HTTP and TLS client.
+    let missing: Vec<&str> = ["haproxy", "iptables", "curl"]
         .into_iter()
         .filter(|p| which(p).is_none())
         .collect();
@@ -241,6 +259,13 @@ impl Tally {
 }
 
 fn test(filter: Option<String>) -> Result<()> {
+    let fuzz_seconds = match std::env::var("EGRESS_FUZZ_SECONDS") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("EGRESS_FUZZ_SECONDS={v:?} is not a number of seconds"))?,
+        Err(_) => FUZZ_SECONDS,
+    };
     setup()?;
     let root = root();
     // The integration tests drive the real binary.
@@ -288,23 +313,101 @@ fn test(filter: Option<String>) -> Result<()> {
         }
     }
     let st = child.wait()?;
+    let fuzzed = fuzz(&root, filter.as_deref(), fuzz_seconds);
     let skips = std::fs::read_to_string(&skip_log).unwrap_or_default();
     let skipped = skips.lines().count() as u64;
     println!();
-    for l in skips.lines() {
+    let fuzz_skips = fuzzed.skipped.iter().map(String::as_str);
+    for l in skips.lines().chain(fuzz_skips) {
         println!("skipped: {l}");
     }
     println!(
         "summary: {} passed, {} failed, {} skipped",
-        tally.passed.saturating_sub(skipped),
-        tally.failed,
-        tally.ignored + skipped
+        tally.passed.saturating_sub(skipped) + fuzzed.passed,
+        tally.failed + fuzzed.failed,
+        tally.ignored + skipped + fuzzed.skipped.len() as u64
     );
-    if !st.success() || tally.failed > 0 {
+    if !st.success() || tally.failed > 0 || fuzzed.failed > 0 {
         bail!("tests failed");
     }
-    if tally.passed == 0 {
+    if tally.passed + fuzzed.passed == 0 {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// What the fuzz step of `cargo xtask test` found.
+#[derive(Default)]
+struct Fuzzed {
+    passed: u64,
+    failed: u64,
+    /// One line per target not run.
+    skipped: Vec<String>,
+}
+
+/// Run each fuzz target (whose test name `fuzz::<target>` contains `filter`) for `seconds`
+/// with nightly; a target passes when libFuzzer stops at the time limit without a finding.
+fn fuzz(root: &Path, filter: Option<&str>, seconds: u64) -> Fuzzed {
+    let mut out = Fuzzed::default();
+    let targets: Vec<&str> = FUZZ_TARGETS
+        .iter()
+        .copied()
+        .filter(|t| filter.is_none_or(|f| format!("fuzz::{t}").contains(f)))
+        .collect();
+    if targets.is_empty() {
+        return out;
+    }
+    if seconds == 0 {
+        out.skipped = targets
+            .iter()
+            .map(|t| format!("fuzz::{t} (EGRESS_FUZZ_SECONDS=0)"))
+            .collect();
+        return out;
+    }
+    // From egress-user/, cargo fuzz finds its project in ./fuzz (and prints reproduction
+    // commands that work from there).
+    let dir = root.join("egress-user");
+    let cargo_fuzz = |args: &[&str]| {
+        let mut c = Command::new("rustup");
+        c.current_dir(&dir)
+            .args(["run", "nightly", "cargo", "fuzz"])
+            .args(args)
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER");
+        c
+    };
+    println!();
+    let built = status(&mut cargo_fuzz(&["build"]));
+    for t in targets {
+        let result = match &built {
+            Err(e) => Err(anyhow::anyhow!("building the fuzz targets: {e:#}")),
+            Ok(()) => fuzz_run(cargo_fuzz(&["run", t]), &dir.join("fuzz"), t, seconds),
+        };
+        match result {
+            Ok(()) => {
+                println!("test fuzz::{t} ... ok");
+                out.passed += 1;
+            }
+            Err(e) => {
+                println!("test fuzz::{t} ... FAILED: {e:#}");
+                out.failed += 1;
+            }
+        }
+    }
+    out
+}
+
+/// `cargo fuzz run <target>` (the command `c`) in the fuzz project `fuzz`, for `seconds`.
+fn fuzz_run(mut c: Command, fuzz: &Path, target: &str, seconds: u64) -> Result<()> {
+    // libFuzzer adds the inputs it finds to the first corpus directory and only reads the
+    // others: the committed seeds stay as they are, the finds stay for the next run in the
+    // fuzz project's target directory (which git ignores).
+    let found = fuzz.join("target/corpus").join(target);
+    std::fs::create_dir_all(&found)?;
+    c.arg(&found)
+        .arg(fuzz.join("corpus").join(target))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .args(["-rss_limit_mb=2048", "-timeout=10"]);
+    status(&mut c)
 }
