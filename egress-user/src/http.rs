@@ -271,8 +271,10 @@ impl State {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let logged = Logged {
-                    inner: body,
-                    bytes: 0,
+                    inner: CountedBody {
+                        inner: body,
+                        count: Arc::default(),
+                    },
                     up: up_bytes,
                     started,
                     log: self.px.log,
@@ -528,8 +530,7 @@ impl Body for CountedBody {
 /// The upstream's response body on its way to the client; the request's access-log line is
 /// written when it ends (or the client goes away).
 struct Logged {
-    inner: Incoming,
-    bytes: u64,
+    inner: CountedBody,
     up: Arc<AtomicU64>,
     started: Instant,
     log: accesslog::Log,
@@ -545,11 +546,6 @@ impl Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.bytes += d.len() as u64;
-                }
-            }
             Poll::Ready(Some(Err(e))) => {
                 let e = e.to_string();
                 if let Some(rec) = self.rec.as_mut() {
@@ -558,7 +554,7 @@ impl Body for Logged {
                 }
             }
             Poll::Ready(None) => self.finish(),
-            Poll::Pending => {}
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
         }
         r
     }
@@ -573,7 +569,7 @@ impl Body for Logged {
 impl Logged {
     fn finish(&mut self) {
         if let Some(mut rec) = self.rec.take() {
-            rec.bytes_down = self.bytes;
+            rec.bytes_down = self.inner.count.load(Ordering::Relaxed);
             rec.bytes_up = self.up.load(Ordering::Relaxed);
             rec.duration_ms = self.started.elapsed().as_millis() as u64;
             self.log.write(&rec);

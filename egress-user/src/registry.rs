@@ -113,21 +113,15 @@ impl Entry {
         };
         match self.resolution {
             Resolution::None => Some(Target::Addr(SocketAddr::new(dialled.ip(), to_port))),
-            Resolution::Static if self.endpoints.is_empty() => None,
-            Resolution::Static => {
+            // Endpoints: addresses, or names to resolve.
+            Resolution::Static | Resolution::Dns if !self.endpoints.is_empty() => {
                 let (a, p) = pick();
                 Some(match a.parse::<IpAddr>() {
                     Ok(ip) => Target::Addr(SocketAddr::new(ip, p)),
                     Err(_) => Target::Name(a, p),
                 })
             }
-            Resolution::Dns if !self.endpoints.is_empty() => {
-                let (a, p) = pick();
-                Some(match a.parse::<IpAddr>() {
-                    Ok(ip) => Target::Addr(SocketAddr::new(ip, p)),
-                    Err(_) => Target::Name(a, p),
-                })
-            }
+            Resolution::Static => None,
             Resolution::Dns => {
                 let name = match host {
                     Some(h) if self.hosts.iter().any(|p| host_matches(p, h)) => h,
