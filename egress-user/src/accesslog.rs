@@ -37,12 +37,13 @@ pub struct Record {
     pub orig_dst: String,
     /// Why the kernel sent the connection here (its reason code), or `netfilter`.
     pub reason: &'static str,
-    /// How the agent mediated it: `http`, `tls`, `tcp`, or `sniffed` for ports no entry
-    /// declares.
+    /// How the agent mediated it: `http`, `http2` (passed through as TCP), `tls`, `tcp`, or
+    /// `passthrough` for ports no entry declares.
     pub protocol: &'static str,
     /// `allow` or `deny`.
     pub verdict: &'static str,
-    /// Why: `registered` (a resource matched), `allow-any`, `not-registered`.
+    /// Why: `registered` (a resource matched), `allow-any`, `not-registered`; an HTTP
+    /// connection's record says `per-request` (each request has its own).
     pub policy: &'static str,
     /// The resource that matched: `ServiceEntry namespace/name` or a Kubernetes Service.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -271,7 +271,9 @@ impl Proxy {
                     let target = self.policy(&reg, &mut rec, m, None, conn.dst);
                     return self.finish(client, target, rec).await;
                 }
-                http::serve(self.clone(), conn, client).await
+                // Boxed: an HTTP connection's state is large, and every connection task would
+                // otherwise be as large as it (thousands of idle TCP streams add up).
+                Box::pin(http::serve(self.clone(), conn, client)).await
             }
             Some(Proto::Tls) => self.tls(conn, client, &reg).await,
             Some(Proto::Tcp) => {
@@ -441,7 +443,9 @@ impl Proxy {
     }
 
     /// Wait (at most `wait`) until `parse` can say something about the client's first bytes,
-    /// which stay in the socket (`MSG_PEEK`) for whoever reads next.
+    /// which stay in the socket (`MSG_PEEK`) for whoever reads next. The bytes are looked at
+    /// in a buffer of the worker thread, never held across an await: a connection waiting for
+    /// its first bytes costs no buffer (thousands of idle ones would otherwise each keep one).
     async fn peek<T>(
         &self,
         s: &TcpStream,
@@ -449,26 +453,39 @@ impl Proxy {
         max: usize,
         mut parse: impl FnMut(&[u8]) -> Option<T>,
     ) -> Peeked<T> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let deadline = tokio::time::Instant::now() + wait;
-        let mut buf = vec![0u8; 2048.min(max)];
         let mut last = 0;
         loop {
-            let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
-                Err(_) => return Peeked::Timeout,
-                Ok(Err(_)) | Ok(Ok(0)) => return Peeked::Closed,
-                Ok(Ok(n)) => n,
-            };
-            if n > last
-                && let Some(t) = parse(&buf[..n])
+            if tokio::time::timeout_at(deadline, s.readable())
+                .await
+                .is_err()
             {
-                return Peeked::Got(t);
+                return Peeked::Timeout;
             }
-            if n == buf.len() {
-                if n >= max {
-                    return Peeked::TooLong;
-                }
-                buf.resize((n * 2).min(max), 0);
-            } else if n == last {
+            let peeked = s.try_io(Interest::READABLE, || {
+                SCRATCH.with_borrow_mut(|buf| {
+                    if buf.len() < max {
+                        buf.resize(max, 0);
+                    }
+                    let n = peek_into(s.as_raw_fd(), &mut buf[..max])?;
+                    let got = if n > last { parse(&buf[..n]) } else { None };
+                    Ok((n, got))
+                })
+            });
+            let n = match peeked {
+                Ok((_, Some(t))) => return Peeked::Got(t),
+                Ok((0, None)) => return Peeked::Closed,
+                Ok((n, None)) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Peeked::Closed,
+            };
+            if n >= max {
+                return Peeked::TooLong;
+            }
+            if n == last {
                 // The socket stays readable with the same bytes: wait for more to arrive.
                 if tokio::time::Instant::now() >= deadline {
                     return Peeked::Timeout;
@@ -648,6 +665,24 @@ impl PipePool {
         {
             v.push(p);
         }
+    }
+}
+
+/// recv(2) with `MSG_PEEK`: the bytes stay queued.
+fn peek_into(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length; the descriptor is open.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
