@@ -149,6 +149,9 @@ pub struct Conn {
     pub gid: Option<u32>,
     pub start: Instant,
     pub time: SystemTime,
+    /// The client's cgroup, read once when the connection arrives (only if records are
+    /// written: it costs a /proc read).
+    pub cgroup: Option<String>,
 }
 
 impl Conn {
@@ -157,7 +160,7 @@ impl Conn {
         Record {
             time: accesslog::rfc3339(self.time),
             kind,
-            cgroup: self.pid.and_then(accesslog::cgroup_of),
+            cgroup: self.cgroup.clone(),
             pid: self.pid,
             uid: self.uid,
             gid: self.gid,
@@ -214,7 +217,7 @@ impl Proxy {
         let start = Instant::now();
         let time = SystemTime::now();
         let rec = self.orig.lock().map(|mut m| m.take(peer)).unwrap_or(None);
-        Some(match rec {
+        let mut conn = match rec {
             Some(rec) => Conn {
                 peer,
                 dst: orig_addr(&rec),
@@ -224,6 +227,7 @@ impl Proxy {
                 gid: Some(rec.gid),
                 start,
                 time,
+                cgroup: None,
             },
             None => Conn {
                 peer,
@@ -234,8 +238,13 @@ impl Proxy {
                 gid: None,
                 start,
                 time,
+                cgroup: None,
             },
-        })
+        };
+        if self.log.format != accesslog::Format::Off {
+            conn.cgroup = conn.pid.and_then(accesslog::cgroup_of);
+        }
+        Some(conn)
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
