@@ -107,6 +107,8 @@ pub struct OrigDst {
     pub cookie: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the connect was redirected.
     pub created_ns: u64,
+    /// The connecting task's cgroup v2 id (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
 }
 
 /// A socket address; IPv4 as `::ffff:a.b.c.d`.

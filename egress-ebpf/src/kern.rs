@@ -7,8 +7,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
     },
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
-        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -286,6 +286,7 @@ fn handle<A: Addr>(
         _pad2: 0,
         cookie,
         created_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
     };
     // If the record cannot be stored the agent finds none and resets the connection: a
     // redirect never turns into an unmediated bypass.

@@ -2,11 +2,16 @@
 //! as JSON (default) or `key=value` text (`--access-log json|text|off`).
 
 use std::{
+    collections::HashMap,
     io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -15,16 +20,19 @@ pub enum Format {
     Off,
 }
 
-/// One access-log record. Absent fields are left out of the line.
-#[derive(Clone, Debug, Default, Serialize)]
+/// One access-log record. Absent fields are left out of the line. Addresses and the time
+/// stay in their binary form until the line is written: a record lives as long as its
+/// connection, and thousands of idle connections should not each hold five small strings.
+#[derive(Clone, Debug, Serialize)]
 pub struct Record {
     /// UTC, RFC 3339 with milliseconds: when the connection or request started.
-    pub time: String,
+    #[serde(serialize_with = "time_rfc3339")]
+    pub time: SystemTime,
     /// `connection` or `request`.
     pub kind: &'static str,
     /// The client workload: its cgroup (v2 path), pid, uid and gid at connect().
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -32,9 +40,9 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
     /// The client socket's address, as the agent sees it.
-    pub peer: String,
+    pub peer: SocketAddr,
     /// The destination the client dialled.
-    pub orig_dst: String,
+    pub orig_dst: SocketAddr,
     /// Why the kernel sent the connection here (its reason code), or `netfilter`.
     pub reason: &'static str,
     /// How the agent mediated it: `http`, `http2` (passed through as TCP), `tls`, `tcp`, or
@@ -77,13 +85,54 @@ pub struct Record {
     pub upstream_ms: Option<u64>,
     /// The address the agent connected to, and its own end of that connection.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
+    pub upstream: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_local: Option<String>,
+    pub upstream_local: Option<SocketAddr>,
     /// `ok`, or what went wrong: `connect-failed`, `timeout`, `denied`, `reset`, `error`.
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        let none = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        Record {
+            time: UNIX_EPOCH,
+            kind: "",
+            cgroup: None,
+            pid: None,
+            uid: None,
+            gid: None,
+            peer: none,
+            orig_dst: none,
+            reason: "",
+            protocol: "",
+            verdict: "",
+            policy: "",
+            matched: None,
+            route: None,
+            tls_origination: None,
+            host: None,
+            sni: None,
+            method: None,
+            path: None,
+            status: None,
+            attempts: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            upstream_ms: None,
+            upstream: None,
+            upstream_local: None,
+            result: "",
+            error: None,
+        }
+    }
+}
+
+fn time_rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
 }
 
 /// Where records go.
@@ -155,11 +204,52 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 /// The cgroup v2 path of a process, as `/proc/PID/cgroup` gives it.
-pub fn cgroup_of(pid: u32) -> Option<String> {
+fn cgroup_of(pid: u32) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     s.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_owned)
+}
+
+/// Names kept at most; past that the cache starts over.
+const MAX_CGROUP_NAMES: usize = 16_384;
+
+/// Cgroup v2 paths by cgroup id, so that records name the client's workload without a /proc
+/// read per connection. A cgroup id is the inode number of the cgroup's directory and is not
+/// reused while the system runs: a name, once checked against it, stays right.
+pub struct CgroupNames {
+    /// Where cgroup v2 is mounted.
+    root: PathBuf,
+    names: Mutex<HashMap<u64, Arc<str>>>,
+}
+
+impl CgroupNames {
+    pub fn new(root: PathBuf) -> Self {
+        CgroupNames {
+            root,
+            names: Mutex::default(),
+        }
+    }
+
+    /// The path of cgroup `id`, which process `pid` was in when it connected.
+    pub fn name(&self, id: u64, pid: u32) -> Option<Arc<str>> {
+        if let Some(n) = self.names.lock().ok()?.get(&id) {
+            return Some(n.clone());
+        }
+        let path = cgroup_of(pid)?;
+        let name: Arc<str> = path.as_str().into();
+        // The process may have moved since: keep only a name that is the cgroup `id`.
+        let dir = self.root.join(path.trim_start_matches('/'));
+        if std::fs::metadata(dir).is_ok_and(|m| m.ino() == id)
+            && let Ok(mut names) = self.names.lock()
+        {
+            if names.len() >= MAX_CGROUP_NAMES {
+                names.clear();
+            }
+            names.insert(id, name.clone());
+        }
+        Some(name)
+    }
 }
 
 #[cfg(test)]
@@ -179,13 +269,16 @@ mod tests {
     fn text_lines_quote_what_needs_it() {
         let r = Record {
             kind: "request",
-            peer: "127.0.0.1:5".into(),
+            peer: "127.0.0.1:5".parse().unwrap(),
             error: Some("no answer within 1s".into()),
             result: "timeout",
             ..Record::default()
         };
         let t = text(&r);
-        assert!(t.starts_with("request time="), "{t}");
+        assert!(
+            t.starts_with("request time=1970-01-01T00:00:00.000Z peer=127.0.0.1:5 "),
+            "{t}"
+        );
         assert!(t.contains(" error=\"no answer within 1s\""), "{t}");
         assert!(t.contains(" result=timeout"), "{t}");
         assert!(!t.contains("sni"), "{t}");

@@ -108,7 +108,7 @@ impl State {
         let started = Instant::now();
         let dst = self.conn.dst;
         let mut rec = self.conn.record("request", "http");
-        rec.time = accesslog::rfc3339(SystemTime::now());
+        rec.time = SystemTime::now();
         rec.method = Some(req.method().to_string());
         rec.path = Some(
             req.uri()
@@ -264,8 +264,8 @@ impl State {
         rec.attempts = Some(attempts);
         match outcome {
             Ok((resp, (remote, local))) => {
-                rec.upstream = Some(remote.to_string());
-                rec.upstream_local = Some(local.to_string());
+                rec.upstream = Some(remote);
+                rec.upstream_local = Some(local);
                 rec.status = Some(resp.status().as_u16());
                 rec.result = "ok";
                 let (mut parts, body) = resp.into_parts();
@@ -353,7 +353,7 @@ impl State {
     /// An answer of the agent's own, logged at once.
     fn local_reply(
         &self,
-        mut rec: Record,
+        mut rec: Box<Record>,
         status: StatusCode,
         text: String,
         started: Instant,
@@ -534,7 +534,7 @@ struct Logged {
     up: Arc<AtomicU64>,
     started: Instant,
     log: accesslog::Log,
-    rec: Option<Record>,
+    rec: Option<Box<Record>>,
 }
 
 impl Body for Logged {

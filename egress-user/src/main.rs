@@ -156,8 +156,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "json")]
     access_log: accesslog::Format,
     /// On ports no ServiceEntry declares: how long to wait for the client's first bytes (to
-    /// log the HTTP Host or TLS SNI) before passing the connection on; server-first protocols
-    /// send nothing and wait this long.
+    /// log the HTTP Host or TLS SNI) before relaying; the upstream is connected meanwhile, and
+    /// a server that speaks first ends the wait.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     sniff_timeout: Duration,
     /// On declared HTTP and TLS ports: how long to wait for a request head or a ClientHello.
@@ -356,11 +356,7 @@ fn run(args: RunArgs) -> Result<()> {
                 SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
                 SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
             ] {
-                v.push(
-                    tokio::net::TcpListener::bind(addr)
-                        .await
-                        .with_context(|| format!("listening on {addr}"))?,
-                );
+                v.push(proxy::listen(addr).with_context(|| format!("listening on {addr}"))?);
             }
             v
         };
@@ -393,6 +389,7 @@ fn run(args: RunArgs) -> Result<()> {
             },
             sniff_timeout: args.sniff_timeout,
             header_timeout: args.header_timeout,
+            cgroups: accesslog::CgroupNames::new(root.clone()),
         });
         for l in listeners {
             tokio::spawn(px.clone().serve(l));
@@ -406,6 +403,8 @@ fn run(args: RunArgs) -> Result<()> {
                 if n > 0 {
                     info!("removed {n} original-destination records older than {max_age:?}");
                 }
+                // What a wave of connections freed goes back to the system.
+                sys::release_free_memory();
             }
         });
         println!("{}", cgroup.display());

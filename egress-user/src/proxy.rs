@@ -123,6 +123,22 @@ pub fn orig_addr_of(addr: &[u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
+/// Connections a listener queues before the agent accepts them (the kernel caps it at
+/// `net.core.somaxconn`). Every workload on the node connects through this one listener: a
+/// burst beyond the queue would have its SYNs dropped and retried a second later.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// The outbound listener on `addr`.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
 pub struct Proxy {
     pub orig: Arc<Mutex<OrigMaps>>,
     /// `SO_MARK` of upstream sockets, which the hooks bypass.
@@ -136,6 +152,8 @@ pub struct Proxy {
     pub sniff_timeout: Duration,
     /// How long to wait for a request head or ClientHello on a declared HTTP or TLS port.
     pub header_timeout: Duration,
+    /// The clients' cgroups by id, for the records.
+    pub cgroups: accesslog::CgroupNames,
 }
 
 /// A redirected connection: who made it and where it was going.
@@ -151,28 +169,28 @@ pub struct Conn {
     pub time: SystemTime,
     /// The client's cgroup, read once when the connection arrives (only if records are
     /// written: it costs a /proc read).
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
 }
 
 impl Conn {
     /// An access-log record of this connection, with the workload filled in.
-    pub fn record(&self, kind: &'static str, protocol: &'static str) -> Record {
-        Record {
-            time: accesslog::rfc3339(self.time),
+    pub fn record(&self, kind: &'static str, protocol: &'static str) -> Box<Record> {
+        Box::new(Record {
+            time: self.time,
             kind,
             cgroup: self.cgroup.clone(),
             pid: self.pid,
             uid: self.uid,
             gid: self.gid,
-            peer: self.peer.to_string(),
-            orig_dst: self.dst.to_string(),
+            peer: self.peer,
+            orig_dst: self.dst,
             reason: self.reason,
             protocol,
             verdict: "allow",
             policy: "registered",
             result: "ok",
             ..Record::default()
-        }
+        })
     }
 }
 
@@ -181,6 +199,14 @@ enum Sniffed {
     Host(String),
     Sni(String),
     Nothing,
+}
+
+/// What a connection's first steps decided.
+enum Decided {
+    /// A stream to relay to its upstream (when one was connected) or to refuse (`None`).
+    Stream(Option<io::Result<TcpStream>>, Box<Record>),
+    /// An HTTP connection, served request by request.
+    Http(Box<Conn>),
 }
 
 /// The outcome of waiting for a client's first bytes.
@@ -192,6 +218,15 @@ enum Peeked<T> {
     Closed,
     /// More bytes than the parser accepts, still incomplete.
     TooLong,
+}
+
+impl<T> Peeked<T> {
+    fn got(self) -> Option<T> {
+        match self {
+            Peeked::Got(t) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 impl Proxy {
@@ -217,7 +252,7 @@ impl Proxy {
         let start = Instant::now();
         let time = SystemTime::now();
         let rec = self.orig.lock().map(|mut m| m.take(peer)).unwrap_or(None);
-        let mut conn = match rec {
+        let conn = match rec {
             Some(rec) => Conn {
                 peer,
                 dst: orig_addr(&rec),
@@ -227,7 +262,12 @@ impl Proxy {
                 gid: Some(rec.gid),
                 start,
                 time,
-                cgroup: None,
+                // Only when records are written: a new cgroup costs a /proc read.
+                cgroup: if self.log.format == accesslog::Format::Off {
+                    None
+                } else {
+                    self.cgroups.name(rec.cgroup_id, rec.pid)
+                },
             },
             None => Conn {
                 peer,
@@ -241,9 +281,6 @@ impl Proxy {
                 cgroup: None,
             },
         };
-        if self.log.format != accesslog::Format::Off {
-            conn.cgroup = conn.pid.and_then(accesslog::cgroup_of);
-        }
         Some(conn)
     }
 
@@ -255,53 +292,68 @@ impl Proxy {
             reset(&client);
             return;
         };
+        // A task is as large as the largest state it can be in, and most of a connection's
+        // life is spent relaying: the steps before (deciding, serving HTTP) are boxed, so
+        // that thousands of relayed streams do not each carry room for them.
+        let start = conn.start;
+        let (upstream, rec) = match Box::pin(self.decide(conn, &client)).await {
+            Decided::Stream(upstream, rec) => (upstream, rec),
+            Decided::Http(conn) => return Box::pin(http::serve(self.clone(), *conn, client)).await,
+        };
+        self.finish(client, upstream, rec, start).await
+    }
+
+    /// Which protocol mediates the connection and, for streams, whether and where it goes.
+    async fn decide(&self, conn: Conn, client: &TcpStream) -> Decided {
         let reg = registry::load(&self.registry);
         // Connections dialled through a Kubernetes Service are in the registry as they are.
-        let proto = if conn.reason == Reason::RegistryService.name() {
-            Some(Proto::Tcp)
-        } else {
-            reg.protocol(conn.dst)
-        };
-        match proto {
+        if conn.reason == Reason::RegistryService.name() {
+            let mut rec = conn.record("connection", "tcp");
+            rec.matched = Some("Kubernetes Service".into());
+            let up = self.connect_target(&Target::Addr(conn.dst)).await;
+            return Decided::Stream(Some(up), rec);
+        }
+        match reg.protocol(conn.dst) {
             Some(Proto::Http) => {
                 let first =
-                    self.peek(&client, self.header_timeout, sniff::MAX_HEAD, |b| {
+                    self.peek(client, self.header_timeout, sniff::MAX_HEAD, |b| {
                         match sniff::classify(b) {
                             sniff::Kind::Incomplete => None,
                             k => Some(k),
                         }
                     })
                     .await;
-                if let Peeked::Got(sniff::Kind::Http2) = first {
-                    // HTTP/2 with prior knowledge is not parsed: it passes as TCP, matched by
-                    // address only.
-                    let mut rec = conn.record("connection", "http2");
-                    let m = reg.by_address(conn.dst);
-                    let target = self.policy(&reg, &mut rec, m, None, conn.dst);
-                    return self.finish(client, target, rec).await;
+                if !matches!(first, Peeked::Got(sniff::Kind::Http2)) {
+                    return Decided::Http(Box::new(conn));
                 }
-                // Boxed: an HTTP connection's state is large, and every connection task would
-                // otherwise be as large as it (thousands of idle TCP streams add up).
-                Box::pin(http::serve(self.clone(), conn, client)).await
+                // HTTP/2 with prior knowledge is not parsed: it passes as TCP, matched by
+                // address only.
+                let mut rec = conn.record("connection", "http2");
+                let m = reg.by_address(conn.dst);
+                let target = self.policy(&reg, &mut rec, m, None, conn.dst);
+                self.stream(target, rec).await
             }
-            Some(Proto::Tls) => self.tls(conn, client, &reg).await,
+            Some(Proto::Tls) => self.tls(&conn, client, &reg).await,
             Some(Proto::Tcp) => {
                 let mut rec = conn.record("connection", "tcp");
-                let m = reg.by_address(conn.dst);
-                let target = if conn.reason == Reason::RegistryService.name() {
-                    rec.matched = Some("Kubernetes Service".into());
-                    Some(Target::Addr(conn.dst))
-                } else if let Some(m) = m {
-                    self.policy(&reg, &mut rec, Some(m), None, conn.dst)
-                } else {
-                    // A port that entries without addresses declare TCP: they allow it.
-                    let any = reg.by_port(conn.dst.port());
-                    self.policy(&reg, &mut rec, any, None, conn.dst)
-                };
-                self.finish(client, target, rec).await
+                // A port that entries without addresses declare TCP: they allow it.
+                let m = reg
+                    .by_address(conn.dst)
+                    .or_else(|| reg.by_port(conn.dst.port()));
+                let target = self.policy(&reg, &mut rec, m, None, conn.dst);
+                self.stream(target, rec).await
             }
-            None => self.passthrough(conn, client, &reg).await,
+            None => self.passthrough(&conn, client, &reg).await,
         }
+    }
+
+    /// Connect a decided stream to its target (if it has one).
+    async fn stream(&self, target: Option<Target>, rec: Box<Record>) -> Decided {
+        let up = match target {
+            Some(t) => Some(self.connect_target(&t).await),
+            None => None,
+        };
+        Decided::Stream(up, rec)
     }
 
     /// Decide a stream by the entry that matched it (if any) and the mode; fill the verdict
@@ -335,25 +387,29 @@ impl Proxy {
         }
     }
 
-    /// Connect to `target` and relay, or refuse (reset) when there is none; log either way.
-    async fn finish(&self, client: TcpStream, target: Option<Target>, mut rec: Record) {
-        let Some(target) = target else {
-            rec.verdict = "deny";
-            rec.result = "denied";
-            reset(&client);
-            self.log.write(&rec);
-            return;
-        };
-        let start = Instant::now();
-        match self.connect_target(&target).await {
-            Err(e) => {
+    /// Relay to the upstream connected for the client, or refuse (reset) when there is none
+    /// or connecting failed; log either way.
+    async fn finish(
+        &self,
+        client: TcpStream,
+        upstream: Option<io::Result<TcpStream>>,
+        mut rec: Box<Record>,
+        start: Instant,
+    ) {
+        match upstream {
+            None => {
+                rec.verdict = "deny";
+                rec.result = "denied";
+                reset(&client);
+            }
+            Some(Err(e)) => {
                 rec.result = "connect-failed";
                 rec.error = Some(e.to_string());
                 reset(&client);
             }
-            Ok(upstream) => {
-                rec.upstream = upstream.peer_addr().ok().map(|a| a.to_string());
-                rec.upstream_local = upstream.local_addr().ok().map(|a| a.to_string());
+            Some(Ok(upstream)) => {
+                rec.upstream = upstream.peer_addr().ok();
+                rec.upstream_local = upstream.local_addr().ok();
                 let (up, down, result) = relay(client, upstream, &self.pipes).await;
                 rec.bytes_up = up;
                 rec.bytes_down = down;
@@ -368,10 +424,10 @@ impl Proxy {
     }
 
     /// A declared TLS port: allowed by the ClientHello's server name, never decrypted.
-    async fn tls(&self, conn: Conn, client: TcpStream, reg: &Registry) {
+    async fn tls(&self, conn: &Conn, client: &TcpStream, reg: &Registry) -> Decided {
         let mut rec = conn.record("connection", "tls");
         let hello =
-            self.peek(&client, self.header_timeout, sniff::MAX_HELLO + 5, |b| {
+            self.peek(client, self.header_timeout, sniff::MAX_HELLO + 5, |b| {
                 match sniff::client_hello(b) {
                     sniff::Hello::Incomplete => None,
                     sniff::Hello::Complete { sni } => Some(Ok(sni)),
@@ -413,42 +469,64 @@ impl Proxy {
                 None => "no SNI to match (REGISTRY_ONLY)".into(),
             });
         }
-        self.finish(client, target, rec).await
+        self.stream(target, rec).await
     }
 
-    /// A port no entry declares: look at the first bytes to log the host, then pass through.
-    async fn passthrough(&self, conn: Conn, client: TcpStream, reg: &Registry) {
+    /// A port no entry declares: look at the first bytes to log the host, and pass through.
+    /// An allowed connection is connected upstream while its first bytes come, and a server
+    /// that speaks first (SMTP, MySQL, ...) ends the wait for them.
+    async fn passthrough(&self, conn: &Conn, client: &TcpStream, reg: &Registry) -> Decided {
         let mut rec = conn.record("connection", "passthrough");
-        let sniffed = self
-            .peek(
-                &client,
-                self.sniff_timeout,
-                sniff::MAX_HEAD,
-                |b| match sniff::classify(b) {
-                    sniff::Kind::Incomplete => None,
-                    sniff::Kind::Tls => match sniff::client_hello(b) {
-                        sniff::Hello::Incomplete => None,
-                        sniff::Hello::Complete { sni: Some(s) } => Some(Sniffed::Sni(s)),
-                        _ => Some(Sniffed::Nothing),
-                    },
-                    sniff::Kind::Http1 => match sniff::http_head(b) {
-                        sniff::Head::Incomplete => None,
-                        sniff::Head::Complete(r) => {
-                            Some(r.host.map_or(Sniffed::Nothing, Sniffed::Host))
-                        }
-                        sniff::Head::Invalid(_) => Some(Sniffed::Nothing),
-                    },
+        let target = self.policy(reg, &mut rec, None, None, conn.dst);
+        let sniff = self.peek(
+            client,
+            self.sniff_timeout,
+            sniff::MAX_HEAD,
+            |b| match sniff::classify(b) {
+                sniff::Kind::Incomplete => None,
+                sniff::Kind::Tls => match sniff::client_hello(b) {
+                    sniff::Hello::Incomplete => None,
+                    sniff::Hello::Complete { sni: Some(s) } => Some(Sniffed::Sni(s)),
                     _ => Some(Sniffed::Nothing),
                 },
-            )
-            .await;
+                sniff::Kind::Http1 => match sniff::http_head(b) {
+                    sniff::Head::Incomplete => None,
+                    sniff::Head::Complete(r) => {
+                        Some(r.host.map_or(Sniffed::Nothing, Sniffed::Host))
+                    }
+                    sniff::Head::Invalid(_) => Some(Sniffed::Nothing),
+                },
+                _ => Some(Sniffed::Nothing),
+            },
+        );
+        let (sniffed, upstream) = match target {
+            // Refused: the first bytes only tell the log what was asked for.
+            None => (sniff.await.got(), None),
+            Some(t) => {
+                let connect = self.connect_target(&t);
+                tokio::pin!(sniff, connect);
+                let (sniffed, up) = tokio::select! {
+                    s = &mut sniff => (s.got(), connect.await),
+                    up = &mut connect => match up {
+                        Ok(u) => {
+                            let sniffed = tokio::select! {
+                                s = &mut sniff => s.got(),
+                                _ = u.readable() => None,
+                            };
+                            (sniffed, Ok(u))
+                        }
+                        Err(e) => (None, Err(e)),
+                    },
+                };
+                (sniffed, Some(up))
+            }
+        };
         match sniffed {
-            Peeked::Got(Sniffed::Host(h)) => rec.host = Some(h),
-            Peeked::Got(Sniffed::Sni(s)) => rec.sni = Some(s),
+            Some(Sniffed::Host(h)) => rec.host = Some(h),
+            Some(Sniffed::Sni(s)) => rec.sni = Some(s),
             _ => {}
         }
-        let target = self.policy(reg, &mut rec, None, None, conn.dst);
-        self.finish(client, target, rec).await
+        Decided::Stream(upstream, rec)
     }
 
     /// Wait (at most `wait`) until `parse` can say something about the client's first bytes,

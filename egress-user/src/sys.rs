@@ -159,6 +159,17 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// Give the memory the allocator keeps after a burst (parsing a large configuration, a wave
+/// of connections) back to the system: glibc's malloc returns only the top of its main heap
+/// by itself, and keeps what its per-thread arenas freed.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free pages of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -535,7 +535,13 @@ fn undeclared_ports_pass_and_are_logged_with_their_host() {
     let web = stand.http(sa("127.50.6.10:8080"));
     let servers = Servers::new();
     let greeter = servers.whoami(sa("127.50.6.11:2222"));
-    let agent = start(&config("ALLOW_ANY", ""), &cg, "", &[]);
+    // A long sniff: a server-first protocol must not have to wait it out.
+    let agent = start(
+        &config("ALLOW_ANY", ""),
+        &cg,
+        "",
+        &["--sniff-timeout", "60s"],
+    );
     // ALLOW_ANY on a port no entry declares: through, and the log names the Host.
     let c = curl(
         &cg,
@@ -558,7 +564,8 @@ fn undeclared_ports_pass_and_are_logged_with_their_host() {
     ] {
         assert_eq!(r.get(k), v, "{k} in {:?}", r.fields);
     }
-    // A server-first protocol: the client sends nothing and still gets the greeting.
+    // A server-first protocol: the client sends nothing and still gets the greeting, long
+    // before the sniff would have ended (the probe gives up reading after 30 s).
     let p = probe(Some(&cg), &["raw", &greeter.to_string(), "", "0"]);
     assert_eq!(
         p.get("text").as_deref(),
@@ -569,4 +576,43 @@ fn undeclared_ports_pass_and_are_logged_with_their_host() {
         c.get("peer") == p.local().to_string()
     });
     assert_eq!((r.get("result"), r.get("host")), ("ok", ""));
+
+    // An upstream slow to accept (its accept queue full: the agent's SYN is retried after a
+    // second), and a client that sends nothing and half-closes at once: the sniff ends
+    // before the upstream connection is made, and the greeting still comes through.
+    let slow = sa("127.50.6.12:2222");
+    let listener = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&slow.into()).unwrap();
+        s.listen(1).unwrap();
+        std::net::TcpListener::from(s)
+    };
+    let fillers: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(slow).unwrap())
+        .collect();
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        listener.set_nonblocking(false).unwrap();
+        // The two fillers, then the agent's connection.
+        for _ in 0..3 {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = std::io::Write::write_all(&mut s, format!("{slow}\n").as_bytes());
+        }
+    });
+    let p = probe(Some(&cg), &["raw", &slow.to_string(), "", "0"]);
+    server.join().unwrap();
+    drop(fillers);
+    assert_eq!(
+        p.get("text").as_deref(),
+        Some(format!("\"{slow}\\n\"").as_str()),
+        "{p:?}"
+    );
+    let r = agent.wait_conn("the connection to the slow upstream", |c| {
+        c.get("peer") == p.local().to_string()
+    });
+    assert_eq!(
+        (r.get("result"), r.get("upstream")),
+        ("ok", slow.to_string().as_str())
+    );
 }
