@@ -203,14 +203,6 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-/// The cgroup v2 path of a process, as `/proc/PID/cgroup` gives it.
-fn cgroup_of(pid: u32) -> Option<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
-}
-
 /// Names kept at most; past that the cache starts over.
 const MAX_CGROUP_NAMES: usize = 16_384;
 
@@ -236,7 +228,7 @@ impl CgroupNames {
         if let Some(n) = self.names.lock().ok()?.get(&id) {
             return Some(n.clone());
         }
-        let path = cgroup_of(pid)?;
+        let path = crate::sys::cgroup_name(&pid.to_string()).ok()?;
         let name: Arc<str> = path.as_str().into();
         // The process may have moved since: keep only a name that is the cgroup `id`.
         let dir = self.root.join(path.trim_start_matches('/'));

@@ -167,8 +167,8 @@ pub struct Conn {
     pub gid: Option<u32>,
     pub start: Instant,
     pub time: SystemTime,
-    /// The client's cgroup, read once when the connection arrives (only if records are
-    /// written: it costs a /proc read).
+    /// The client's cgroup, named when the connection arrives (only if records are written:
+    /// a cgroup not seen before costs a /proc read).
     pub cgroup: Option<Arc<str>>,
 }
 
@@ -310,8 +310,7 @@ impl Proxy {
         if conn.reason == Reason::RegistryService.name() {
             let mut rec = conn.record("connection", "tcp");
             rec.matched = Some("Kubernetes Service".into());
-            let up = self.connect_target(&Target::Addr(conn.dst)).await;
-            return Decided::Stream(Some(up), rec);
+            return self.stream(Some(Target::Addr(conn.dst)), rec).await;
         }
         match reg.protocol(conn.dst) {
             Some(Proto::Http) => {

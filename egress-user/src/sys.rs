@@ -61,13 +61,18 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 /// The cgroup v2 directory a process is in.
 pub fn cgroup_of(pid: &str) -> Result<PathBuf> {
     let root = cgroup2_root()?;
+    Ok(root.join(cgroup_name(pid)?.trim_start_matches('/')))
+}
+
+/// The cgroup v2 path of a process below the mount point, as `/proc/PID/cgroup` gives it
+/// (`/kubepods/...`).
+pub fn cgroup_name(pid: &str) -> Result<String> {
     let path = format!("/proc/{pid}/cgroup");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let rel = text
-        .lines()
+    text.lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .with_context(|| format!("{path} has no cgroup v2 entry"))?;
-    Ok(root.join(rel.trim_start_matches('/')))
+        .map(str::to_owned)
+        .with_context(|| format!("{path} has no cgroup v2 entry"))
 }
 
 /// Move a process into a cgroup.
