@@ -7,7 +7,10 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -135,14 +138,55 @@ fn time_rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> 
     s.serialize_str(&rfc3339(*t))
 }
 
-/// Where records go.
-#[derive(Clone, Copy, Debug)]
+/// Records queued for the writer at most. A reader of standard output that falls behind (a
+/// log collector restarting, a full disk behind it) must not stall forwarding: records beyond
+/// this many are dropped and counted, and the count is logged once the writer catches up.
+const QUEUED_RECORDS: usize = 8_192;
+/// Bytes written at once at most, when records have piled up.
+const WRITE_BATCH: usize = 256 << 10;
+/// How long a shutdown waits for queued records to be written.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Where records go: a writer thread behind a bounded queue.
+#[derive(Clone)]
 pub struct Log {
     pub format: Format,
+    writer: Option<Arc<Writer>>,
+}
+
+struct Writer {
+    tx: std::sync::mpsc::SyncSender<String>,
+    /// Records queued and not yet written.
+    pending: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl Log {
+    pub fn new(format: Format) -> std::io::Result<Log> {
+        if format == Format::Off {
+            return Ok(Log {
+                format,
+                writer: None,
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUED_RECORDS);
+        let w = Arc::new(Writer {
+            tx,
+            pending: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        let shared = w.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_records(&rx, &shared))?;
+        Ok(Log {
+            format,
+            writer: Some(w),
+        })
+    }
+
     pub fn write(&self, r: &Record) {
+        let Some(w) = &self.writer else { return };
         let line = match self.format {
             Format::Off => return,
             Format::Json => match serde_json::to_string(r) {
@@ -151,8 +195,51 @@ impl Log {
             },
             Format::Text => text(r),
         };
+        w.pending.fetch_add(1, Ordering::Relaxed);
+        if w.tx.try_send(line).is_err() {
+            w.pending.fetch_sub(1, Ordering::Relaxed);
+            w.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wait (a little) until the queued records are written: on shutdown.
+    pub fn flush(&self) {
+        let Some(w) = &self.writer else { return };
+        let deadline = std::time::Instant::now() + FLUSH_WAIT;
+        while w.pending.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The writer thread: whatever has queued up goes out in one write.
+fn write_records(rx: &std::sync::mpsc::Receiver<String>, w: &Writer) {
+    let mut reported = 0;
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut n = 1;
+        batch.clear();
+        batch.extend_from_slice(first.as_bytes());
+        batch.push(b'\n');
+        while batch.len() < WRITE_BATCH
+            && let Ok(line) = rx.try_recv()
+        {
+            batch.extend_from_slice(line.as_bytes());
+            batch.push(b'\n');
+            n += 1;
+        }
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        let _ = out.write_all(&batch).and_then(|()| out.flush());
+        drop(out);
+        w.pending.fetch_sub(n, Ordering::Relaxed);
+        let dropped = w.dropped.load(Ordering::Relaxed);
+        if dropped > reported {
+            log::warn!(
+                "access log: {dropped} records dropped since start ({} now): standard output is not keeping up",
+                dropped - reported
+            );
+            reported = dropped;
+        }
     }
 }
 

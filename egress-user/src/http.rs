@@ -277,7 +277,7 @@ impl State {
                     },
                     up: up_bytes,
                     started,
-                    log: self.px.log,
+                    log: self.px.log.clone(),
                     rec: Some(rec),
                 };
                 Response::from_parts(parts, logged.boxed())

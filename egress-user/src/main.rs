@@ -152,7 +152,9 @@ struct RunArgs {
     #[arg(long)]
     external_proxy: bool,
     /// Access log on standard output: a JSON line (or `key=value` text) per redirected
-    /// connection and per HTTP request.
+    /// connection and per HTTP request. Written by a thread of its own: while standard output
+    /// is not read, up to 8,192 records wait and later ones are dropped and counted (a warning
+    /// on standard error), so that forwarding never waits for the log.
     #[arg(long, value_enum, default_value = "json")]
     access_log: accesslog::Format,
     /// On ports no ServiceEntry declares: how long to wait for the client's first bytes (to
@@ -378,15 +380,14 @@ fn run(args: RunArgs) -> Result<()> {
             );
         }
         let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
+        let log = accesslog::Log::new(args.access_log).context("starting the access-log writer")?;
         let px = Arc::new(Proxy {
             orig: orig.clone(),
             mark: args.agent.mark,
             connect_timeout: args.connect_timeout,
             pipes: proxy::PipePool::default(),
             registry: shared_registry,
-            log: accesslog::Log {
-                format: args.access_log,
-            },
+            log: log.clone(),
             sniff_timeout: args.sniff_timeout,
             header_timeout: args.header_timeout,
             cgroups: accesslog::CgroupNames::new(root.clone()),
@@ -419,6 +420,7 @@ fn run(args: RunArgs) -> Result<()> {
         );
         wait_for_signals(&tx).await?;
         info!("shutting down: detaching from {}", cgroup.display());
+        log.flush();
         anyhow::Ok(())
     })?;
     drop(dp);

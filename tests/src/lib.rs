@@ -12,7 +12,7 @@ use std::{
     process::{Child, Command, Output, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -199,6 +199,8 @@ pub struct Agent {
     /// thousands of connections a second through the agent, and parsing each record as it
     /// comes would load the machine they measure.
     access: Arc<Mutex<Vec<String>>>,
+    /// While set, nobody reads the agent's standard output (a log collector that stalled).
+    access_paused: Arc<AtomicBool>,
 }
 
 pub struct AgentOpts<'a> {
@@ -272,10 +274,23 @@ impl Agent {
         let access = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let records = access.clone();
+        let access_paused = Arc::new(AtomicBool::new(false));
+        let paused = access_paused.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                records.lock().unwrap().push(line);
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            loop {
+                while paused.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => records
+                        .lock()
+                        .unwrap()
+                        .push(line.trim_end_matches('\n').to_owned()),
+                }
             }
         });
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -311,6 +326,7 @@ impl Agent {
             config,
             log,
             access,
+            access_paused,
         };
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
             panic!("agent did not become ready:\n{}", agent.logs().join("\n"));
@@ -353,6 +369,11 @@ impl Agent {
 
     pub fn logs(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Stop (true) or resume (false) reading the agent's standard output, the access log.
+    pub fn pause_access_log(&self, paused: bool) {
+        self.access_paused.store(paused, Ordering::Relaxed);
     }
 
     /// The agent's access-log records of connections.

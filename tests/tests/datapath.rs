@@ -569,6 +569,62 @@ fn a_thousand_concurrent_connections_recover_their_own_destinations_and_the_maps
     );
 }
 
+#[test]
+fn a_stalled_reader_of_the_access_log_stalls_no_connection_and_drops_are_counted() {
+    let Some(Fixture {
+        servers,
+        agent,
+        p,
+        cg,
+    }) = fixture(
+        "a_stalled_reader_of_the_access_log_stalls_no_connection_and_drops_are_counted",
+        "stalled-log",
+    )
+    else {
+        return;
+    };
+    let echo = servers.echo(sa(&format!("127.20.1.50:{}", p.any)));
+    // Nobody reads the agent's standard output: its pipe fills after a few hundred records.
+    agent.pause_access_log(true);
+    // More connections than the agent queues records for (8,192).
+    const N: u64 = 12_000;
+    let r = probe(Some(&cg), &["pings", &N.to_string(), &echo.to_string()]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.get("ok"), Some(N.to_string()), "{r:?}");
+    agent.pause_access_log(false);
+    // Every connection is either in the log or in the count of dropped records.
+    let dropped = || {
+        agent
+            .logs()
+            .iter()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("access log: ")?;
+                rest.split_once(" records dropped since start")?
+                    .0
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(30, || agent.conns().len() as u64 + dropped() == N),
+        "records written {} + dropped {} != {N} connections",
+        agent.conns().len(),
+        dropped()
+    );
+    assert!(
+        dropped() > 0,
+        "no record was dropped: the test did not fill the queue"
+    );
+    assert!(
+        agent
+            .conns()
+            .iter()
+            .all(|c| c.get("upstream") == echo.to_string())
+    );
+}
+
 /// An agent in `--external-proxy` mode: clients in one cgroup, the proxy in another.
 struct ExternalProxy {
     agent: Agent,

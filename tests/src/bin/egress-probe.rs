@@ -11,6 +11,9 @@
 //!     getpeername() says and the address the server was reached at.
 //! egress-probe load SECS RATE ADDR
 //!     for SECS seconds open RATE connections a second (1 byte each way), count failures.
+//! egress-probe pings COUNT ADDR
+//!     COUNT connections (a NUL byte each way) over 4 threads, as fast as they go, stopping after
+//!     60 s; count failures.
 //! egress-probe watch SECS INTERVAL_MS ADDR...
 //!     every INTERVAL_MS try to connect to each ADDR; print when (unix ms) and the outcome.
 //! egress-probe raw ADDR HEX HOLD_MS
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
             args[2].parse().expect("RATE"),
             addr(&args[3]),
         ),
+        Some("pings") => pings(args[1].parse().expect("COUNT"), addr(&args[2])),
         Some("watch") => watch(
             args[1].parse().expect("SECS"),
             args[2].parse().expect("INTERVAL_MS"),
@@ -192,13 +196,14 @@ fn unix_ms() -> u128 {
 }
 
 /// One short connection: connect, one byte out, its echo back, close.
-fn ping(dst: SocketAddr) -> std::io::Result<()> {
+/// Connect, send `byte`, read its echo.
+fn ping(dst: SocketAddr, byte: u8) -> std::io::Result<()> {
     let mut s = TcpStream::connect(dst)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    s.write_all(b"x")?;
+    s.write_all(&[byte])?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)?;
-    if &b != b"x" {
+    if b[0] != byte {
         return Err(std::io::Error::other("wrong echo"));
     }
     Ok(())
@@ -215,7 +220,7 @@ fn load(secs: u64, rate: u64, dst: SocketAddr) -> ExitCode {
                 let (mut ok, mut failed) = (0u64, Vec::new());
                 let mut next = start;
                 while start.elapsed() < Duration::from_secs(secs) {
-                    match ping(dst) {
+                    match ping(dst, b'x') {
                         Ok(()) => ok += 1,
                         Err(e) => failed.push(format!("t={} error={:?}", unix_ms(), e.kind())),
                     }
@@ -242,6 +247,49 @@ fn load(secs: u64, rate: u64, dst: SocketAddr) -> ExitCode {
         "attempts={} ok={ok} failed={} seconds={secs:.2}",
         ok + failed.len() as u64,
         failed.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn pings(count: u64, dst: SocketAddr) -> ExitCode {
+    use std::{
+        sync::atomic::{AtomicU64, Ordering},
+        time::{Duration, Instant},
+    };
+    const THREADS: usize = 4;
+    let start = Instant::now();
+    let next = AtomicU64::new(0);
+    let results: Vec<(u64, Vec<String>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    let (mut ok, mut failed) = (0u64, Vec::new());
+                    while next.fetch_add(1, Ordering::Relaxed) < count
+                        && start.elapsed() < Duration::from_secs(60)
+                    {
+                        // A NUL cannot start HTTP or TLS: an undeclared port's sniff ends
+                        // at once.
+                        match ping(dst, 0) {
+                            Ok(()) => ok += 1,
+                            Err(e) => failed.push(format!("t={} error={:?}", unix_ms(), e.kind())),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let ok: u64 = results.iter().map(|r| r.0).sum();
+    let failed: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
+    for f in failed.iter().take(20) {
+        println!("failure {f}");
+    }
+    println!(
+        "attempts={} ok={ok} failed={} seconds={:.2}",
+        ok + failed.len() as u64,
+        failed.len(),
+        start.elapsed().as_secs_f64()
     );
     ExitCode::SUCCESS
 }
