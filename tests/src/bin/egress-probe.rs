@@ -233,9 +233,16 @@ fn load(secs: u64, rate: u64, dst: SocketAddr) -> ExitCode {
             })
         })
         .collect();
+    report_pings(workers.into_iter().map(|w| w.join().unwrap()), start)
+}
+
+/// Sum the workers' (ok, failures) and print them: `failure ...` lines, then the counts.
+fn report_pings(
+    results: impl Iterator<Item = (u64, Vec<String>)>,
+    start: std::time::Instant,
+) -> ExitCode {
     let (mut ok, mut failed) = (0, Vec::new());
-    for w in workers {
-        let (o, f) = w.join().unwrap();
+    for (o, f) in results {
         ok += o;
         failed.extend(f);
     }
@@ -259,7 +266,7 @@ fn pings(count: u64, dst: SocketAddr) -> ExitCode {
     const THREADS: usize = 4;
     let start = Instant::now();
     let next = AtomicU64::new(0);
-    let results: Vec<(u64, Vec<String>)> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let workers: Vec<_> = (0..THREADS)
             .map(|_| {
                 s.spawn(|| {
@@ -278,20 +285,8 @@ fn pings(count: u64, dst: SocketAddr) -> ExitCode {
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).collect()
-    });
-    let ok: u64 = results.iter().map(|r| r.0).sum();
-    let failed: Vec<&String> = results.iter().flat_map(|r| &r.1).collect();
-    for f in failed.iter().take(20) {
-        println!("failure {f}");
-    }
-    println!(
-        "attempts={} ok={ok} failed={} seconds={:.2}",
-        ok + failed.len() as u64,
-        failed.len(),
-        start.elapsed().as_secs_f64()
-    );
-    ExitCode::SUCCESS
+        report_pings(workers.into_iter().map(|w| w.join().unwrap()), start)
+    })
 }
 
 fn watch(secs: u64, interval_ms: u64, dsts: &[SocketAddr]) -> ExitCode {
