@@ -26,7 +26,8 @@ use log::info;
 
 use crate::plan::{Entry, Op, Plan, diff};
 
-fn sock_addr16(a: SocketAddr) -> SockAddr16 {
+/// A socket address as the maps key and store it (IPv4 as v4-mapped IPv6).
+pub fn sock_addr16(a: SocketAddr) -> SockAddr16 {
     let addr = match a.ip() {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),

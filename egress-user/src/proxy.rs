@@ -20,9 +20,7 @@ use crate::{
     registry::{self, Proto, Registry, Target},
     sniff,
 };
-use egress_common::{
-    MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_mapped, v4_unmapped,
-};
+use egress_common::{MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_unmapped};
 use log::warn;
 use socket2::SockRef;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
@@ -47,7 +45,8 @@ impl OrigMaps {
 
     /// Take the record of the client whose socket is `peer`, removing it from the map.
     fn take(&mut self, peer: SocketAddr) -> Option<OrigDst> {
-        let key = peer_key(peer);
+        // The kernel keyed the record by the client socket that is our peer.
+        let key = crate::datapath::sock_addr16(peer);
         let rec = self.by_peer.get(&key, 0).ok()?;
         let _ = self.by_peer.remove(&key);
         Some(rec)
@@ -94,19 +93,6 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// The key the kernel used for the client socket that is our peer.
-pub fn peer_key(peer: SocketAddr) -> PeerKey {
-    let addr = match peer.ip() {
-        IpAddr::V4(a) => v4_mapped(a.octets()),
-        IpAddr::V6(a) => a.octets(),
-    };
-    PeerKey {
-        addr,
-        port: peer.port(),
-        _pad: 0,
-    }
 }
 
 /// The destination the client dialled.
