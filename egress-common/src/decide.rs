@@ -3,8 +3,11 @@
 //!
 //! Order, after Istio's outbound chain: the agent itself, other network namespaces, excluded
 //! uid/gid, excluded port, the agent's listener, excluded CIDR (longest prefix), included port,
-//! included CIDR, else bypass. Among redirected connections, `REGISTRY_ONLY` with no allowed L4
-//! entry for the address and port is denied.
+//! included CIDR, else bypass. A connection that would be redirected to an address and port
+//! that only TCP ServiceEntries relaying to the dialled address declare goes straight out,
+//! accounted in the kernel (`Direct`): the agent would only have copied its bytes. Among the
+//! other redirected connections, `REGISTRY_ONLY` with no allowed L4 entry for the address and
+//! port is denied.
 
 use crate::maps::{Config, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE};
 
@@ -18,6 +21,9 @@ pub enum Verdict {
     Redirect = 1,
     /// Refuse it: connect() fails with EPERM.
     Deny = 2,
+    /// Allowed by a TCP ServiceEntry: it goes straight out, and the kernel accounts for it
+    /// (bytes, duration, outcome) and reports its close to the agent's access log.
+    Direct = 3,
 }
 
 impl Verdict {
@@ -26,6 +32,7 @@ impl Verdict {
             Verdict::Bypass => "bypass",
             Verdict::Redirect => "redirect",
             Verdict::Deny => "deny",
+            Verdict::Direct => "direct",
         }
     }
 }
@@ -63,10 +70,13 @@ pub enum Reason {
     RegistryService = 12,
     /// Dialled a Kubernetes Service that has no endpoints: refused.
     ServiceNoEndpoints = 13,
+    /// Would be redirected, but the address and port belong to TCP ServiceEntries with
+    /// `resolution: NONE` only: nothing in the stream decides, so it goes straight out.
+    TcpEntry = 14,
 }
 
 /// Number of reason codes: the size of the counters map.
-pub const REASON_COUNT: u32 = 14;
+pub const REASON_COUNT: u32 = 15;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -84,6 +94,7 @@ impl Reason {
         Reason::RegistryDenied,
         Reason::RegistryService,
         Reason::ServiceNoEndpoints,
+        Reason::TcpEntry,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
@@ -103,6 +114,7 @@ impl Reason {
             Reason::RegistryDenied => "registry-denied",
             Reason::RegistryService => "registry-service",
             Reason::ServiceNoEndpoints => "service-no-endpoints",
+            Reason::TcpEntry => "tcp-entry",
         }
     }
 
@@ -111,8 +123,8 @@ impl Reason {
     }
 }
 
-/// The outcome, with the prefix length of the CIDR that decided (for the CIDR reasons and
-/// `RegistryAllowed`; 0 otherwise).
+/// The outcome, with the prefix length of the CIDR that decided (for the CIDR reasons,
+/// `RegistryAllowed` and `TcpEntry`; 0 otherwise).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub verdict: Verdict,
@@ -158,9 +170,12 @@ pub trait Tables {
     fn include_v4(&self, addr: [u8; 4]) -> Option<u8>;
     fn exclude_v4(&self, addr: [u8; 4]) -> Option<u8>;
     fn allow_v4(&self, addr: [u8; 4], port: u16) -> Option<u8>;
+    /// (port, address) ranges whose connections go straight out (`Verdict::Direct`).
+    fn direct_v4(&self, addr: [u8; 4], port: u16) -> Option<u8>;
     fn include_v6(&self, addr: [u8; 16]) -> Option<u8>;
     fn exclude_v6(&self, addr: [u8; 16]) -> Option<u8>;
     fn allow_v6(&self, addr: [u8; 16], port: u16) -> Option<u8>;
+    fn direct_v6(&self, addr: [u8; 16], port: u16) -> Option<u8>;
 }
 
 /// An address family's part in the decision.
@@ -169,6 +184,7 @@ pub trait Addr: Copy {
     fn include<T: Tables>(&self, t: &T) -> Option<u8>;
     fn exclude<T: Tables>(&self, t: &T) -> Option<u8>;
     fn allow<T: Tables>(&self, t: &T, port: u16) -> Option<u8>;
+    fn direct<T: Tables>(&self, t: &T, port: u16) -> Option<u8>;
 }
 
 impl Addr for [u8; 4] {
@@ -188,6 +204,10 @@ impl Addr for [u8; 4] {
     fn allow<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
         t.allow_v4(*self, port)
     }
+    #[inline(always)]
+    fn direct<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
+        t.direct_v4(*self, port)
+    }
 }
 
 impl Addr for [u8; 16] {
@@ -206,6 +226,10 @@ impl Addr for [u8; 16] {
     #[inline(always)]
     fn allow<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
         t.allow_v6(*self, port)
+    }
+    #[inline(always)]
+    fn direct<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
+        t.direct_v6(*self, port)
     }
 }
 
@@ -247,10 +271,15 @@ pub fn decide<T: Tables, A: Addr>(t: &T, cfg: &Config, q: &Query<A>) -> Decision
     } else {
         return Decision::new(Bypass, NotIncluded, 0);
     };
+    if cfg.mode == MODE_REGISTRY_ONLY && q.service {
+        return Decision::new(Redirect, RegistryService, 0);
+    }
+    if cfg.direct != 0
+        && let Some(p) = q.dst.direct(t, q.port)
+    {
+        return Decision::new(Direct, TcpEntry, p);
+    }
     if cfg.mode == MODE_REGISTRY_ONLY {
-        if q.service {
-            return Decision::new(Redirect, RegistryService, 0);
-        }
         return match q.dst.allow(t, q.port) {
             Some(p) => Decision::new(Redirect, RegistryAllowed, p),
             None => Decision::new(Deny, RegistryDenied, 0),
@@ -275,6 +304,14 @@ mod tests {
         include: Vec<([u8; 16], u8)>,
         exclude: Vec<([u8; 16], u8)>,
         allow: Vec<([u8; 16], u8, u16)>,
+        direct: Vec<([u8; 16], u8, u16)>,
+    }
+
+    fn lpm_port(list: &[([u8; 16], u8, u16)], a: [u8; 16], port: u16) -> Option<u8> {
+        list.iter()
+            .filter(|(net, p, pt)| *pt == port && matches(net, *p, &a))
+            .map(|(_, p, _)| *p)
+            .max()
     }
 
     fn lpm(list: &[([u8; 16], u8)], a: [u8; 16]) -> Option<u8> {
@@ -329,11 +366,13 @@ mod tests {
             lpm(&self.exclude, a)
         }
         fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-            self.allow
-                .iter()
-                .filter(|(net, p, pt)| *pt == port && matches(net, *p, &a))
-                .map(|(_, p, _)| *p)
-                .max()
+            lpm_port(&self.allow, a, port)
+        }
+        fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
+            self.direct_v6(crate::v4_mapped(a), port).map(|p| p - 96)
+        }
+        fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
+            lpm_port(&self.direct, a, port)
         }
     }
 
@@ -353,7 +392,8 @@ mod tests {
             enabled: 1,
             listener_v4: [127, 0, 0, 1],
             listener_v6: core::net::Ipv6Addr::LOCALHOST.octets(),
-            _pad: [0; 4],
+            direct: 1,
+            _pad: [0; 3],
         }
     }
 
@@ -380,7 +420,11 @@ mod tests {
             ],
             include: std::vec![v4([127, 20, 0, 0], 16), v4([0, 0, 0, 0], 0), ([0; 16], 0)],
             exclude: std::vec![v4([127, 20, 9, 0], 24), v4([127, 21, 0, 0], 16)],
-            allow: std::vec![(crate::v4_mapped([127, 20, 1, 0]), 120, 443)],
+            allow: std::vec![
+                (crate::v4_mapped([127, 20, 1, 0]), 120, 443),
+                (crate::v4_mapped([127, 20, 1, 0]), 120, 5432)
+            ],
+            direct: std::vec![(crate::v4_mapped([127, 20, 1, 0]), 120, 5432)],
         }
     }
 
@@ -590,6 +634,51 @@ mod tests {
             ..q([127, 20, 9, 1], 443)
         };
         check(&t, &c, &excluded, Verdict::Bypass, Reason::ExcludedCidr, 24);
+    }
+
+    #[test]
+    fn tcp_entries_go_straight_out_in_either_mode() {
+        let t = tables();
+        for mode in [MODE_ALLOW_ANY, MODE_REGISTRY_ONLY] {
+            let c = cfg(mode);
+            check(
+                &t,
+                &c,
+                &q([127, 20, 1, 7], 5432),
+                Verdict::Direct,
+                Reason::TcpEntry,
+                24,
+            );
+            // Only connections that would be redirected: exclusions still win.
+            check(
+                &t,
+                &c,
+                &q([127, 20, 9, 1], 5432),
+                Verdict::Bypass,
+                Reason::ExcludedCidr,
+                24,
+            );
+            // Another port of the same range is the agent's to decide.
+            let other = decide(&t, &c, &q([127, 20, 1, 7], 443));
+            assert_eq!(other.verdict, Verdict::Redirect, "{other:?}");
+            // With an external proxy, it mediates these too.
+            let external = Config { direct: 0, ..c };
+            let d = decide(&t, &external, &q([127, 20, 1, 7], 5432));
+            assert_eq!(d.verdict, Verdict::Redirect, "{d:?}");
+        }
+        // Under REGISTRY_ONLY, a Kubernetes Service stays with the agent, which names it.
+        let via_service = Query {
+            service: true,
+            ..q([127, 20, 1, 7], 5432)
+        };
+        check(
+            &t,
+            &cfg(MODE_REGISTRY_ONLY),
+            &via_service,
+            Verdict::Redirect,
+            Reason::RegistryService,
+            0,
+        );
     }
 
     #[test]

@@ -33,9 +33,14 @@ pub const MAP_SERVICES_V4: &str = "SERVICES_V4";
 pub const MAP_SERVICES_V6: &str = "SERVICES_V6";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_DIALLED: &str = "DIALLED";
+pub const MAP_DIRECT_V4: &str = "DIRECT_V4";
+pub const MAP_DIRECT_V6: &str = "DIRECT_V6";
+pub const MAP_DIRECT_OPEN: &str = "DIRECT_OPEN";
+pub const MAP_DIRECT_CLOSED: &str = "DIRECT_CLOSED";
+pub const MAP_DIRECT_LOST: &str = "DIRECT_LOST";
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_CONFIG,
     MAP_INCLUDE_V4,
     MAP_INCLUDE_V6,
@@ -53,6 +58,11 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_SERVICES_V6,
     MAP_BACKENDS,
     MAP_DIALLED,
+    MAP_DIRECT_V4,
+    MAP_DIRECT_V6,
+    MAP_DIRECT_OPEN,
+    MAP_DIRECT_CLOSED,
+    MAP_DIRECT_LOST,
 ];
 
 /// Default capacities; the agent may override them at load time.
@@ -64,6 +74,8 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 /// Backend slots: twice the backends in force, since a service's new set is written before
 /// its old one is removed.
 pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
+/// Bytes of the ring that carries closed direct connections to the agent: 8,192 records.
+pub const DIRECT_CLOSED_BYTES: u32 = 8_192 * 128;
 
 /// The datapath's settings: one entry in the `CONFIG` array.
 #[repr(C)]
@@ -84,7 +96,10 @@ pub struct Config {
     pub listener_v4: [u8; 4],
     /// IPv6 address of the outbound listener.
     pub listener_v6: [u8; 16],
-    pub _pad: [u8; 4],
+    /// 1: connections to the ranges in `DIRECT_V4`/`DIRECT_V6` go straight out. 0 (an
+    /// external proxy mediates): they are redirected like the others.
+    pub direct: u8,
+    pub _pad: [u8; 3],
 }
 
 /// The destination a redirected connection was made to, and who made it.
@@ -109,6 +124,68 @@ pub struct OrigDst {
     pub created_ns: u64,
     /// The connecting task's cgroup v2 id (the inode number of its cgroup directory).
     pub cgroup_id: u64,
+}
+
+/// A direct connection while it is open (`DIRECT_OPEN`, by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectOpen {
+    /// What the connect hook stored: destination, reason, who, when (`created_ns`).
+    pub conn: OrigDst,
+    /// `bytes_received` when the socket entered `FIN_WAIT2`, or `u64::MAX`.
+    pub received_at_fin_wait2: u64,
+}
+
+/// A direct connection's close, as the kernel reports it to the agent (`DIRECT_CLOSED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectClosed {
+    pub open: DirectOpen,
+    /// `bpf_ktime_get_ns()` at the close.
+    pub closed_ns: u64,
+    /// The socket's `bytes_acked` and `bytes_received` (RFC 4898). They count sequence
+    /// space, so the SYN and the FINs are in them; `payload` takes those out.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// The client socket's own address.
+    pub local: SockAddr16,
+    /// The TCP state the socket left for `TCP_CLOSE` (`TCP_SYN_SENT`: never connected).
+    pub old_state: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<DirectClosed>() == 120);
+
+/// Linux TCP states (`include/net/tcp_states.h`) that a direct connection's close depends on.
+pub const TCP_SYN_SENT: u32 = 2;
+pub const TCP_FIN_WAIT2: u32 = 5;
+pub const TCP_CLOSE_WAIT: u32 = 8;
+pub const TCP_LAST_ACK: u32 = 9;
+pub const TCP_CLOSING: u32 = 11;
+
+impl DirectClosed {
+    /// Payload bytes, sent (and acknowledged) and received, without the SYN and FINs in the
+    /// kernel's counters. Which FINs went each way follows from the state the socket closed
+    /// from: it reaches `TCP_CLOSE` from `LAST_ACK` or `CLOSING` when both FINs are through
+    /// and its own acknowledged; from `FIN_WAIT2` with its own FIN acknowledged and the peer's
+    /// FIN received if anything arrived since it entered `FIN_WAIT2` (a closed socket goes to
+    /// TIME-WAIT from there at once, before the peer's FIN); from `CLOSE_WAIT` with only the
+    /// peer's FIN; from the others by a reset or an abort, with neither.
+    pub fn payload(&self) -> (u64, u64) {
+        let (fin_acked, fin_received) = match self.old_state {
+            TCP_SYN_SENT => return (0, 0),
+            TCP_LAST_ACK | TCP_CLOSING => (1, 1),
+            TCP_FIN_WAIT2 => (
+                1,
+                u64::from(self.bytes_received > self.open.received_at_fin_wait2),
+            ),
+            TCP_CLOSE_WAIT => (0, 1),
+            _ => (0, 0),
+        };
+        (
+            self.bytes_acked.saturating_sub(1 + fin_acked),
+            self.bytes_received.saturating_sub(fin_received),
+        )
+    }
 }
 
 /// A socket address; IPv4 as `::ffff:a.b.c.d`.
@@ -212,6 +289,8 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` data with explicit padding fields and no pointers.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::DirectOpen {}
+    unsafe impl aya::Pod for super::DirectClosed {}
     unsafe impl aya::Pod for super::SockAddr16 {}
     unsafe impl aya::Pod for super::ServiceKeyV4 {}
     unsafe impl aya::Pod for super::ServiceKeyV6 {}

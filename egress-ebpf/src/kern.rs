@@ -11,14 +11,15 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use egress_common::{
     AF_INET, AF_INET6, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, DEFAULT_MAX_ALLOWED,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS, DEFAULT_MAX_ORIG,
-    DEFAULT_MAX_SERVICES, Dialled, OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, Service,
-    ServiceKeyV4, ServiceKeyV6, Tables, Verdict, allow_key_v4, allow_key_v6, decide,
+    DEFAULT_MAX_SERVICES, DIRECT_CLOSED_BYTES, Dialled, DirectClosed, DirectOpen, OrigDst, PeerKey,
+    Query, Reason, SO_ORIGINAL_DST, Service, ServiceKeyV4, ServiceKeyV6, TCP_FIN_WAIT2, Tables,
+    Verdict, allow_key_v4, allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
     v4_mapped, v4_unmapped,
 };
@@ -66,6 +67,20 @@ static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAUL
 /// socket closes.
 #[map]
 static DIALLED: LruHashMap<u64, Dialled> = LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
+/// (port, address) ranges that only TCP ServiceEntries relaying to the dialled address declare.
+#[map]
+static DIRECT_V4: LpmTrie<AllowKeyV4, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_ALLOWED, 0);
+#[map]
+static DIRECT_V6: LpmTrie<AllowKeyV6, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_ALLOWED, 0);
+/// Socket cookie → a direct connection being accounted, until it closes.
+#[map]
+static DIRECT_OPEN: LruHashMap<u64, DirectOpen> = LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
+/// Closed direct connections, for the agent's access log.
+#[map]
+static DIRECT_CLOSED: RingBuf = RingBuf::with_byte_size(DIRECT_CLOSED_BYTES, 0);
+/// Closes the ring had no room for.
+#[map]
+static DIRECT_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The decision's lookups, answered from the maps.
 struct Maps;
@@ -101,6 +116,10 @@ impl Tables for Maps {
         prefix(ALLOW_V4.get(Key::new(48, allow_key_v4(port, a))))
     }
     #[inline(always)]
+    fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
+        prefix(DIRECT_V4.get(Key::new(48, allow_key_v4(port, a))))
+    }
+    #[inline(always)]
     fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
         prefix(INCLUDE_V6.get(Key::new(128, a)))
     }
@@ -111,6 +130,10 @@ impl Tables for Maps {
     #[inline(always)]
     fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
         prefix(ALLOW_V6.get(Key::new(144, allow_key_v6(port, a))))
+    }
+    #[inline(always)]
+    fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
+        prefix(DIRECT_V6.get(Key::new(144, allow_key_v6(port, a))))
     }
 }
 
@@ -263,34 +286,47 @@ fn handle<A: Addr>(
     if d.verdict == Verdict::Bypass && !service {
         return 1;
     }
-    // Translated or redirected: getpeername() answers with what the application dialled.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // One record on the stack serves both: a direct connection's accounting, or the original
+    // destination of a redirected one.
+    let open = DirectOpen {
+        conn: OrigDst {
+            addr: dst16,
+            port,
+            _pad: 0,
+            reason: d.reason as u32,
+            uid: q.uid,
+            gid: q.gid,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            _pad2: 0,
+            cookie,
+            created_ns: unsafe { bpf_ktime_get_ns() },
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        },
+        received_at_fin_wait2: u64::MAX,
+    };
+    if d.verdict == Verdict::Direct {
+        // Accounted until it closes (sock_ops); if the record cannot be stored the connection
+        // still goes where it was allowed to, unlogged.
+        let _ = DIRECT_OPEN.insert(&cookie, &open, BPF_ANY as u64);
+        if !service {
+            return 1;
+        }
+    }
+    // Translated or redirected: getpeername() answers with what the application dialled.
     let seen = Dialled {
         addr: dialled,
         port: dialled_port,
         _pad: 0,
     };
     let _ = DIALLED.insert(&cookie, &seen, BPF_ANY as u64);
-    if d.verdict == Verdict::Bypass {
+    if d.verdict != Verdict::Redirect {
         write_dst(ctx, fam, dst16, port);
         return 1;
     }
-    let rec = OrigDst {
-        addr: dst16,
-        port,
-        _pad: 0,
-        reason: d.reason as u32,
-        uid: q.uid,
-        gid: q.gid,
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        _pad2: 0,
-        cookie,
-        created_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-    };
     // If the record cannot be stored the agent finds none and resets the connection: a
     // redirect never turns into an unmediated bypass.
-    let _ = ORIG_BY_COOKIE.insert(&cookie, &rec, BPF_ANY as u64);
+    let _ = ORIG_BY_COOKIE.insert(&cookie, &open.conn, BPF_ANY as u64);
     let listener = if fam == Family::V6 {
         cfg.listener_v6
     } else {
@@ -413,9 +449,12 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // Ask to hear about this socket's close, so that its records never outlive it. Every
-        // translated or redirected socket has a DIALLED record.
-        if unsafe { DIALLED.get(&cookie) }.is_some() {
+        // Ask to hear about this socket's state changes: its records must never outlive it,
+        // and a direct connection is accounted at its close. Every translated or redirected
+        // socket has a DIALLED record, every direct one a DIRECT_OPEN record.
+        if unsafe { DIALLED.get(&cookie) }.is_some()
+            || unsafe { DIRECT_OPEN.get(&cookie) }.is_some()
+        {
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
@@ -425,12 +464,53 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
             let _ = ORIG_BY_PEER.insert(&peer_key_of(&ctx), &rec, BPF_ANY as u64);
             let _ = ORIG_BY_COOKIE.remove(&cookie);
         }
+    } else if ctx.arg(1) == TCP_FIN_WAIT2 {
+        if let Some(open) = DIRECT_OPEN.get_ptr_mut(&cookie) {
+            let received = unsafe { read_volatile(addr_of!((*ctx.ops).bytes_received)) };
+            unsafe { (*open).received_at_fin_wait2 = received };
+        }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
         let _ = DIALLED.remove(&cookie);
         let _ = ORIG_BY_COOKIE.remove(&cookie);
         let _ = ORIG_BY_PEER.remove(&peer_key_of(&ctx));
+        if let Some(open) = unsafe { DIRECT_OPEN.get(&cookie) } {
+            let open = *open;
+            let _ = DIRECT_OPEN.remove(&cookie);
+            report_direct_close(&ctx, open);
+        }
     }
     1
+}
+
+/// Hand a direct connection's close to the agent, or count it as lost when the ring is full.
+#[inline(always)]
+fn report_direct_close(ctx: &SockOpsContext, open: DirectOpen) {
+    let ops = ctx.ops;
+    let (acked, received) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).bytes_acked)),
+            read_volatile(addr_of!((*ops).bytes_received)),
+        )
+    };
+    let closed = DirectClosed {
+        open,
+        closed_ns: unsafe { bpf_ktime_get_ns() },
+        bytes_acked: acked,
+        bytes_received: received,
+        local: peer_key_of(ctx),
+        old_state: ctx.arg(0),
+    };
+    match DIRECT_CLOSED.reserve::<DirectClosed>(0) {
+        Some(mut entry) => {
+            entry.write(closed);
+            entry.submit(0);
+        }
+        None => {
+            if let Some(c) = DIRECT_LOST.get_ptr_mut(0) {
+                unsafe { *c += 1 };
+            }
+        }
+    }
 }
 
 #[cgroup_sockopt(getsockopt)]

@@ -17,10 +17,11 @@ use aya::{
 };
 use egress_common::{
     ALL_MAPS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, MAP_ALLOW_V4, MAP_ALLOW_V6,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4,
-    MAP_EXCLUDE_V6, MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER,
-    MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16,
-    Tables, allow_key_v4, allow_key_v6, decide::REASON_COUNT, v4_mapped,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_OPEN, MAP_DIRECT_V4, MAP_DIRECT_V6,
+    MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6, MAP_INCLUDE_V4,
+    MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4,
+    MAP_SERVICES_V6, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, allow_key_v4,
+    allow_key_v6, decide::REASON_COUNT, v4_mapped,
 };
 use log::info;
 
@@ -130,10 +131,10 @@ impl Datapath {
         ] {
             loader.map_max_entries(m, cap.cidrs.saturating_mul(2));
         }
-        for m in [MAP_ALLOW_V4, MAP_ALLOW_V6] {
+        for m in [MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_DIRECT_V4, MAP_DIRECT_V6] {
             loader.map_max_entries(m, cap.allowed.saturating_mul(2));
         }
-        for m in [MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER] {
+        for m in [MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_DIRECT_OPEN] {
             loader.map_max_entries(m, cap.orig);
         }
         let ebpf = loader
@@ -231,6 +232,8 @@ pub struct Maps {
     exclude_v6: LpmTrie<MapData, [u8; 16], u32>,
     allow_v4: LpmTrie<MapData, AllowKeyV4, u32>,
     allow_v6: LpmTrie<MapData, AllowKeyV6, u32>,
+    direct_v4: LpmTrie<MapData, AllowKeyV4, u32>,
+    direct_v6: LpmTrie<MapData, AllowKeyV6, u32>,
     ports: HashMap<MapData, u16, u8>,
     exclude_uids: HashMap<MapData, u32, u8>,
     exclude_gids: HashMap<MapData, u32, u8>,
@@ -268,6 +271,8 @@ impl Maps {
             exclude_v6: open(dir, MAP_EXCLUDE_V6)?,
             allow_v4: open(dir, MAP_ALLOW_V4)?,
             allow_v6: open(dir, MAP_ALLOW_V6)?,
+            direct_v4: open(dir, MAP_DIRECT_V4)?,
+            direct_v6: open(dir, MAP_DIRECT_V6)?,
             ports: open(dir, MAP_PORTS)?,
             exclude_uids: open(dir, MAP_EXCLUDE_UIDS)?,
             exclude_gids: open(dir, MAP_EXCLUDE_GIDS)?,
@@ -356,6 +361,20 @@ impl Maps {
             ),
             Entry::Allow6(port, n) => lpm_set(
                 &mut self.allow_v6,
+                16 + u32::from(n.prefix_len()),
+                allow_key_v6(port, n.network().octets()),
+                n.prefix_len(),
+                add,
+            ),
+            Entry::Direct4(port, n) => lpm_set(
+                &mut self.direct_v4,
+                16 + u32::from(n.prefix_len()),
+                allow_key_v4(port, n.network().octets()),
+                n.prefix_len(),
+                add,
+            ),
+            Entry::Direct6(port, n) => lpm_set(
+                &mut self.direct_v6,
                 16 + u32::from(n.prefix_len()),
                 allow_key_v6(port, n.network().octets()),
                 n.prefix_len(),
@@ -479,6 +498,9 @@ impl Tables for Maps {
     fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
         found(self.allow_v4.get(&Key::new(48, allow_key_v4(port, a)), 0))
     }
+    fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
+        found(self.direct_v4.get(&Key::new(48, allow_key_v4(port, a)), 0))
+    }
     fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
         found(self.include_v6.get(&Key::new(128, a), 0))
     }
@@ -487,5 +509,8 @@ impl Tables for Maps {
     }
     fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
         found(self.allow_v6.get(&Key::new(144, allow_key_v6(port, a)), 0))
+    }
+    fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
+        found(self.direct_v6.get(&Key::new(144, allow_key_v6(port, a)), 0))
     }
 }

@@ -138,6 +138,10 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
             "REGISTRY_ONLY: reached through a Kubernetes Service, which is registered".to_owned()
         }
         Reason::ServiceNoEndpoints => format!("Kubernetes Service {dst} has no endpoints"),
+        Reason::TcpEntry => format!(
+            "TCP ServiceEntry address {net} port {port}: nothing in the stream to decide, so it \
+             goes straight out, accounted by the kernel"
+        ),
     };
     format!("{} ({rule}) [{}]", d.verdict.name(), d.reason.name())
 }
@@ -160,6 +164,7 @@ mod tests {
             enabled: 1,
             listener_port: 15001,
             listener_v4: [127, 0, 0, 1],
+            direct: 1,
             ..Config::default()
         };
         let line = |s: &str| {
@@ -221,6 +226,20 @@ mod tests {
         assert_eq!(
             explain(&p, &cfg, "198.18.0.1:81".parse().unwrap(), &c).join("\n"),
             "deny (REGISTRY_ONLY: no ServiceEntry address allows 198.18.0.1 port 81) [registry-denied]"
+        );
+        // A TCP entry by address needs nothing from the stream.
+        let l = config::parse_str(
+            "m.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\n\
+             spec: {hosts: [db.example], addresses: [198.18.5.0/24], resolution: NONE, \
+             ports: [{number: 5432, name: tcp, protocol: TCP}]}\n",
+        )
+        .expect("valid");
+        let p = compile(&l.config);
+        assert_eq!(
+            explain(&p, &cfg, "198.18.5.9:5432".parse().unwrap(), &c).join("\n"),
+            "direct (TCP ServiceEntry address 198.18.5.0/24 port 5432: nothing in the stream to \
+             decide, so it goes straight out, accounted by the kernel) [tcp-entry]"
         );
     }
 }

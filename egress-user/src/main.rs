@@ -4,6 +4,7 @@ mod accesslog;
 mod admin;
 mod config;
 mod datapath;
+mod direct;
 mod explain;
 mod http;
 mod istio;
@@ -250,7 +251,9 @@ fn load_config(path: Option<&Path>) -> Result<MeshConfig> {
     }
 }
 
-fn datapath_config(agent: &AgentArgs, mode: u8, netns_cookie: u64) -> Config {
+/// The datapath's settings. `direct`: TCP entries by address go straight out (not when an
+/// external proxy is to see every redirected connection).
+fn datapath_config(agent: &AgentArgs, mode: u8, netns_cookie: u64, direct: bool) -> Config {
     Config {
         netns_cookie,
         agent_mark: agent.mark,
@@ -259,7 +262,8 @@ fn datapath_config(agent: &AgentArgs, mode: u8, netns_cookie: u64) -> Config {
         enabled: 1,
         listener_v4: Ipv4Addr::LOCALHOST.octets(),
         listener_v6: Ipv6Addr::LOCALHOST.octets(),
-        _pad: [0; 4],
+        direct: u8::from(direct),
+        _pad: [0; 3],
     }
 }
 
@@ -320,7 +324,12 @@ fn run(args: RunArgs) -> Result<()> {
     sys::ensure_bpffs(&args.pin_path)?;
     let mut dp = Datapath::load(cap, &args.pin_path)?;
     let mut maps = Maps::open(&args.pin_path)?;
-    let cfg = datapath_config(&args.agent, plan.mode, sys::netns_cookie()?);
+    let cfg = datapath_config(
+        &args.agent,
+        plan.mode,
+        sys::netns_cookie()?,
+        !args.external_proxy,
+    );
     let start = std::time::Instant::now();
     maps.program(&plan, cfg)?;
     info!("programmed the maps in {:.1?}", start.elapsed());
@@ -381,6 +390,12 @@ fn run(args: RunArgs) -> Result<()> {
         }
         let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
         let log = accesslog::Log::new(args.access_log).context("starting the access-log writer")?;
+        let closes = direct::Closes::open(&args.pin_path)?;
+        tokio::spawn(closes.serve(
+            log.clone(),
+            shared_registry.clone(),
+            accesslog::CgroupNames::new(root.clone()),
+        ));
         let px = Arc::new(Proxy {
             orig: orig.clone(),
             mark: args.agent.mark,
@@ -475,7 +490,7 @@ fn explain_cmd(
         Some(path) => {
             let mesh = load_config(Some(&path))?;
             let plan = plan::compile(&mesh);
-            let cfg = datapath_config(agent, plan.mode, 0);
+            let cfg = datapath_config(agent, plan.mode, 0, true);
             explain::explain(&plan, &cfg, dst, caller).join("\n")
         }
         None => {
@@ -502,6 +517,7 @@ fn reason_verdict(r: egress_common::Reason) -> &'static str {
     match r {
         IncludedPort | IncludedCidr | RegistryAllowed | RegistryService => "redirect",
         RegistryDenied | ServiceNoEndpoints => "deny",
+        TcpEntry => "direct",
         Agent | OtherNetns | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
         | ExcludedCidr | NotIncluded => "bypass",
     }

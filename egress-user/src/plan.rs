@@ -12,6 +12,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::{MeshConfig, Mode};
 
+/// (port, network) pairs, as the allow and direct tries key them.
+pub type PortNets<N> = BTreeSet<(u16, N)>;
+
 /// What the maps hold. `Plan::default()` is empty maps in ALLOW_ANY mode.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -24,8 +27,12 @@ pub struct Plan {
     pub exclude_uids: BTreeSet<u32>,
     pub exclude_gids: BTreeSet<u32>,
     /// (port, network) pairs that ServiceEntry addresses allow under REGISTRY_ONLY.
-    pub allow_v4: BTreeSet<(u16, Ipv4Net)>,
-    pub allow_v6: BTreeSet<(u16, Ipv6Net)>,
+    pub allow_v4: PortNets<Ipv4Net>,
+    pub allow_v6: PortNets<Ipv6Net>,
+    /// (port, network) pairs whose connections go straight out (`Verdict::Direct`): declared
+    /// only by TCP entries that relay to the dialled address (see `direct`).
+    pub direct_v4: PortNets<Ipv4Net>,
+    pub direct_v6: PortNets<Ipv6Net>,
     /// Kubernetes Service address (cluster IP, port) → its ready endpoints, sorted. A connect
     /// to the former goes to one of the latter; none refuses it.
     pub services: BTreeMap<SocketAddr, Vec<SocketAddr>>,
@@ -77,6 +84,7 @@ pub fn compile(c: &MeshConfig) -> Plan {
             }
         }
     }
+    let (direct_v4, direct_v6) = direct(c);
     let mut services: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
     for svc in c.services.iter().filter(|s| s.translated()) {
         let sets: Vec<_> = c
@@ -127,7 +135,56 @@ pub fn compile(c: &MeshConfig) -> Plan {
         exclude_gids: i.exclude_gids.iter().copied().collect(),
         allow_v4,
         allow_v6,
+        direct_v4,
+        direct_v6,
     }
+}
+
+/// The (port, network) pairs the kernel can allow straight out: those whose every
+/// connection the agent would relay, unchanged, to the address and port dialled. A pair of a
+/// TCP entry with `resolution: NONE` (no target port) qualifies unless an entry that needs the
+/// agent (HTTP or TLS, resolved, another port) declares the same port on an overlapping
+/// network: the agent matches addresses entry by entry, the kernel by longest prefix, and
+/// with no such overlap the two cannot disagree. Overlapping qualified pairs are all kept:
+/// whichever matches, the connection goes to where it was dialled.
+fn direct(c: &MeshConfig) -> (PortNets<Ipv4Net>, PortNets<Ipv6Net>) {
+    let mut relayed = Vec::new();
+    let mut mediated = Vec::new();
+    for se in c
+        .service_entries
+        .iter()
+        .filter(|se| !se.addresses.is_empty())
+    {
+        let direct_ports = crate::registry::relayed_ports(se);
+        for port in se
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| u16::try_from(p.number).ok())
+        {
+            let to = if direct_ports.contains(&port) {
+                &mut relayed
+            } else {
+                &mut mediated
+            };
+            to.extend(se.addresses.iter().map(|a| (port, a.trunc())));
+        }
+    }
+    let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
+    for (port, net) in relayed {
+        if mediated
+            .iter()
+            .any(|(p, n)| *p == port && overlaps(n, &net))
+        {
+            continue;
+        }
+        match net {
+            IpNet::V4(n) => v4.insert((port, n)),
+            IpNet::V6(n) => v6.insert((port, n)),
+        };
+    }
+    (v4, v6)
 }
 
 /// One map entry, as the datapath plan sees it.
@@ -139,6 +196,8 @@ pub enum Entry {
     Exclude6(Ipv6Net),
     Allow4(u16, Ipv4Net),
     Allow6(u16, Ipv6Net),
+    Direct4(u16, Ipv4Net),
+    Direct6(u16, Ipv6Net),
     /// A `PORT_INCLUDE` or `PORT_EXCLUDE` bit of a port.
     Port(u16, u8),
     Uid(u32),
@@ -171,6 +230,8 @@ impl Plan {
         widen_redirect.extend(self.include_v6.iter().map(|n| Entry::Include6(*n)));
         widen_redirect.extend(self.allow_v4.iter().map(|(p, n)| Entry::Allow4(*p, *n)));
         widen_redirect.extend(self.allow_v6.iter().map(|(p, n)| Entry::Allow6(*p, *n)));
+        widen_redirect.extend(self.direct_v4.iter().map(|(p, n)| Entry::Direct4(*p, *n)));
+        widen_redirect.extend(self.direct_v6.iter().map(|(p, n)| Entry::Direct6(*p, *n)));
         widen_redirect.extend(
             self.services
                 .iter()
@@ -195,6 +256,8 @@ impl Plan {
             Entry::Exclude6(n) => self.exclude_v6.contains(n),
             Entry::Allow4(p, n) => self.allow_v4.contains(&(*p, *n)),
             Entry::Allow6(p, n) => self.allow_v6.contains(&(*p, *n)),
+            Entry::Direct4(p, n) => self.direct_v4.contains(&(*p, *n)),
+            Entry::Direct6(p, n) => self.direct_v6.contains(&(*p, *n)),
             Entry::Port(p, bit) => self.ports.get(p).is_some_and(|f| f & bit != 0),
             Entry::Uid(u) => self.exclude_uids.contains(u),
             Entry::Gid(g) => self.exclude_gids.contains(g),
@@ -242,6 +305,8 @@ impl Plan {
             Entry::Exclude6(n) => set(&mut self.exclude_v6, n, add),
             Entry::Allow4(p, n) => set(&mut self.allow_v4, (p, n), add),
             Entry::Allow6(p, n) => set(&mut self.allow_v6, (p, n), add),
+            Entry::Direct4(p, n) => set(&mut self.direct_v4, (p, n), add),
+            Entry::Direct6(p, n) => set(&mut self.direct_v6, (p, n), add),
             Entry::Uid(u) => set(&mut self.exclude_uids, u, add),
             Entry::Gid(g) => set(&mut self.exclude_gids, g, add),
             Entry::Port(p, bit) => {
@@ -339,6 +404,14 @@ impl Tables for Plan {
             |(_, n)| n.prefix_len(),
         )
     }
+    fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
+        let a = Ipv4Addr::from(a);
+        lpm(
+            self.direct_v4.iter(),
+            |(p, n)| *p == port && n.contains(&a),
+            |(_, n)| n.prefix_len(),
+        )
+    }
     fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
         let a = Ipv6Addr::from(a);
         lpm(
@@ -359,6 +432,14 @@ impl Tables for Plan {
         let a = Ipv6Addr::from(a);
         lpm(
             self.allow_v6.iter(),
+            |(p, n)| *p == port && n.contains(&a),
+            |(_, n)| n.prefix_len(),
+        )
+    }
+    fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
+        let a = Ipv6Addr::from(a);
+        lpm(
+            self.direct_v6.iter(),
             |(p, n)| *p == port && n.contains(&a),
             |(_, n)| n.prefix_len(),
         )
@@ -438,11 +519,21 @@ spec:
             ])
         );
         assert_eq!(compile(&l.config), p, "deterministic");
+        // The TCP port of an entry by address goes straight out; its TLS port is the agent's.
+        assert_eq!(
+            p.direct_v4,
+            BTreeSet::from([(8443, "127.20.1.0/24".parse().unwrap())])
+        );
+        assert_eq!(
+            p.direct_v6,
+            BTreeSet::from([(8443, "2001:db8::5/128".parse().unwrap())])
+        );
 
         let cfg = Config {
             enabled: 1,
             listener_port: 15001,
             mode: p.mode,
+            direct: 1,
             ..Config::default()
         };
         let q = |dst: [u8; 4], port| Query {
@@ -468,6 +559,49 @@ spec:
         assert_eq!(
             (d.verdict, d.reason, d.prefix_len),
             (Verdict::Bypass, Reason::ExcludedCidr, 24)
+        );
+    }
+
+    #[test]
+    fn direct_only_where_no_entry_needing_the_agent_overlaps() {
+        let se_with = |name: &str, addr: &str, port: &str, resolution: &str| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
+                 spec: {{hosts: [{name}.example], addresses: [{addr}], ports: [{port}], \
+                 resolution: {resolution}}}\n"
+            )
+        };
+        let se = |name: &str, addr: &str, port: &str| se_with(name, addr, port, "NONE");
+        let tcp = "{number: 5432, name: tcp, protocol: TCP}";
+        let yaml = [
+            se("db", "127.20.0.0/16", tcp),
+            // Another range of the same port, inside the first, resolved by name: the agent's.
+            se_with("resolved", "127.20.7.0/24", tcp, "DNS"),
+            // A target port: the agent connects elsewhere.
+            se(
+                "moved",
+                "127.30.0.1",
+                "{number: 5432, name: tcp, protocol: TCP, targetPort: 5433}",
+            ),
+            se("other", "127.40.0.0/24", tcp),
+            // The same port named as HTTP on a range inside another TCP one.
+            se(
+                "mongo",
+                "127.50.0.0/16",
+                "{number: 27017, name: mongo, protocol: MONGO}",
+            ),
+            se(
+                "web",
+                "127.50.1.0/24",
+                "{number: 27017, name: http, protocol: HTTP}",
+            ),
+        ]
+        .concat();
+        let l = config::parse_str("m.yaml", &yaml).expect("valid");
+        let p = compile(&l.config);
+        assert_eq!(
+            p.direct_v4,
+            BTreeSet::from([(5432, "127.40.0.0/24".parse().unwrap())])
         );
     }
 
@@ -662,8 +796,9 @@ subsets:
             (
                 nets(),
                 prop::collection::vec(prop::sample::select(&PORTS[..]), 1..3),
+                prop::sample::select(&[None, Some("HTTP"), Some("TCP")][..]),
             )
-                .prop_map(|(addresses, ports)| ServiceEntry {
+                .prop_map(|(addresses, ports, protocol)| ServiceEntry {
                     namespace: "default".into(),
                     name: "se".into(),
                     spec: ServiceEntrySpec {
@@ -673,7 +808,7 @@ subsets:
                             .map(|p| ServicePort {
                                 number: u32::from(*p),
                                 name: None,
-                                protocol: None,
+                                protocol: protocol.map(str::to_owned),
                                 target_port: None,
                             })
                             .collect(),
@@ -755,6 +890,7 @@ subsets:
                 enabled: 1,
                 listener_port: 15001,
                 mode: p.mode,
+                direct: 1,
                 ..Config::default()
             };
             let mut out = Vec::new();

@@ -480,6 +480,23 @@ fn route_matches(r: &HttpRoute, method: &str, path: &str) -> bool {
     })
 }
 
+/// The ports of an entry with addresses whose connections the agent relays, unchanged, to
+/// the address and port dialled: TCP (by address) with `resolution: NONE` and no target port.
+/// The kernel lets those go straight out (`plan::direct`).
+pub fn relayed_ports(se: &ServiceEntry) -> Vec<u16> {
+    let e = entry(se);
+    if e.addresses.is_empty() || e.resolution != Resolution::None {
+        return Vec::new();
+    }
+    // A port declared twice is matched by its first declaration, as `Entry::port` does.
+    e.ports
+        .iter()
+        .filter_map(|p| e.port(p.number))
+        .filter(|p| p.proto == Proto::Tcp && p.target.is_none_or(|t| t == p.number))
+        .map(|p| p.number)
+        .collect()
+}
+
 fn entry(se: &ServiceEntry) -> Entry {
     let s = &se.spec;
     let resolution = match s.resolution.as_deref() {

@@ -472,6 +472,16 @@ impl Agent {
         (cookie.keys().count(), peer.keys().count())
     }
 
+    /// Direct connections the kernel is still accounting for (`DIRECT_OPEN`).
+    pub fn direct_open_entries(&self) -> usize {
+        use aya::maps::{HashMap, Map, MapData};
+        use egress_common::{DirectOpen, MAP_DIRECT_OPEN};
+        let data = MapData::from_pin(self.pin.join(MAP_DIRECT_OPEN)).unwrap();
+        let open: HashMap<_, u64, DirectOpen> =
+            HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+        open.keys().count()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

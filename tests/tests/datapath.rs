@@ -315,7 +315,10 @@ spec:
   addresses: [127.20.1.0/24]
   ports:
   - {number: PORT, name: tcp, protocol: TCP}
-  resolution: NONE
+  # Endpoints: the agent connects to them, so allowed connections go through it (a TCP entry
+  # relaying to the address dialled would go straight out, see TCP_ENTRY).
+  resolution: STATIC
+  endpoints: [{address: 127.20.1.5}]
 "#;
 
 #[test]
@@ -364,6 +367,106 @@ fn registry_only_denies_at_connect_what_no_service_entry_allows() {
         "{:?}",
         servers.seen()
     );
+}
+
+const TCP_ENTRY: &str = r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: default}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  interception:
+    includeOutboundIPRanges: "127.20.0.0/16"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.example]
+  addresses: [127.20.5.0/24]
+  ports:
+  - {number: PORT, name: tcp, protocol: TCP}
+  resolution: NONE
+"#;
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn tcp_entries_go_straight_out_and_the_kernel_accounts_for_each_connection() {
+    if !privileged("tcp_entries_go_straight_out_and_the_kernel_accounts_for_each_connection") {
+        return;
+    }
+    let cg = Cgroup::new("direct");
+    let port = free_port();
+    let agent = start(&TCP_ENTRY.replace("PORT", &port.to_string()), &cg);
+    let servers = Servers::new();
+    let dst = servers.echo(sa(&format!("127.20.5.7:{port}")));
+    assert_eq!(
+        agent.explain(&dst.to_string(), &[]),
+        format!(
+            "direct (TCP ServiceEntry address 127.20.5.0/24 port {port}: nothing in the stream \
+             to decide, so it goes straight out, accounted by the kernel) [tcp-entry]"
+        )
+    );
+
+    // The client ends its side first (FIN_WAIT2, then TIME-WAIT on the server's FIN).
+    let before = agent.stats();
+    for n in [0u64, 1, 64 * 1024, 8 * 1024 * 1024] {
+        let r = probe(Some(&cg), &["echo", &dst.to_string(), &n.to_string()]);
+        assert_eq!(r.get("match").as_deref(), Some("true"), "{n} bytes: {r:?}");
+        let client = r.local();
+        // The server was reached by the client's own socket: nothing in between.
+        let seen = servers.wait_from(client);
+        assert_eq!(
+            (seen.local, seen.received, seen.hash),
+            (dst, n, pattern_hash(n))
+        );
+        let conn = agent.wait_conn(&format!("the {n}-byte connection"), |c| {
+            c.get("peer") == client.to_string()
+        });
+        assert_eq!(conn.get("orig_dst"), dst.to_string(), "{conn:?}");
+        assert_eq!(conn.get("reason"), "tcp-entry", "{conn:?}");
+        assert_eq!(conn.get("protocol"), "tcp", "{conn:?}");
+        assert_eq!(conn.get("matched"), "ServiceEntry default/db", "{conn:?}");
+        assert_eq!(conn.get("result"), "ok", "{conn:?}");
+        assert_eq!(conn.get("bytes_up"), n.to_string(), "{conn:?}");
+        assert_eq!(conn.get("bytes_down"), n.to_string(), "{conn:?}");
+        assert_eq!(Some(conn.get("pid").to_owned()), r.get("pid"), "{conn:?}");
+        assert_eq!(conn.get("upstream"), "", "no agent connection: {conn:?}");
+    }
+    assert_eq!(
+        increments(&before, &agent.stats()),
+        BTreeMap::from([("tcp-entry".to_owned(), 4)])
+    );
+
+    // The server ends first (the client closes from CLOSE_WAIT through LAST_ACK).
+    let web = servers.http(sa(&format!("127.20.5.8:{port}")));
+    let request = "GET / HTTP/1.1\r\nHost: db.example\r\n\r\n";
+    let r = probe(Some(&cg), &["raw", &web.to_string(), &hex(request), "300"]);
+    assert_eq!(r.get("end").as_deref(), Some("eof"), "{r:?}");
+    let received = r.get("received").unwrap();
+    assert!(r.get("text").unwrap().contains("HTTP/1.1_200"), "{r:?}");
+    let client = r.local();
+    let conn = agent.wait_conn("the HTTP exchange", |c| c.get("peer") == client.to_string());
+    assert_eq!(conn.get("result"), "ok", "{conn:?}");
+    assert_eq!(conn.get("bytes_up"), request.len().to_string(), "{conn:?}");
+    assert_eq!(conn.get("bytes_down"), received, "{conn:?}");
+
+    // Nothing listens: the client's own connect is refused, as it would be without egress.
+    let closed = sa(&format!("127.20.5.9:{port}"));
+    let r = probe(Some(&cg), &["echo", &closed.to_string(), "1"]);
+    assert_eq!(r.get("errno").as_deref(), Some("111"), "{r:?}");
+    let conn = agent.wait_conn("the refused connection", |c| {
+        c.get("orig_dst") == closed.to_string()
+    });
+    assert_eq!(conn.get("result"), "connect-failed", "{conn:?}");
+    assert_eq!((conn.get("bytes_up"), conn.get("bytes_down")), ("0", "0"));
+
+    // Every connection's record went up to the agent: nothing is left in the kernel.
+    assert_eq!(agent.direct_open_entries(), 0);
+    assert_eq!(agent.orig_entries(), (0, 0));
 }
 
 #[test]

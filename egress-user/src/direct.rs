@@ -1,0 +1,135 @@
+//! Direct connections: TCP ServiceEntry destinations that the kernel lets go straight out
+//! (`Verdict::Direct`) and accounts for itself. Each one's close comes up the `DIRECT_CLOSED`
+//! ring; this turns it into the same access-log record a relayed connection gets.
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use egress_common::{
+    DirectClosed, MAP_DIRECT_CLOSED, MAP_DIRECT_LOST, Reason, TCP_CLOSING, TCP_FIN_WAIT2,
+    TCP_LAST_ACK, TCP_SYN_SENT,
+};
+use log::warn;
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    accesslog::{self, Record},
+    proxy::{monotonic_ns, orig_addr, orig_addr_of},
+    registry,
+};
+
+/// The kernel's reports of closed direct connections.
+pub struct Closes {
+    ring: AsyncFd<RingBuf<MapData>>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl Closes {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let ring: RingBuf<MapData> = crate::datapath::open(pin_dir, MAP_DIRECT_CLOSED)?;
+        // SAFETY: the ring owns the map's descriptor and is dropped with the `AsyncFd`, never
+        // closed or replaced while registered.
+        let ring = unsafe { AsyncFd::register(ring) }.context("polling the DIRECT_CLOSED ring")?;
+        Ok(Closes {
+            ring,
+            lost: crate::datapath::open(pin_dir, MAP_DIRECT_LOST)?,
+        })
+    }
+
+    /// Log every close as it comes, for as long as the agent runs. Records are made only when
+    /// they are written; the ring is drained either way.
+    pub async fn serve(
+        mut self,
+        log: accesslog::Log,
+        registry: registry::Shared,
+        cgroups: accesslog::CgroupNames,
+    ) {
+        let mut lost_seen = 0;
+        loop {
+            let mut guard = match self.ring.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    warn!("direct connections: polling the ring failed, no more records: {e}");
+                    return;
+                }
+            };
+            let reg = registry::load(&registry);
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if log.format == accesslog::Format::Off {
+                    continue;
+                }
+                let Some(closed) = parse(&item) else {
+                    continue;
+                };
+                log.write(&record(&closed, &reg, &cgroups));
+            }
+            guard.clear_ready();
+            let lost: u64 = self
+                .lost
+                .get(&0, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            if lost > lost_seen {
+                warn!(
+                    "direct connections: {} closes found the ring full and were not logged \
+                     ({lost} since start)",
+                    lost - lost_seen
+                );
+                lost_seen = lost;
+            }
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Option<DirectClosed> {
+    if bytes.len() < size_of::<DirectClosed>() {
+        return None;
+    }
+    // SAFETY: the kernel wrote a whole `DirectClosed` (plain data, every bit pattern valid);
+    // the ring's records are 8-byte aligned but read unaligned anyway.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DirectClosed>()) })
+}
+
+/// The access-log record of a closed direct connection. The workload connected itself, so
+/// there is no upstream of the agent's; the matching entry is looked up in the registry in
+/// force now.
+fn record(c: &DirectClosed, reg: &registry::Registry, cgroups: &accesslog::CgroupNames) -> Record {
+    let conn = &c.open.conn;
+    let dst = orig_addr(conn);
+    let (up, down) = c.payload();
+    let age = Duration::from_nanos(monotonic_ns().saturating_sub(conn.created_ns));
+    // Both FINs through: closed. Never connected: refused or timed out. Otherwise a reset
+    // (sent or received) ended it.
+    let result = match c.old_state {
+        TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK => "ok",
+        TCP_SYN_SENT => "connect-failed",
+        _ => "reset",
+    };
+    Record {
+        time: SystemTime::now()
+            .checked_sub(age)
+            .unwrap_or_else(SystemTime::now),
+        kind: "connection",
+        cgroup: cgroups.name(conn.cgroup_id, conn.pid),
+        pid: Some(conn.pid),
+        uid: Some(conn.uid),
+        gid: Some(conn.gid),
+        peer: orig_addr_of(&c.local.addr, c.local.port),
+        orig_dst: dst,
+        reason: Reason::from_u32(conn.reason).map_or("unknown", Reason::name),
+        protocol: "tcp",
+        verdict: "allow",
+        policy: "registered",
+        matched: reg.by_address(dst).map(|m| m.entry.id.clone()),
+        bytes_up: up,
+        bytes_down: down,
+        duration_ms: c.closed_ns.saturating_sub(conn.created_ns) / 1_000_000,
+        result,
+        ..Record::default()
+    }
+}
