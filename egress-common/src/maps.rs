@@ -76,6 +76,8 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 /// Bytes of the ring that carries closed direct connections to the agent: 8,192 records.
 pub const DIRECT_CLOSED_BYTES: u32 = 8_192 * 128;
+/// Records (128 bytes each in the ring) that wake the agent: 64. Fewer wait for its timer.
+pub const DIRECT_WAKEUP_BYTES: u64 = 64 * 128;
 
 /// The datapath's settings: one entry in the `CONFIG` array.
 #[repr(C)]

@@ -3,8 +3,9 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
+        BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -17,9 +18,9 @@ use aya_ebpf::{
 use egress_common::{
     AF_INET, AF_INET6, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, DEFAULT_MAX_ALLOWED,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS, DEFAULT_MAX_ORIG,
-    DEFAULT_MAX_SERVICES, DIRECT_CLOSED_BYTES, Dialled, DirectClosed, DirectOpen, OrigDst, PeerKey,
-    Query, Reason, SO_ORIGINAL_DST, Service, ServiceKeyV4, ServiceKeyV6, TCP_FIN_WAIT2, Tables,
-    Verdict, allow_key_v4, allow_key_v6, decide,
+    DEFAULT_MAX_SERVICES, DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, Dialled, DirectClosed,
+    DirectOpen, OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, Service, ServiceKeyV4,
+    ServiceKeyV6, TCP_FIN_WAIT2, Tables, Verdict, allow_key_v4, allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
     v4_mapped, v4_unmapped,
 };
@@ -503,7 +504,14 @@ fn report_direct_close(ctx: &SockOpsContext, open: DirectOpen) {
     match DIRECT_CLOSED.reserve::<DirectClosed>(0) {
         Some(mut entry) => {
             entry.write(closed);
-            entry.submit(0);
+            // Wake the agent only once a batch has piled up (it also drains on a short
+            // timer): a wakeup per connection would cost more than the record.
+            let flags = if DIRECT_CLOSED.query(BPF_RB_AVAIL_DATA as u64) >= DIRECT_WAKEUP_BYTES {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(flags as u64);
         }
         None => {
             if let Some(c) = DIRECT_LOST.get_ptr_mut(0) {

@@ -40,7 +40,8 @@ impl Closes {
         })
     }
 
-    /// Log every close as it comes, for as long as the agent runs. Records are made only when
+    /// Log every close, for as long as the agent runs: when the kernel wakes the agent (a
+    /// batch has piled up) and every `DRAIN_EVERY` for the rest. Records are made only when
     /// they are written; the ring is drained either way.
     pub async fn serve(
         mut self,
@@ -49,16 +50,22 @@ impl Closes {
         cgroups: accesslog::CgroupNames,
     ) {
         let mut lost_seen = 0;
+        let mut tick = tokio::time::interval(DRAIN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut guard = match self.ring.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    warn!("direct connections: polling the ring failed, no more records: {e}");
-                    return;
-                }
-            };
+            tokio::select! {
+                ready = self.ring.readable_mut() => match ready {
+                    // Cleared before draining: a wakeup for records after this drain is kept.
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(e) => {
+                        warn!("direct connections: polling the ring failed, no more records: {e}");
+                        return;
+                    }
+                },
+                _ = tick.tick() => {}
+            }
             let reg = registry::load(&registry);
-            let ring = guard.get_inner_mut();
+            let ring = self.ring.get_mut();
             while let Some(item) = ring.next() {
                 if log.format == accesslog::Format::Off {
                     continue;
@@ -68,7 +75,6 @@ impl Closes {
                 };
                 log.write(&record(&closed, &reg, &cgroups));
             }
-            guard.clear_ready();
             let lost: u64 = self
                 .lost
                 .get(&0, 0)
@@ -85,6 +91,9 @@ impl Closes {
         }
     }
 }
+
+/// How long a closed direct connection's record may wait in the ring for a batch.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 fn parse(bytes: &[u8]) -> Option<DirectClosed> {
     if bytes.len() < size_of::<DirectClosed>() {

@@ -272,6 +272,10 @@ struct Settings {
     idle: usize,
 }
 
+/// The contender whose destination is a TCP ServiceEntry by address: hooks attached, the
+/// kernel decides, no proxy.
+const TCP_ENTRY: &str = "egress, TCP ServiceEntry";
+
 /// Owner of HAProxy's sockets, so that iptables can exempt its upstream connections.
 const HAPROXY_UID: u32 = 4343;
 /// Excluded CIDRs beyond the one the benchmark destination is in: /32s in 10.0.0.0/8,
@@ -282,14 +286,21 @@ fn filler_cidrs(n: u32) -> Vec<String> {
         .collect()
 }
 
-fn agent_config(cidrs: u32) -> String {
+/// The benchmark agent's configuration: `cidrs` exclusions (the last one the bypass
+/// destination's), 127.59/16 redirected to the agent, and 127.61/16 a TCP ServiceEntry on
+/// `ports`, which the kernel lets go straight out.
+fn agent_config(cidrs: u32, ports: [u16; 2]) -> String {
     let mut exclude = filler_cidrs(cidrs.saturating_sub(1));
     exclude.push("127.58.0.0/24".to_owned());
     format!(
         "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: bench}}\nspec:\n  \
-         interception:\n    includeOutboundIPRanges: [127.58.0.0/16, 127.59.0.0/16]\n    \
-         excludeOutboundIPRanges: \"{}\"\n",
-        exclude.join(",")
+         interception:\n    includeOutboundIPRanges: [127.58.0.0/16, 127.59.0.0/16, 127.61.0.0/16]\n    \
+         excludeOutboundIPRanges: \"{}\"\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {{name: bench-tcp}}\nspec:\n  hosts: [tcp.bench]\n  addresses: [127.61.0.0/16]\n  \
+         resolution: NONE\n  ports: [{{number: {}, name: tcp, protocol: TCP}}, {{number: {}, name: sink, protocol: TCP}}]\n",
+        exclude.join(","),
+        ports[0],
+        ports[1]
     )
 }
 
@@ -333,6 +344,7 @@ fn run(a: &[&str]) -> ExitCode {
     let servers = Servers::new();
     let port = free_port();
     let sink_port = free_port();
+    let ports = [port, sink_port];
     let ep = |a: &str| -> SocketAddr { format!("{a}:{port}").parse().unwrap() };
     let sp = |a: &str| -> SocketAddr { format!("{a}:{sink_port}").parse().unwrap() };
     // One destination per contender, so that each path's rules apply to it alone.
@@ -342,13 +354,15 @@ fn run(a: &[&str]) -> ExitCode {
     let egress_redirect = servers.echo(ep("127.59.0.1"));
     let ipt_egress = servers.echo(ep("127.54.0.1"));
     let ipt_haproxy = servers.echo(ep("127.60.0.1"));
+    let egress_tcp_entry = servers.echo(ep("127.61.0.1"));
     let sink_direct = servers.sink(sp("127.57.0.1"));
     let sink_egress = servers.sink(sp("127.59.0.1"));
     let sink_haproxy = servers.sink(sp("127.60.0.1"));
+    let sink_tcp_entry = servers.sink(sp("127.61.0.1"));
 
     let cg = Cgroup::new("bench");
     let agent = Agent::start(AgentOpts {
-        config: &agent_config(s.cidrs[0]),
+        config: &agent_config(s.cidrs[0], ports),
         cgroup: &cg,
         inside: false,
         extra: vec![],
@@ -367,7 +381,7 @@ fn run(a: &[&str]) -> ExitCode {
     // remap those connections' source ports, hiding them from the agent's lookup.
     let cg_ipt = Cgroup::new("bench-iptables");
     let agent_ipt = Agent::start(AgentOpts {
-        config: &agent_config(10),
+        config: &agent_config(10, ports),
         cgroup: &cg_ipt,
         inside: false,
         extra: vec![],
@@ -384,7 +398,7 @@ fn run(a: &[&str]) -> ExitCode {
     for (i, &n) in s.cidrs.iter().enumerate() {
         if i > 0 {
             let before = agent.logs().len();
-            agent.write_config(&agent_config(n));
+            agent.write_config(&agent_config(n, ports));
             agent.wait_log(before, "applied configuration generation");
         }
         let mut returns = filler_cidrs(n.saturating_sub(1));
@@ -480,11 +494,12 @@ fn run(a: &[&str]) -> ExitCode {
     writeln!(md).unwrap();
 
     // 2. Short redirected connections.
-    let rr: [(&str, Option<&Cgroup>, SocketAddr); 4] = [
+    let rr: [(&str, Option<&Cgroup>, SocketAddr); 5] = [
         ("direct", None, direct),
         ("egress redirect", Some(&cg), egress_redirect),
         ("iptables REDIRECT → egress agent", None, ipt_egress),
         ("iptables REDIRECT → HAProxy", None, ipt_haproxy),
+        (TCP_ENTRY, Some(&cg), egress_tcp_entry),
     ];
     let mut rr_samples: Vec<Samples> = (0..rr.len()).map(|_| Samples::default()).collect();
     for _ in 0..s.rounds {
@@ -547,9 +562,20 @@ fn run(a: &[&str]) -> ExitCode {
         rr_samples[1].get("p99").median / base_p99,
         |r| r <= 1.5,
     );
+    goals.add(
+        "TCP ServiceEntry short connections/s (decided in the kernel, no proxy) ≥ 1.5× iptables → HAProxy"
+            .into(),
+        rr_samples[4].get("rate").median / hap_rate,
+        |r| r >= 1.5,
+    );
+    goals.add(
+        "TCP ServiceEntry short connections p99 ≤ 1.5× direct".into(),
+        rr_samples[4].get("p99").median / base_p99,
+        |r| r <= 1.5,
+    );
 
     // 3. Stream throughput, with the proxies' CPU time per GB.
-    let streams: [(&str, Option<&Cgroup>, SocketAddr, Option<u32>); 3] = [
+    let streams: [(&str, Option<&Cgroup>, SocketAddr, Option<u32>); 4] = [
         ("direct", None, sink_direct, None),
         ("egress redirect", Some(&cg), sink_egress, Some(agent.pid())),
         (
@@ -558,6 +584,7 @@ fn run(a: &[&str]) -> ExitCode {
             sink_haproxy,
             Some(haproxy.id()),
         ),
+        (TCP_ENTRY, Some(&cg), sink_tcp_entry, Some(agent.pid())),
     ];
     let mut st_samples: Vec<Samples> = (0..streams.len()).map(|_| Samples::default()).collect();
     for _ in 0..s.rounds.min(3) {
@@ -661,7 +688,7 @@ fn run(a: &[&str]) -> ExitCode {
     writeln!(md, "|---|---:|").unwrap();
     for &n in &s.cidrs {
         let a = Agent::start(AgentOpts {
-            config: &agent_config(n),
+            config: &agent_config(n, ports),
             cgroup: &cg,
             inside: false,
             extra: vec![],
@@ -678,7 +705,7 @@ fn run(a: &[&str]) -> ExitCode {
             );
         }
         let before = a.logs().len();
-        let mut changed = agent_config(n);
+        let mut changed = agent_config(n, ports);
         changed = changed.replace("127.58.0.0/24", "127.58.0.0/25");
         a.write_config(&changed);
         let l = a.wait_log(before, "applied configuration generation");
@@ -909,7 +936,9 @@ fn header(s: &Settings, quick: bool) -> String {
          (hooks attached, destination excluded); **egress redirect** (hooks, through the agent); **iptables REDIRECT → egress \
          agent** (the same agent behind classic interception, finding the destination through conntrack); **iptables REDIRECT \
          → HAProxy** (Debian's HAProxy, `server s 0.0.0.0:0`); **iptables exclude chain** (Istio's RETURN rule per excluded \
-         range, the destination matching the last one)\n\n",
+         range, the destination matching the last one); **egress, TCP ServiceEntry** (hooks attached, the destination a \
+         TCP ServiceEntry by address: the kernel allows it straight out and accounts for it, no proxy; the access record \
+         comes from the kernel)\n\n",
         if quick { " --quick" } else { "" },
         s.rounds,
         mem.split_whitespace().collect::<Vec<_>>().join(" "),
