@@ -133,7 +133,8 @@ struct RunArgs {
     pin_path: PathBuf,
     #[command(flatten)]
     agent: AgentArgs,
-    /// How long to wait for an upstream to accept a connection (e.g. 10s, 500ms).
+    /// How long the agent waits for an upstream to accept a connection (e.g. 10s, 500ms).
+    /// Direct connections (TCP ServiceEntries) are the client's own: its timeout applies.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     connect_timeout: Duration,
     /// Age after which an original-destination record nobody claimed is removed.
@@ -149,11 +150,12 @@ struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_ADMIN_PORT)]
     admin_port: u16,
     /// Do not listen: another transparent proxy serves the outbound port and reads the
-    /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers.
+    /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers. It
+    /// then sees TCP ServiceEntry destinations too (otherwise the kernel lets those go direct).
     #[arg(long)]
     external_proxy: bool,
-    /// Access log on standard output: a JSON line (or `key=value` text) per redirected
-    /// connection and per HTTP request. Written by a thread of its own: while standard output
+    /// Access log on standard output: a JSON line (or `key=value` text) per redirected or
+    /// direct connection and per HTTP request. Written by a thread of its own: while standard output
     /// is not read, up to 8,192 records wait and later ones are dropped and counted (a warning
     /// on standard error), so that forwarding never waits for the log.
     #[arg(long, value_enum, default_value = "json")]

@@ -328,8 +328,10 @@ impl Plan {
 /// 2. add new inclusions and allow entries: they only redirect or allow more, and whatever both
 ///    plans bypass stays excluded (by the old or the new exclusions, both present) or stays
 ///    outside every inclusion; a Service's new endpoint set replaces the old one in one write;
+///    direct entries too: what both plans send direct stays covered by one, and what both
+///    redirect or deny is covered by none in either plan, so by none in between;
 /// 3. switch the mode, once the allow entries of the new plan are in place;
-/// 4. remove old inclusions and allow entries;
+/// 4. remove old inclusions, allow and direct entries;
 /// 5. remove old exclusions.
 pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
     let (old_bypass, old_redirect) = old.entries();
