@@ -376,14 +376,14 @@ metadata: {name: default}
 spec:
   outboundTrafficPolicy: {mode: REGISTRY_ONLY}
   interception:
-    includeOutboundIPRanges: "127.20.0.0/16"
+    includeOutboundIPRanges: "127.20.0.0/16,::1/128"
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: db, namespace: default}
 spec:
   hosts: [db.example]
-  addresses: [127.20.5.0/24]
+  addresses: [127.20.5.0/24, "::1"]
   ports:
   - {number: PORT, name: tcp, protocol: TCP}
   resolution: NONE
@@ -436,9 +436,27 @@ fn tcp_entries_go_straight_out_and_the_kernel_accounts_for_each_connection() {
         assert_eq!(Some(conn.get("pid").to_owned()), r.get("pid"), "{conn:?}");
         assert_eq!(conn.get("upstream"), "", "no agent connection: {conn:?}");
     }
+    // IPv6 (connect6) likewise.
+    let dst6 = servers.echo(sa(&format!("[::1]:{port}")));
+    let r = probe(Some(&cg), &["echo", &dst6.to_string(), "1000"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    let client = r.local();
+    assert_eq!(servers.wait_from(client).local, dst6);
+    let conn = agent.wait_conn("the IPv6 connection", |c| {
+        c.get("peer") == client.to_string()
+    });
+    assert_eq!(
+        (
+            conn.get("orig_dst"),
+            conn.get("bytes_up"),
+            conn.get("bytes_down")
+        ),
+        (dst6.to_string().as_str(), "1000", "1000"),
+        "{conn:?}"
+    );
     assert_eq!(
         increments(&before, &agent.stats()),
-        BTreeMap::from([("tcp-entry".to_owned(), 4)])
+        BTreeMap::from([("tcp-entry".to_owned(), 5)])
     );
 
     // The server ends first (the client closes from CLOSE_WAIT through LAST_ACK).
