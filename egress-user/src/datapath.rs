@@ -23,6 +23,7 @@ use egress_common::{
     MAP_SERVICES_V6, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, allow_key_v4,
     allow_key_v6, decide::REASON_COUNT, v4_mapped,
 };
+use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
 
 use crate::plan::{Entry, Op, Plan, diff};
@@ -70,6 +71,40 @@ fn lpm_set<K: aya::Pod>(
     } else {
         map.remove(&key)
     }
+}
+
+/// Insert or delete a (port, range) entry of an allow or direct trie. Port first, then
+/// address: a prefix of 16 + n bits is one port and an /n range.
+fn port_net_set4(
+    map: &mut LpmTrie<MapData, AllowKeyV4, u32>,
+    port: u16,
+    n: Ipv4Net,
+    add: bool,
+) -> Result<(), aya::maps::MapError> {
+    let key = allow_key_v4(port, n.network().octets());
+    lpm_set(
+        map,
+        16 + u32::from(n.prefix_len()),
+        key,
+        n.prefix_len(),
+        add,
+    )
+}
+
+fn port_net_set6(
+    map: &mut LpmTrie<MapData, AllowKeyV6, u32>,
+    port: u16,
+    n: Ipv6Net,
+    add: bool,
+) -> Result<(), aya::maps::MapError> {
+    let key = allow_key_v6(port, n.network().octets());
+    lpm_set(
+        map,
+        16 + u32::from(n.prefix_len()),
+        key,
+        n.prefix_len(),
+        add,
+    )
 }
 
 fn set_flag<K: aya::Pod + Eq + std::hash::Hash>(
@@ -351,35 +386,10 @@ impl Maps {
                 n.prefix_len(),
                 add,
             ),
-            // Port first, then address: a prefix of 16 + n bits is one port and an /n range.
-            Entry::Allow4(port, n) => lpm_set(
-                &mut self.allow_v4,
-                16 + u32::from(n.prefix_len()),
-                allow_key_v4(port, n.network().octets()),
-                n.prefix_len(),
-                add,
-            ),
-            Entry::Allow6(port, n) => lpm_set(
-                &mut self.allow_v6,
-                16 + u32::from(n.prefix_len()),
-                allow_key_v6(port, n.network().octets()),
-                n.prefix_len(),
-                add,
-            ),
-            Entry::Direct4(port, n) => lpm_set(
-                &mut self.direct_v4,
-                16 + u32::from(n.prefix_len()),
-                allow_key_v4(port, n.network().octets()),
-                n.prefix_len(),
-                add,
-            ),
-            Entry::Direct6(port, n) => lpm_set(
-                &mut self.direct_v6,
-                16 + u32::from(n.prefix_len()),
-                allow_key_v6(port, n.network().octets()),
-                n.prefix_len(),
-                add,
-            ),
+            Entry::Allow4(port, n) => port_net_set4(&mut self.allow_v4, port, n, add),
+            Entry::Allow6(port, n) => port_net_set6(&mut self.allow_v6, port, n, add),
+            Entry::Direct4(port, n) => port_net_set4(&mut self.direct_v4, port, n, add),
+            Entry::Direct6(port, n) => port_net_set6(&mut self.direct_v6, port, n, add),
             Entry::Uid(u) => set_flag(&mut self.exclude_uids, u, add),
             Entry::Gid(g) => set_flag(&mut self.exclude_gids, g, add),
             Entry::Port(port, bit) => {

@@ -372,6 +372,16 @@ fn lpm<'a, N: 'a + Copy>(
     nets.filter(|n| contains(n)).map(len).max()
 }
 
+/// Longest prefix among the (port, network) pairs of `port` that hold `a`.
+fn port_lpm<N: Copy + Into<IpNet>>(set: &PortNets<N>, port: u16, a: IpAddr) -> Option<u8> {
+    let net = |n: &N| -> IpNet { (*n).into() };
+    lpm(
+        set.iter(),
+        |(p, n)| *p == port && net(n).contains(&a),
+        |(_, n)| net(n).prefix_len(),
+    )
+}
+
 impl Tables for Plan {
     fn uid_excluded(&self, uid: u32) -> bool {
         self.exclude_uids.contains(&uid)
@@ -399,20 +409,10 @@ impl Tables for Plan {
         )
     }
     fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        let a = Ipv4Addr::from(a);
-        lpm(
-            self.allow_v4.iter(),
-            |(p, n)| *p == port && n.contains(&a),
-            |(_, n)| n.prefix_len(),
-        )
+        port_lpm(&self.allow_v4, port, Ipv4Addr::from(a).into())
     }
     fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        let a = Ipv4Addr::from(a);
-        lpm(
-            self.direct_v4.iter(),
-            |(p, n)| *p == port && n.contains(&a),
-            |(_, n)| n.prefix_len(),
-        )
+        port_lpm(&self.direct_v4, port, Ipv4Addr::from(a).into())
     }
     fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
         let a = Ipv6Addr::from(a);
@@ -431,20 +431,10 @@ impl Tables for Plan {
         )
     }
     fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        let a = Ipv6Addr::from(a);
-        lpm(
-            self.allow_v6.iter(),
-            |(p, n)| *p == port && n.contains(&a),
-            |(_, n)| n.prefix_len(),
-        )
+        port_lpm(&self.allow_v6, port, Ipv6Addr::from(a).into())
     }
     fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        let a = Ipv6Addr::from(a);
-        lpm(
-            self.direct_v6.iter(),
-            |(p, n)| *p == port && n.contains(&a),
-            |(_, n)| n.prefix_len(),
-        )
+        port_lpm(&self.direct_v6, port, Ipv6Addr::from(a).into())
     }
 }
 
