@@ -288,30 +288,36 @@ fn handle<A: Addr>(
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // One record on the stack serves both: a direct connection's accounting, or the original
-    // destination of a redirected one.
-    let open = DirectOpen {
-        conn: OrigDst {
-            addr: dst16,
-            port,
-            _pad: 0,
-            reason: d.reason as u32,
-            uid: q.uid,
-            gid: q.gid,
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            _pad2: 0,
-            cookie,
-            created_ns: unsafe { bpf_ktime_get_ns() },
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        },
-        received_at_fin_wait2: u64::MAX,
-    };
-    if d.verdict == Verdict::Direct {
-        // Accounted until it closes (sock_ops); if the record cannot be stored the connection
-        // still goes where it was allowed to, unlogged.
-        let _ = DIRECT_OPEN.insert(&cookie, &open, BPF_ANY as u64);
-        if !service {
-            return 1;
+    if d.verdict != Verdict::Bypass {
+        // One record on the stack serves both: a direct connection's accounting, or the
+        // original destination of a redirected one.
+        let open = DirectOpen {
+            conn: OrigDst {
+                addr: dst16,
+                port,
+                _pad: 0,
+                reason: d.reason as u32,
+                uid: q.uid,
+                gid: q.gid,
+                pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                _pad2: 0,
+                cookie,
+                created_ns: unsafe { bpf_ktime_get_ns() },
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            },
+            received_at_fin_wait2: u64::MAX,
+        };
+        if d.verdict == Verdict::Direct {
+            // Accounted until it closes (sock_ops); if the record cannot be stored the
+            // connection still goes where it was allowed to, unlogged.
+            let _ = DIRECT_OPEN.insert(&cookie, &open, BPF_ANY as u64);
+            if !service {
+                return 1;
+            }
+        } else {
+            // If the record cannot be stored the agent finds none and resets the connection:
+            // a redirect never turns into an unmediated bypass.
+            let _ = ORIG_BY_COOKIE.insert(&cookie, &open.conn, BPF_ANY as u64);
         }
     }
     // Translated or redirected: getpeername() answers with what the application dialled.
@@ -325,9 +331,6 @@ fn handle<A: Addr>(
         write_dst(ctx, fam, dst16, port);
         return 1;
     }
-    // If the record cannot be stored the agent finds none and resets the connection: a
-    // redirect never turns into an unmediated bypass.
-    let _ = ORIG_BY_COOKIE.insert(&cookie, &open.conn, BPF_ANY as u64);
     let listener = if fam == Family::V6 {
         cfg.listener_v6
     } else {
