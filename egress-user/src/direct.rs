@@ -10,15 +10,15 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use egress_common::{
-    DirectClosed, MAP_DIRECT_CLOSED, MAP_DIRECT_LOST, Reason, TCP_CLOSING, TCP_FIN_WAIT2,
-    TCP_LAST_ACK, TCP_SYN_SENT,
+    DirectClosed, MAP_DIRECT_CLOSED, MAP_DIRECT_LOST, TCP_CLOSING, TCP_FIN_WAIT2, TCP_LAST_ACK,
+    TCP_SYN_SENT,
 };
 use log::warn;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
     accesslog::{self, Record},
-    proxy::{monotonic_ns, orig_addr, orig_addr_of},
+    proxy::{Conn, monotonic_ns, orig_addr_of},
     registry,
 };
 
@@ -66,7 +66,9 @@ impl Closes {
             }
             let reg = registry::load(&registry);
             let ring = self.ring.get_mut();
+            let mut drained = 0;
             while let Some(item) = ring.next() {
+                drained += 1;
                 if log.format == accesslog::Format::Off {
                     continue;
                 }
@@ -74,6 +76,10 @@ impl Closes {
                     continue;
                 };
                 log.write(&record(&closed, &reg, &cgroups));
+            }
+            // Closes are lost only when the ring is full: an idle tick has nothing to check.
+            if drained == 0 {
+                continue;
             }
             let lost: u64 = self
                 .lost
@@ -108,37 +114,21 @@ fn parse(bytes: &[u8]) -> Option<DirectClosed> {
 /// there is no upstream of the agent's; the matching entry is looked up in the registry in
 /// force now.
 fn record(c: &DirectClosed, reg: &registry::Registry, cgroups: &accesslog::CgroupNames) -> Record {
-    let conn = &c.open.conn;
-    let dst = orig_addr(conn);
-    let (up, down) = c.payload();
-    let age = Duration::from_nanos(monotonic_ns().saturating_sub(conn.created_ns));
+    let opened = &c.open.conn;
+    let peer = orig_addr_of(&c.local.addr, c.local.port);
+    let mut conn = Conn::recorded(peer, opened, cgroups.name(opened.cgroup_id, opened.pid));
+    let age = Duration::from_nanos(monotonic_ns().saturating_sub(opened.created_ns));
+    conn.time = SystemTime::now().checked_sub(age).unwrap_or(conn.time);
+    let mut rec = conn.record("connection", "tcp");
+    rec.matched = reg.by_address(conn.dst).map(|m| m.entry.id.clone());
+    (rec.bytes_up, rec.bytes_down) = c.payload();
+    rec.duration_ms = c.closed_ns.saturating_sub(opened.created_ns) / 1_000_000;
     // Both FINs through: closed. Never connected: refused or timed out. Otherwise a reset
     // (sent or received) ended it.
-    let result = match c.old_state {
+    rec.result = match c.old_state {
         TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK => "ok",
         TCP_SYN_SENT => "connect-failed",
         _ => "reset",
     };
-    Record {
-        time: SystemTime::now()
-            .checked_sub(age)
-            .unwrap_or_else(SystemTime::now),
-        kind: "connection",
-        cgroup: cgroups.name(conn.cgroup_id, conn.pid),
-        pid: Some(conn.pid),
-        uid: Some(conn.uid),
-        gid: Some(conn.gid),
-        peer: orig_addr_of(&c.local.addr, c.local.port),
-        orig_dst: dst,
-        reason: Reason::from_u32(conn.reason).map_or("unknown", Reason::name),
-        protocol: "tcp",
-        verdict: "allow",
-        policy: "registered",
-        matched: reg.by_address(dst).map(|m| m.entry.id.clone()),
-        bytes_up: up,
-        bytes_down: down,
-        duration_ms: c.closed_ns.saturating_sub(conn.created_ns) / 1_000_000,
-        result,
-        ..Record::default()
-    }
+    *rec
 }

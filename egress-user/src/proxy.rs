@@ -159,6 +159,21 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection the kernel recorded, starting now: who made it and where it was going.
+    pub fn recorded(peer: SocketAddr, rec: &OrigDst, cgroup: Option<Arc<str>>) -> Conn {
+        Conn {
+            peer,
+            dst: orig_addr(rec),
+            reason: Reason::from_u32(rec.reason).map_or("unknown", Reason::name),
+            pid: Some(rec.pid),
+            uid: Some(rec.uid),
+            gid: Some(rec.gid),
+            start: Instant::now(),
+            time: SystemTime::now(),
+            cgroup,
+        }
+    }
+
     /// An access-log record of this connection, with the workload filled in.
     pub fn record(&self, kind: &'static str, protocol: &'static str) -> Box<Record> {
         Box::new(Record {
@@ -235,26 +250,17 @@ impl Proxy {
     /// The original destination of an accepted connection, from the kernel's record or, for
     /// a connection iptables redirected, from conntrack.
     fn original(&self, client: &TcpStream, peer: SocketAddr) -> Option<Conn> {
-        let start = Instant::now();
-        let time = SystemTime::now();
         let rec = self.orig.lock().map(|mut m| m.take(peer)).unwrap_or(None);
         let conn = match rec {
-            Some(rec) => Conn {
-                peer,
-                dst: orig_addr(&rec),
-                reason: Reason::from_u32(rec.reason).map_or("unknown", Reason::name),
-                pid: Some(rec.pid),
-                uid: Some(rec.uid),
-                gid: Some(rec.gid),
-                start,
-                time,
+            Some(rec) => {
                 // Only when records are written: a new cgroup costs a /proc read.
-                cgroup: if self.log.format == accesslog::Format::Off {
+                let cgroup = if self.log.format == accesslog::Format::Off {
                     None
                 } else {
                     self.cgroups.name(rec.cgroup_id, rec.pid)
-                },
-            },
+                };
+                Conn::recorded(peer, &rec, cgroup)
+            }
             None => Conn {
                 peer,
                 dst: netfilter_original_dst(client)?,
@@ -262,8 +268,8 @@ impl Proxy {
                 pid: None,
                 uid: None,
                 gid: None,
-                start,
-                time,
+                start: Instant::now(),
+                time: SystemTime::now(),
                 cgroup: None,
             },
         };
