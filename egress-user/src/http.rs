@@ -17,10 +17,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -33,6 +33,7 @@ use crate::{
     proxy::{Conn, Proxy},
     registry::{self, Origination, Route, Target},
     sniff,
+    upstream::{self, Upstream},
 };
 
 /// Request bodies up to this size are kept so that the request can be retried; larger or
@@ -41,7 +42,7 @@ const RETRY_BUFFER: u64 = 1 << 20;
 /// Pause before a retry (Envoy's base retry interval).
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
-type OutBody = BoxBody<Bytes, hyper::Error>;
+pub type OutBody = BoxBody<Bytes, hyper::Error>;
 
 /// Serve one client connection until it closes; then log the connection.
 pub async fn serve(px: Arc<Proxy>, conn: Conn, client: TcpStream) {
@@ -201,7 +202,7 @@ impl State {
                 let body: OutBody = match (&buffered, streamed.take()) {
                     (Some(b), _) => {
                         up_bytes.store(b.len() as u64, Ordering::Relaxed);
-                        Full::new(b.clone()).map_err(|e| match e {}).boxed()
+                        full(b.clone())
                     }
                     (None, Some(s)) => CountedBody {
                         inner: s,
@@ -211,8 +212,19 @@ impl State {
                     (None, None) => unreachable!("a streamed body is sent once"),
                 };
                 let upstream_req = upstream_request(&parts, &up_host, body);
+                let replay = || {
+                    let b = buffered.as_ref()?;
+                    Some(upstream_request(&parts, &up_host, full(b.clone())))
+                };
                 let outcome = self
-                    .attempt(upstream_req, &target, &up_host, tls.as_ref(), &route)
+                    .attempt(
+                        upstream_req,
+                        &replay,
+                        &target,
+                        &up_host,
+                        tls.as_ref(),
+                        &route,
+                    )
                     .await;
                 let again = attempt < max_attempts;
                 match outcome {
@@ -305,41 +317,78 @@ impl State {
         }
     }
 
-    /// One try: connect (and TLS), send, wait for the response head.
+    /// One try: on an idle connection to the same upstream if the pool has one, else on a new
+    /// one (connect, TLS); send; wait for the response head.
     async fn attempt(
         &self,
         req: Request<OutBody>,
+        replay: &(dyn Fn() -> Option<Request<OutBody>> + Sync),
         target: &Target,
         host: &str,
         tls: Option<&Origination>,
         route: &Route,
     ) -> Result<(Response<Incoming>, (SocketAddr, SocketAddr)), Failure> {
         let per_try = route.retry.per_try_timeout;
+        let tls = tls.map(|o| (o, o.sni.as_deref().unwrap_or(host).to_owned()));
+        let key = upstream::Key::new(
+            target,
+            tls.as_ref().map(|(o, sni)| (o.config.clone(), sni.clone())),
+        );
+        let pool = &self.px.upstreams;
         let work = async {
-            let up = self
+            let mut req = req;
+            if let Some(mut up) = pool.take(&key) {
+                // The upstream may have closed its idle connection just now. A request the
+                // connection never carried goes on a new one; so does an idempotent request
+                // that got no answer (RFC 9110 §9.2.2), if its body was kept.
+                let idempotent = is_idempotent(req.method());
+                match up.sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        let addrs = up.addrs;
+                        pool.give(key, up);
+                        return Ok((resp, addrs));
+                    }
+                    Err(mut e) => {
+                        req = match e
+                            .take_message()
+                            .or_else(|| idempotent.then(replay).flatten())
+                        {
+                            Some(r) => r,
+                            None => return Err(Failure::Reset(e.into_error().to_string())),
+                        };
+                    }
+                }
+            }
+            let tcp = self
                 .px
                 .connect_target(target)
                 .await
                 .map_err(|e| Failure::Connect(e.to_string()))?;
             let addrs = (
-                up.peer_addr()
+                tcp.peer_addr()
                     .map_err(|e| Failure::Connect(e.to_string()))?,
-                up.local_addr()
+                tcp.local_addr()
                     .map_err(|e| Failure::Connect(e.to_string()))?,
             );
-            let resp = match tls {
-                Some(o) => {
-                    let sni = o.sni.as_deref().unwrap_or(host);
-                    let name = rustls_pki_types::ServerName::try_from(sni.to_owned())
+            let sender = match &tls {
+                Some((o, sni)) => {
+                    let name = rustls_pki_types::ServerName::try_from(sni.clone())
                         .map_err(|e| Failure::Connect(format!("TLS server name {sni:?}: {e}")))?;
                     let stream = tokio_rustls::TlsConnector::from(o.config.clone())
-                        .connect(name, up)
+                        .connect(name, tcp)
                         .await
                         .map_err(|e| Failure::Connect(format!("TLS to {}: {e}", addrs.0)))?;
-                    send(stream, req).await?
+                    handshake(stream).await?
                 }
-                None => send(up, req).await?,
+                None => handshake(tcp).await?,
             };
+            let mut up = Upstream { sender, addrs };
+            let resp = up
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| Failure::Reset(e.to_string()))?;
+            pool.give(key, up);
             Ok((resp, addrs))
         };
         match per_try {
@@ -362,7 +411,7 @@ impl State {
         rec.bytes_down = text.len() as u64;
         rec.duration_ms = started.elapsed().as_millis() as u64;
         self.px.log.write(&rec);
-        let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+        let mut resp = Response::new(full(Bytes::from(text)));
         *resp.status_mut() = status;
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -379,20 +428,32 @@ fn target_text(t: &Target) -> String {
     }
 }
 
-async fn send<S>(io: S, req: Request<OutBody>) -> Result<Response<Incoming>, Failure>
+/// An HTTP/1.1 client connection over `io`, driven by a task of its own until it closes.
+async fn handshake<S>(io: S) -> Result<SendRequest<OutBody>, Failure>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| Failure::Reset(e.to_string()))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    sender
-        .send_request(req)
-        .await
-        .map_err(|e| Failure::Reset(e.to_string()))
+    Ok(sender)
+}
+
+/// Methods a client may repeat after a connection failure without changing the outcome
+/// (RFC 9110 §9.2.2).
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A body held in memory.
+fn full(b: Bytes) -> OutBody {
+    Full::new(b).map_err(|e| match e {}).boxed()
 }
 
 /// The request's host: the authority of an absolute-form target, else the Host header.

@@ -15,6 +15,7 @@ mod registry;
 mod reload;
 mod sniff;
 mod sys;
+mod upstream;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -168,6 +169,10 @@ struct RunArgs {
     /// On declared HTTP and TLS ports: how long to wait for a request head or a ClientHello.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_timeout: Duration,
+    /// On declared HTTP ports: how long an upstream connection is kept open after its
+    /// response, for the next request to the same upstream (0s: a connection per request).
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    upstream_idle_timeout: Duration,
     /// With --external-proxy: the cgroup that proxy runs in [default: the agent's own].
     #[arg(long, requires = "external_proxy")]
     proxy_cgroup: Option<PathBuf>,
@@ -398,6 +403,7 @@ fn run(args: RunArgs) -> Result<()> {
             shared_registry.clone(),
             accesslog::CgroupNames::new(root.clone()),
         ));
+        let upstreams = Arc::new(upstream::Pool::new(args.upstream_idle_timeout));
         let px = Arc::new(Proxy {
             orig: orig.clone(),
             mark: args.agent.mark,
@@ -408,7 +414,9 @@ fn run(args: RunArgs) -> Result<()> {
             sniff_timeout: args.sniff_timeout,
             header_timeout: args.header_timeout,
             cgroups: accesslog::CgroupNames::new(root.clone()),
+            upstreams: upstreams.clone(),
         });
+        tokio::spawn(upstreams.sweep());
         for l in listeners {
             tokio::spawn(px.clone().serve(l));
         }

@@ -18,7 +18,7 @@ use crate::{
     config::Mode,
     http,
     registry::{self, Proto, Registry, Target},
-    sniff,
+    sniff, upstream,
 };
 use egress_common::{MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_unmapped};
 use log::warn;
@@ -140,6 +140,8 @@ pub struct Proxy {
     pub header_timeout: Duration,
     /// The clients' cgroups by id, for the records.
     pub cgroups: accesslog::CgroupNames,
+    /// Idle upstream HTTP connections, for the next request to the same upstream.
+    pub upstreams: Arc<upstream::Pool>,
 }
 
 /// A redirected connection: who made it and where it was going.

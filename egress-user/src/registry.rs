@@ -85,7 +85,7 @@ pub struct Entry {
 }
 
 /// Where a matched connection or request goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     Addr(SocketAddr),
     /// A name for the agent to resolve, and the port.

@@ -89,7 +89,10 @@ pub struct Hit {
 /// - `/headers`: 200 with the request headers as `name: value` lines;
 /// - anything else: 200 with `hello from ADDR`.
 ///
-/// Each answers one request per connection (`connection: close`).
+/// Each answers one request per connection (`connection: close`), except the keep-alive
+/// ones (`http_kept`), which answer every request of a connection and know one more path:
+/// - `/drop-next`: 200, and the next request on this connection is read, then the connection
+///   closed unanswered (an upstream closing an idle connection just as a request arrives).
 pub struct StandIns {
     rt: tokio::runtime::Runtime,
     hits: Arc<Mutex<Vec<Hit>>>,
@@ -117,15 +120,25 @@ impl StandIns {
 
     /// Plain HTTP on `addr`.
     pub fn http(&self, addr: SocketAddr) -> SocketAddr {
-        self.listen(addr, None)
+        self.listen(addr, None, false)
+    }
+
+    /// Plain HTTP on `addr`, keeping connections open between requests.
+    pub fn http_kept(&self, addr: SocketAddr) -> SocketAddr {
+        self.listen(addr, None, true)
     }
 
     /// HTTPS (TLS only) on `addr`.
     pub fn https(&self, addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> SocketAddr {
-        self.listen(addr, Some(tls))
+        self.listen(addr, Some(tls), false)
     }
 
-    fn listen(&self, addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
+    fn listen(
+        &self,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        keep: bool,
+    ) -> SocketAddr {
         let l = crate::bind(addr);
         let bound = l.local_addr().unwrap();
         let hits = self.hits.clone();
@@ -154,9 +167,9 @@ impl StandIns {
                                 return;
                             };
                             let sni = s.get_ref().1.server_name().map(str::to_owned);
-                            answer(s, Hit { sni, ..hit }, hits, flaky).await
+                            answer(s, Hit { sni, ..hit }, hits, flaky, keep).await
                         }
-                        None => answer(s, hit, hits, flaky).await,
+                        None => answer(s, hit, hits, flaky, keep).await,
                     }
                 });
             }
@@ -174,66 +187,99 @@ impl StandIns {
     }
 }
 
-/// Read one request head, answer it, close.
+/// Read a request head (its body, if it has a length, is skipped) and answer it; close, or
+/// with `keep` go on with the next request of the connection.
 async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
-    mut hit: Hit,
+    hit: Hit,
     hits: Arc<Mutex<Vec<Hit>>>,
     flaky: Arc<Mutex<BTreeMap<String, u32>>>,
+    keep: bool,
 ) {
-    let mut head = Vec::new();
+    let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
+    let mut drop_next = false;
+    loop {
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head: Vec<u8> = pending.drain(..end).collect();
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = text.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let mut hit = hit.clone();
+        hit.method = first.next().unwrap_or("").to_owned();
+        hit.path = first.next().unwrap_or("").to_owned();
+        let headers: Vec<(String, String)> = lines
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        hit.host = header("host").unwrap_or_default();
+        let mut body_left: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while body_left > 0 {
+            if pending.is_empty() {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                }
+            }
+            let k = body_left.min(pending.len());
+            pending.drain(..k);
+            body_left -= k;
+        }
+        let path = hit.path.clone();
+        let local = hit.local;
+        hits.lock().unwrap().push(hit.clone());
+        if drop_next {
+            return;
+        }
+        drop_next = keep && path == "/drop-next";
+        let (status, body) = if let Some(n) = path.strip_prefix("/delay/") {
+            let secs: u64 = n.parse().unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            (200, format!("delayed {secs}s\n"))
+        } else if let Some(n) = path.strip_prefix("/status/") {
+            (n.parse().unwrap_or(500), format!("status {n}\n"))
+        } else if path.contains("/flaky/") {
+            let mut f = flaky.lock().unwrap();
+            let seen = f.entry(path.clone()).or_insert(0);
+            *seen += 1;
+            if *seen == 1 {
+                (503, "first attempt fails\n".to_owned())
+            } else {
+                (200, format!("attempt {seen} succeeds\n"))
+            }
+        } else if path == "/headers" {
+            let lines: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            (200, lines.join("\n") + "\n")
+        } else {
+            (200, format!("hello from {local}\n"))
+        };
+        let close = if keep { "" } else { "connection: close\r\n" };
+        let resp = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{close}\r\n{body}",
+            body.len()
+        );
+        if s.write_all(resp.as_bytes()).await.is_err() || !keep {
+            let _ = s.shutdown().await;
+            return;
         }
     }
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let mut lines = text.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split(' ');
-    hit.method = first.next().unwrap_or("").to_owned();
-    hit.path = first.next().unwrap_or("").to_owned();
-    let headers: Vec<(String, String)> = lines
-        .take_while(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    hit.host = headers
-        .iter()
-        .find(|(k, _)| k == "host")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let path = hit.path.clone();
-    let local = hit.local;
-    hits.lock().unwrap().push(hit);
-    let (status, body) = if let Some(n) = path.strip_prefix("/delay/") {
-        let secs: u64 = n.parse().unwrap_or(1);
-        tokio::time::sleep(Duration::from_secs(secs)).await;
-        (200, format!("delayed {secs}s\n"))
-    } else if let Some(n) = path.strip_prefix("/status/") {
-        (n.parse().unwrap_or(500), format!("status {n}\n"))
-    } else if path.contains("/flaky/") {
-        let mut f = flaky.lock().unwrap();
-        let seen = f.entry(path.clone()).or_insert(0);
-        *seen += 1;
-        if *seen == 1 {
-            (503, "first attempt fails\n".to_owned())
-        } else {
-            (200, format!("attempt {seen} succeeds\n"))
-        }
-    } else if path == "/headers" {
-        let lines: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-        (200, lines.join("\n") + "\n")
-    } else {
-        (200, format!("hello from {local}\n"))
-    };
-    let resp = format!(
-        "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = s.write_all(resp.as_bytes()).await;
-    let _ = s.shutdown().await;
 }
 
 /// What curl did.

@@ -616,3 +616,82 @@ fn undeclared_ports_pass_and_are_logged_with_their_host() {
         ("ok", slow.to_string().as_str())
     );
 }
+
+#[test]
+fn upstream_connections_are_kept_for_the_next_request() {
+    if !privileged("upstream_connections_are_kept_for_the_next_request") {
+        return;
+    }
+    let cg = Cgroup::new("l7-kept");
+    let stand = StandIns::new();
+    let kept = stand.http_kept(sa("127.50.7.10:80"));
+    stand.http(sa("127.50.7.20:80"));
+    let entries = "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: kept, namespace: default}
+spec:
+  hosts: [kept.example, closing.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+";
+    let agent = start(
+        &config("REGISTRY_ONLY", entries),
+        &cg,
+        "127.50.7.10 kept.example\n127.50.7.20 closing.example\n",
+        &[],
+    );
+    let get = |host: &str, path: &str| {
+        let url = format!("http://{host}{path}");
+        let resolve = format!("{host}:80:127.50.7.99");
+        curl(&cg, &["--resolve", &resolve, &url])
+    };
+    // Two client connections, one after the other: the second request goes on the upstream
+    // connection the first one opened.
+    for path in ["/one", "/two"] {
+        assert_ok(&get("kept.example", path), path);
+    }
+    let (one, two) = (&stand.hits_for("/one")[0], &stand.hits_for("/two")[0]);
+    assert_eq!((one.local, two.local), (kept, kept));
+    assert_eq!(one.peer, two.peer, "one upstream connection for both");
+    let (r1, r2) = (request(&agent, "/one"), request(&agent, "/two"));
+    assert_ne!(r1.get("peer"), r2.get("peer"), "two client connections");
+    assert_eq!(r1.get("upstream_local"), one.peer.to_string());
+    assert_eq!(r2.get("upstream_local"), one.peer.to_string());
+
+    // The upstream closes its idle connection just as the next request arrives: a GET is sent
+    // again on a new connection, and the client sees only the answer.
+    assert_ok(&get("kept.example", "/drop-next"), "/drop-next");
+    let c = get("kept.example", "/again");
+    assert_ok(&c, "a GET on a connection the upstream dropped");
+    let again = stand.hits_for("/again");
+    assert_eq!(again.len(), 2, "dropped once, answered once: {again:?}");
+    assert_eq!(again[0].peer, one.peer);
+    assert_ne!(again[1].peer, one.peer);
+    let r = request(&agent, "/again");
+    assert_eq!(
+        (r.get("status"), r.get("attempts"), r.get("upstream_local")),
+        ("200", "1", again[1].peer.to_string().as_str())
+    );
+    // A POST is never sent twice: the client gets the failure.
+    assert_ok(&get("kept.example", "/drop-next"), "/drop-next again");
+    let url = "http://kept.example/post";
+    let c = curl(
+        &cg,
+        &["--resolve", "kept.example:80:127.50.7.99", "-d", "x=1", url],
+    );
+    assert_eq!((c.code, c.status), (Some(0), 503), "{c:?}");
+    assert!(
+        c.body.contains("upstream reset before the response"),
+        "{c:?}"
+    );
+    assert_eq!(stand.hits_for("/post").len(), 1);
+    let r = request(&agent, "/post");
+    assert_eq!((r.get("method"), r.get("result")), ("POST", "reset"));
+
+    // An upstream that answers `connection: close` gets a new connection per request.
+    for path in ["/c1", "/c2"] {
+        assert_ok(&get("closing.example", path), path);
+    }
+    assert_ne!(stand.hits_for("/c1")[0].peer, stand.hits_for("/c2")[0].peer);
+}
