@@ -738,6 +738,34 @@ impl Servers {
         })
     }
 
+    /// An HTTP/1.1 server keeping connections open: every request (a head, no body) gets a
+    /// `200 OK` of `size` bytes in all, head included.
+    pub fn http_sized(&self, addr: SocketAddr, size: usize) -> SocketAddr {
+        let resp: Arc<[u8]> = http_response(size).into();
+        self.serve(addr, move |mut s, _| {
+            let resp = resp.clone();
+            async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    pending.drain(..end);
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
     /// Read everything, then answer with the byte count (8 bytes, big endian) and close.
     pub fn sink(&self, addr: SocketAddr) -> SocketAddr {
         self.serve(addr, |mut s, _| async move {
@@ -954,4 +982,27 @@ impl Drop for IptablesRedirect {
             .args(["-w", "-t", "nat", "-X", &self.chain])
             .status();
     }
+}
+
+/// An HTTP/1.1 request of `size` bytes in all: a GET for `host`, padded with a header.
+pub fn http_request(host: &str, size: usize) -> Vec<u8> {
+    let head = format!("GET /rr HTTP/1.1\r\nhost: {host}\r\nx-pad: ");
+    let pad = size.saturating_sub(head.len() + 4).max(1);
+    let mut r = head.into_bytes();
+    r.resize(r.len() + pad, b'p');
+    r.extend_from_slice(b"\r\n\r\n");
+    r
+}
+
+/// A `200 OK` of `size` bytes in all, head included.
+pub fn http_response(size: usize) -> Vec<u8> {
+    let head_len = |body: usize| format!("HTTP/1.1 200 OK\r\ncontent-length: {body}\r\n\r\n").len();
+    let mut body = size.saturating_sub(head_len(size));
+    // The length's digits count too.
+    while body > 0 && head_len(body) + body > size {
+        body -= 1;
+    }
+    let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {body}\r\n\r\n").into_bytes();
+    r.resize(r.len() + body, b'b');
+    r
 }

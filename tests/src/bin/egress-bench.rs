@@ -3,9 +3,10 @@
 //! egress-bench run [--quick] [--out BENCHMARKS.md]
 //!     every contender, alternating round by round so the machine's drift cancels out, and the
 //!     report with ratios to the direct connection. Needs root; all traffic stays on loopback.
-//! egress-bench serve echo|sink ADDR                 a server of the run's kind, until killed
+//! egress-bench serve echo|sink|http ADDR            a server of the run's kind, until killed
 //! egress-bench client connect ADDR COUNT            connect + close, one after another
-//! egress-bench client rr ADDR COUNT SIZE THREADS    connect, SIZE out, SIZE back, close
+//! egress-bench client rr ADDR COUNT SIZE THREADS    connect, an HTTP request of SIZE bytes, its
+//!                                                   response (SIZE from the server), close
 //! egress-bench client stream ADDR BYTES             one connection, BYTES out, count back
 //! egress-bench client hold ADDR COUNT               COUNT idle connections until stdin closes
 
@@ -34,7 +35,8 @@ fn main() -> ExitCode {
             match *kind {
                 "echo" => servers.echo(addr(dst)),
                 "sink" => servers.sink(addr(dst)),
-                _ => panic!("serve echo|sink ADDR"),
+                "http" => servers.http_sized(addr(dst), RR_SIZE),
+                _ => panic!("serve echo|sink|http ADDR"),
             };
             loop {
                 std::thread::park();
@@ -88,6 +90,31 @@ fn close_now(s: TcpStream) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
 }
 
+/// Read one HTTP/1.1 response with a `content-length` (a proxy may rewrite its head).
+fn read_response(s: &mut TcpStream, buf: &mut [u8]) {
+    let mut got = 0;
+    loop {
+        let n = s.read(&mut buf[got..]).expect("response");
+        assert!(n > 0, "the response ended early");
+        got += n;
+        let Some(end) = buf[..got].windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content-length");
+        while got < end + 4 + len {
+            let n = s.read(&mut buf[got..]).expect("response body");
+            assert!(n > 0, "the response body ended early");
+            got += n;
+        }
+        return;
+    }
+}
+
 fn client(a: &[&str]) -> ExitCode {
     match a {
         ["connect", dst, count] => {
@@ -112,15 +139,15 @@ fn client(a: &[&str]) -> ExitCode {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     std::thread::spawn(move || {
-                        let req = vec![7u8; size];
-                        let mut resp = vec![0u8; size];
+                        let req = egress_tests::http_request("rr.bench", size);
+                        let mut buf = vec![0u8; 2 * size + 4096];
                         let mut lat = Vec::with_capacity(n / threads);
                         for _ in 0..n / threads {
                             let t = Instant::now();
                             let mut s = TcpStream::connect(dst).expect("connect");
                             s.set_nodelay(true).unwrap();
                             s.write_all(&req).expect("request");
-                            s.read_exact(&mut resp).expect("response");
+                            read_response(&mut s, &mut buf);
                             close_now(s);
                             lat.push(t.elapsed().as_nanos() as u64);
                         }
@@ -272,9 +299,17 @@ struct Settings {
     idle: usize,
 }
 
+/// Request and response size of the short connections.
+const RR_SIZE: usize = 1024;
+
 /// The contender whose destination is a TCP ServiceEntry by address: hooks attached, the
 /// kernel decides, no proxy.
 const TCP_ENTRY: &str = "egress, TCP ServiceEntry";
+/// The contender whose destination is an HTTP ServiceEntry: through the agent, which keeps
+/// upstream connections for the next request.
+const HTTP_ENTRY: &str = "egress, HTTP ServiceEntry";
+/// HAProxy as an HTTP proxy that keeps server connections (`http-reuse always`).
+const HAPROXY_HTTP: &str = "iptables REDIRECT → HAProxy, mode http";
 
 /// Owner of HAProxy's sockets, so that iptables can exempt its upstream connections.
 const HAPROXY_UID: u32 = 4343;
@@ -287,21 +322,33 @@ fn filler_cidrs(n: u32) -> Vec<String> {
 }
 
 /// The benchmark agent's configuration: `cidrs` exclusions (the last one the bypass
-/// destination's), 127.59/16 redirected to the agent, and 127.61/16 a TCP ServiceEntry on
-/// `ports`, which the kernel lets go straight out.
-fn agent_config(cidrs: u32, ports: [u16; 2]) -> String {
+/// destination's), 127.59/16 and 127.62/16 redirected to the agent, 127.61/16 a TCP
+/// ServiceEntry on `ports.tcp`, which the kernel lets go straight out, and `rr.bench` an HTTP
+/// ServiceEntry on `ports.http`.
+fn agent_config(cidrs: u32, ports: Ports) -> String {
     let mut exclude = filler_cidrs(cidrs.saturating_sub(1));
     exclude.push("127.58.0.0/24".to_owned());
     format!(
         "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: bench}}\nspec:\n  \
-         interception:\n    includeOutboundIPRanges: [127.58.0.0/16, 127.59.0.0/16, 127.61.0.0/16]\n    \
+         interception:\n    includeOutboundIPRanges: [127.58.0.0/16, 127.59.0.0/16, 127.61.0.0/16, 127.62.0.0/16]\n    \
          excludeOutboundIPRanges: \"{}\"\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
          metadata: {{name: bench-tcp}}\nspec:\n  hosts: [tcp.bench]\n  addresses: [127.61.0.0/16]\n  \
-         resolution: NONE\n  ports: [{{number: {}, name: tcp, protocol: TCP}}, {{number: {}, name: sink, protocol: TCP}}]\n",
+         resolution: NONE\n  ports: [{{number: {}, name: tcp, protocol: TCP}}, {{number: {}, name: sink, protocol: TCP}}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: bench-http}}\n\
+         spec:\n  hosts: [rr.bench]\n  resolution: NONE\n  ports: [{{number: {}, name: http, protocol: HTTP}}]\n",
         exclude.join(","),
-        ports[0],
-        ports[1]
+        ports.tcp[0],
+        ports.tcp[1],
+        ports.http,
     )
+}
+
+/// The benchmark's server ports: short connections and streams (declared TCP for the TCP
+/// ServiceEntry contender), and short connections to the HTTP ServiceEntry.
+#[derive(Clone, Copy)]
+struct Ports {
+    tcp: [u16; 2],
+    http: u16,
 }
 
 fn run(a: &[&str]) -> ExitCode {
@@ -344,17 +391,24 @@ fn run(a: &[&str]) -> ExitCode {
     let servers = Servers::new();
     let port = free_port();
     let sink_port = free_port();
-    let ports = [port, sink_port];
+    let http_port = free_port();
+    let ports = Ports {
+        tcp: [port, sink_port],
+        http: http_port,
+    };
     let ep = |a: &str| -> SocketAddr { format!("{a}:{port}").parse().unwrap() };
+    let hp = |a: &str| -> SocketAddr { format!("{a}:{http_port}").parse().unwrap() };
     let sp = |a: &str| -> SocketAddr { format!("{a}:{sink_port}").parse().unwrap() };
     // One destination per contender, so that each path's rules apply to it alone.
-    let direct = servers.echo(ep("127.57.0.1"));
-    let egress_bypass = servers.echo(ep("127.58.0.1"));
-    let ipt_exclude = servers.echo(ep("127.55.0.1"));
-    let egress_redirect = servers.echo(ep("127.59.0.1"));
-    let ipt_egress = servers.echo(ep("127.54.0.1"));
-    let ipt_haproxy = servers.echo(ep("127.60.0.1"));
-    let egress_tcp_entry = servers.echo(ep("127.61.0.1"));
+    let direct = servers.http_sized(ep("127.57.0.1"), RR_SIZE);
+    let egress_bypass = servers.http_sized(ep("127.58.0.1"), RR_SIZE);
+    let ipt_exclude = servers.http_sized(ep("127.55.0.1"), RR_SIZE);
+    let egress_redirect = servers.http_sized(ep("127.59.0.1"), RR_SIZE);
+    let ipt_egress = servers.http_sized(ep("127.54.0.1"), RR_SIZE);
+    let ipt_haproxy = servers.http_sized(ep("127.60.0.1"), RR_SIZE);
+    let egress_tcp_entry = servers.http_sized(ep("127.61.0.1"), RR_SIZE);
+    let egress_http_entry = servers.http_sized(hp("127.62.0.1"), RR_SIZE);
+    let ipt_haproxy_http = servers.http_sized(hp("127.63.0.1"), RR_SIZE);
     let sink_direct = servers.sink(sp("127.57.0.1"));
     let sink_egress = servers.sink(sp("127.59.0.1"));
     let sink_haproxy = servers.sink(sp("127.60.0.1"));
@@ -367,14 +421,12 @@ fn run(a: &[&str]) -> ExitCode {
         inside: false,
         extra: vec![],
     });
-    let haproxy_port = free_port();
-    let haproxy = start_haproxy(haproxy_port);
-    let _to_haproxy = IptablesRedirect::with_exemption(
-        "127.60.0.0/16",
-        haproxy_port,
-        &["-m", "owner", "--uid-owner", &HAPROXY_UID.to_string()],
-        &[],
-    );
+    let (haproxy_port, haproxy_http_port) = (free_port(), free_port());
+    let haproxy = start_haproxy(haproxy_port, haproxy_http_port);
+    let owner = ["-m", "owner", "--uid-owner", &HAPROXY_UID.to_string()];
+    let _to_haproxy = IptablesRedirect::with_exemption("127.60.0.0/16", haproxy_port, &owner, &[]);
+    let _to_haproxy_http =
+        IptablesRedirect::with_exemption("127.63.0.0/16", haproxy_http_port, &owner, &[]);
     // The iptables contender gets its own agent (same binary, attached to an empty cgroup): if
     // both interceptions aimed at one listener, conntrack would see the REDIRECTed
     // connections' reply tuples clash with hook-redirected ones reusing a client port, and
@@ -494,12 +546,14 @@ fn run(a: &[&str]) -> ExitCode {
     writeln!(md).unwrap();
 
     // 2. Short redirected connections.
-    let rr: [(&str, Option<&Cgroup>, SocketAddr); 5] = [
+    let rr: [(&str, Option<&Cgroup>, SocketAddr); 7] = [
         ("direct", None, direct),
         ("egress redirect", Some(&cg), egress_redirect),
         ("iptables REDIRECT → egress agent", None, ipt_egress),
         ("iptables REDIRECT → HAProxy", None, ipt_haproxy),
         (TCP_ENTRY, Some(&cg), egress_tcp_entry),
+        (HTTP_ENTRY, Some(&cg), egress_http_entry),
+        (HAPROXY_HTTP, None, ipt_haproxy_http),
     ];
     let mut rr_samples: Vec<Samples> = (0..rr.len()).map(|_| Samples::default()).collect();
     for _ in 0..s.rounds {
@@ -510,7 +564,7 @@ fn run(a: &[&str]) -> ExitCode {
                     "rr".into(),
                     dst.to_string(),
                     s.rr_ops.to_string(),
-                    "1024".into(),
+                    RR_SIZE.to_string(),
                     "4".into(),
                 ],
             );
@@ -528,7 +582,9 @@ fn run(a: &[&str]) -> ExitCode {
     .unwrap();
     writeln!(
         md,
-        "{} connections per run over 4 client threads, {} rounds.\n",
+        "{} connections per run over 4 client threads, {} rounds. Each carries one HTTP/1.1 GET of {RR_SIZE} \
+         bytes and its response of {RR_SIZE} bytes from the server, which keeps connections open (the client \
+         closes); the raw contenders relay the bytes, the HTTP ones parse them.\n",
         s.rr_ops, s.rounds
     )
     .unwrap();
@@ -573,6 +629,25 @@ fn run(a: &[&str]) -> ExitCode {
         rr_samples[4].get("p99").median / base_p99,
         |r| r <= 1.5,
     );
+    goals.add(
+        "HTTP ServiceEntry short connections/s (through the agent, upstream connections kept) ≥ 1.5× iptables → HAProxy"
+            .into(),
+        rr_samples[5].get("rate").median / hap_rate,
+        |r| r >= 1.5,
+    );
+    goals.add(
+        "HTTP ServiceEntry short connections p99 ≤ 1.5× direct".into(),
+        rr_samples[5].get("p99").median / base_p99,
+        |r| r <= 1.5,
+    );
+    writeln!(
+        md,
+        "- {HTTP_ENTRY} against HAProxy as an HTTP proxy ({HAPROXY_HTTP}): {:.2}× its connections/s, \
+         {:.2}× its p99.\n",
+        rr_samples[5].get("rate").median / rr_samples[6].get("rate").median,
+        rr_samples[5].get("p99").median / rr_samples[6].get("p99").median,
+    )
+    .unwrap();
 
     // 3. Stream throughput, with the proxies' CPU time per GB.
     let streams: [(&str, Option<&Cgroup>, SocketAddr, Option<u32>); 4] = [
@@ -833,14 +908,16 @@ fn service_entries(n: usize, variant: u32) -> String {
     s
 }
 
-fn start_haproxy(port: u16) -> std::process::Child {
+fn start_haproxy(port: u16, http_port: u16) -> std::process::Child {
     let cfg = std::env::temp_dir().join(format!("egress-bench-haproxy-{}.cfg", std::process::id()));
     std::fs::write(
         &cfg,
         format!(
             "global\n  maxconn {}\n  uid {HAPROXY_UID}\n  gid {HAPROXY_UID}\n  nbthread 2\n\
              defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server s 0.0.0.0:0\n",
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server s 0.0.0.0:0\n\
+             frontend fe_http\n  mode http\n  bind 127.0.0.1:{http_port}\n  default_backend be_http\n\
+             backend be_http\n  mode http\n  http-reuse always\n  server s 0.0.0.0:0\n",
             // Two descriptors a connection, within the open-file limit.
             (nofile_hard().saturating_sub(200) / 2).min(40_000)
         ),
@@ -854,7 +931,7 @@ fn start_haproxy(port: u16) -> std::process::Child {
         .spawn()
         .expect("starting haproxy");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !listening(port) {
+    while !listening(port) || !listening(http_port) {
         assert!(
             Instant::now() < deadline,
             "haproxy did not start listening on {port}"
@@ -938,7 +1015,9 @@ fn header(s: &Settings, quick: bool) -> String {
          → HAProxy** (Debian's HAProxy, `server s 0.0.0.0:0`); **iptables exclude chain** (Istio's RETURN rule per excluded \
          range, the destination matching the last one); **egress, TCP ServiceEntry** (hooks attached, the destination a \
          TCP ServiceEntry by address: the kernel allows it straight out and accounts for it, no proxy; the access record \
-         comes from the kernel)\n\n",
+         comes from the kernel); **egress, HTTP ServiceEntry** (hooks, through the agent as an HTTP proxy matching the \
+         Host, upstream connections kept for the next request); **iptables REDIRECT → HAProxy, mode http** (HAProxy as \
+         an HTTP proxy, `http-reuse always`)\n\n",
         if quick { " --quick" } else { "" },
         s.rounds,
         mem.split_whitespace().collect::<Vec<_>>().join(" "),
