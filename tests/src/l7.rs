@@ -199,17 +199,7 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
     let mut drop_next = false;
-    loop {
-        let end = loop {
-            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => pending.extend_from_slice(&buf[..n]),
-            }
-        };
-        let head: Vec<u8> = pending.drain(..end).collect();
+    while let Some(head) = crate::read_head(&mut s, &mut pending).await {
         let text = String::from_utf8_lossy(&head).into_owned();
         let mut lines = text.split("\r\n");
         let mut first = lines.next().unwrap_or("").split(' ');

@@ -721,13 +721,8 @@ impl Servers {
     pub fn http(&self, addr: SocketAddr) -> SocketAddr {
         self.serve(addr, |mut s, _| async move {
             let body = s.local_addr().unwrap().to_string();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
+            if read_head(&mut s, &mut Vec::new()).await.is_none() {
+                return;
             }
             let resp = format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -746,18 +741,7 @@ impl Servers {
             let resp = resp.clone();
             async move {
                 let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let end = loop {
-                        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        }
-                    };
-                    pending.drain(..end);
+                while read_head(&mut s, &mut pending).await.is_some() {
                     if s.write_all(&resp).await.is_err() {
                         return;
                     }
@@ -1005,4 +989,22 @@ pub fn http_response(size: usize) -> Vec<u8> {
     let mut r = format!("HTTP/1.1 200 OK\r\ncontent-length: {body}\r\n\r\n").into_bytes();
     r.resize(r.len() + body, b'b');
     r
+}
+
+/// The next HTTP head on `s` (through its blank line), taken from the front of `pending`, the
+/// bytes read and not yet used; `None` when the connection ends first.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    pending: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(pending.drain(..i + 4).collect());
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
 }

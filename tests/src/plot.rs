@@ -31,7 +31,15 @@ pub fn lines(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60);
-    let colors = [BLUE, RED, GREEN, MAGENTA, BLACK, CYAN, RGBColor(230, 140, 0)];
+    let colors = [
+        BLUE,
+        RED,
+        GREEN,
+        MAGENTA,
+        BLACK,
+        CYAN,
+        RGBColor(230, 140, 0),
+    ];
     macro_rules! draw {
         ($chart:expr) => {{
             let mut chart = $chart;

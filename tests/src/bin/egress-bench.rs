@@ -608,38 +608,30 @@ fn run(a: &[&str]) -> ExitCode {
         .unwrap();
     }
     writeln!(md).unwrap();
-    goals.add(
-        "redirected short connections/s ≥ 1.5× iptables → HAProxy".into(),
-        rr_samples[1].get("rate").median / hap_rate,
-        |r| r >= 1.5,
-    );
-    goals.add(
-        "redirected short connections p99 ≤ 1.5× direct".into(),
-        rr_samples[1].get("p99").median / base_p99,
-        |r| r <= 1.5,
-    );
-    goals.add(
-        "TCP ServiceEntry short connections/s (decided in the kernel, no proxy) ≥ 1.5× iptables → HAProxy"
-            .into(),
-        rr_samples[4].get("rate").median / hap_rate,
-        |r| r >= 1.5,
-    );
-    goals.add(
-        "TCP ServiceEntry short connections p99 ≤ 1.5× direct".into(),
-        rr_samples[4].get("p99").median / base_p99,
-        |r| r <= 1.5,
-    );
-    goals.add(
-        "HTTP ServiceEntry short connections/s (through the agent, upstream connections kept) ≥ 1.5× iptables → HAProxy"
-            .into(),
-        rr_samples[5].get("rate").median / hap_rate,
-        |r| r >= 1.5,
-    );
-    goals.add(
-        "HTTP ServiceEntry short connections p99 ≤ 1.5× direct".into(),
-        rr_samples[5].get("p99").median / base_p99,
-        |r| r <= 1.5,
-    );
+    for (what, how, k) in [
+        ("redirected short connections", "", 1),
+        (
+            "TCP ServiceEntry short connections",
+            " (decided in the kernel, no proxy)",
+            4,
+        ),
+        (
+            "HTTP ServiceEntry short connections",
+            " (through the agent, upstream connections kept)",
+            5,
+        ),
+    ] {
+        goals.add(
+            format!("{what}/s{how} ≥ 1.5× iptables → HAProxy"),
+            rr_samples[k].get("rate").median / hap_rate,
+            |r| r >= 1.5,
+        );
+        goals.add(
+            format!("{what} p99 ≤ 1.5× direct"),
+            rr_samples[k].get("p99").median / base_p99,
+            |r| r <= 1.5,
+        );
+    }
     writeln!(
         md,
         "- {HTTP_ENTRY} against HAProxy as an HTTP proxy ({HAPROXY_HTTP}): {:.2}× its connections/s, \
