@@ -27,20 +27,18 @@ pub const MAP_PORTS: &str = "PORTS";
 pub const MAP_EXCLUDE_UIDS: &str = "EXCLUDE_UIDS";
 pub const MAP_EXCLUDE_GIDS: &str = "EXCLUDE_GIDS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
-pub const MAP_ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
 pub const MAP_ORIG_BY_PEER: &str = "ORIG_BY_PEER";
 pub const MAP_SERVICES_V4: &str = "SERVICES_V4";
 pub const MAP_SERVICES_V6: &str = "SERVICES_V6";
 pub const MAP_BACKENDS: &str = "BACKENDS";
-pub const MAP_DIALLED: &str = "DIALLED";
 pub const MAP_DIRECT_V4: &str = "DIRECT_V4";
 pub const MAP_DIRECT_V6: &str = "DIRECT_V6";
-pub const MAP_DIRECT_OPEN: &str = "DIRECT_OPEN";
+pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_DIRECT_CLOSED: &str = "DIRECT_CLOSED";
 pub const MAP_DIRECT_LOST: &str = "DIRECT_LOST";
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_CONFIG,
     MAP_INCLUDE_V4,
     MAP_INCLUDE_V6,
@@ -52,15 +50,13 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_EXCLUDE_UIDS,
     MAP_EXCLUDE_GIDS,
     MAP_COUNTERS,
-    MAP_ORIG_BY_COOKIE,
     MAP_ORIG_BY_PEER,
     MAP_SERVICES_V4,
     MAP_SERVICES_V6,
     MAP_BACKENDS,
-    MAP_DIALLED,
     MAP_DIRECT_V4,
     MAP_DIRECT_V6,
-    MAP_DIRECT_OPEN,
+    MAP_SOCKS,
     MAP_DIRECT_CLOSED,
     MAP_DIRECT_LOST,
 ];
@@ -128,7 +124,7 @@ pub struct OrigDst {
     pub cgroup_id: u64,
 }
 
-/// A direct connection while it is open (`DIRECT_OPEN`, by socket cookie).
+/// A direct connection while it is open (in its socket's `SockRecord`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirectOpen {
@@ -137,6 +133,29 @@ pub struct DirectOpen {
     /// `bytes_received` when the socket entered `FIN_WAIT2`, or `u64::MAX`.
     pub received_at_fin_wait2: u64,
 }
+
+/// What the kernel keeps on a client socket it did not simply bypass (`SOCKS`, socket
+/// storage): it lives and dies with the socket, so a connect that fails before the handshake
+/// leaves nothing behind, and a socket with none costs the other hooks one pointer test.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRecord {
+    /// The original destination (`SOCK_REDIRECTED`) or the direct connection being
+    /// accounted (`SOCK_DIRECT`).
+    pub open: DirectOpen,
+    /// What the application dialled, which `getpeername` answers with (`SOCK_DIALLED`).
+    pub dialled: SockAddr16,
+    /// `SOCK_*` bits saying which fields are in use; 0 once the socket has closed.
+    pub flags: u32,
+}
+
+/// `SockRecord::flags`: the socket was translated or redirected, `dialled` is set.
+pub const SOCK_DIALLED: u32 = 1;
+/// The socket was redirected to the agent: `open.conn` is its original destination, copied
+/// to `ORIG_BY_PEER` once the handshake completes.
+pub const SOCK_REDIRECTED: u32 = 2;
+/// The socket went straight out and is accounted until it closes: `open`.
+pub const SOCK_DIRECT: u32 = 4;
 
 /// A direct connection's close, as the kernel reports it to the agent (`DIRECT_CLOSED`).
 #[repr(C)]
@@ -204,8 +223,6 @@ pub struct SockAddr16 {
 pub type PeerKey = SockAddr16;
 /// One endpoint of a Kubernetes Service.
 pub type Backend = SockAddr16;
-/// The address a translated or redirected socket dialled, which `getpeername` answers with.
-pub type Dialled = SockAddr16;
 
 /// Key of `SERVICES_V4`: a Service's cluster IP and port.
 #[repr(C)]

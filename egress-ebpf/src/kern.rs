@@ -7,20 +7,23 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
     },
+    btf_maps::SkStorage,
+    helpers::generated::bpf_sk_storage_get,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use egress_common::{
     AF_INET, AF_INET6, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, DEFAULT_MAX_ALLOWED,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS, DEFAULT_MAX_ORIG,
-    DEFAULT_MAX_SERVICES, DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, Dialled, DirectClosed,
-    DirectOpen, OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, Service, ServiceKeyV4,
-    ServiceKeyV6, TCP_FIN_WAIT2, Tables, Verdict, allow_key_v4, allow_key_v6, decide,
+    DEFAULT_MAX_SERVICES, DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, DirectClosed, DirectOpen,
+    OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT, SOCK_REDIRECTED,
+    Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict,
+    allow_key_v4, allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
     v4_mapped, v4_unmapped,
 };
@@ -52,8 +55,6 @@ static EXCLUDE_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_MAX_ID
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
-#[map]
 static ORIG_BY_PEER: LruHashMap<PeerKey, OrigDst> =
     LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
 #[map]
@@ -64,18 +65,15 @@ static SERVICES_V6: HashMap<ServiceKeyV6, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 #[map]
 static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
-/// Socket cookie → the address the application dialled, for `getpeername`; kept until the
-/// socket closes.
-#[map]
-static DIALLED: LruHashMap<u64, Dialled> = LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
 /// (port, address) ranges that only TCP ServiceEntries relaying to the dialled address declare.
 #[map]
 static DIRECT_V4: LpmTrie<AllowKeyV4, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_ALLOWED, 0);
 #[map]
 static DIRECT_V6: LpmTrie<AllowKeyV6, u32> = LpmTrie::with_max_entries(DEFAULT_MAX_ALLOWED, 0);
-/// Socket cookie → a direct connection being accounted, until it closes.
-#[map]
-static DIRECT_OPEN: LruHashMap<u64, DirectOpen> = LruHashMap::with_max_entries(DEFAULT_MAX_ORIG, 0);
+/// Per client socket that was not simply bypassed: what it dialled, its original destination
+/// or its direct accounting (`SockRecord`). Freed with the socket.
+#[btf_map]
+static SOCKS: SkStorage<SockRecord> = SkStorage::new();
 /// Closed direct connections, for the agent's access log.
 #[map]
 static DIRECT_CLOSED: RingBuf = RingBuf::with_byte_size(DIRECT_CLOSED_BYTES, 0);
@@ -281,52 +279,63 @@ fn handle<A: Addr>(
     };
     let d = decide(&Maps, cfg, &q);
     count(d.reason as u32);
-    if d.verdict == Verdict::Deny {
-        return 0;
+    if d.verdict == Verdict::Deny || (d.verdict == Verdict::Bypass && !service) {
+        // A record from an earlier connect of this socket (one that failed before the
+        // handshake) no longer applies.
+        let rec = unsafe { SOCKS.get_ptr_mut(ctx) };
+        if !rec.is_null() {
+            unsafe { (*rec).flags = 0 };
+        }
+        return if d.verdict == Verdict::Deny { 0 } else { 1 };
     }
-    if d.verdict == Verdict::Bypass && !service {
+    // The socket's record, created on its first connect and rewritten on any later one. If
+    // it cannot be stored, a direct connection still goes where it was allowed to, unlogged,
+    // and a redirected one finds no original destination at the agent, which resets it: a
+    // redirect never turns into an unmediated bypass.
+    let rec = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
+    if !rec.is_null() {
+        let mut flags = 0;
+        if d.verdict != Verdict::Bypass {
+            flags = if d.verdict == Verdict::Direct {
+                SOCK_DIRECT
+            } else {
+                SOCK_REDIRECTED
+            };
+            unsafe {
+                (*rec).open = DirectOpen {
+                    conn: OrigDst {
+                        addr: dst16,
+                        port,
+                        _pad: 0,
+                        reason: d.reason as u32,
+                        uid: q.uid,
+                        gid: q.gid,
+                        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                        _pad2: 0,
+                        cookie: bpf_get_socket_cookie(ctx.as_ptr()),
+                        created_ns: bpf_ktime_get_ns(),
+                        cgroup_id: bpf_get_current_cgroup_id(),
+                    },
+                    received_at_fin_wait2: u64::MAX,
+                };
+            }
+        }
+        // Translated or redirected: getpeername() answers with what the application dialled.
+        if service || d.verdict == Verdict::Redirect {
+            flags |= SOCK_DIALLED;
+            unsafe {
+                (*rec).dialled = SockAddr16 {
+                    addr: dialled,
+                    port: dialled_port,
+                    _pad: 0,
+                };
+            }
+        }
+        unsafe { (*rec).flags = flags };
+    }
+    if d.verdict == Verdict::Direct && !service {
         return 1;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if d.verdict != Verdict::Bypass {
-        // One record on the stack serves both: a direct connection's accounting, or the
-        // original destination of a redirected one.
-        let open = DirectOpen {
-            conn: OrigDst {
-                addr: dst16,
-                port,
-                _pad: 0,
-                reason: d.reason as u32,
-                uid: q.uid,
-                gid: q.gid,
-                pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-                _pad2: 0,
-                cookie,
-                created_ns: unsafe { bpf_ktime_get_ns() },
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            },
-            received_at_fin_wait2: u64::MAX,
-        };
-        if d.verdict == Verdict::Direct {
-            // Accounted until it closes (sock_ops); if the record cannot be stored the
-            // connection still goes where it was allowed to, unlogged.
-            let _ = DIRECT_OPEN.insert(&cookie, &open, BPF_ANY as u64);
-            if !service {
-                return 1;
-            }
-        } else {
-            // If the record cannot be stored the agent finds none and resets the connection:
-            // a redirect never turns into an unmediated bypass.
-            let _ = ORIG_BY_COOKIE.insert(&cookie, &open.conn, BPF_ANY as u64);
-        }
-    }
-    // Translated or redirected: getpeername() answers with what the application dialled.
-    let seen = Dialled {
-        addr: dialled,
-        port: dialled_port,
-        _pad: 0,
-    };
-    let _ = DIALLED.insert(&cookie, &seen, BPF_ANY as u64);
     if d.verdict != Verdict::Redirect {
         write_dst(ctx, fam, dst16, port);
         return 1;
@@ -387,13 +396,22 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     connect(&ctx, fam, ip, user_port(&ctx))
 }
 
+/// What a translated or redirected socket dialled.
+#[inline(always)]
+fn dialled(ctx: &SockAddrContext) -> Option<SockAddr16> {
+    let rec = unsafe { SOCKS.get_ptr_mut(ctx) };
+    if rec.is_null() {
+        return None;
+    }
+    let rec = unsafe { &*rec };
+    (rec.flags & SOCK_DIALLED != 0).then_some(rec.dialled)
+}
+
 /// getpeername() on a translated or redirected socket: the address the application dialled,
 /// not the endpoint or the agent's listener.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(d) = unsafe { DIALLED.get(&cookie) } {
-        let d = *d;
+    if let Some(d) = dialled(&ctx) {
         write_dst(&ctx, Family::V4, d.addr, d.port);
     }
     1
@@ -401,9 +419,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(d) = unsafe { DIALLED.get(&cookie) } {
-        let d = *d;
+    if let Some(d) = dialled(&ctx) {
         write_dst(&ctx, Family::V6, d.addr, d.port);
     }
     1
@@ -451,39 +467,54 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     {
         return 1;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Only sockets the connect hook kept a record on matter; the others (bypassed) stop at
+    // this pointer test, with no map lookup.
+    let rec = sock_record(&ctx);
+    if rec.is_null() {
+        return 1;
+    }
+    let flags = unsafe { (*rec).flags };
+    if flags == 0 {
+        return 1;
+    }
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // Ask to hear about this socket's state changes: its records must never outlive it,
-        // and a direct connection is accounted at its close. Every translated or redirected
-        // socket has a DIALLED record, every direct one a DIRECT_OPEN record.
-        if unsafe { DIALLED.get(&cookie) }.is_some()
-            || unsafe { DIRECT_OPEN.get(&cookie) }.is_some()
-        {
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        }
+        // Ask to hear about this socket's state changes: a redirected socket's record at the
+        // agent must not outlive it, and a direct connection is accounted at its close.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // Runs before the client's final ACK: the record is in place before accept() returns.
-        if let Some(rec) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
-            let rec = *rec;
-            let _ = ORIG_BY_PEER.insert(&peer_key_of(&ctx), &rec, BPF_ANY as u64);
-            let _ = ORIG_BY_COOKIE.remove(&cookie);
+        if flags & SOCK_REDIRECTED != 0 {
+            let conn = unsafe { (*rec).open.conn };
+            let _ = ORIG_BY_PEER.insert(&peer_key_of(&ctx), &conn, BPF_ANY as u64);
         }
     } else if ctx.arg(1) == TCP_FIN_WAIT2 {
-        if let Some(open) = DIRECT_OPEN.get_ptr_mut(&cookie) {
+        if flags & SOCK_DIRECT != 0 {
             let received = unsafe { read_volatile(addr_of!((*ctx.ops).bytes_received)) };
-            unsafe { (*open).received_at_fin_wait2 = received };
+            unsafe { (*rec).open.received_at_fin_wait2 = received };
         }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = DIALLED.remove(&cookie);
-        let _ = ORIG_BY_COOKIE.remove(&cookie);
-        let _ = ORIG_BY_PEER.remove(&peer_key_of(&ctx));
-        if let Some(open) = unsafe { DIRECT_OPEN.get(&cookie) } {
-            let open = *open;
-            let _ = DIRECT_OPEN.remove(&cookie);
+        if flags & SOCK_REDIRECTED != 0 {
+            let _ = ORIG_BY_PEER.remove(&peer_key_of(&ctx));
+        }
+        if flags & SOCK_DIRECT != 0 {
+            let open = unsafe { (*rec).open };
             report_direct_close(&ctx, open);
         }
+        // Closed: nothing of this connect applies any more (the socket may connect again).
+        unsafe { (*rec).flags = 0 };
     }
     1
+}
+
+/// The `SOCKS` record of the socket a sock_ops callback is about, or null.
+#[inline(always)]
+fn sock_record(ctx: &SockOpsContext) -> *mut SockRecord {
+    let sk = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    let map = core::ptr::from_ref(&SOCKS).cast_mut().cast();
+    unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast()
 }
 
 /// Hand a direct connection's close to the agent, or count it as lost when the ring is full.

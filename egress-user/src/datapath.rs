@@ -17,11 +17,10 @@ use aya::{
 };
 use egress_common::{
     ALL_MAPS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, MAP_ALLOW_V4, MAP_ALLOW_V6,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_OPEN, MAP_DIRECT_V4, MAP_DIRECT_V6,
-    MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6, MAP_INCLUDE_V4,
-    MAP_INCLUDE_V6, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4,
-    MAP_SERVICES_V6, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, allow_key_v4,
-    allow_key_v6, decide::REASON_COUNT, v4_mapped,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_V4, MAP_DIRECT_V6, MAP_EXCLUDE_GIDS,
+    MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6, MAP_INCLUDE_V4, MAP_INCLUDE_V6,
+    MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6, Service, ServiceKeyV4,
+    ServiceKeyV6, SockAddr16, Tables, allow_key_v4, allow_key_v6, decide::REASON_COUNT, v4_mapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
@@ -169,9 +168,7 @@ impl Datapath {
         for m in [MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_DIRECT_V4, MAP_DIRECT_V6] {
             loader.map_max_entries(m, cap.allowed.saturating_mul(2));
         }
-        for m in [MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_DIRECT_OPEN] {
-            loader.map_max_entries(m, cap.orig);
-        }
+        loader.map_max_entries(MAP_ORIG_BY_PEER, cap.orig);
         let ebpf = loader
             .load(KERNEL_OBJECT)
             .context("loading the kernel object")?;

@@ -20,7 +20,7 @@ use crate::{
     registry::{self, Proto, Registry, Target},
     sniff, upstream,
 };
-use egress_common::{MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_unmapped};
+use egress_common::{MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_unmapped};
 use log::warn;
 use socket2::SockRef;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
@@ -29,16 +29,14 @@ use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
-/// The original-destination maps, shared by the connection tasks and the sweeper.
+/// The original-destination map, shared by the connection tasks and the sweeper.
 pub struct OrigMaps {
-    pub by_cookie: HashMap<MapData, u64, OrigDst>,
     pub by_peer: HashMap<MapData, PeerKey, OrigDst>,
 }
 
 impl OrigMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         Ok(OrigMaps {
-            by_cookie: crate::datapath::open(pin_dir, MAP_ORIG_BY_COOKIE)?,
             by_peer: crate::datapath::open(pin_dir, MAP_ORIG_BY_PEER)?,
         })
     }
@@ -52,32 +50,21 @@ impl OrigMaps {
         Some(rec)
     }
 
-    /// Remove records older than `max_age`: connects that never reached the agent (refused,
-    /// abandoned) and accepted connections the sock_ops close hook could not clear. Returns how
-    /// many were removed.
+    /// Remove records older than `max_age`: connections whose handshake completed but that
+    /// neither the agent accepted nor the sock_ops close hook could clear (a full accept
+    /// queue that reset them). Returns how many were removed.
     pub fn sweep(&mut self, max_age: Duration) -> usize {
         let now = monotonic_ns();
         let max = max_age.as_nanos() as u64;
-        let stale = |r: &OrigDst| now.saturating_sub(r.created_ns) > max;
-        let cookies: Vec<u64> = self
-            .by_cookie
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, r)| stale(r))
-            .map(|(k, _)| k)
-            .collect();
-        let peers: Vec<PeerKey> = self
+        let stale: Vec<PeerKey> = self
             .by_peer
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, r)| stale(r))
+            .filter(|(_, r)| now.saturating_sub(r.created_ns) > max)
             .map(|(k, _)| k)
             .collect();
-        let n = cookies.len() + peers.len();
-        for k in cookies {
-            let _ = self.by_cookie.remove(&k);
-        }
-        for k in peers {
+        let n = stale.len();
+        for k in stale {
             let _ = self.by_peer.remove(&k);
         }
         n

@@ -460,26 +460,15 @@ impl Agent {
             .collect()
     }
 
-    /// Entries in (ORIG_BY_COOKIE, ORIG_BY_PEER), read from the pinned maps.
-    pub fn orig_entries(&self) -> (usize, usize) {
+    /// Original-destination records waiting for the agent (`ORIG_BY_PEER`), read from the
+    /// pinned map. (What the kernel keeps per client socket, `SOCKS`, is freed with the socket.)
+    pub fn orig_entries(&self) -> usize {
         use aya::maps::{HashMap, Map, MapData};
-        use egress_common::{MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, OrigDst, PeerKey};
-        let open = |name: &str| {
-            Map::from_map_data(MapData::from_pin(self.pin.join(name)).unwrap()).unwrap()
-        };
-        let cookie: HashMap<_, u64, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_COOKIE)).unwrap();
-        let peer: HashMap<_, PeerKey, OrigDst> = HashMap::try_from(open(MAP_ORIG_BY_PEER)).unwrap();
-        (cookie.keys().count(), peer.keys().count())
-    }
-
-    /// Direct connections the kernel is still accounting for (`DIRECT_OPEN`).
-    pub fn direct_open_entries(&self) -> usize {
-        use aya::maps::{HashMap, Map, MapData};
-        use egress_common::{DirectOpen, MAP_DIRECT_OPEN};
-        let data = MapData::from_pin(self.pin.join(MAP_DIRECT_OPEN)).unwrap();
-        let open: HashMap<_, u64, DirectOpen> =
+        use egress_common::{MAP_ORIG_BY_PEER, OrigDst, PeerKey};
+        let data = MapData::from_pin(self.pin.join(MAP_ORIG_BY_PEER)).unwrap();
+        let peer: HashMap<_, PeerKey, OrigDst> =
             HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
-        open.keys().count()
+        peer.keys().count()
     }
 
     pub fn pid(&self) -> u32 {

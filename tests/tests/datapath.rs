@@ -483,8 +483,86 @@ fn tcp_entries_go_straight_out_and_the_kernel_accounts_for_each_connection() {
     assert_eq!((conn.get("bytes_up"), conn.get("bytes_down")), ("0", "0"));
 
     // Every connection's record went up to the agent: nothing is left in the kernel.
-    assert_eq!(agent.direct_open_entries(), 0);
-    assert_eq!(agent.orig_entries(), (0, 0));
+    assert_eq!(agent.orig_entries(), 0);
+}
+
+const RECONNECT: &str = r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: default}
+spec:
+  interception:
+    includeOutboundIPRanges: "127.22.0.0/16"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.example]
+  addresses: [127.22.5.0/24]
+  ports:
+  - {number: PORT, name: tcp, protocol: TCP}
+  resolution: NONE
+"#;
+
+/// A connect the kernel refuses after the hook ran (the connection exists already:
+/// EADDRNOTAVAIL) leaves the socket free to connect elsewhere: what the hook recorded for the
+/// first destination must not follow it to the second.
+#[test]
+fn a_socket_that_connects_again_carries_nothing_of_its_failed_connect() {
+    if !privileged("a_socket_that_connects_again_carries_nothing_of_its_failed_connect") {
+        return;
+    }
+    let cg = Cgroup::new("reconnect");
+    let port = free_port();
+    let agent = start(&RECONNECT.replace("PORT", &port.to_string()), &cg);
+    let servers = Servers::new();
+    let bypassed = servers.whoami(sa(&format!("127.23.0.1:{port}")));
+    let redirected = servers.whoami(sa(&format!("127.22.6.1:{port}")));
+    let direct = servers.echo(sa(&format!("127.22.5.7:{port}")));
+    assert!(
+        agent
+            .explain(&redirected.to_string(), &[])
+            .starts_with("redirect")
+    );
+    assert!(
+        agent
+            .explain(&direct.to_string(), &[])
+            .starts_with("direct")
+    );
+
+    for (first, what) in [(redirected, "redirected"), (direct, "direct")] {
+        let local = sa(&format!("127.0.0.1:{}", free_port()));
+        let r = probe(
+            Some(&cg),
+            &[
+                "reconnect",
+                &local.to_string(),
+                &first.to_string(),
+                &bypassed.to_string(),
+            ],
+        );
+        assert_eq!(r.get("first_errno").as_deref(), Some("99"), "{what}: {r:?}");
+        // getpeername() and the server agree: the second destination, reached directly.
+        assert_eq!(r.get("peer"), Some(bypassed.to_string()), "{what}: {r:?}");
+        assert_eq!(
+            r.get("reached"),
+            Some(bypassed.to_string()),
+            "{what}: {r:?}"
+        );
+        // The connection that held the address pair is logged once it closes; the bypassed
+        // one, which closed first, is not logged at all.
+        let held = agent.wait_conn(&format!("the {what} connection"), |c| {
+            c.get("peer") == local.to_string() && c.get("bytes_up") == "1"
+        });
+        assert_eq!(held.get("orig_dst"), first.to_string(), "{held:?}");
+        let from_local: Vec<_> = agent
+            .conns()
+            .into_iter()
+            .filter(|c| c.get("peer") == local.to_string())
+            .collect();
+        assert_eq!(from_local.len(), 1, "{what}: {from_local:?}");
+    }
 }
 
 #[test]
@@ -661,7 +739,7 @@ fn a_thousand_concurrent_connections_recover_their_own_destinations_and_the_maps
     assert_eq!(r.get("ok").as_deref(), Some("1000"), "{r:?}");
     assert_eq!(agent.stats()["included-cidr"], 1000);
     assert!(
-        eventually(20, || agent.orig_entries() == (0, 0)),
+        eventually(20, || agent.orig_entries() == 0),
         "original-destination maps not empty after the connections closed: {:?}",
         agent.orig_entries()
     );
@@ -684,7 +762,7 @@ fn a_thousand_concurrent_connections_recover_their_own_destinations_and_the_maps
         .count()
         == 20));
     assert!(
-        eventually(20, || agent.orig_entries() == (0, 0)),
+        eventually(20, || agent.orig_entries() == 0),
         "original-destination maps not empty after dead-upstream connects: {:?}",
         agent.orig_entries()
     );
@@ -821,7 +899,7 @@ fn getsockopt_original_dst_serves_a_transparent_proxy() {
     assert!(rest.contains(&format!("orig=[::1]:{}", p.any)), "{rest}");
     // The records of the proxied connections are gone once their clients closed.
     assert!(
-        eventually(10, || agent.orig_entries() == (0, 0)),
+        eventually(10, || agent.orig_entries() == 0),
         "{:?}",
         agent.orig_entries()
     );

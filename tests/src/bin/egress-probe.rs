@@ -19,6 +19,12 @@
 //! egress-probe raw ADDR HEX HOLD_MS
 //!     connect, send the bytes HEX spells, wait HOLD_MS, half-close, read until the end
 //!     (at most 30 s); print how many bytes came back, the text, and how the read ended.
+//! egress-probe reconnect LOCAL FIRST SECOND
+//!     from LOCAL (bound with SO_REUSEADDR) connect to FIRST and send one byte; from a second
+//!     socket bound to LOCAL too, connect to FIRST (which fails before any packet: the
+//!     connection exists) and then, on the same socket, to SECOND, a `whoami` server; print
+//!     the errors, what getpeername() says and where the server was reached. The second socket
+//!     closes first.
 //! egress-probe origdst-server COUNT ADDR...
 //!     listen on ADDRs; for COUNT accepted connections, ask getsockopt(SO_ORIGINAL_DST) and
 //!     print and send back the answer.
@@ -74,6 +80,7 @@ fn main() -> ExitCode {
             args[2].parse().expect("INTERVAL_MS"),
             &args[3..].iter().map(addr).collect::<Vec<_>>(),
         ),
+        Some("reconnect") => reconnect(addr(&args[1]), addr(&args[2]), addr(&args[3])),
         Some("raw") => raw(addr(&args[1]), &args[2], args[3].parse().expect("HOLD_MS")),
         Some("origdst-server") => origdst_server(
             args[1].parse().expect("COUNT"),
@@ -97,6 +104,43 @@ fn connect(dst: SocketAddr) -> Result<TcpStream, ExitCode> {
         );
         ExitCode::from(3)
     })
+}
+
+fn reconnect(local: SocketAddr, first: SocketAddr, second: SocketAddr) -> ExitCode {
+    use socket2::{Domain, Socket, Type};
+    let bound = || {
+        let s = Socket::new(Domain::for_address(local), Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&local.into()).unwrap();
+        s
+    };
+    let errno = |r: std::io::Result<()>| r.err().map_or(0, |e| e.raw_os_error().unwrap_or(-1));
+    let held = bound();
+    let e = errno(held.connect(&first.into()));
+    if e != 0 {
+        println!("held_errno={e}");
+        return ExitCode::from(3);
+    }
+    let mut held = TcpStream::from(held);
+    held.write_all(b"a").unwrap();
+    let again = bound();
+    let first_errno = errno(again.connect(&first.into()));
+    let second_errno = errno(again.connect(&second.into()));
+    if second_errno != 0 {
+        println!("first_errno={first_errno} second_errno={second_errno}");
+        return ExitCode::from(3);
+    }
+    let s = TcpStream::from(again);
+    let mut line = String::new();
+    let _ = BufReader::new(&s).read_line(&mut line);
+    println!(
+        "local={local} first_errno={first_errno} second_errno=0 peer={} reached={}",
+        s.peer_addr().unwrap(),
+        line.trim()
+    );
+    drop(s);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    ExitCode::SUCCESS
 }
 
 fn raw(dst: SocketAddr, hex: &str, hold_ms: u64) -> ExitCode {
