@@ -19,6 +19,7 @@ use std::{
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod configs;
 pub mod l7;
 pub mod plot;
 

@@ -217,10 +217,29 @@ fn bench(quick: bool) -> Result<()> {
             "--bins",
         ],
     )?;
+    // The configuration pipeline's micro-benchmarks first (criterion, user space only); the
+    // report reads their estimates.
+    let estimates = root.join("target/criterion");
+    let _ = std::fs::remove_dir_all(&estimates);
+    let timing: &[&str] = if quick {
+        &["--warm-up-time", "0.2", "--measurement-time", "0.5"]
+    } else {
+        &["--warm-up-time", "1", "--measurement-time", "3"]
+    };
+    cargo(
+        &root,
+        &[
+            &["bench", "-p", "egress-user", "--bench", "compile", "--"][..],
+            timing,
+        ]
+        .concat(),
+    )?;
     let mut c = Command::new(root.join("target/release/egress-bench"));
     c.current_dir(&root)
         .env("EGRESS_BIN", root.join("target/release/egress"))
-        .arg("run");
+        .arg("run")
+        .arg("--criterion")
+        .arg(&estimates);
     if quick {
         c.args(["--quick", "--out", "target/quick/BENCHMARKS.md"]);
     } else {

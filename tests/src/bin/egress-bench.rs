@@ -20,7 +20,9 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, AgentOpts, Cgroup, IptablesRedirect, Servers, egress_bin, free_port, raise_nofile_limit,
+    Agent, AgentOpts, Cgroup, IptablesRedirect, Servers,
+    configs::{filler_cidrs, service_entries},
+    egress_bin, free_port, raise_nofile_limit,
 };
 
 fn main() -> ExitCode {
@@ -44,7 +46,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: egress-bench run [--quick] [--out FILE] | client connect|rr|stream|hold ..."
+                "usage: egress-bench run [--quick] [--out FILE] [--criterion DIR] | client connect|rr|stream|hold ..."
             );
             ExitCode::from(64)
         }
@@ -313,14 +315,6 @@ const HAPROXY_HTTP: &str = "iptables REDIRECT → HAProxy, mode http";
 
 /// Owner of HAProxy's sockets, so that iptables can exempt its upstream connections.
 const HAPROXY_UID: u32 = 4343;
-/// Excluded CIDRs beyond the one the benchmark destination is in: /32s in 10.0.0.0/8,
-/// configuration only (no traffic goes there).
-fn filler_cidrs(n: u32) -> Vec<String> {
-    (0..n)
-        .map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255))
-        .collect()
-}
-
 /// The benchmark agent's configuration: `cidrs` exclusions (the last one the bypass
 /// destination's), 127.59/16 and 127.62/16 redirected to the agent, 127.61/16 a TCP
 /// ServiceEntry on `ports.tcp`, which the kernel lets go straight out, and `rr.bench` an HTTP
@@ -362,6 +356,11 @@ fn run(a: &[&str]) -> ExitCode {
         .position(|x| *x == "--out")
         .and_then(|i| a.get(i + 1))
         .map_or_else(|| "BENCHMARKS.md".to_owned(), |s| (*s).to_owned());
+    // Where `cargo bench -p egress-user --bench compile` left its estimates, if it ran.
+    let criterion = a
+        .iter()
+        .position(|x| *x == "--criterion")
+        .and_then(|i| a.get(i + 1));
     let s = if quick {
         Settings {
             rounds: 2,
@@ -446,6 +445,7 @@ fn run(a: &[&str]) -> ExitCode {
 
     // 1. Bypass cost against the number of excluded CIDRs.
     let mut bypass_rows = Vec::new();
+    let mut hook_rows = Vec::new();
     let mut restore_times = Vec::new();
     for (i, &n) in s.cidrs.iter().enumerate() {
         if i > 0 {
@@ -481,6 +481,22 @@ fn run(a: &[&str]) -> ExitCode {
             }
         }
         drop(chain);
+        // Time inside the hooks, in one more run outside the rounds: the statistics add their
+        // own cost to every program call.
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .expect("enabling BPF run-time statistics");
+        let before = hook_time();
+        run_client(
+            Some(&cg),
+            &[
+                "connect".into(),
+                egress_bypass.to_string(),
+                s.connects.to_string(),
+            ],
+        );
+        let spent = hook_time_since(&before);
+        drop(stats);
+        hook_rows.push((n, spent));
         for (k, (name, _, _)) in contenders.iter().enumerate() {
             plots
                 .bypass
@@ -535,6 +551,42 @@ fn run(a: &[&str]) -> ExitCode {
             |r| r < 1.0,
         );
     }
+    writeln!(
+        md,
+        "Time inside the hooks per bypassed connect + close (`BPF_ENABLE_STATS`: one more run of {} \
+         connects per CIDR count, outside the rounds above, since the statistics add their own \
+         cost to every call): the connect hook decides (map and LPM lookups), sock_ops is called \
+         for every TCP socket of the cgroup and finds no record on a bypassed one.\n",
+        s.connects
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| excluded CIDRs | connect hook ns | sock_ops ns (callbacks) | hooks ns | of direct's p50 |"
+    )
+    .unwrap();
+    writeln!(md, "|---:|---:|---:|---:|---:|").unwrap();
+    for ((n, spent), (_, _, samples)) in hook_rows.iter().zip(&bypass_rows) {
+        let per = |prog: &str| {
+            let (calls, ns) = spent.get(prog).copied().unwrap_or_default();
+            (
+                calls as f64 / s.connects as f64,
+                ns as f64 / s.connects as f64,
+            )
+        };
+        let (connect, ops) = (per("egress_connect4"), per("egress_sockops"));
+        let total = connect.1 + ops.1;
+        writeln!(
+            md,
+            "| {n} | {:.0} | {:.0} ({:.1}) | {total:.0} | {:.1}% |",
+            connect.1,
+            ops.1,
+            ops.0,
+            total / 10.0 / samples[0].get("p50").median
+        )
+        .unwrap();
+    }
+    writeln!(md).unwrap();
     for (n, t) in &restore_times {
         writeln!(
             md,
@@ -815,6 +867,10 @@ fn run(a: &[&str]) -> ExitCode {
     drop(a);
     writeln!(md).unwrap();
 
+    if let Some(dir) = &criterion {
+        md += &pipeline_section(std::path::Path::new(dir));
+    }
+
     let report = header(&s, quick) + &goals.render() + MISSES + &md + &plots.write(&out);
     std::fs::write(&out, report).expect("writing the report");
     println!("wrote {out}");
@@ -878,26 +934,6 @@ fn reload_times(line: &str) -> String {
         .and_then(|(_, r)| r.split_once(')'))
         .map_or("?", |(i, _)| i);
     inner.to_owned()
-}
-
-fn service_entries(n: usize, variant: u32) -> String {
-    let mut s = String::from(
-        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: bench}\nspec:\n  \
-         outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  interception: {includeOutboundIPRanges: [127.59.0.0/16]}\n",
-    );
-    for i in 0..n as u32 {
-        let port = if i == 0 { 1000 + variant } else { 443 };
-        write!(
-            s,
-            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se-{i}}}\nspec:\n  \
-             hosts: [se-{i}.example]\n  addresses: [10.{}.{}.{}]\n  ports: [{{number: {port}, name: tcp, protocol: TCP}}]\n",
-            i >> 16,
-            (i >> 8) & 255,
-            i & 255
-        )
-        .unwrap();
-    }
-    s
 }
 
 fn start_haproxy(port: u16, http_port: u16) -> std::process::Child {
@@ -978,6 +1014,86 @@ fn nofile_hard() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     lim.rlim_max
+}
+
+/// Section 6: the criterion micro-benchmarks of the configuration pipeline
+/// (`egress-user/benches/compile.rs`), read from criterion's `estimates.json` under `dir`.
+fn pipeline_section(dir: &std::path::Path) -> String {
+    let estimate = |group: &str, step: &str, size: u32| -> String {
+        let path = dir
+            .join(group)
+            .join(step)
+            .join(size.to_string())
+            .join("new/estimates.json");
+        let median = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|v| v["median"].clone());
+        let ns = |v: &serde_json::Value| Duration::from_nanos(v.as_f64().unwrap_or(0.0) as u64);
+        match median {
+            Some(m) if m["point_estimate"].is_f64() => format!(
+                "{:.1?} ({:.1?}–{:.1?})",
+                ns(&m["point_estimate"]),
+                ns(&m["confidence_interval"]["lower_bound"]),
+                ns(&m["confidence_interval"]["upper_bound"])
+            ),
+            _ => "–".to_owned(),
+        }
+    };
+    let mut md = String::from(
+        "## 6. Configuration pipeline (criterion)\n\n\
+         Micro-benchmarks in user space (`cargo bench -p egress-user --bench compile`), medians with \
+         their 95% confidence interval: **load** reads and parses the YAML into the model, **plan** \
+         compiles the contents of the datapath's maps, **registry** what the agent matches streams \
+         against (empty for an exclusion list), **diff** the map operations between two plans that \
+         differ in one entry, which is what a reload writes. The decision itself runs in the kernel, \
+         against the maps: its time per call is measured where it runs (section 1, time inside the \
+         hooks).\n\n\
+         | configuration | load | plan | registry | diff, one entry changed |\n|---|---:|---:|---:|---:|\n",
+    );
+    for (group, size, what) in [
+        ("cidrs", 1_000, "1000 excluded CIDRs"),
+        ("cidrs", 10_000, "10000 excluded CIDRs"),
+        ("cidrs", 100_000, "100000 excluded CIDRs"),
+        ("service-entries", 10_000, "10000 TCP ServiceEntries"),
+    ] {
+        writeln!(
+            md,
+            "| {what} | {} | {} | {} | {} |",
+            estimate(group, "load", size),
+            estimate(group, "plan", size),
+            estimate(group, "registry", size),
+            estimate(group, "diff", size)
+        )
+        .unwrap();
+    }
+    md.push('\n');
+    md
+}
+
+/// Calls and nanoseconds spent per loaded program named `egress_*` (both agents' programs:
+/// the iptables contender's, attached to an empty cgroup, do not run in the bypass rounds).
+fn hook_time() -> BTreeMap<String, (u64, u64)> {
+    let mut m = BTreeMap::new();
+    for p in aya::programs::loaded_programs().flatten() {
+        if let Some(name) = p.name_as_str().filter(|n| n.starts_with("egress_")) {
+            let e: &mut (u64, u64) = m.entry(name.to_owned()).or_default();
+            e.0 += p.run_count();
+            e.1 += p.run_time().as_nanos() as u64;
+        }
+    }
+    m
+}
+
+/// What `hook_time` counted since `before`.
+fn hook_time_since(before: &BTreeMap<String, (u64, u64)>) -> BTreeMap<String, (u64, u64)> {
+    hook_time()
+        .into_iter()
+        .map(|(name, (calls, ns))| {
+            let (c0, n0) = before.get(&name).copied().unwrap_or_default();
+            (name, (calls.saturating_sub(c0), ns.saturating_sub(n0)))
+        })
+        .collect()
 }
 
 fn header(s: &Settings, quick: bool) -> String {
