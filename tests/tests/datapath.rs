@@ -486,25 +486,6 @@ fn tcp_entries_go_straight_out_and_the_kernel_accounts_for_each_connection() {
     assert_eq!(agent.orig_entries(), 0);
 }
 
-const RECONNECT: &str = r#"
-apiVersion: egress/v1alpha1
-kind: EgressConfig
-metadata: {name: default}
-spec:
-  interception:
-    includeOutboundIPRanges: "127.22.0.0/16"
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: db, namespace: default}
-spec:
-  hosts: [db.example]
-  addresses: [127.22.5.0/24]
-  ports:
-  - {number: PORT, name: tcp, protocol: TCP}
-  resolution: NONE
-"#;
-
 /// A connect the kernel refuses after the hook ran (the connection exists already:
 /// EADDRNOTAVAIL) leaves the socket free to connect elsewhere: what the hook recorded for the
 /// first destination must not follow it to the second.
@@ -515,11 +496,16 @@ fn a_socket_that_connects_again_carries_nothing_of_its_failed_connect() {
     }
     let cg = Cgroup::new("reconnect");
     let port = free_port();
-    let agent = start(&RECONNECT.replace("PORT", &port.to_string()), &cg);
+    // The TCP entry's configuration under ALLOW_ANY: the rest of 127.20/16 goes through the
+    // agent.
+    let config = TCP_ENTRY
+        .replace("{mode: REGISTRY_ONLY}", "{mode: ALLOW_ANY}")
+        .replace("PORT", &port.to_string());
+    let agent = start(&config, &cg);
     let servers = Servers::new();
     let bypassed = servers.whoami(sa(&format!("127.23.0.1:{port}")));
-    let redirected = servers.whoami(sa(&format!("127.22.6.1:{port}")));
-    let direct = servers.echo(sa(&format!("127.22.5.7:{port}")));
+    let redirected = servers.whoami(sa(&format!("127.20.6.1:{port}")));
+    let direct = servers.echo(sa(&format!("127.20.5.7:{port}")));
     assert!(
         agent
             .explain(&redirected.to_string(), &[])
