@@ -3,28 +3,12 @@
 //! plans that differ in one entry (what a reload applies), for 1,000 to 100,000 excluded CIDRs
 //! and 10,000 ServiceEntries. `cargo xtask bench` runs them and writes the figures into
 //! BENCHMARKS.md; alone: `cargo bench -p egress-user --bench compile`.
-//!
-//! The modules are compiled into this benchmark from the agent's sources (the agent is a
-//! binary crate); only the configuration pipeline is used.
-#![allow(dead_code, unused_imports)]
-
-#[path = "../src/config.rs"]
-mod config;
-#[path = "../src/istio.rs"]
-mod istio;
-#[path = "../src/k8s.rs"]
-mod k8s;
-#[path = "../src/plan.rs"]
-mod plan;
-#[path = "../src/registry.rs"]
-mod registry;
-#[path = "../src/sniff.rs"]
-mod sniff;
 
 use std::{hint::black_box, path::Path};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use egress_tests::configs::{filler_cidrs, service_entries};
+use egress_user::{config, plan, registry};
 
 /// An ALLOW_ANY configuration excluding `n` CIDRs; `variant` changes the last one.
 fn exclusions(n: u32, variant: u32) -> String {

@@ -15,17 +15,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 
-use crate::{istio, k8s};
-
-/// `outboundTrafficPolicy.mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-pub enum Mode {
-    #[default]
-    #[serde(rename = "ALLOW_ANY")]
-    AllowAny,
-    #[serde(rename = "REGISTRY_ONLY")]
-    RegistryOnly,
-}
+use crate::config::{Mode, istio, k8s};
 
 /// Where a problem is: file, document and resource.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::reload::{Msg, Status};
+use crate::datapath::reload::{Msg, Status};
 
 const MAX_HEAD: usize = 8 * 1024;
 

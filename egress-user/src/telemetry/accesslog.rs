@@ -11,10 +11,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use egress_common::{OrigDst, Reason};
 use serde::{Serialize, Serializer};
+
+use crate::datapath::orig_addr;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -136,6 +139,59 @@ impl Default for Record {
 
 fn time_rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&rfc3339(*t))
+}
+
+/// A redirected connection: who made it and where it was going.
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+    /// The kernel's reason code for redirecting it, or `netfilter`.
+    pub reason: &'static str,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub start: Instant,
+    pub time: SystemTime,
+    /// The client's cgroup, named when the connection arrives (only if records are written:
+    /// a cgroup not seen before costs a /proc read).
+    pub cgroup: Option<Arc<str>>,
+}
+
+impl Conn {
+    /// A connection the kernel recorded, starting now: who made it and where it was going.
+    pub fn recorded(peer: SocketAddr, rec: &OrigDst, cgroup: Option<Arc<str>>) -> Conn {
+        Conn {
+            peer,
+            dst: orig_addr(rec),
+            reason: Reason::from_u32(rec.reason).map_or("unknown", Reason::name),
+            pid: Some(rec.pid),
+            uid: Some(rec.uid),
+            gid: Some(rec.gid),
+            start: Instant::now(),
+            time: SystemTime::now(),
+            cgroup,
+        }
+    }
+
+    /// An access-log record of this connection, with the workload filled in.
+    pub fn record(&self, kind: &'static str, protocol: &'static str) -> Box<Record> {
+        Box::new(Record {
+            time: self.time,
+            kind,
+            cgroup: self.cgroup.clone(),
+            pid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+            peer: self.peer,
+            orig_dst: self.dst,
+            reason: self.reason,
+            protocol,
+            verdict: "allow",
+            policy: "registered",
+            result: "ok",
+            ..Record::default()
+        })
+    }
 }
 
 /// Records queued for the writer at most. A reader of standard output that falls behind (a
@@ -324,7 +380,7 @@ impl CgroupNames {
         if let Some(n) = self.names.lock().ok()?.get(&id) {
             return Some(n.clone());
         }
-        let path = crate::sys::cgroup_name(&pid.to_string()).ok()?;
+        let path = crate::datapath::sys::cgroup_name(&pid.to_string()).ok()?;
         let name: Arc<str> = path.as_str().into();
         // The process may have moved since: keep only a name that is the cgroup `id`.
         let dir = self.root.join(path.trim_start_matches('/'));

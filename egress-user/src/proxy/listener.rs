@@ -5,22 +5,20 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{HashMap, MapData};
-
 use crate::{
-    accesslog::{self, Record},
     config::Mode,
-    http,
+    datapath::OrigMaps,
+    proxy::{http, upstream},
     registry::{self, Proto, Registry, Target},
-    sniff, upstream,
+    sniff,
+    telemetry::accesslog::{self, Conn, Record},
 };
-use egress_common::{MAP_ORIG_BY_PEER, OrigDst, PeerKey, Reason, v4_unmapped};
+use egress_common::Reason;
 use log::warn;
 use socket2::SockRef;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
@@ -28,73 +26,6 @@ use tokio::{
     io::Interest,
     net::{TcpListener, TcpSocket, TcpStream},
 };
-
-/// The original-destination map, shared by the connection tasks and the sweeper.
-pub struct OrigMaps {
-    pub by_peer: HashMap<MapData, PeerKey, OrigDst>,
-}
-
-impl OrigMaps {
-    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        Ok(OrigMaps {
-            by_peer: crate::datapath::open(pin_dir, MAP_ORIG_BY_PEER)?,
-        })
-    }
-
-    /// Take the record of the client whose socket is `peer`, removing it from the map.
-    fn take(&mut self, peer: SocketAddr) -> Option<OrigDst> {
-        // The kernel keyed the record by the client socket that is our peer.
-        let key = crate::datapath::sock_addr16(peer);
-        let rec = self.by_peer.get(&key, 0).ok()?;
-        let _ = self.by_peer.remove(&key);
-        Some(rec)
-    }
-
-    /// Remove records older than `max_age`: connections whose handshake completed but that
-    /// neither the agent accepted nor the sock_ops close hook could clear (a full accept
-    /// queue that reset them). Returns how many were removed.
-    pub fn sweep(&mut self, max_age: Duration) -> usize {
-        let now = monotonic_ns();
-        let max = max_age.as_nanos() as u64;
-        let stale: Vec<PeerKey> = self
-            .by_peer
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, r)| now.saturating_sub(r.created_ns) > max)
-            .map(|(k, _)| k)
-            .collect();
-        let n = stale.len();
-        for k in stale {
-            let _ = self.by_peer.remove(&k);
-        }
-        n
-    }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// The destination the client dialled.
-pub fn orig_addr(r: &OrigDst) -> SocketAddr {
-    orig_addr_of(&r.addr, r.port)
-}
-
-/// A socket address from its map form (IPv4 as `::ffff:a.b.c.d`).
-pub fn orig_addr_of(addr: &[u8; 16], port: u16) -> SocketAddr {
-    let ip = match v4_unmapped(addr) {
-        Some(a) => IpAddr::V4(Ipv4Addr::from(a)),
-        None => IpAddr::V6(Ipv6Addr::from(*addr)),
-    };
-    SocketAddr::new(ip, port)
-}
 
 /// Connections a listener queues before the agent accepts them (the kernel caps it at
 /// `net.core.somaxconn`). Every workload on the node connects through this one listener: a
@@ -129,59 +60,6 @@ pub struct Proxy {
     pub cgroups: accesslog::CgroupNames,
     /// Idle upstream HTTP connections, for the next request to the same upstream.
     pub upstreams: Arc<upstream::Pool>,
-}
-
-/// A redirected connection: who made it and where it was going.
-pub struct Conn {
-    pub peer: SocketAddr,
-    pub dst: SocketAddr,
-    /// The kernel's reason code for redirecting it, or `netfilter`.
-    pub reason: &'static str,
-    pub pid: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub start: Instant,
-    pub time: SystemTime,
-    /// The client's cgroup, named when the connection arrives (only if records are written:
-    /// a cgroup not seen before costs a /proc read).
-    pub cgroup: Option<Arc<str>>,
-}
-
-impl Conn {
-    /// A connection the kernel recorded, starting now: who made it and where it was going.
-    pub fn recorded(peer: SocketAddr, rec: &OrigDst, cgroup: Option<Arc<str>>) -> Conn {
-        Conn {
-            peer,
-            dst: orig_addr(rec),
-            reason: Reason::from_u32(rec.reason).map_or("unknown", Reason::name),
-            pid: Some(rec.pid),
-            uid: Some(rec.uid),
-            gid: Some(rec.gid),
-            start: Instant::now(),
-            time: SystemTime::now(),
-            cgroup,
-        }
-    }
-
-    /// An access-log record of this connection, with the workload filled in.
-    pub fn record(&self, kind: &'static str, protocol: &'static str) -> Box<Record> {
-        Box::new(Record {
-            time: self.time,
-            kind,
-            cgroup: self.cgroup.clone(),
-            pid: self.pid,
-            uid: self.uid,
-            gid: self.gid,
-            peer: self.peer,
-            orig_dst: self.dst,
-            reason: self.reason,
-            protocol,
-            verdict: "allow",
-            policy: "registered",
-            result: "ok",
-            ..Record::default()
-        })
-    }
 }
 
 /// What a client's first bytes showed on a port no ServiceEntry declares.

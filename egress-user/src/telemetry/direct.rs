@@ -17,9 +17,9 @@ use log::warn;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    accesslog::{self, Record},
-    proxy::{Conn, monotonic_ns, orig_addr_of},
+    datapath::{monotonic_ns, orig_addr_of},
     registry,
+    telemetry::accesslog::{self, Conn, Record},
 };
 
 /// The kernel's reports of closed direct connections.

@@ -192,7 +192,7 @@ impl Reloader {
                 Ok(Msg::Reload { why, reply }) => {
                     pending = None;
                     let outcome = self.reload(why);
-                    crate::sys::release_free_memory();
+                    crate::datapath::sys::release_free_memory();
                     if let Some(reply) = reply {
                         let _ = reply.send(outcome);
                     }
@@ -200,7 +200,7 @@ impl Reloader {
                 Err(RecvTimeoutError::Timeout) => {
                     pending = None;
                     let _ = self.reload("file change");
-                    crate::sys::release_free_memory();
+                    crate::datapath::sys::release_free_memory();
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             }

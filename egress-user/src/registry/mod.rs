@@ -14,8 +14,10 @@ use anyhow::{Context as _, Result, bail};
 use ipnet::IpNet;
 
 use crate::{
-    config::{MeshConfig, Mode, ServiceEntry},
-    istio::{self, ClientTls, HttpRoute},
+    config::{
+        MeshConfig, Mode, ServiceEntry,
+        istio::{self, ClientTls, HttpRoute},
+    },
     sniff::host_matches,
 };
 

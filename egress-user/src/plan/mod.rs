@@ -754,8 +754,7 @@ subsets:
 
     mod diff {
         use super::*;
-        use crate::config::{Interception, ServiceEntry, ServiceEntrySpec, ServicePort};
-        use crate::k8s;
+        use crate::config::{Interception, ServiceEntry, ServiceEntrySpec, ServicePort, k8s};
         use egress_common::Verdict;
         use proptest::prelude::*;
 

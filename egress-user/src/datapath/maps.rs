@@ -7,6 +7,7 @@ use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -19,8 +20,9 @@ use egress_common::{
     ALL_MAPS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, MAP_ALLOW_V4, MAP_ALLOW_V6,
     MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_V4, MAP_DIRECT_V6, MAP_EXCLUDE_GIDS,
     MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6, MAP_INCLUDE_V4, MAP_INCLUDE_V6,
-    MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6, Service, ServiceKeyV4,
-    ServiceKeyV6, SockAddr16, Tables, allow_key_v4, allow_key_v6, decide::REASON_COUNT, v4_mapped,
+    MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6, OrigDst, PeerKey, Service,
+    ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, allow_key_v4, allow_key_v6,
+    decide::REASON_COUNT, v4_mapped, v4_unmapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
@@ -38,6 +40,73 @@ pub fn sock_addr16(a: SocketAddr) -> SockAddr16 {
         port: a.port(),
         _pad: 0,
     }
+}
+
+/// The original-destination map, shared by the connection tasks and the sweeper.
+pub struct OrigMaps {
+    pub by_peer: HashMap<MapData, PeerKey, OrigDst>,
+}
+
+impl OrigMaps {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        Ok(OrigMaps {
+            by_peer: open(pin_dir, MAP_ORIG_BY_PEER)?,
+        })
+    }
+
+    /// Take the record of the client whose socket is `peer`, removing it from the map.
+    pub fn take(&mut self, peer: SocketAddr) -> Option<OrigDst> {
+        // The kernel keyed the record by the client socket that is our peer.
+        let key = sock_addr16(peer);
+        let rec = self.by_peer.get(&key, 0).ok()?;
+        let _ = self.by_peer.remove(&key);
+        Some(rec)
+    }
+
+    /// Remove records older than `max_age`: connections whose handshake completed but that
+    /// neither the agent accepted nor the sock_ops close hook could clear (a full accept
+    /// queue that reset them). Returns how many were removed.
+    pub fn sweep(&mut self, max_age: Duration) -> usize {
+        let now = monotonic_ns();
+        let max = max_age.as_nanos() as u64;
+        let stale: Vec<PeerKey> = self
+            .by_peer
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| now.saturating_sub(r.created_ns) > max)
+            .map(|(k, _)| k)
+            .collect();
+        let n = stale.len();
+        for k in stale {
+            let _ = self.by_peer.remove(&k);
+        }
+        n
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The destination the client dialled.
+pub fn orig_addr(r: &OrigDst) -> SocketAddr {
+    orig_addr_of(&r.addr, r.port)
+}
+
+/// A socket address from its map form (IPv4 as `::ffff:a.b.c.d`).
+pub fn orig_addr_of(addr: &[u8; 16], port: u16) -> SocketAddr {
+    let ip = match v4_unmapped(addr) {
+        Some(a) => IpAddr::V4(Ipv4Addr::from(a)),
+        None => IpAddr::V6(Ipv6Addr::from(*addr)),
+    };
+    SocketAddr::new(ip, port)
 }
 
 fn service_key_v4(a: Ipv4Addr, port: u16) -> ServiceKeyV4 {
@@ -469,7 +538,7 @@ impl Maps {
         Some(
             (0..svc.count)
                 .filter_map(|index| self.backends.get(&BackendKey { id: svc.id, index }, 0).ok())
-                .map(|b| crate::proxy::orig_addr_of(&b.addr, b.port))
+                .map(|b| orig_addr_of(&b.addr, b.port))
                 .collect(),
         )
     }

@@ -16,7 +16,7 @@ use std::{
 
 use hyper::client::conn::http1::SendRequest;
 
-use crate::{http::OutBody, registry::Target};
+use crate::{proxy::OutBody, registry::Target};
 
 /// Idle connections kept per upstream at most; more are closed when their response is done.
 const MAX_IDLE_PER_UPSTREAM: usize = 128;

@@ -19,7 +19,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
@@ -28,12 +28,14 @@ use tokio::{
 };
 
 use crate::{
-    accesslog::{self, Record},
     config::Mode,
-    proxy::{Conn, Proxy},
+    proxy::{
+        OutBody, Proxy,
+        upstream::{self, Upstream},
+    },
     registry::{self, Origination, Route, Target},
     sniff,
-    upstream::{self, Upstream},
+    telemetry::accesslog::{self, Conn, Record},
 };
 
 /// Request bodies up to this size are kept so that the request can be retried; larger or
@@ -41,8 +43,6 @@ use crate::{
 const RETRY_BUFFER: u64 = 1 << 20;
 /// Pause before a retry (Envoy's base retry interval).
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
-
-pub type OutBody = BoxBody<Bytes, hyper::Error>;
 
 /// Serve one client connection until it closes; then log the connection.
 pub async fn serve(px: Arc<Proxy>, conn: Conn, client: TcpStream) {

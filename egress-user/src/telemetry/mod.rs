@@ -1,0 +1,3 @@
+pub mod accesslog;
+pub mod admin;
+pub mod direct;
