@@ -656,7 +656,7 @@ pub struct Seen {
 
 /// A non-blocking listener with a deep accept queue: clients that connect faster than the
 /// server accepts must not see SYNs dropped (the default backlog of 128 overflows).
-pub(crate) fn bind(addr: SocketAddr) -> std::net::TcpListener {
+pub(crate) fn bind(addr: SocketAddr) -> TcpListener {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -698,18 +698,33 @@ impl Servers {
 
     /// Echo everything back, half-closing after the client does.
     pub fn echo(&self, addr: SocketAddr) -> SocketAddr {
-        self.listen(addr, false)
+        self.echo_on(bind(addr))
+    }
+
+    /// `echo` on a listener bound elsewhere (in another network namespace, say).
+    pub fn echo_on(&self, l: TcpListener) -> SocketAddr {
+        self.listen(l, false)
     }
 
     /// Write the address the client reached (our local address), then echo like `echo`.
     pub fn whoami(&self, addr: SocketAddr) -> SocketAddr {
-        self.listen(addr, true)
+        self.whoami_on(bind(addr))
+    }
+
+    /// `whoami` on a listener bound elsewhere.
+    pub fn whoami_on(&self, l: TcpListener) -> SocketAddr {
+        self.listen(l, true)
     }
 
     /// A minimal HTTP/1.1 server: every request gets `200 OK` with the address it was reached
     /// at as the body.
     pub fn http(&self, addr: SocketAddr) -> SocketAddr {
-        self.serve(addr, |mut s, _| async move {
+        self.http_on(bind(addr))
+    }
+
+    /// `http` on a listener bound elsewhere.
+    pub fn http_on(&self, l: TcpListener) -> SocketAddr {
+        self.serve(l, |mut s, _| async move {
             let body = s.local_addr().unwrap().to_string();
             if read_head(&mut s, &mut Vec::new()).await.is_none() {
                 return;
@@ -727,7 +742,7 @@ impl Servers {
     /// `200 OK` of `size` bytes in all, head included.
     pub fn http_sized(&self, addr: SocketAddr, size: usize) -> SocketAddr {
         let resp: Arc<[u8]> = http_response(size).into();
-        self.serve(addr, move |mut s, _| {
+        self.serve(bind(addr), move |mut s, _| {
             let resp = resp.clone();
             async move {
                 let mut pending = Vec::new();
@@ -742,7 +757,7 @@ impl Servers {
 
     /// Read everything, then answer with the byte count (8 bytes, big endian) and close.
     pub fn sink(&self, addr: SocketAddr) -> SocketAddr {
-        self.serve(addr, |mut s, _| async move {
+        self.serve(bind(addr), |mut s, _| async move {
             let mut buf = vec![0u8; 256 * 1024];
             let mut n = 0u64;
             loop {
@@ -757,9 +772,9 @@ impl Servers {
         })
     }
 
-    fn listen(&self, addr: SocketAddr, announce: bool) -> SocketAddr {
+    fn listen(&self, l: TcpListener, announce: bool) -> SocketAddr {
         let seen = self.seen.clone();
-        self.serve(addr, move |mut s, peer| {
+        self.serve(l, move |mut s, peer| {
             let seen = seen.clone();
             async move {
                 let local = s.local_addr().unwrap();
@@ -792,13 +807,15 @@ impl Servers {
         })
     }
 
-    /// Accept on `addr` forever, one task per connection running `handle`.
-    fn serve<F, Fut>(&self, addr: SocketAddr, handle: F) -> SocketAddr
+    /// Accept on `l` forever, one task per connection running `handle`.
+    fn serve<F, Fut>(&self, l: TcpListener, handle: F) -> SocketAddr
     where
         F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let l = bind(addr);
+        // tokio expects a non-blocking socket; one bound by `bind` already is.
+        l.set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("making {l:?} non-blocking: {e}"));
         let bound = l.local_addr().unwrap();
         self.rt.spawn(async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
