@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod configs;
 pub mod l7;
+pub mod node;
 pub mod plot;
 
 /// Byte `i` of the payload every test sends.
@@ -153,6 +154,45 @@ pub(crate) fn unique(tag: &str) -> String {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Run `c`, which must succeed (else panic with its stderr); its standard output.
+pub fn checked(c: &mut Command) -> String {
+    let o = c
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {c:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{c:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A directory made for one test under the system's temporary directory, removed (with what is
+/// in it) on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// A cgroup v2 child made for one test; its processes are killed and it is removed on drop.
@@ -612,12 +652,7 @@ pub fn probe(cgroup: Option<&Cgroup>, args: &[&str]) -> ProbeResult {
         }
         None => Command::new(probe_bin()),
     };
-    let o = c.args(args).output().expect("running egress-probe");
-    ProbeResult {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    c.args(args).output().expect("running egress-probe").into()
 }
 
 #[derive(Debug)]
@@ -625,6 +660,16 @@ pub struct ProbeResult {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<Output> for ProbeResult {
+    fn from(o: Output) -> ProbeResult {
+        ProbeResult {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
 }
 
 impl ProbeResult {
