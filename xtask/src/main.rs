@@ -16,6 +16,15 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const FUZZ_TARGETS: &[&str] = &["client_hello", "http_head"];
 /// How long `cargo xtask test` runs each fuzz target unless `EGRESS_FUZZ_SECONDS` says.
 const FUZZ_SECONDS: u64 = 30;
+/// Debian packages that tests and benchmarks run, each with a file it installs: HAProxy in the
+/// agent's place, iptables for REDIRECT, curl as an HTTP and TLS client, and the CNI plugins
+/// (bridge, host-local) that enroll the node fixture's pods.
+const PACKAGES: &[(&str, &str)] = &[
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("iptables", "/usr/sbin/iptables"),
+    ("curl", "/usr/bin/curl"),
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -28,7 +37,7 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
-    /// iptables and curl.
+    /// iptables, curl and containernetworking-plugins.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -149,11 +158,10 @@ fn setup() -> Result<()> {
             "--locked",
         ]))?;
     }
-    // Tests and benchmarks run Debian's HAProxy in the agent's place, the agent behind
-    // iptables REDIRECT, and curl as the agent's HTTP and TLS client.
-    let missing: Vec<&str> = ["haproxy", "iptables", "curl"]
-        .into_iter()
-        .filter(|p| which(p).is_none())
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(package, _)| *package)
         .collect();
     if !missing.is_empty() {
         if !is_root() || which("apt-get").is_none() {
