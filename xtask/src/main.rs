@@ -97,6 +97,15 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR` (relative to the workspace) when set, as cargo
+/// reads it, else the workspace's `target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
 fn status(c: &mut Command) -> Result<()> {
     let s = c.status().with_context(|| format!("running {c:?}"))?;
     if !s.success() {
@@ -197,7 +206,7 @@ fn run(args: Vec<String>) -> Result<()> {
     setup()?;
     let root = root();
     cargo(&root, &["build", "--release", "-p", "egress-user"])?;
-    let bin = root.join("target/release/egress");
+    let bin = target_dir(&root).join("release/egress");
     let config = root.join("examples/mesh.yaml");
     let mut c = if is_root() {
         Command::new(&bin)
@@ -227,7 +236,8 @@ fn bench(quick: bool) -> Result<()> {
     )?;
     // The configuration pipeline's micro-benchmarks first (criterion, user space only); the
     // report reads their estimates.
-    let estimates = root.join("target/criterion");
+    let target = target_dir(&root);
+    let estimates = target.join("criterion");
     let _ = std::fs::remove_dir_all(&estimates);
     let timing: &[&str] = if quick {
         &["--warm-up-time", "0.2", "--measurement-time", "0.5"]
@@ -242,14 +252,15 @@ fn bench(quick: bool) -> Result<()> {
         ]
         .concat(),
     )?;
-    let mut c = Command::new(root.join("target/release/egress-bench"));
+    let mut c = Command::new(target.join("release/egress-bench"));
     c.current_dir(&root)
-        .env("EGRESS_BIN", root.join("target/release/egress"))
+        .env("EGRESS_BIN", target.join("release/egress"))
         .arg("run")
         .arg("--criterion")
         .arg(&estimates);
     if quick {
-        c.args(["--quick", "--out", "target/quick/BENCHMARKS.md"]);
+        c.args(["--quick", "--out"])
+            .arg(target.join("quick/BENCHMARKS.md"));
     } else {
         c.args(["--out", "BENCHMARKS.md"]);
     }
@@ -297,7 +308,8 @@ fn test(filter: Option<String>) -> Result<()> {
     let root = root();
     // The integration tests drive the real binary.
     cargo(&root, &["build", "-p", "egress-user"])?;
-    let bin = root.join("target/debug/egress");
+    let target = target_dir(&root);
+    let bin = target.join("debug/egress");
     if !is_root() {
         eprintln!(
             "xtask: not root: the privileged integration tests will {}",
@@ -310,7 +322,7 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     // Privileged tests that cannot run here (and are not required to) record themselves here:
     // libtest counts them as passed, the summary must not.
-    let skip_log = root.join("target/egress-skipped.log");
+    let skip_log = target.join("egress-skipped.log");
     std::fs::write(&skip_log, "")?;
     let mut c = Command::new("cargo");
     c.current_dir(&root)
