@@ -125,9 +125,24 @@ impl Netns {
         self.run(|| crate::bind(addr))
     }
 
-    /// `ip -n NAME ARGS`.
-    fn ip(&self, args: &[&str]) {
-        checked(Command::new("ip").arg("-n").arg(&self.name).args(args));
+    /// `ip -n NAME ARGS`; its output.
+    fn ip(&self, args: &[&str]) -> String {
+        checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// Wait until `dev` is operationally up. A veth has its carrier some time after both ends
+    /// are set up; until then IPv6 routes through it are not used, and the first packets
+    /// sent that way are dropped (a TCP handshake then waits a second for its retransmission).
+    fn wait_up(&self, dev: &str) {
+        let state = || {
+            let out = self.ip(&["-j", "link", "show", "dev", dev]);
+            serde_json::from_str::<Value>(&out).ok()?[0]["operstate"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        if !crate::eventually(5, || state().as_deref() == Some("UP")) {
+            panic!("{dev} in {} is not up after 5 s: {:?}", self.name, state());
+        }
     }
 
     /// `sysctl -w SETTINGS` inside this namespace: net.* settings are the namespace's own.
@@ -412,6 +427,9 @@ impl NodeBuilder {
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
             ns.ip(&["link", "set", dev, "up"]);
+        }
+        for (ns, dev) in [(&node.netns, "ext0"), (&ext.netns, "node0")] {
+            ns.wait_up(dev);
         }
         ext.netns
             .ip(&["route", "add", POD_SUBNET_V4, "via", &NODE_V4.to_string()]);
