@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod configs;
 pub mod l7;
+pub mod node;
 pub mod plot;
 
 /// Byte `i` of the payload every test sends.
@@ -153,6 +154,45 @@ pub(crate) fn unique(tag: &str) -> String {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Run `c`, which must succeed (else panic with its stderr); its standard output.
+pub fn checked(c: &mut Command) -> String {
+    let o = c
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {c:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{c:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A directory made for one test under the system's temporary directory, removed (with what is
+/// in it) on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// A cgroup v2 child made for one test; its processes are killed and it is removed on drop.
@@ -612,12 +652,7 @@ pub fn probe(cgroup: Option<&Cgroup>, args: &[&str]) -> ProbeResult {
         }
         None => Command::new(probe_bin()),
     };
-    let o = c.args(args).output().expect("running egress-probe");
-    ProbeResult {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    c.args(args).output().expect("running egress-probe").into()
 }
 
 #[derive(Debug)]
@@ -625,6 +660,16 @@ pub struct ProbeResult {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<Output> for ProbeResult {
+    fn from(o: Output) -> ProbeResult {
+        ProbeResult {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
 }
 
 impl ProbeResult {
@@ -656,7 +701,7 @@ pub struct Seen {
 
 /// A non-blocking listener with a deep accept queue: clients that connect faster than the
 /// server accepts must not see SYNs dropped (the default backlog of 128 overflows).
-pub(crate) fn bind(addr: SocketAddr) -> std::net::TcpListener {
+pub(crate) fn bind(addr: SocketAddr) -> TcpListener {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -698,18 +743,33 @@ impl Servers {
 
     /// Echo everything back, half-closing after the client does.
     pub fn echo(&self, addr: SocketAddr) -> SocketAddr {
-        self.listen(addr, false)
+        self.echo_on(bind(addr))
+    }
+
+    /// `echo` on a listener bound elsewhere (in another network namespace, say).
+    pub fn echo_on(&self, l: TcpListener) -> SocketAddr {
+        self.listen(l, false)
     }
 
     /// Write the address the client reached (our local address), then echo like `echo`.
     pub fn whoami(&self, addr: SocketAddr) -> SocketAddr {
-        self.listen(addr, true)
+        self.whoami_on(bind(addr))
+    }
+
+    /// `whoami` on a listener bound elsewhere.
+    pub fn whoami_on(&self, l: TcpListener) -> SocketAddr {
+        self.listen(l, true)
     }
 
     /// A minimal HTTP/1.1 server: every request gets `200 OK` with the address it was reached
     /// at as the body.
     pub fn http(&self, addr: SocketAddr) -> SocketAddr {
-        self.serve(addr, |mut s, _| async move {
+        self.http_on(bind(addr))
+    }
+
+    /// `http` on a listener bound elsewhere.
+    pub fn http_on(&self, l: TcpListener) -> SocketAddr {
+        self.serve(l, |mut s, _| async move {
             let body = s.local_addr().unwrap().to_string();
             if read_head(&mut s, &mut Vec::new()).await.is_none() {
                 return;
@@ -727,7 +787,7 @@ impl Servers {
     /// `200 OK` of `size` bytes in all, head included.
     pub fn http_sized(&self, addr: SocketAddr, size: usize) -> SocketAddr {
         let resp: Arc<[u8]> = http_response(size).into();
-        self.serve(addr, move |mut s, _| {
+        self.serve(bind(addr), move |mut s, _| {
             let resp = resp.clone();
             async move {
                 let mut pending = Vec::new();
@@ -742,7 +802,7 @@ impl Servers {
 
     /// Read everything, then answer with the byte count (8 bytes, big endian) and close.
     pub fn sink(&self, addr: SocketAddr) -> SocketAddr {
-        self.serve(addr, |mut s, _| async move {
+        self.serve(bind(addr), |mut s, _| async move {
             let mut buf = vec![0u8; 256 * 1024];
             let mut n = 0u64;
             loop {
@@ -757,9 +817,9 @@ impl Servers {
         })
     }
 
-    fn listen(&self, addr: SocketAddr, announce: bool) -> SocketAddr {
+    fn listen(&self, l: TcpListener, announce: bool) -> SocketAddr {
         let seen = self.seen.clone();
-        self.serve(addr, move |mut s, peer| {
+        self.serve(l, move |mut s, peer| {
             let seen = seen.clone();
             async move {
                 let local = s.local_addr().unwrap();
@@ -792,13 +852,15 @@ impl Servers {
         })
     }
 
-    /// Accept on `addr` forever, one task per connection running `handle`.
-    fn serve<F, Fut>(&self, addr: SocketAddr, handle: F) -> SocketAddr
+    /// Accept on `l` forever, one task per connection running `handle`.
+    fn serve<F, Fut>(&self, l: TcpListener, handle: F) -> SocketAddr
     where
         F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let l = bind(addr);
+        // tokio expects a non-blocking socket; one bound by `bind` already is.
+        l.set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("making {l:?} non-blocking: {e}"));
         let bound = l.local_addr().unwrap();
         self.rt.spawn(async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();

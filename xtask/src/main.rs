@@ -16,6 +16,15 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const FUZZ_TARGETS: &[&str] = &["client_hello", "http_head"];
 /// How long `cargo xtask test` runs each fuzz target unless `EGRESS_FUZZ_SECONDS` says.
 const FUZZ_SECONDS: u64 = 30;
+/// Debian packages that tests and benchmarks run, each with a file it installs: HAProxy in the
+/// agent's place, iptables for REDIRECT, curl as an HTTP and TLS client, and the CNI plugins
+/// (bridge, host-local) that enroll the node fixture's pods.
+const PACKAGES: &[(&str, &str)] = &[
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("iptables", "/usr/sbin/iptables"),
+    ("curl", "/usr/bin/curl"),
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -28,7 +37,7 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
-    /// iptables and curl.
+    /// iptables, curl and containernetworking-plugins.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -86,6 +95,15 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_path_buf()
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` (relative to the workspace) when set, as cargo
+/// reads it, else the workspace's `target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
 }
 
 fn status(c: &mut Command) -> Result<()> {
@@ -149,11 +167,10 @@ fn setup() -> Result<()> {
             "--locked",
         ]))?;
     }
-    // Tests and benchmarks run Debian's HAProxy in the agent's place, the agent behind
-    // iptables REDIRECT, and curl as the agent's HTTP and TLS client.
-    let missing: Vec<&str> = ["haproxy", "iptables", "curl"]
-        .into_iter()
-        .filter(|p| which(p).is_none())
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(package, _)| *package)
         .collect();
     if !missing.is_empty() {
         if !is_root() || which("apt-get").is_none() {
@@ -189,7 +206,7 @@ fn run(args: Vec<String>) -> Result<()> {
     setup()?;
     let root = root();
     cargo(&root, &["build", "--release", "-p", "egress-user"])?;
-    let bin = root.join("target/release/egress");
+    let bin = target_dir(&root).join("release/egress");
     let config = root.join("examples/mesh.yaml");
     let mut c = if is_root() {
         Command::new(&bin)
@@ -219,7 +236,8 @@ fn bench(quick: bool) -> Result<()> {
     )?;
     // The configuration pipeline's micro-benchmarks first (criterion, user space only); the
     // report reads their estimates.
-    let estimates = root.join("target/criterion");
+    let target = target_dir(&root);
+    let estimates = target.join("criterion");
     let _ = std::fs::remove_dir_all(&estimates);
     let timing: &[&str] = if quick {
         &["--warm-up-time", "0.2", "--measurement-time", "0.5"]
@@ -234,14 +252,15 @@ fn bench(quick: bool) -> Result<()> {
         ]
         .concat(),
     )?;
-    let mut c = Command::new(root.join("target/release/egress-bench"));
+    let mut c = Command::new(target.join("release/egress-bench"));
     c.current_dir(&root)
-        .env("EGRESS_BIN", root.join("target/release/egress"))
+        .env("EGRESS_BIN", target.join("release/egress"))
         .arg("run")
         .arg("--criterion")
         .arg(&estimates);
     if quick {
-        c.args(["--quick", "--out", "target/quick/BENCHMARKS.md"]);
+        c.args(["--quick", "--out"])
+            .arg(target.join("quick/BENCHMARKS.md"));
     } else {
         c.args(["--out", "BENCHMARKS.md"]);
     }
@@ -289,7 +308,8 @@ fn test(filter: Option<String>) -> Result<()> {
     let root = root();
     // The integration tests drive the real binary.
     cargo(&root, &["build", "-p", "egress-user"])?;
-    let bin = root.join("target/debug/egress");
+    let target = target_dir(&root);
+    let bin = target.join("debug/egress");
     if !is_root() {
         eprintln!(
             "xtask: not root: the privileged integration tests will {}",
@@ -302,7 +322,7 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     // Privileged tests that cannot run here (and are not required to) record themselves here:
     // libtest counts them as passed, the summary must not.
-    let skip_log = root.join("target/egress-skipped.log");
+    let skip_log = target.join("egress-skipped.log");
     std::fs::write(&skip_log, "")?;
     let mut c = Command::new("cargo");
     c.current_dir(&root)
