@@ -1,15 +1,16 @@
 //! The connect-time decision, written once: the kernel programs call it with map lookups, the
 //! unit tests with in-memory tables, and `egress explain` with the live maps.
 //!
-//! Order, after Istio's outbound chain: the agent itself, other network namespaces, excluded
-//! uid/gid, excluded port, the agent's listener, excluded CIDR (longest prefix), included port,
-//! included CIDR, else bypass. A connection that would be redirected to an address and port
-//! that only TCP ServiceEntries relaying to the dialled address declare goes straight out,
-//! accounted in the kernel (`Direct`): the agent would only have copied its bytes. Among the
-//! other redirected connections, `REGISTRY_ONLY` with no allowed L4 entry for the address and
-//! port is denied.
+//! Order, after Istio's outbound chain: the agent itself, a namespace (or cgroup) that is not
+//! enrolled, excluded uid/gid, excluded port, the agent's listener, loopback, excluded CIDR
+//! (longest prefix), included port, included CIDR, else bypass. A connection that would be
+//! redirected to an address and port that only TCP ServiceEntries relaying to the dialled
+//! address declare goes straight out, accounted in the kernel (`Direct`): the agent would only
+//! have copied its bytes. Among the other redirected connections, `REGISTRY_ONLY` (the
+//! workload's mode) with no allowed L4 entry in the workload's view for the address and port
+//! is denied.
 
-use crate::maps::{Config, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE};
+use crate::maps::{Config, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Workload};
 
 /// What happens to a connect().
 #[repr(u8)]
@@ -41,10 +42,11 @@ impl Verdict {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// The socket carries the agent's mark: its own upstream connection.
+    /// Made by the agent (its cgroup): its own upstream connection.
     Agent = 0,
-    /// Made in a network namespace other than the agent's.
-    OtherNetns = 1,
+    /// Made in a network namespace that is not enrolled (or, in the agent's own namespace on
+    /// a node, outside the cgroup it intercepts there).
+    NotEnrolled = 1,
     /// `excludeUids`.
     ExcludedUid = 2,
     /// `excludeGids`.
@@ -73,15 +75,18 @@ pub enum Reason {
     /// Would be redirected, but the address and port belong to TCP ServiceEntries with
     /// `resolution: NONE` only: nothing in the stream decides, so it goes straight out.
     TcpEntry = 14,
+    /// To the workload's own loopback (127.0.0.0/8, ::1) and not named by an included range
+    /// inside it; or to 127.0.0.1, never captured. As Istio's `-o lo -j RETURN`.
+    Loopback = 15,
 }
 
-/// Number of reason codes: the size of the counters map.
-pub const REASON_COUNT: u32 = 15;
+/// Number of reason codes: the size of the counters map, and of a workload's counters.
+pub const REASON_COUNT: u32 = 16;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
         Reason::Agent,
-        Reason::OtherNetns,
+        Reason::NotEnrolled,
         Reason::ExcludedUid,
         Reason::ExcludedGid,
         Reason::ExcludedPort,
@@ -95,13 +100,14 @@ impl Reason {
         Reason::RegistryService,
         Reason::ServiceNoEndpoints,
         Reason::TcpEntry,
+        Reason::Loopback,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
     pub const fn name(self) -> &'static str {
         match self {
             Reason::Agent => "agent",
-            Reason::OtherNetns => "other-netns",
+            Reason::NotEnrolled => "not-enrolled",
             Reason::ExcludedUid => "excluded-uid",
             Reason::ExcludedGid => "excluded-gid",
             Reason::ExcludedPort => "excluded-port",
@@ -115,6 +121,7 @@ impl Reason {
             Reason::RegistryService => "registry-service",
             Reason::ServiceNoEndpoints => "service-no-endpoints",
             Reason::TcpEntry => "tcp-entry",
+            Reason::Loopback => "loopback",
         }
     }
 
@@ -151,31 +158,31 @@ pub struct Query<A> {
     pub port: u16,
     pub uid: u32,
     pub gid: u32,
-    /// `SO_MARK` of the socket.
-    pub mark: u32,
-    /// Network namespace cookie of the socket.
-    pub netns: u64,
+    /// cgroup v2 id of the connecting task.
+    pub cgroup: u64,
     /// Dialled through a Kubernetes Service (the destination is one of its endpoints): the
     /// registry knows it.
     pub service: bool,
 }
 
 /// The lookups the decision needs. CIDR lookups are longest-prefix matches returning the
-/// matched prefix length.
+/// matched prefix length; allow and direct lookups are within one view (`Workload::view`).
 pub trait Tables {
+    /// Whether the connecting task is in cgroup `id` (at depth `level`) or below it.
+    fn in_cgroup(&self, id: u64, level: u32) -> bool;
     fn uid_excluded(&self, uid: u32) -> bool;
     fn gid_excluded(&self, gid: u32) -> bool;
     /// `PORT_INCLUDE` and/or `PORT_EXCLUDE`, or 0.
     fn port_flags(&self, port: u16) -> u8;
     fn include_v4(&self, addr: [u8; 4]) -> Option<u8>;
     fn exclude_v4(&self, addr: [u8; 4]) -> Option<u8>;
-    fn allow_v4(&self, addr: [u8; 4], port: u16) -> Option<u8>;
+    fn allow_v4(&self, view: u16, addr: [u8; 4], port: u16) -> Option<u8>;
     /// (port, address) ranges whose connections go straight out (`Verdict::Direct`).
-    fn direct_v4(&self, addr: [u8; 4], port: u16) -> Option<u8>;
+    fn direct_v4(&self, view: u16, addr: [u8; 4], port: u16) -> Option<u8>;
     fn include_v6(&self, addr: [u8; 16]) -> Option<u8>;
     fn exclude_v6(&self, addr: [u8; 16]) -> Option<u8>;
-    fn allow_v6(&self, addr: [u8; 16], port: u16) -> Option<u8>;
-    fn direct_v6(&self, addr: [u8; 16], port: u16) -> Option<u8>;
+    fn allow_v6(&self, view: u16, addr: [u8; 16], port: u16) -> Option<u8>;
+    fn direct_v6(&self, view: u16, addr: [u8; 16], port: u16) -> Option<u8>;
 }
 
 /// An address family's part in the decision.
@@ -183,11 +190,27 @@ pub trait Addr: Copy {
     fn is_listener(&self, cfg: &Config) -> bool;
     fn include<T: Tables>(&self, t: &T) -> Option<u8>;
     fn exclude<T: Tables>(&self, t: &T) -> Option<u8>;
-    fn allow<T: Tables>(&self, t: &T, port: u16) -> Option<u8>;
-    fn direct<T: Tables>(&self, t: &T, port: u16) -> Option<u8>;
+    fn allow<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8>;
+    fn direct<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8>;
+    /// In the loopback range (127.0.0.0/8, ::1).
+    fn is_loopback(&self) -> bool;
+    /// 127.0.0.1 itself, which is never captured.
+    fn is_localhost(&self) -> bool;
+    /// The shortest included prefix that names loopback explicitly (8 for 127.0.0.0/8, 128
+    /// for ::1): a match at least this long is not just a catch-all range.
+    const LOOPBACK_PREFIX: u8;
 }
 
 impl Addr for [u8; 4] {
+    const LOOPBACK_PREFIX: u8 = 8;
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        self[0] == 127
+    }
+    #[inline(always)]
+    fn is_localhost(&self) -> bool {
+        *self == [127, 0, 0, 1]
+    }
     #[inline(always)]
     fn is_listener(&self, cfg: &Config) -> bool {
         *self == cfg.listener_v4
@@ -201,16 +224,25 @@ impl Addr for [u8; 4] {
         t.exclude_v4(*self)
     }
     #[inline(always)]
-    fn allow<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
-        t.allow_v4(*self, port)
+    fn allow<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8> {
+        t.allow_v4(view, *self, port)
     }
     #[inline(always)]
-    fn direct<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
-        t.direct_v4(*self, port)
+    fn direct<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8> {
+        t.direct_v4(view, *self, port)
     }
 }
 
 impl Addr for [u8; 16] {
+    const LOOPBACK_PREFIX: u8 = 128;
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        u128::from_be_bytes(*self) == 1
+    }
+    #[inline(always)]
+    fn is_localhost(&self) -> bool {
+        false
+    }
     #[inline(always)]
     fn is_listener(&self, cfg: &Config) -> bool {
         *self == cfg.listener_v6
@@ -224,29 +256,38 @@ impl Addr for [u8; 16] {
         t.exclude_v6(*self)
     }
     #[inline(always)]
-    fn allow<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
-        t.allow_v6(*self, port)
+    fn allow<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8> {
+        t.allow_v6(view, *self, port)
     }
     #[inline(always)]
-    fn direct<T: Tables>(&self, t: &T, port: u16) -> Option<u8> {
-        t.direct_v6(*self, port)
+    fn direct<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8> {
+        t.direct_v6(view, *self, port)
     }
 }
 
-/// Decide one connect(). IPv4-mapped IPv6 destinations must be passed as `[u8; 4]`, so that a
-/// v6 socket cannot evade a v4 rule.
+/// Decide one connect() made in a namespace whose enrolment is `wl` (`None`: not enrolled).
+/// IPv4-mapped IPv6 destinations must be passed as `[u8; 4]`, so that a v6 socket cannot evade
+/// a v4 rule.
 #[inline(always)]
-pub fn decide<T: Tables, A: Addr>(t: &T, cfg: &Config, q: &Query<A>) -> Decision {
+pub fn decide<T: Tables, A: Addr>(
+    t: &T,
+    cfg: &Config,
+    wl: Option<&Workload>,
+    q: &Query<A>,
+) -> Decision {
     use Reason::*;
     use Verdict::*;
     if cfg.enabled == 0 {
         return Decision::new(Bypass, NotIncluded, 0);
     }
-    if cfg.agent_mark != 0 && q.mark == cfg.agent_mark {
+    if q.cgroup == cfg.agent_cgroup {
         return Decision::new(Bypass, Agent, 0);
     }
-    if cfg.netns_cookie != 0 && q.netns != cfg.netns_cookie {
-        return Decision::new(Bypass, OtherNetns, 0);
+    let Some(wl) = wl else {
+        return Decision::new(Bypass, NotEnrolled, 0);
+    };
+    if wl.cgroup_id != 0 && !t.in_cgroup(wl.cgroup_id, wl.cgroup_level) {
+        return Decision::new(Bypass, NotEnrolled, 0);
     }
     if t.uid_excluded(q.uid) {
         return Decision::new(Bypass, ExcludedUid, 0);
@@ -261,26 +302,40 @@ pub fn decide<T: Tables, A: Addr>(t: &T, cfg: &Config, q: &Query<A>) -> Decision
     if q.port == cfg.listener_port && q.dst.is_listener(cfg) {
         return Decision::new(Bypass, AgentListener, 0);
     }
+    // The workload's own loopback is its business (a local cache, a sidecar database), as
+    // Istio's `-o lo -j RETURN`: only an included range inside loopback captures it, and
+    // 127.0.0.1 never.
+    let loopback = q.dst.is_loopback();
+    let mut included = None;
+    if loopback {
+        included = q.dst.include(t);
+        if q.dst.is_localhost() || !matches!(included, Some(p) if p >= A::LOOPBACK_PREFIX) {
+            return Decision::new(Bypass, Loopback, 0);
+        }
+    }
     if let Some(p) = q.dst.exclude(t) {
         return Decision::new(Bypass, ExcludedCidr, p);
     }
+    if !loopback {
+        included = q.dst.include(t);
+    }
     let redirect = if port_flags & PORT_INCLUDE != 0 {
         Decision::new(Redirect, IncludedPort, 0)
-    } else if let Some(p) = q.dst.include(t) {
+    } else if let Some(p) = included {
         Decision::new(Redirect, IncludedCidr, p)
     } else {
         return Decision::new(Bypass, NotIncluded, 0);
     };
-    if cfg.mode == MODE_REGISTRY_ONLY && q.service {
+    if wl.mode == MODE_REGISTRY_ONLY && q.service {
         return Decision::new(Redirect, RegistryService, 0);
     }
     if cfg.direct != 0
-        && let Some(p) = q.dst.direct(t, q.port)
+        && let Some(p) = q.dst.direct(t, wl.view, q.port)
     {
         return Decision::new(Direct, TcpEntry, p);
     }
-    if cfg.mode == MODE_REGISTRY_ONLY {
-        return match q.dst.allow(t, q.port) {
+    if wl.mode == MODE_REGISTRY_ONLY {
+        return match q.dst.allow(t, wl.view, q.port) {
             Some(p) => Decision::new(Redirect, RegistryAllowed, p),
             None => Decision::new(Deny, RegistryDenied, 0),
         };
@@ -303,14 +358,19 @@ mod tests {
         ports: Vec<(u16, u8)>,
         include: Vec<([u8; 16], u8)>,
         exclude: Vec<([u8; 16], u8)>,
-        allow: Vec<([u8; 16], u8, u16)>,
-        direct: Vec<([u8; 16], u8, u16)>,
+        /// (view, net, prefix, port)
+        allow: Vec<(u16, [u8; 16], u8, u16)>,
+        direct: Vec<(u16, [u8; 16], u8, u16)>,
+        /// The cgroup the connecting task is in (or below).
+        in_cgroup: u64,
     }
 
-    fn lpm_port(list: &[([u8; 16], u8, u16)], a: [u8; 16], port: u16) -> Option<u8> {
+    type PortNets = [(u16, [u8; 16], u8, u16)];
+
+    fn lpm_port(list: &PortNets, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
         list.iter()
-            .filter(|(net, p, pt)| *pt == port && matches(net, *p, &a))
-            .map(|(_, p, _)| *p)
+            .filter(|(v, net, p, pt)| *v == view && *pt == port && matches(net, *p, &a))
+            .map(|(_, _, p, _)| *p)
             .max()
     }
 
@@ -338,6 +398,9 @@ mod tests {
     }
 
     impl Tables for Mem {
+        fn in_cgroup(&self, id: u64, _level: u32) -> bool {
+            self.in_cgroup == id
+        }
         fn uid_excluded(&self, uid: u32) -> bool {
             self.uids.contains(&uid)
         }
@@ -356,8 +419,9 @@ mod tests {
         fn exclude_v4(&self, a: [u8; 4]) -> Option<u8> {
             lpm4(&self.exclude, a)
         }
-        fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-            self.allow_v6(crate::v4_mapped(a), port).map(|p| p - 96)
+        fn allow_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+            self.allow_v6(view, crate::v4_mapped(a), port)
+                .map(|p| p - 96)
         }
         fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
             lpm(&self.include, a)
@@ -365,14 +429,15 @@ mod tests {
         fn exclude_v6(&self, a: [u8; 16]) -> Option<u8> {
             lpm(&self.exclude, a)
         }
-        fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-            lpm_port(&self.allow, a, port)
+        fn allow_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+            lpm_port(&self.allow, view, a, port)
         }
-        fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-            self.direct_v6(crate::v4_mapped(a), port).map(|p| p - 96)
+        fn direct_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+            self.direct_v6(view, crate::v4_mapped(a), port)
+                .map(|p| p - 96)
         }
-        fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-            lpm_port(&self.direct, a, port)
+        fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+            lpm_port(&self.direct, view, a, port)
         }
     }
 
@@ -380,20 +445,25 @@ mod tests {
         (crate::v4_mapped(s), p + 96)
     }
 
-    const MARK: u32 = 1337;
-    const NETNS: u64 = 4096;
+    const AGENT_CGROUP: u64 = 77;
+    const POD_CGROUP: u64 = 4096;
 
-    fn cfg(mode: u8) -> Config {
+    fn cfg() -> Config {
         Config {
-            netns_cookie: NETNS,
-            agent_mark: MARK,
+            agent_cgroup: AGENT_CGROUP,
+            agent_netns: 1,
             listener_port: 15001,
-            mode,
             enabled: 1,
+            direct: 1,
             listener_v4: [127, 0, 0, 1],
             listener_v6: core::net::Ipv6Addr::LOCALHOST.octets(),
-            direct: 1,
-            _pad: [0; 3],
+        }
+    }
+
+    fn wl(mode: u8) -> Workload {
+        Workload {
+            mode,
+            ..Workload::default()
         }
     }
 
@@ -403,8 +473,7 @@ mod tests {
             port,
             uid: 1000,
             gid: 1000,
-            mark: 0,
-            netns: NETNS,
+            cgroup: POD_CGROUP,
             service: false,
         }
     }
@@ -421,124 +490,154 @@ mod tests {
             include: std::vec![v4([127, 20, 0, 0], 16), v4([0, 0, 0, 0], 0), ([0; 16], 0)],
             exclude: std::vec![v4([127, 20, 9, 0], 24), v4([127, 21, 0, 0], 16)],
             allow: std::vec![
-                (crate::v4_mapped([127, 20, 1, 0]), 120, 443),
-                (crate::v4_mapped([127, 20, 1, 0]), 120, 5432)
+                (0, crate::v4_mapped([127, 20, 1, 0]), 120, 443),
+                (0, crate::v4_mapped([127, 20, 1, 0]), 120, 5432)
             ],
-            direct: std::vec![(crate::v4_mapped([127, 20, 1, 0]), 120, 5432)],
+            direct: std::vec![(0, crate::v4_mapped([127, 20, 1, 0]), 120, 5432)],
+            in_cgroup: POD_CGROUP,
         }
     }
 
-    fn check<A: Addr>(t: &Mem, c: &Config, q: &Query<A>, v: Verdict, r: Reason, p: u8) {
-        assert_eq!(decide(t, c, q), Decision::new(v, r, p), "{:?}", r);
+    /// Decide for a workload in `mode` (view 0, whole namespace).
+    fn check<A: Addr>(t: &Mem, mode: u8, q: &Query<A>, v: Verdict, r: Reason, p: u8) {
+        check_wl(t, &cfg(), Some(&wl(mode)), q, v, r, p);
+    }
+
+    fn check_wl<A: Addr>(
+        t: &Mem,
+        c: &Config,
+        w: Option<&Workload>,
+        q: &Query<A>,
+        v: Verdict,
+        r: Reason,
+        p: u8,
+    ) {
+        assert_eq!(decide(t, c, w, q), Decision::new(v, r, p), "{:?}", r);
     }
 
     #[test]
     fn order_follows_istio_outbound_chain() {
+        use Reason::*;
+        use Verdict::*;
         let t = tables();
-        let c = cfg(MODE_ALLOW_ANY);
+        let any = MODE_ALLOW_ANY;
         let d = [127, 20, 0, 10];
+        check(&t, any, &q(d, 80), Redirect, IncludedCidr, 16);
+        let agent = Query {
+            cgroup: AGENT_CGROUP,
+            ..q(d, 80)
+        };
+        check(&t, any, &agent, Bypass, Agent, 0);
         check(
             &t,
-            &c,
-            &q(d, 80),
-            Verdict::Redirect,
-            Reason::IncludedCidr,
-            16,
-        );
-        check(
-            &t,
-            &c,
-            &Query {
-                mark: MARK,
-                ..q(d, 80)
-            },
-            Verdict::Bypass,
-            Reason::Agent,
-            0,
-        );
-        check(
-            &t,
-            &c,
-            &Query {
-                netns: 1,
-                ..q(d, 80)
-            },
-            Verdict::Bypass,
-            Reason::OtherNetns,
-            0,
-        );
-        check(
-            &t,
-            &c,
+            any,
             &Query {
                 uid: 4242,
                 ..q(d, 80)
             },
-            Verdict::Bypass,
-            Reason::ExcludedUid,
+            Bypass,
+            ExcludedUid,
             0,
         );
         check(
             &t,
-            &c,
+            any,
             &Query {
                 gid: 4343,
                 ..q(d, 80)
             },
-            Verdict::Bypass,
-            Reason::ExcludedGid,
+            Bypass,
+            ExcludedGid,
             0,
         );
-        check(&t, &c, &q(d, 22), Verdict::Bypass, Reason::ExcludedPort, 0);
+        check(&t, any, &q(d, 22), Bypass, ExcludedPort, 0);
         // An excluded port wins over an included one.
-        check(
-            &t,
-            &c,
-            &q(d, 9000),
-            Verdict::Bypass,
-            Reason::ExcludedPort,
-            0,
-        );
-        check(
-            &t,
-            &c,
-            &q([127, 0, 0, 1], 15001),
-            Verdict::Bypass,
-            Reason::AgentListener,
-            0,
-        );
-        // Same port, another address: not the listener.
-        check(
-            &t,
-            &c,
-            &q([127, 0, 0, 2], 15001),
-            Verdict::Redirect,
-            Reason::IncludedCidr,
-            0,
-        );
-        check(
-            &t,
-            &c,
-            &q([127, 20, 9, 1], 80),
-            Verdict::Bypass,
-            Reason::ExcludedCidr,
-            24,
-        );
+        check(&t, any, &q(d, 9000), Bypass, ExcludedPort, 0);
+        check(&t, any, &q([127, 0, 0, 1], 15001), Bypass, AgentListener, 0);
+        check(&t, any, &q([127, 20, 9, 1], 80), Bypass, ExcludedCidr, 24);
         // An excluded CIDR wins over an included port.
+        check(&t, any, &q([127, 20, 9, 1], 8443), Bypass, ExcludedCidr, 24);
+        check(&t, any, &q(d, 8443), Redirect, IncludedPort, 0);
+    }
+
+    #[test]
+    fn only_enrolled_namespaces_and_cgroups_are_decided() {
+        use Reason::*;
+        use Verdict::*;
+        let t = tables();
+        let c = cfg();
+        let d = q([127, 20, 0, 10], 80);
+        // A namespace that is not enrolled is left alone, even under REGISTRY_ONLY.
+        check_wl(&t, &c, None, &d, Bypass, NotEnrolled, 0);
+        // The agent's own sockets are recognised by its cgroup, in any namespace.
+        let agent = Query {
+            cgroup: AGENT_CGROUP,
+            ..d
+        };
+        check_wl(&t, &c, None, &agent, Bypass, Agent, 0);
+        let only = wl(MODE_REGISTRY_ONLY);
+        check_wl(&t, &c, Some(&only), &agent, Bypass, Agent, 0);
+        // A workload limited to a cgroup: its processes are decided, the others are not.
+        let in_cgroup = Workload {
+            cgroup_id: POD_CGROUP,
+            cgroup_level: 3,
+            ..wl(MODE_ALLOW_ANY)
+        };
+        check_wl(&t, &c, Some(&in_cgroup), &d, Redirect, IncludedCidr, 16);
+        let elsewhere = Workload {
+            cgroup_id: POD_CGROUP + 1,
+            ..in_cgroup
+        };
+        check_wl(&t, &c, Some(&elsewhere), &d, Bypass, NotEnrolled, 0);
+    }
+
+    #[test]
+    fn loopback_is_the_workloads_own_unless_named() {
+        use Reason::*;
+        use Verdict::*;
+        let mut t = tables();
+        let only = MODE_REGISTRY_ONLY;
+        // "*" alone does not capture loopback: not 127.0.0.1, not ::1, not 127.0.0.2.
+        check(&t, only, &q([127, 0, 0, 1], 6379), Bypass, Loopback, 0);
+        check(&t, only, &q([127, 0, 0, 2], 15001), Bypass, Loopback, 0);
+        check(&t, only, &q(cfg().listener_v6, 80), Bypass, Loopback, 0);
+        // A range inside loopback names it: decided as any other destination.
+        check(&t, only, &q([127, 20, 0, 10], 80), Deny, RegistryDenied, 0);
+        t.include.push(v4([127, 0, 0, 0], 8));
+        t.include.push((cfg().listener_v6, 128));
         check(
             &t,
-            &c,
-            &q([127, 21, 3, 4], 8443),
-            Verdict::Bypass,
-            Reason::ExcludedCidr,
-            16,
+            MODE_ALLOW_ANY,
+            &q([127, 0, 0, 2], 80),
+            Redirect,
+            IncludedCidr,
+            8,
         );
         check(
             &t,
-            &c,
-            &q(d, 8443),
-            Verdict::Redirect,
-            Reason::IncludedPort,
+            MODE_ALLOW_ANY,
+            &q(cfg().listener_v6, 80),
+            Redirect,
+            IncludedCidr,
+            128,
+        );
+        // 127.0.0.1 never, even named.
+        check(&t, only, &q([127, 0, 0, 1], 6379), Bypass, Loopback, 0);
+        // An included port does not capture loopback either.
+        t.include.clear();
+        check(&t, only, &q([127, 0, 0, 2], 8443), Bypass, Loopback, 0);
+    }
+
+    #[test]
+    fn a_marked_socket_is_decided_like_any_other() {
+        // The query carries no mark: SO_MARK (settable with CAP_NET_RAW) proves nothing.
+        let t = tables();
+        check(
+            &t,
+            MODE_REGISTRY_ONLY,
+            &q([127, 20, 1, 7], 80),
+            Verdict::Deny,
+            Reason::RegistryDenied,
             0,
         );
     }
@@ -547,18 +646,18 @@ mod tests {
     fn not_included_is_bypassed() {
         let mut t = tables();
         t.include = std::vec![v4([127, 20, 0, 0], 16)];
-        let c = cfg(MODE_ALLOW_ANY);
+        let any = MODE_ALLOW_ANY;
         check(
             &t,
-            &c,
-            &q([127, 30, 0, 1], 80),
+            any,
+            &q([198, 18, 0, 1], 80),
             Verdict::Bypass,
             Reason::NotIncluded,
             0,
         );
         check(
             &t,
-            &c,
+            any,
             &q([0u8; 16], 80),
             Verdict::Bypass,
             Reason::NotIncluded,
@@ -567,8 +666,8 @@ mod tests {
         // An included port redirects outside the included ranges too.
         check(
             &t,
-            &c,
-            &q([127, 30, 0, 1], 8443),
+            any,
+            &q([198, 18, 0, 1], 8443),
             Verdict::Redirect,
             Reason::IncludedPort,
             0,
@@ -577,73 +676,69 @@ mod tests {
 
     #[test]
     fn registry_only_denies_what_no_entry_allows() {
+        use Reason::*;
+        use Verdict::*;
         let t = tables();
-        let c = cfg(MODE_REGISTRY_ONLY);
+        let only = MODE_REGISTRY_ONLY;
         check(
             &t,
-            &c,
+            only,
             &q([127, 20, 1, 7], 443),
-            Verdict::Redirect,
-            Reason::RegistryAllowed,
+            Redirect,
+            RegistryAllowed,
             24,
         );
-        check(
-            &t,
-            &c,
-            &q([127, 20, 1, 7], 80),
-            Verdict::Deny,
-            Reason::RegistryDenied,
-            0,
-        );
-        check(
-            &t,
-            &c,
-            &q([127, 20, 2, 7], 443),
-            Verdict::Deny,
-            Reason::RegistryDenied,
-            0,
-        );
+        check(&t, only, &q([127, 20, 1, 7], 80), Deny, RegistryDenied, 0);
+        check(&t, only, &q([127, 20, 2, 7], 443), Deny, RegistryDenied, 0);
         // Bypassed destinations are not subject to the registry.
-        check(
-            &t,
-            &c,
-            &q([127, 20, 9, 1], 443),
-            Verdict::Bypass,
-            Reason::ExcludedCidr,
-            24,
-        );
-        let mut v6 = [0u8; 16];
-        v6[15] = 1;
-        check(&t, &c, &q(v6, 80), Verdict::Deny, Reason::RegistryDenied, 0);
+        check(&t, only, &q([127, 20, 9, 1], 443), Bypass, ExcludedCidr, 24);
+        let doc: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        check(&t, only, &q(doc, 80), Deny, RegistryDenied, 0);
         // An endpoint reached through a Kubernetes Service is registered.
         let via_service = Query {
             service: true,
             ..q([127, 20, 2, 7], 443)
         };
-        check(
-            &t,
-            &c,
-            &via_service,
-            Verdict::Redirect,
-            Reason::RegistryService,
-            0,
-        );
+        check(&t, only, &via_service, Redirect, RegistryService, 0);
         // ... but still subject to the interception rules.
         let excluded = Query {
             service: true,
             ..q([127, 20, 9, 1], 443)
         };
-        check(&t, &c, &excluded, Verdict::Bypass, Reason::ExcludedCidr, 24);
+        check(&t, only, &excluded, Bypass, ExcludedCidr, 24);
+    }
+
+    #[test]
+    fn each_workload_sees_its_own_view_and_mode() {
+        use Reason::*;
+        use Verdict::*;
+        let mut t = tables();
+        // View 1 (a namespace an entry is exported to) allows port 80 as well.
+        t.allow
+            .push((1, crate::v4_mapped([127, 20, 1, 0]), 120, 80));
+        t.direct
+            .push((1, crate::v4_mapped([127, 20, 3, 0]), 120, 5432));
+        let c = cfg();
+        let d = q([127, 20, 1, 7], 80);
+        let team_a = wl(MODE_REGISTRY_ONLY);
+        let team_b = Workload { view: 1, ..team_a };
+        check_wl(&t, &c, Some(&team_a), &d, Deny, RegistryDenied, 0);
+        check_wl(&t, &c, Some(&team_b), &d, Redirect, RegistryAllowed, 24);
+        let db = q([127, 20, 3, 9], 5432);
+        check_wl(&t, &c, Some(&team_a), &db, Deny, RegistryDenied, 0);
+        check_wl(&t, &c, Some(&team_b), &db, Direct, TcpEntry, 24);
+        // The same destination passes for an ALLOW_ANY workload of the first view.
+        let any = wl(MODE_ALLOW_ANY);
+        check_wl(&t, &c, Some(&any), &d, Redirect, IncludedCidr, 16);
     }
 
     #[test]
     fn tcp_entries_go_straight_out_in_either_mode() {
         let t = tables();
         for mode in [MODE_ALLOW_ANY, MODE_REGISTRY_ONLY] {
-            let c = cfg(mode);
             check(
                 &t,
-                &c,
+                mode,
                 &q([127, 20, 1, 7], 5432),
                 Verdict::Direct,
                 Reason::TcpEntry,
@@ -652,18 +747,19 @@ mod tests {
             // Only connections that would be redirected: exclusions still win.
             check(
                 &t,
-                &c,
+                mode,
                 &q([127, 20, 9, 1], 5432),
                 Verdict::Bypass,
                 Reason::ExcludedCidr,
                 24,
             );
+            let w = wl(mode);
             // Another port of the same range is the agent's to decide.
-            let other = decide(&t, &c, &q([127, 20, 1, 7], 443));
+            let other = decide(&t, &cfg(), Some(&w), &q([127, 20, 1, 7], 443));
             assert_eq!(other.verdict, Verdict::Redirect, "{other:?}");
             // With an external proxy, it mediates these too.
-            let external = Config { direct: 0, ..c };
-            let d = decide(&t, &external, &q([127, 20, 1, 7], 5432));
+            let external = Config { direct: 0, ..cfg() };
+            let d = decide(&t, &external, Some(&w), &q([127, 20, 1, 7], 5432));
             assert_eq!(d.verdict, Verdict::Redirect, "{d:?}");
         }
         // Under REGISTRY_ONLY, a Kubernetes Service stays with the agent, which names it.
@@ -673,7 +769,7 @@ mod tests {
         };
         check(
             &t,
-            &cfg(MODE_REGISTRY_ONLY),
+            MODE_REGISTRY_ONLY,
             &via_service,
             Verdict::Redirect,
             Reason::RegistryService,
@@ -689,10 +785,11 @@ mod tests {
             [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             32,
         ));
-        let c = cfg(MODE_ALLOW_ANY);
+        t.include.push((cfg().listener_v6, 128));
+        let any = MODE_ALLOW_ANY;
         check(
             &t,
-            &c,
+            any,
             &q(doc, 80),
             Verdict::Bypass,
             Reason::ExcludedCidr,
@@ -700,19 +797,19 @@ mod tests {
         );
         check(
             &t,
-            &c,
-            &q(c.listener_v6, 15001),
+            any,
+            &q(cfg().listener_v6, 15001),
             Verdict::Bypass,
             Reason::AgentListener,
             0,
         );
         check(
             &t,
-            &c,
-            &q(c.listener_v6, 80),
+            any,
+            &q(cfg().listener_v6, 80),
             Verdict::Redirect,
             Reason::IncludedCidr,
-            0,
+            128,
         );
     }
 
@@ -721,11 +818,12 @@ mod tests {
         let t = tables();
         let c = Config {
             enabled: 0,
-            ..cfg(MODE_REGISTRY_ONLY)
+            ..cfg()
         };
-        check(
+        check_wl(
             &t,
             &c,
+            Some(&wl(MODE_REGISTRY_ONLY)),
             &q([127, 20, 0, 10], 80),
             Verdict::Bypass,
             Reason::NotIncluded,
@@ -747,6 +845,9 @@ mod tests {
         let a = [198, 18, 0, 1];
         assert_eq!(crate::v4_unmapped(&crate::v4_mapped(a)), Some(a));
         assert_eq!(crate::v4_unmapped(&[0u8; 16]), None);
-        assert_eq!(crate::allow_key_v4(443, a), [1, 187, 198, 18, 0, 1]);
+        assert_eq!(
+            crate::allow_key_v4(2, 443, a),
+            [0, 2, 1, 187, 198, 18, 0, 1]
+        );
     }
 }

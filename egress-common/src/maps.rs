@@ -4,7 +4,7 @@
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// Outbound traffic policy modes (`Config::mode`).
+/// Outbound traffic policy modes (`Workload::mode`).
 pub const MODE_ALLOW_ANY: u8 = 0;
 pub const MODE_REGISTRY_ONLY: u8 = 1;
 
@@ -36,9 +36,11 @@ pub const MAP_DIRECT_V6: &str = "DIRECT_V6";
 pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_DIRECT_CLOSED: &str = "DIRECT_CLOSED";
 pub const MAP_DIRECT_LOST: &str = "DIRECT_LOST";
+pub const MAP_WORKLOADS: &str = "WORKLOADS";
+pub const MAP_WL_COUNTERS: &str = "WL_COUNTERS";
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_CONFIG,
     MAP_INCLUDE_V4,
     MAP_INCLUDE_V6,
@@ -59,6 +61,8 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_SOCKS,
     MAP_DIRECT_CLOSED,
     MAP_DIRECT_LOST,
+    MAP_WORKLOADS,
+    MAP_WL_COUNTERS,
 ];
 
 /// Default capacities; the agent may override them at load time.
@@ -70,34 +74,57 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 /// Backend slots: twice the backends in force, since a service's new set is written before
 /// its old one is removed.
 pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
-/// Bytes of the ring that carries closed direct connections to the agent: 8,192 records.
-pub const DIRECT_CLOSED_BYTES: u32 = 8_192 * 128;
-/// Records (128 bytes each in the ring) that wake the agent: 64. Fewer wait for its timer.
-pub const DIRECT_WAKEUP_BYTES: u64 = 64 * 128;
+/// Enrolled workloads (network namespaces) a node's datapath decides for.
+pub const DEFAULT_MAX_WORKLOADS: u32 = 1_024;
+/// Bytes of the ring that carries closed direct connections to the agent: 7,710 records.
+pub const DIRECT_CLOSED_BYTES: u32 = 1 << 20;
+/// Records (128 bytes each and an 8-byte header in the ring) that wake the agent: 64. Fewer
+/// wait for its timer.
+pub const DIRECT_WAKEUP_BYTES: u64 = 64 * 136;
 
 /// The datapath's settings: one entry in the `CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// Network namespace cookie of the agent: connects made in other namespaces are bypassed,
-    /// since the agent's loopback listener is not reachable from there. 0 = any namespace.
-    pub netns_cookie: u64,
-    /// `SO_MARK` the agent puts on its own upstream sockets. 0 = none.
-    pub agent_mark: u32,
+    /// cgroup v2 id of the agent's own cgroup: its sockets, in whatever network namespace
+    /// it opens them, are its upstream connections. A workload cannot forge it (a socket mark
+    /// it can: CAP_NET_RAW sets `SO_MARK` since Linux 5.17).
+    pub agent_cgroup: u64,
+    /// Network namespace cookie of the agent, where an external proxy asks for original
+    /// destinations.
+    pub agent_netns: u64,
     /// Port of the agent's outbound listener, host order.
     pub listener_port: u16,
-    /// `MODE_ALLOW_ANY` or `MODE_REGISTRY_ONLY`.
-    pub mode: u8,
     /// 1 once the agent has programmed the maps; 0 bypasses everything.
     pub enabled: u8,
+    /// 1: connections to the ranges in `DIRECT_V4`/`DIRECT_V6` go straight out. 0 (an
+    /// external proxy mediates): they are redirected like the others.
+    pub direct: u8,
     /// IPv4 address of the outbound listener, network order bytes.
     pub listener_v4: [u8; 4],
     /// IPv6 address of the outbound listener.
     pub listener_v6: [u8; 16],
-    /// 1: connections to the ranges in `DIRECT_V4`/`DIRECT_V6` go straight out. 0 (an
-    /// external proxy mediates): they are redirected like the others.
-    pub direct: u8,
-    pub _pad: [u8; 3],
+}
+
+/// An enrolled workload: the value of `WORKLOADS`, keyed by its network namespace cookie.
+/// Connects from a namespace without one are left alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// The workload's counters in `WL_COUNTERS`: `slot * REASON_COUNT + reason`.
+    pub slot: u32,
+    /// Which ServiceEntries the workload sees (`exportTo`): the view of `ALLOW_*`/`DIRECT_*`
+    /// keys.
+    pub view: u16,
+    /// `MODE_ALLOW_ANY` or `MODE_REGISTRY_ONLY`: the mesh's, or its namespace's Sidecar's.
+    pub mode: u8,
+    pub _pad: u8,
+    /// 0: every process of the namespace. Otherwise only processes in this cgroup v2 or
+    /// below it (the agent's own namespace on a node, where its daemons live too).
+    pub cgroup_id: u64,
+    /// Depth of `cgroup_id` below the cgroup2 root (the root is 0).
+    pub cgroup_level: u32,
+    pub _pad2: u32,
 }
 
 /// The destination a redirected connection was made to, and who made it.
@@ -122,6 +149,8 @@ pub struct OrigDst {
     pub created_ns: u64,
     /// The connecting task's cgroup v2 id (the inode number of its cgroup directory).
     pub cgroup_id: u64,
+    /// Network namespace cookie of the connecting socket: the workload.
+    pub netns: u64,
 }
 
 /// A direct connection while it is open (in its socket's `SockRecord`).
@@ -174,7 +203,7 @@ pub struct DirectClosed {
     pub old_state: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<DirectClosed>() == 120);
+const _: () = assert!(core::mem::size_of::<DirectClosed>() == 128);
 
 /// Linux TCP states (`include/net/tcp_states.h`) that a direct connection's close depends on.
 pub const TCP_SYN_SENT: u32 = 2;
@@ -219,8 +248,18 @@ pub struct SockAddr16 {
     pub _pad: u16,
 }
 
-/// A client socket's local address: what the agent sees as the peer of an accepted socket.
-pub type PeerKey = SockAddr16;
+/// Key of `ORIG_BY_PEER`: a client socket's network namespace and local address, which the
+/// agent sees as the peer of the socket its listener in that namespace accepted. Every
+/// namespace has its own 127.0.0.1, so the address alone is not a key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub netns: u64,
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
 /// One endpoint of a Kubernetes Service.
 pub type Backend = SockAddr16;
 
@@ -282,24 +321,26 @@ pub fn v4_unmapped(a: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
-/// Key data of the `ALLOW_V4` trie: port (network order) then address, so that a prefix of
-/// `16 + n` bits matches one port and an `/n` address range.
-pub type AllowKeyV4 = [u8; 6];
-/// Key data of the `ALLOW_V6` trie, laid out as `AllowKeyV4`.
-pub type AllowKeyV6 = [u8; 18];
+/// Key data of the `ALLOW_V4` and `DIRECT_V4` tries: view, port (both network order) then
+/// address, so that a prefix of `32 + n` bits matches one view, one port and an `/n` range.
+pub type AllowKeyV4 = [u8; 8];
+/// Key data of the `ALLOW_V6` and `DIRECT_V6` tries, laid out as `AllowKeyV4`.
+pub type AllowKeyV6 = [u8; 20];
+/// Bits of an allow key before the address: view and port.
+pub const ALLOW_KEY_HEAD_BITS: u32 = 32;
 
 #[inline(always)]
-pub const fn allow_key_v4(port: u16, a: [u8; 4]) -> AllowKeyV4 {
-    let p = port.to_be_bytes();
-    [p[0], p[1], a[0], a[1], a[2], a[3]]
+pub const fn allow_key_v4(view: u16, port: u16, a: [u8; 4]) -> AllowKeyV4 {
+    let (v, p) = (view.to_be_bytes(), port.to_be_bytes());
+    [v[0], v[1], p[0], p[1], a[0], a[1], a[2], a[3]]
 }
 
 #[inline(always)]
-pub const fn allow_key_v6(port: u16, a: [u8; 16]) -> AllowKeyV6 {
-    let p = port.to_be_bytes();
+pub const fn allow_key_v6(view: u16, port: u16, a: [u8; 16]) -> AllowKeyV6 {
+    let (v, p) = (view.to_be_bytes(), port.to_be_bytes());
     [
-        p[0], p[1], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11],
-        a[12], a[13], a[14], a[15],
+        v[0], v[1], p[0], p[1], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+        a[11], a[12], a[13], a[14], a[15],
     ]
 }
 
@@ -311,6 +352,8 @@ mod pod {
     unsafe impl aya::Pod for super::DirectOpen {}
     unsafe impl aya::Pod for super::DirectClosed {}
     unsafe impl aya::Pod for super::SockAddr16 {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::Workload {}
     unsafe impl aya::Pod for super::ServiceKeyV4 {}
     unsafe impl aya::Pod for super::ServiceKeyV6 {}
     unsafe impl aya::Pod for super::Service {}

@@ -10,20 +10,22 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
     },
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use egress_common::{
-    AF_INET, AF_INET6, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, DEFAULT_MAX_ALLOWED,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS, DEFAULT_MAX_ORIG,
-    DEFAULT_MAX_SERVICES, DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, DirectClosed, DirectOpen,
-    OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT, SOCK_REDIRECTED,
-    Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict,
-    allow_key_v4, allow_key_v6, decide,
+    AF_INET, AF_INET6, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
+    DEFAULT_MAX_ALLOWED, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS,
+    DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES, DEFAULT_MAX_WORKLOADS, DIRECT_CLOSED_BYTES,
+    DIRECT_WAKEUP_BYTES, DirectClosed, DirectOpen, OrigDst, PeerKey, Query, Reason,
+    SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT, SOCK_REDIRECTED, Service, ServiceKeyV4,
+    ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4,
+    allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
     v4_mapped, v4_unmapped,
 };
@@ -80,6 +82,14 @@ static DIRECT_CLOSED: RingBuf = RingBuf::with_byte_size(DIRECT_CLOSED_BYTES, 0);
 /// Closes the ring had no room for.
 #[map]
 static DIRECT_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Enrolled workloads by network namespace cookie: connects from any other namespace are left
+/// alone.
+#[map]
+static WORKLOADS: HashMap<u64, Workload> = HashMap::with_max_entries(DEFAULT_MAX_WORKLOADS, 0);
+/// Per workload and reason: `Workload::slot * REASON_COUNT + reason`.
+#[map]
+static WL_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_WORKLOADS * REASON_COUNT, 0);
 
 /// The decision's lookups, answered from the maps.
 struct Maps;
@@ -89,7 +99,15 @@ fn prefix(v: Option<&u32>) -> Option<u8> {
     v.map(|p| *p as u8)
 }
 
+/// Prefix bits of an allow or direct trie lookup for one address: view, port, address.
+const ALLOW_BITS_V4: u32 = ALLOW_KEY_HEAD_BITS + 32;
+const ALLOW_BITS_V6: u32 = ALLOW_KEY_HEAD_BITS + 128;
+
 impl Tables for Maps {
+    #[inline(always)]
+    fn in_cgroup(&self, id: u64, level: u32) -> bool {
+        unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) == id }
+    }
     #[inline(always)]
     fn uid_excluded(&self, uid: u32) -> bool {
         unsafe { EXCLUDE_UIDS.get(&uid) }.is_some()
@@ -111,12 +129,12 @@ impl Tables for Maps {
         prefix(EXCLUDE_V4.get(Key::new(32, a)))
     }
     #[inline(always)]
-    fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        prefix(ALLOW_V4.get(Key::new(48, allow_key_v4(port, a))))
+    fn allow_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+        prefix(ALLOW_V4.get(Key::new(ALLOW_BITS_V4, allow_key_v4(view, port, a))))
     }
     #[inline(always)]
-    fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        prefix(DIRECT_V4.get(Key::new(48, allow_key_v4(port, a))))
+    fn direct_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+        prefix(DIRECT_V4.get(Key::new(ALLOW_BITS_V4, allow_key_v4(view, port, a))))
     }
     #[inline(always)]
     fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
@@ -127,18 +145,24 @@ impl Tables for Maps {
         prefix(EXCLUDE_V6.get(Key::new(128, a)))
     }
     #[inline(always)]
-    fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        prefix(ALLOW_V6.get(Key::new(144, allow_key_v6(port, a))))
+    fn allow_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+        prefix(ALLOW_V6.get(Key::new(ALLOW_BITS_V6, allow_key_v6(view, port, a))))
     }
     #[inline(always)]
-    fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        prefix(DIRECT_V6.get(Key::new(144, allow_key_v6(port, a))))
+    fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+        prefix(DIRECT_V6.get(Key::new(ALLOW_BITS_V6, allow_key_v6(view, port, a))))
     }
 }
 
+/// Count a decision: in the totals, and in the workload's counters when it is enrolled.
 #[inline(always)]
-fn count(reason: u32) {
+fn count(reason: u32, wl: Option<&Workload>) {
     if let Some(c) = COUNTERS.get_ptr_mut(reason) {
+        unsafe { *c += 1 };
+    }
+    if let Some(w) = wl
+        && let Some(c) = WL_COUNTERS.get_ptr_mut(w.slot * REASON_COUNT + reason)
+    {
         unsafe { *c += 1 };
     }
 }
@@ -212,8 +236,12 @@ fn pick_backend(svc: Option<&Service>) -> Option<Result<Backend, ()>> {
 /// `dialled` is the destination as given (IPv4-mapped unless `fam` is V6).
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, fam: Family, dialled: [u8; 16], port: u16) -> i32 {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let wl = unsafe { WORKLOADS.get(&netns) };
+    // Services are translated for enrolled workloads only: the others are left alone.
     let svc = unsafe {
         match v4_unmapped(&dialled) {
+            _ if wl.is_none() => None,
             Some(a) if fam != Family::V6 => SERVICES_V4.get(&ServiceKeyV4 {
                 addr: a,
                 port,
@@ -230,18 +258,26 @@ fn connect(ctx: &SockAddrContext, fam: Family, dialled: [u8; 16], port: u16) -> 
         None => (dialled, port, false),
         Some(Ok(b)) => (b.addr, b.port, true),
         Some(Err(())) => {
-            count(Reason::ServiceNoEndpoints as u32);
+            count(Reason::ServiceNoEndpoints as u32, wl);
             return 0;
         }
     };
+    let who = Who { netns, wl };
     match (fam, v4_unmapped(&dst)) {
         (Family::V4 | Family::Mapped, Some(v4)) => {
-            handle(ctx, fam, v4, dst, dst_port, dialled, port, service)
+            handle(ctx, who, fam, v4, dst, dst_port, dialled, port, service)
         }
-        (Family::V6, _) => handle(ctx, fam, dst, dst, dst_port, dialled, port, service),
+        (Family::V6, _) => handle(ctx, who, fam, dst, dst, dst_port, dialled, port, service),
         // An IPv4 Service with an IPv6 endpoint cannot be reached from this socket.
         _ => 1,
     }
+}
+
+/// The connecting socket's network namespace and its enrolment.
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    netns: u64,
+    wl: Option<&'a Workload>,
 }
 
 /// Decide one connect() to `dst` (IPv4-mapped form in `dst16`) and apply the verdict.
@@ -249,6 +285,7 @@ fn connect(ctx: &SockAddrContext, fam: Family, dialled: [u8; 16], port: u16) -> 
 #[inline(always)]
 fn handle<A: Addr>(
     ctx: &SockAddrContext,
+    who: Who,
     fam: Family,
     dst: A,
     dst16: [u8; 16],
@@ -260,25 +297,18 @@ fn handle<A: Addr>(
     let Some(cfg) = CONFIG.get(0) else {
         return 1;
     };
-    let sa = ctx.sock_addr;
     let ids = bpf_get_current_uid_gid();
-    let sk: *mut bpf_sock = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
-    let mark = if sk.is_null() {
-        0
-    } else {
-        unsafe { read_volatile(addr_of!((*sk).mark)) }
-    };
+    let Who { netns, wl } = who;
     let q = Query {
         dst,
         port,
         uid: ids as u32,
         gid: (ids >> 32) as u32,
-        mark,
-        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
         service,
     };
-    let d = decide(&Maps, cfg, &q);
-    count(d.reason as u32);
+    let d = decide(&Maps, cfg, wl, &q);
+    count(d.reason as u32, wl);
     if d.verdict == Verdict::Deny || (d.verdict == Verdict::Bypass && !service) {
         // A record from an earlier connect of this socket (one that failed before the
         // handshake) no longer applies.
@@ -314,7 +344,8 @@ fn handle<A: Addr>(
                         _pad2: 0,
                         cookie: bpf_get_socket_cookie(ctx.as_ptr()),
                         created_ns: bpf_ktime_get_ns(),
-                        cgroup_id: bpf_get_current_cgroup_id(),
+                        cgroup_id: q.cgroup,
+                        netns,
                     },
                     received_at_fin_wait2: u64::MAX,
                 };
@@ -425,10 +456,11 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-/// The client socket's local address, the key the agent will look up. Context fields are read
-/// with volatile loads: the verifier rejects loads through a context pointer with an offset.
+/// The client socket's local address, in its network namespace (`netns`, which the connect
+/// hook recorded): the key the agent will look up. Context fields are read with volatile
+/// loads: the verifier rejects loads through a context pointer with an offset.
 #[inline(always)]
-fn peer_key_of(ctx: &SockOpsContext) -> PeerKey {
+fn peer_key_of(ctx: &SockOpsContext, netns: u64) -> PeerKey {
     let ops = ctx.ops;
     // Every field is loaded unconditionally and the values selected afterwards: a branch per
     // family lets LLVM merge the loads through a selected context pointer, which the verifier
@@ -452,8 +484,20 @@ fn peer_key_of(ctx: &SockOpsContext) -> PeerKey {
         words_to_bytes(ip6)
     };
     PeerKey {
+        netns,
         addr,
         port: port as u16,
+        _pad: [0; 6],
+    }
+}
+
+/// The client socket's own address.
+#[inline(always)]
+fn local_addr_of(ctx: &SockOpsContext) -> SockAddr16 {
+    let k = peer_key_of(ctx, 0);
+    SockAddr16 {
+        addr: k.addr,
+        port: k.port,
         _pad: 0,
     }
 }
@@ -485,7 +529,7 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
         // Runs before the client's final ACK: the record is in place before accept() returns.
         if flags & SOCK_REDIRECTED != 0 {
             let conn = unsafe { (*rec).open.conn };
-            let _ = ORIG_BY_PEER.insert(&peer_key_of(&ctx), &conn, BPF_ANY as u64);
+            let _ = ORIG_BY_PEER.insert(&peer_key_of(&ctx, conn.netns), &conn, BPF_ANY as u64);
         }
     } else if ctx.arg(1) == TCP_FIN_WAIT2 {
         if flags & SOCK_DIRECT != 0 {
@@ -494,7 +538,8 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
         }
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
         if flags & SOCK_REDIRECTED != 0 {
-            let _ = ORIG_BY_PEER.remove(&peer_key_of(&ctx));
+            let netns = unsafe { (*rec).open.conn.netns };
+            let _ = ORIG_BY_PEER.remove(&peer_key_of(&ctx, netns));
         }
         if flags & SOCK_DIRECT != 0 {
             let open = unsafe { (*rec).open };
@@ -532,7 +577,7 @@ fn report_direct_close(ctx: &SockOpsContext, open: DirectOpen) {
         closed_ns: unsafe { bpf_ktime_get_ns() },
         bytes_acked: acked,
         bytes_received: received,
-        local: peer_key_of(ctx),
+        local: local_addr_of(ctx),
         old_state: ctx.arg(0),
     };
     match DIRECT_CLOSED.reserve::<DirectClosed>(0) {
@@ -595,10 +640,15 @@ pub fn egress_getsockopt(ctx: SockoptContext) -> i32 {
     } else {
         words_to_bytes(ip6)
     };
+    // The external proxy runs in the agent's namespace, where its clients connected.
+    let Some(cfg) = CONFIG.get(0) else {
+        return 1;
+    };
     let key = PeerKey {
+        netns: cfg.agent_netns,
         addr,
         port,
-        _pad: 0,
+        _pad: [0; 6],
     };
     let Some(rec) = (unsafe { ORIG_BY_PEER.get(&key) }) else {
         return 1;

@@ -18,3 +18,6 @@ pub mod registry;
 pub mod sniff;
 /// What the agent tells: access log, direct connections' records, the admin endpoint.
 pub mod telemetry;
+/// Enrolled workloads: network namespaces with an identity, their listeners and policy; the
+/// enrolment API and its state file.
+pub mod workloads;

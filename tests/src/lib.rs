@@ -212,7 +212,18 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+        loop {
+            // An agent started inside leaves its own child cgroup if it was killed.
+            if let Ok(dir) = std::fs::read_dir(&self.path) {
+                for e in dir.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            if std::fs::remove_dir(&self.path).is_ok() || Instant::now() > deadline {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -233,6 +244,8 @@ pub struct Agent {
     pub port: u16,
     pub admin_port: u16,
     pub pin: PathBuf,
+    /// The admin socket: enrolment, `egress workloads`.
+    pub admin_socket: PathBuf,
     config: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     /// Access-log records (JSON lines on the agent's standard output).
@@ -252,22 +265,60 @@ pub struct AgentOpts<'a> {
     pub extra: Vec<String>,
 }
 
+/// A node agent (`egress run --node`): where it keeps what must outlive it, so that a second
+/// agent can take over from the first.
+pub struct NodeOpts<'a> {
+    pub config: &'a str,
+    /// The enrolment state file.
+    pub state_file: &'a Path,
+    /// The admin socket.
+    pub admin_socket: &'a Path,
+    pub extra: Vec<String>,
+}
+
 impl Agent {
     pub fn start(o: AgentOpts<'_>) -> Agent {
         Agent::start_resolving(o, None)
+    }
+
+    /// Start an agent for a node: attached at the cgroup2 root, deciding for the network
+    /// namespaces enrolled with it.
+    pub fn start_node(o: NodeOpts<'_>) -> Agent {
+        let mut extra = vec![
+            "--node".to_owned(),
+            "--state-file".to_owned(),
+            o.state_file.display().to_string(),
+        ];
+        extra.extend(o.extra);
+        Agent::launch(o.config, None, false, extra, None, Some(o.admin_socket))
     }
 
     /// Start an agent whose name lookups see `hosts` as /etc/hosts (and no DNS server but
     /// 127.0.0.1), as a pod's hostAliases would: the agent runs in a mount namespace of its own
     /// with both files bind-mounted. Names are then resolved without leaving the machine.
     pub fn start_resolving(o: AgentOpts<'_>, hosts: Option<&str>) -> Agent {
+        Agent::launch(o.config, Some(o.cgroup), o.inside, o.extra, hosts, None)
+    }
+
+    fn launch(
+        config_text: &str,
+        cgroup: Option<&Cgroup>,
+        inside: bool,
+        extra: Vec<String>,
+        hosts: Option<&str>,
+        admin_socket: Option<&Path>,
+    ) -> Agent {
         ensure_bpffs();
         let name = unique("agent");
         let config = std::env::temp_dir().join(format!("{name}.yaml"));
-        std::fs::write(&config, o.config).unwrap();
+        std::fs::write(&config, config_text).unwrap();
         let pin = PathBuf::from("/sys/fs/bpf").join(&name);
         let port = free_port();
         let admin_port = free_port();
+        let admin_socket = admin_socket.map_or_else(
+            || std::env::temp_dir().join(format!("{name}.sock")),
+            Path::to_path_buf,
+        );
         let mut c = match hosts {
             Some(h) => {
                 let hosts_file = config.with_extension("hosts");
@@ -288,26 +339,27 @@ impl Agent {
             }
             None => Command::new(egress_bin()),
         };
-        if o.inside {
+        if let (true, Some(cg)) = (inside, cgroup) {
             // `egress exec` puts the agent in the intercepted cgroup before it starts.
             c.arg("exec")
                 .arg("--cgroup")
-                .arg(&o.cgroup.path)
+                .arg(&cg.path)
                 .arg("--")
                 .arg(egress_bin());
         }
-        c.arg("run")
-            .arg("--config")
-            .arg(&config)
-            .arg("--cgroup")
-            .arg(&o.cgroup.path)
-            .arg("--pin-path")
+        c.arg("run").arg("--config").arg(&config);
+        if let Some(cg) = cgroup {
+            c.arg("--cgroup").arg(&cg.path);
+        }
+        c.arg("--pin-path")
             .arg(&pin)
             .arg("--outbound-port")
             .arg(port.to_string())
             .arg("--admin-port")
             .arg(admin_port.to_string())
-            .args(&o.extra)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .args(&extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -364,6 +416,7 @@ impl Agent {
             port,
             admin_port,
             pin,
+            admin_socket,
             config,
             log,
             access,
@@ -554,6 +607,7 @@ impl Drop for Agent {
         if self.pin.exists() {
             let _ = std::fs::remove_dir_all(&self.pin);
         }
+        let _ = std::fs::remove_file(&self.admin_socket);
     }
 }
 

@@ -3,19 +3,19 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use egress_common::{Config, Decision, Query, Reason, Tables, decide, v4_unmapped};
+use egress_common::{
+    Config, Decision, MODE_REGISTRY_ONLY, Query, Reason, Tables, Workload, decide, v4_unmapped,
+};
 
 use crate::plan::network;
 
-/// Who makes the connect() being explained.
-#[derive(Clone, Copy, Debug)]
+/// Who makes the connect() being explained: a process (not the agent) of a workload.
+#[derive(Clone, Debug)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
-    /// `SO_MARK` of the socket.
-    pub mark: u32,
-    /// Network namespace cookie; `None` is the agent's namespace.
-    pub netns: Option<u64>,
+    /// The workload's name and its enrolment (`None`: a namespace that is not enrolled).
+    pub workload: Option<(String, Workload)>,
 }
 
 /// The Kubernetes Services the datapath translates.
@@ -55,7 +55,12 @@ pub fn explain<T: Tables + Services>(
     caller: &Caller,
 ) -> Vec<String> {
     let dst = unmap(dst);
-    match t.service(dst) {
+    let service = if caller.workload.is_some() {
+        t.service(dst)
+    } else {
+        None
+    };
+    match service {
         None => vec![describe(
             &decide_one(t, cfg, dst, caller, false),
             cfg,
@@ -86,21 +91,32 @@ fn decide_one<T: Tables>(
     caller: &Caller,
     service: bool,
 ) -> Decision {
-    fn q<A>(dst: A, port: u16, c: &Caller, netns: u64, service: bool) -> Query<A> {
-        Query {
-            dst,
-            port,
-            uid: c.uid,
-            gid: c.gid,
-            mark: c.mark,
-            netns,
-            service,
-        }
-    }
-    let (port, netns) = (dst.port(), caller.netns.unwrap_or(cfg.netns_cookie));
+    // Any cgroup but the agent's.
+    let cgroup = !cfg.agent_cgroup;
+    let q = |c: &Caller| Query {
+        dst: (),
+        port: dst.port(),
+        uid: c.uid,
+        gid: c.gid,
+        cgroup,
+        service,
+    };
+    let base = q(caller);
+    let wl = caller.workload.as_ref().map(|(_, w)| w);
     match dst.ip() {
-        IpAddr::V4(a) => decide(t, cfg, &q(a.octets(), port, caller, netns, service)),
-        IpAddr::V6(a) => decide(t, cfg, &q(a.octets(), port, caller, netns, service)),
+        IpAddr::V4(a) => decide(t, cfg, wl, &with_dst(base, a.octets())),
+        IpAddr::V6(a) => decide(t, cfg, wl, &with_dst(base, a.octets())),
+    }
+}
+
+fn with_dst<A>(q: Query<()>, dst: A) -> Query<A> {
+    Query {
+        dst,
+        port: q.port,
+        uid: q.uid,
+        gid: q.gid,
+        cgroup: q.cgroup,
+        service: q.service,
     }
 }
 
@@ -112,9 +128,19 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
     };
     let net = network(ip, d.prefix_len);
     let port = dst.port();
+    let mode = match &caller.workload {
+        Some((_, w)) if w.mode == MODE_REGISTRY_ONLY => "REGISTRY_ONLY",
+        _ => "ALLOW_ANY",
+    };
     let rule = match d.reason {
-        Reason::Agent => format!("the agent's own connection, socket mark {}", cfg.agent_mark),
-        Reason::OtherNetns => "made in another network namespace than the agent's".to_owned(),
+        Reason::Agent => "the agent's own connection, made from its cgroup".to_owned(),
+        Reason::NotEnrolled => "made in a network namespace that is not enrolled".to_owned(),
+        Reason::Loopback if ip.is_loopback() && ip == IpAddr::from([127, 0, 0, 1]) => {
+            "the workload's own loopback: 127.0.0.1 is never captured".to_owned()
+        }
+        Reason::Loopback => "the workload's own loopback: no includeOutboundIPRanges \
+             range inside loopback names it"
+            .to_owned(),
         Reason::ExcludedUid => format!("excludeUids {}", caller.uid),
         Reason::ExcludedGid => format!("excludeGids {}", caller.gid),
         Reason::ExcludedPort => format!("excludeOutboundPorts {port}"),
@@ -125,17 +151,17 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
         Reason::NotIncluded if cfg.enabled == 0 => "the datapath is not enabled".to_owned(),
         Reason::NotIncluded => "not in includeOutboundIPRanges or includeOutboundPorts".to_owned(),
         Reason::RegistryAllowed if d.prefix_len == 0 => format!(
-            "REGISTRY_ONLY: port {port} belongs to a ServiceEntry without addresses; the agent \
+            "{mode}: port {port} belongs to a ServiceEntry without addresses; the agent \
              decides by HTTP Host or TLS SNI"
         ),
         Reason::RegistryAllowed => {
-            format!("REGISTRY_ONLY: allowed by ServiceEntry address {net} port {port}")
+            format!("{mode}: allowed by ServiceEntry address {net} port {port}")
         }
         Reason::RegistryDenied => {
-            format!("REGISTRY_ONLY: no ServiceEntry address allows {ip} port {port}")
+            format!("{mode}: no ServiceEntry address allows {ip} port {port}")
         }
         Reason::RegistryService => {
-            "REGISTRY_ONLY: reached through a Kubernetes Service, which is registered".to_owned()
+            format!("{mode}: reached through a Kubernetes Service, which is registered")
         }
         Reason::ServiceNoEndpoints => format!("Kubernetes Service {dst} has no endpoints"),
         Reason::TcpEntry => format!(
@@ -149,14 +175,34 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config, plan::compile};
+    use crate::{
+        config,
+        plan::{Plan, compile},
+    };
+
+    /// A process of a workload of Kubernetes namespace `ns`.
+    fn caller(p: &Plan, ns: &str) -> Caller {
+        let pol = p.policies.of(ns);
+        Caller {
+            uid: 0,
+            gid: 0,
+            workload: Some((
+                format!("{ns}/client"),
+                Workload {
+                    view: pol.view,
+                    mode: pol.mode,
+                    ..Workload::default()
+                },
+            )),
+        }
+    }
 
     #[test]
     fn explains_with_the_rule_that_decided() {
         let l = config::parse_str(
             "m.yaml",
             "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\nspec:\n  \
-             interception:\n    excludeOutboundIPRanges: [127.21.0.0/16]\n",
+             interception:\n    excludeOutboundIPRanges: [198.19.0.0/16]\n",
         )
         .expect("valid");
         let p = compile(&l.config);
@@ -169,30 +215,37 @@ mod tests {
         };
         let line = |s: &str| {
             let dst: SocketAddr = s.parse().unwrap();
-            let c = Caller {
-                uid: 0,
-                gid: 0,
-                mark: 0,
-                netns: None,
-            };
-            explain(&p, &cfg, dst, &c).join("\n")
+            explain(&p, &cfg, dst, &caller(&p, "default")).join("\n")
         };
         assert_eq!(
-            line("127.20.0.10:80"),
+            line("198.18.0.10:80"),
             "redirect (includeOutboundIPRanges 0.0.0.0/0) [included-cidr]"
         );
         assert_eq!(
-            line("127.21.3.4:80"),
-            "bypass (excludeOutboundIPRanges 127.21.0.0/16) [excluded-cidr]"
+            line("198.19.3.4:80"),
+            "bypass (excludeOutboundIPRanges 198.19.0.0/16) [excluded-cidr]"
         );
         // A v4-mapped destination is explained by the IPv4 rules.
         assert_eq!(
-            line("[::ffff:127.21.3.4]:80"),
-            "bypass (excludeOutboundIPRanges 127.21.0.0/16) [excluded-cidr]"
+            line("[::ffff:198.19.3.4]:80"),
+            "bypass (excludeOutboundIPRanges 198.19.0.0/16) [excluded-cidr]"
         );
         assert_eq!(
             line("[::1]:80"),
-            "redirect (includeOutboundIPRanges ::/0) [included-cidr]"
+            "bypass (the workload's own loopback: no includeOutboundIPRanges range inside \
+             loopback names it) [loopback]"
+        );
+        assert_eq!(
+            line("127.0.0.1:6379"),
+            "bypass (the workload's own loopback: 127.0.0.1 is never captured) [loopback]"
+        );
+        let outside = Caller {
+            workload: None,
+            ..caller(&p, "default")
+        };
+        assert_eq!(
+            explain(&p, &cfg, "127.20.0.10:80".parse().unwrap(), &outside).join("\n"),
+            "bypass (made in a network namespace that is not enrolled) [not-enrolled]"
         );
         assert_eq!(
             line("127.0.0.1:15001"),
@@ -208,16 +261,7 @@ mod tests {
         )
         .expect("valid");
         let p = compile(&l.config);
-        let cfg = Config {
-            mode: egress_common::MODE_REGISTRY_ONLY,
-            ..cfg
-        };
-        let c = Caller {
-            uid: 0,
-            gid: 0,
-            mark: 0,
-            netns: None,
-        };
+        let c = caller(&p, "default");
         assert_eq!(
             explain(&p, &cfg, "198.18.0.1:80".parse().unwrap(), &c).join("\n"),
             "redirect (REGISTRY_ONLY: port 80 belongs to a ServiceEntry without addresses; the \
@@ -236,6 +280,7 @@ mod tests {
         )
         .expect("valid");
         let p = compile(&l.config);
+        let c = caller(&p, "default");
         assert_eq!(
             explain(&p, &cfg, "198.18.5.9:5432".parse().unwrap(), &c).join("\n"),
             "direct (TCP ServiceEntry address 198.18.5.0/24 port 5432: nothing in the stream to \

@@ -20,6 +20,7 @@ use crate::{
     datapath::{Maps, sys},
     plan,
     telemetry::{accesslog, admin},
+    workloads::api,
 };
 use run::{datapath_config, load_config};
 
@@ -46,6 +47,36 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Enrol a network namespace with the running node agent: its connects are decided from
+    /// now on, as a pod's that the CNI plugin enrolled.
+    Enroll {
+        /// The namespace: /var/run/netns/NAME or /proc/PID/ns/net.
+        netns: PathBuf,
+        /// The workload's identity, NAMESPACE/NAME (its Kubernetes namespace's policy applies).
+        #[arg(long)]
+        workload: String,
+        /// The pod's uid, when there is one.
+        #[arg(long, default_value = "")]
+        uid: String,
+        #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Release an enrolled workload: its connects are left alone from now on.
+    Unenroll {
+        /// The namespace it was enrolled from.
+        #[arg(required_unless_present = "workload", conflicts_with = "workload")]
+        netns: Option<PathBuf>,
+        /// Or its identity, NAMESPACE/NAME.
+        #[arg(long)]
+        workload: Option<String>,
+        #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// List the enrolled workloads with their counters.
+    Workloads {
+        #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Print the verdict for a destination and the rule that decided, from the live maps of a
     /// running agent, or from a configuration with --config.
     Explain {
@@ -63,20 +94,26 @@ enum Cmd {
         /// The connecting group [default: yours].
         #[arg(long)]
         gid: Option<u32>,
-        /// SO_MARK of the connecting socket.
-        #[arg(long, default_value_t = 0)]
-        socket_mark: u32,
-        /// Network namespace cookie of the connecting socket [default: the agent's].
+        /// The connecting workload, NAMESPACE/NAME [default: the agent's own namespace's].
+        /// With --config: any workload of that Kubernetes namespace.
         #[arg(long)]
-        netns_cookie: Option<u64>,
+        workload: Option<String>,
+        #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
         /// Destination, IP:PORT (IPv6 as [ADDR]:PORT).
         destination: SocketAddr,
     },
-    /// Print how many connects each rule decided, from the live per-CPU counters.
+    /// Print how many connects each rule decided, from the live per-CPU counters: in all, or
+    /// for one workload.
     Stats {
         /// Where the running agent pinned its maps.
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
+        /// Only this workload's connects, NAMESPACE/NAME.
+        #[arg(long)]
+        workload: Option<String>,
+        #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
     },
     /// Show the running agent's configuration generation and the last rejected configuration.
     Status {
@@ -99,12 +136,9 @@ const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// Settings shared by the agent and `explain --config`.
 #[derive(Args, Clone)]
 struct AgentArgs {
-    /// Port of the outbound listener on 127.0.0.1 and [::1].
+    /// Port of the outbound listener on 127.0.0.1 and [::1] (in every enrolled namespace).
     #[arg(long, default_value_t = 15001)]
     outbound_port: u16,
-    /// SO_MARK the agent puts on its upstream sockets; the hooks let such sockets through.
-    #[arg(long, default_value_t = 1337, value_parser = clap::value_parser!(u32).range(1..))]
-    mark: u32,
 }
 
 #[derive(Args)]
@@ -113,9 +147,28 @@ struct RunArgs {
     /// destination, ALLOW_ANY].
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The cgroup to intercept [default: create `egress` under the cgroup2 mount].
+    /// Run for a node: the programs are attached at the root of the cgroup2 hierarchy and
+    /// decide for enrolled network namespaces only (the CNI plugin, `egress enroll`); the
+    /// agent's own namespace only with --cgroup.
+    #[arg(long)]
+    node: bool,
+    /// The cgroup to intercept in the agent's own network namespace [default: create `egress`
+    /// under the cgroup2 mount; with --node, none].
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// The identity of the agent's own namespace's workload, NAMESPACE/NAME.
+    #[arg(long, default_value = "default/egress")]
+    workload: String,
+    /// The admin socket (root only): enrolment, `egress workloads`.
+    #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
+    admin_socket: PathBuf,
+    /// Where enrolments are kept across restarts (with --node).
+    #[arg(long, default_value = "/var/run/egress/workloads.json")]
+    state_file: PathBuf,
+    /// SO_MARK the agent puts on its upstream sockets, for iptables rules that exempt them
+    /// (the datapath recognises the agent by its cgroup, which a workload cannot forge).
+    #[arg(long, default_value_t = 1337, value_parser = clap::value_parser!(u32).range(1..))]
+    mark: u32,
     /// Directory on a bpf filesystem where the maps are pinned for `egress explain`.
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
@@ -188,26 +241,50 @@ pub fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(args) => run::run(args),
         Cmd::Exec { cgroup, command } => exec(cgroup, command),
+        Cmd::Enroll {
+            netns,
+            workload,
+            uid,
+            admin_socket,
+        } => enroll(netns, &workload, uid, &admin_socket),
+        Cmd::Unenroll {
+            netns,
+            workload,
+            admin_socket,
+        } => {
+            let sel = api::Selector {
+                netns,
+                workload,
+                ..api::Selector::default()
+            };
+            api::unenroll(&admin_socket, &sel)
+                .map(|out| print!("{out}"))
+                .map_err(Into::into)
+        }
+        Cmd::Workloads { admin_socket } => api::list(&admin_socket)
+            .map(|out| print!("{out}"))
+            .map_err(Into::into),
         Cmd::Explain {
             config,
             pin_path,
             agent,
             uid,
             gid,
-            socket_mark,
-            netns_cookie,
+            workload,
+            admin_socket,
             destination,
         } => {
-            let caller = explain::Caller {
-                // SAFETY: getuid/getgid cannot fail.
-                uid: uid.unwrap_or_else(|| unsafe { libc::getuid() }),
-                gid: gid.unwrap_or_else(|| unsafe { libc::getgid() }),
-                mark: socket_mark,
-                netns: netns_cookie,
-            };
-            explain_cmd(config, &pin_path, &agent, &caller, destination)
+            // SAFETY: getuid/getgid cannot fail.
+            let uid = uid.unwrap_or_else(|| unsafe { libc::getuid() });
+            let gid = gid.unwrap_or_else(|| unsafe { libc::getgid() });
+            let who = (workload.as_deref(), admin_socket.as_path());
+            explain_cmd(config, &pin_path, &agent, (uid, gid), who, destination)
         }
-        Cmd::Stats { pin_path } => stats(&pin_path),
+        Cmd::Stats {
+            pin_path,
+            workload,
+            admin_socket,
+        } => stats(&pin_path, workload.as_deref(), &admin_socket),
         Cmd::Status { admin_port } => {
             admin::request(admin_port, "GET", "/status").map(|b| print!("{b}"))
         }
@@ -244,32 +321,100 @@ fn exec(cgroup: Option<PathBuf>, command: Vec<String>) -> Result<()> {
     Err(err).with_context(|| format!("running {}", command[0]))
 }
 
+fn enroll(netns: PathBuf, workload: &str, uid: String, socket: &Path) -> Result<()> {
+    let (namespace, name) = crate::workloads::parse_label(workload)?;
+    let req = api::EnrollRequest {
+        netns,
+        namespace,
+        name,
+        uid,
+        container_id: None,
+    };
+    let out = api::enroll(socket, &req)?;
+    print!("{out}");
+    Ok(())
+}
+
+/// The (namespace cookie, counter slot) of an enrolled workload, from the running agent.
+fn lookup(socket: &Path, label: &str) -> Result<(u64, u32)> {
+    crate::workloads::parse_label(label)?;
+    let body = api::request(socket, "GET", &format!("/workloads/lookup/{label}"), "")?;
+    match body {
+        (200, b) => {
+            let mut it = b.split_whitespace().map(str::parse);
+            match (it.next(), it.next()) {
+                (Some(Ok(cookie)), Some(Ok(slot))) => Ok((cookie, slot as u32)),
+                _ => bail!("unexpected answer from the agent: {b:?}"),
+            }
+        }
+        (_, b) => bail!("{}", b.trim_end()),
+    }
+}
+
 fn explain_cmd(
     config: Option<PathBuf>,
     pin_path: &Path,
     agent: &AgentArgs,
-    caller: &explain::Caller,
+    (uid, gid): (u32, u32),
+    (workload, socket): (Option<&str>, &Path),
     dst: SocketAddr,
 ) -> Result<()> {
     let line = match config {
         Some(path) => {
             let mesh = load_config(Some(&path))?;
             let plan = plan::compile(&mesh);
-            let cfg = datapath_config(agent, plan.mode, 0, true);
-            explain::explain(&plan, &cfg, dst, caller).join("\n")
+            let cfg = datapath_config(agent, 0, 0, true);
+            let label = workload.unwrap_or("default/egress");
+            let (ns, _) = crate::workloads::parse_label(label)?;
+            let p = plan.policies.of(&ns);
+            let wl = egress_common::Workload {
+                view: p.view,
+                mode: p.mode,
+                ..egress_common::Workload::default()
+            };
+            let caller = explain::Caller {
+                uid,
+                gid,
+                workload: Some((label.to_owned(), wl)),
+            };
+            explain::explain(&plan, &cfg, dst, &caller).join("\n")
         }
         None => {
             let maps = Maps::open(pin_path)?;
             let cfg = maps.config()?;
-            explain::explain(&maps, &cfg, dst, caller).join("\n")
+            let (label, wl) = match workload {
+                Some(label) => {
+                    let (cookie, _) = lookup(socket, label)?;
+                    (label.to_owned(), maps.workload(cookie))
+                }
+                // The agent's own namespace, when it intercepts there.
+                None => (
+                    "the agent's namespace".to_owned(),
+                    maps.workload(sys::netns_cookie()?),
+                ),
+            };
+            let caller = explain::Caller {
+                uid,
+                gid,
+                workload: wl.map(|w| (label, w)),
+            };
+            explain::explain(&maps, &cfg, dst, &caller).join("\n")
         }
     };
     println!("{line}");
     Ok(())
 }
 
-fn stats(pin_path: &Path) -> Result<()> {
-    let counts = Maps::open(pin_path)?.counters()?;
+fn stats(pin_path: &Path, workload: Option<&str>, socket: &Path) -> Result<()> {
+    let maps = Maps::open(pin_path)?;
+    let counts = match workload {
+        Some(label) => {
+            let (_, slot) = lookup(socket, label)?;
+            println!("workload {label}");
+            maps.workload_counters(slot)?
+        }
+        None => maps.counters()?,
+    };
     for (reason, n) in egress_common::Reason::ALL.iter().zip(counts) {
         println!("{:<8} {:<17} {n}", reason_verdict(*reason), reason.name());
     }
@@ -277,14 +422,14 @@ fn stats(pin_path: &Path) -> Result<()> {
 }
 
 /// The verdict a reason code stands for.
-fn reason_verdict(r: egress_common::Reason) -> &'static str {
+pub fn reason_verdict(r: egress_common::Reason) -> &'static str {
     use egress_common::Reason::*;
     match r {
         IncludedPort | IncludedCidr | RegistryAllowed | RegistryService => "redirect",
         RegistryDenied | ServiceNoEndpoints => "deny",
         TcpEntry => "direct",
-        Agent | OtherNetns | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
-        | ExcludedCidr | NotIncluded => "bypass",
+        Agent | NotEnrolled | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
+        | ExcludedCidr | NotIncluded | Loopback => "bypass",
     }
 }
 

@@ -20,6 +20,7 @@ use crate::{
     proxy::{self, Proxy, upstream},
     registry,
     telemetry::{accesslog, admin, direct},
+    workloads::{self, netns},
 };
 
 /// Load and compile a configuration, printing its warnings; or the built-in default.
@@ -47,20 +48,18 @@ pub(super) fn load_config(path: Option<&Path>) -> Result<MeshConfig> {
 /// external proxy is to see every redirected connection).
 pub(super) fn datapath_config(
     agent: &AgentArgs,
-    mode: u8,
-    netns_cookie: u64,
+    agent_cgroup: u64,
+    agent_netns: u64,
     direct: bool,
 ) -> Config {
     Config {
-        netns_cookie,
-        agent_mark: agent.mark,
+        agent_cgroup,
+        agent_netns,
         listener_port: agent.outbound_port,
-        mode,
         enabled: 1,
+        direct: u8::from(direct),
         listener_v4: Ipv4Addr::LOCALHOST.octets(),
         listener_v6: Ipv6Addr::LOCALHOST.octets(),
-        direct: u8::from(direct),
-        _pad: [0; 3],
     }
 }
 
@@ -84,6 +83,54 @@ impl Drop for Created {
     }
 }
 
+/// Where the programs are attached, and which cgroup of the agent's own namespace is
+/// intercepted (with its (id, level) when the attachment is wider than it).
+struct Attach {
+    at: PathBuf,
+    own: Option<(PathBuf, (u64, u32))>,
+}
+
+fn attach_points(args: &RunArgs, root: &Path, created: &mut Created) -> Result<Attach> {
+    let named = match &args.cgroup {
+        Some(c) => {
+            if !c.join("cgroup.procs").exists() {
+                bail!("--cgroup {}: not a cgroup v2 directory", c.display());
+            }
+            Some(c.clone())
+        }
+        None => None,
+    };
+    if args.node {
+        let own = match named {
+            Some(c) => {
+                let limit = (sys::cgroup_id(&c)?, sys::cgroup_level(root, &c)?);
+                Some((c, limit))
+            }
+            None => None,
+        };
+        return Ok(Attach {
+            at: root.to_path_buf(),
+            own,
+        });
+    }
+    let c = match named {
+        Some(c) => c,
+        None => {
+            let c = root.join(DEFAULT_CGROUP);
+            if !c.exists() {
+                std::fs::create_dir(&c)
+                    .with_context(|| format!("creating cgroup {}", c.display()))?;
+                created.cgroup = Some(c.clone());
+            }
+            c
+        }
+    };
+    Ok(Attach {
+        at: c.clone(),
+        own: Some((c, (0, 0))),
+    })
+}
+
 pub(super) fn run(args: RunArgs) -> Result<()> {
     let mesh = load_config(args.config.as_deref())?;
     let plan = plan::compile(&mesh);
@@ -95,35 +142,23 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         orig: egress_common::DEFAULT_MAX_ORIG,
     };
     reload::check_capacity(&plan, &cap)?;
+    let own_label = workloads::parse_label(&args.workload).context("--workload")?;
     sys::raise_nofile_limit();
+    netns::init_home()?;
     let root = sys::cgroup2_root()?;
     let mut created = Created {
         pin_dir: args.pin_path.clone(),
         cgroup: None,
     };
-    let cgroup = match &args.cgroup {
-        Some(c) => {
-            if !c.join("cgroup.procs").exists() {
-                bail!("--cgroup {}: not a cgroup v2 directory", c.display());
-            }
-            c.clone()
-        }
-        None => {
-            let c = root.join(DEFAULT_CGROUP);
-            if !c.exists() {
-                std::fs::create_dir(&c)
-                    .with_context(|| format!("creating cgroup {}", c.display()))?;
-                created.cgroup = Some(c.clone());
-            }
-            c
-        }
-    };
+    let attach = attach_points(&args, &root, &mut created)?;
+    // The datapath knows the agent's sockets by this cgroup, in every namespace.
+    let agent_cgroup = sys::AgentCgroup::enter()?;
     sys::ensure_bpffs(&args.pin_path)?;
     let mut dp = Datapath::load(cap, &args.pin_path)?;
     let mut maps = Maps::open(&args.pin_path)?;
     let cfg = datapath_config(
         &args.agent,
-        plan.mode,
+        agent_cgroup.id,
         sys::netns_cookie()?,
         !args.external_proxy,
     );
@@ -131,19 +166,72 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     maps.program(&plan, cfg)?;
     info!("programmed the maps in {:.1?}", start.elapsed());
     dp.load_programs()?;
+
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let _entered = rt.enter();
+    let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
+    let log = accesslog::Log::new(args.access_log).context("starting the access-log writer")?;
+    let upstreams = Arc::new(upstream::Pool::new(args.upstream_idle_timeout));
+    let px = Arc::new(Proxy {
+        orig: orig.clone(),
+        mark: args.mark,
+        connect_timeout: args.connect_timeout,
+        pipes: proxy::PipePool::default(),
+        registry: shared_registry.clone(),
+        log: log.clone(),
+        sniff_timeout: args.sniff_timeout,
+        header_timeout: args.header_timeout,
+        cgroups: accesslog::CgroupNames::new(root.clone()),
+        upstreams: upstreams.clone(),
+    });
+    let serve: workloads::Serve = {
+        let (px, handle) = (px.clone(), rt.handle().clone());
+        Box::new(move |wl, listeners| {
+            let _in_runtime = handle.enter();
+            let mut handles = Vec::new();
+            for l in listeners {
+                match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => {
+                        handles.push(handle.spawn(px.clone().serve(l, wl.clone())).abort_handle())
+                    }
+                    Err(e) => warn!("serving a listener of {}: {e}", wl.label),
+                }
+            }
+            handles
+        })
+    };
+    let forget: workloads::Forget = {
+        let upstreams = upstreams.clone();
+        Box::new(move |netns| upstreams.forget(netns))
+    };
+    let port = args.agent.outbound_port;
+    let listen = workloads::Listen {
+        port: (!args.external_proxy).then_some(port),
+    };
+    let state = args.node.then(|| args.state_file.clone());
+    let mut wls = workloads::Workloads::new(state, listen, serve, forget);
+    if let Some((cgroup, limit)) = &attach.own {
+        wls.enroll_own(&mut maps, &plan.policies, own_label, *limit)
+            .with_context(|| format!("intercepting cgroup {}", cgroup.display()))?;
+    }
+    if args.node {
+        wls.replay(&mut maps, &plan.policies);
+    }
+    let table = wls.table();
     let reloader = reload::Reloader::new(
         args.config.clone(),
         maps,
         (mesh, plan),
         cap,
         shared_registry.clone(),
+        (wls, args.node),
     );
     let status = reloader.status();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
-        .name("reload".into())
+        .name("control".into())
         .spawn(move || reloader.run(rx))
-        .context("starting the reload thread")?;
+        .context("starting the control thread")?;
     // Kept alive for as long as the agent runs.
     let _watcher = match &args.config {
         Some(path) => Some(
@@ -153,31 +241,25 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         None => None,
     };
 
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async {
-        let port = args.agent.outbound_port;
-        let listeners = if args.external_proxy {
-            Vec::new()
-        } else {
-            let mut v = Vec::new();
-            for addr in [
-                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
-            ] {
-                v.push(proxy::listen(addr).with_context(|| format!("listening on {addr}"))?);
-            }
-            v
-        };
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, args.admin_port));
         let admin_listener = tokio::net::TcpListener::bind(admin)
             .await
             .with_context(|| format!("admin endpoint {admin}"))?;
-        tokio::spawn(admin::serve(admin_listener, tx.clone(), status));
-        dp.attach_interception(&cgroup)?;
+        tokio::spawn(admin::serve(admin_listener, tx.clone(), status.clone()));
+        // Enrolment needs the socket on a node; elsewhere it only lists the workload.
+        match admin::bind_unix(&args.admin_socket) {
+            Ok(l) => {
+                tokio::spawn(admin::serve_unix(l, tx.clone(), status));
+            }
+            Err(e) if args.node => return Err(e.context("--admin-socket")),
+            Err(e) => warn!("no admin socket: {e:#}"),
+        }
+        dp.attach_interception(&attach.at)?;
         if args.external_proxy {
             let pc = match &args.proxy_cgroup {
                 Some(p) => p.clone(),
-                None => sys::cgroup_of("self")?,
+                None => agent_cgroup.path.clone(),
             };
             dp.attach_getsockopt(&pc)?;
             info!(
@@ -185,32 +267,16 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
                 pc.display()
             );
         }
-        let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
-        let log = accesslog::Log::new(args.access_log).context("starting the access-log writer")?;
         let closes = direct::Closes::open(&args.pin_path)?;
         tokio::spawn(closes.serve(
             log.clone(),
             shared_registry.clone(),
             accesslog::CgroupNames::new(root.clone()),
+            table,
         ));
-        let upstreams = Arc::new(upstream::Pool::new(args.upstream_idle_timeout));
-        let px = Arc::new(Proxy {
-            orig: orig.clone(),
-            mark: args.agent.mark,
-            connect_timeout: args.connect_timeout,
-            pipes: proxy::PipePool::default(),
-            registry: shared_registry,
-            log: log.clone(),
-            sniff_timeout: args.sniff_timeout,
-            header_timeout: args.header_timeout,
-            cgroups: accesslog::CgroupNames::new(root.clone()),
-            upstreams: upstreams.clone(),
-        });
-        tokio::spawn(upstreams.sweep());
-        for l in listeners {
-            tokio::spawn(px.clone().serve(l));
-        }
+        tokio::spawn(upstreams.clone().sweep());
         let max_age = args.orig_max_age;
+        let sweeper = tx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5).min(max_age));
             loop {
@@ -219,27 +285,40 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
                 if n > 0 {
                     info!("removed {n} original-destination records older than {max_age:?}");
                 }
+                // Pods deleted without a DEL: release what the agent holds of them.
+                let _ = sweeper.send(reload::Msg::Sweep);
                 // What a wave of connections freed goes back to the system.
                 sys::release_free_memory();
             }
         });
-        println!("{}", cgroup.display());
+        let what = match (&attach.own, args.node) {
+            (Some((c, _)), false) => format!("cgroup {}", c.display()),
+            (Some((c, _)), true) => format!(
+                "enrolled network namespaces and cgroup {} (node mode)",
+                c.display()
+            ),
+            (None, _) => "enrolled network namespaces (node mode)".to_owned(),
+        };
+        println!("{}", attach.own.as_ref().map_or(&attach.at, |(c, _)| c).display());
         info!(
-            "ready: intercepting cgroup {} outbound listener 127.0.0.1:{port} [::1]:{port}{} admin {admin}",
-            cgroup.display(),
+            "ready: intercepting {what}, attached at {}; outbound listener 127.0.0.1:{port} [::1]:{port}{}; admin {admin} and {}",
+            attach.at.display(),
             if args.external_proxy {
                 " (external proxy)"
             } else {
                 ""
-            }
+            },
+            args.admin_socket.display(),
         );
         wait_for_signals(&tx).await?;
-        info!("shutting down: detaching from {}", cgroup.display());
+        info!("shutting down: detaching from {}", attach.at.display());
         log.flush();
         anyhow::Ok(())
     })?;
     drop(dp);
     drop(created);
+    drop(agent_cgroup);
+    let _ = std::fs::remove_file(&args.admin_socket);
     Ok(())
 }
 

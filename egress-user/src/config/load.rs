@@ -158,7 +158,11 @@ pub struct ServiceEntry {
 /// The whole configuration in force.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshConfig {
+    /// The mesh-wide mode (Istio's `meshConfig.outboundTrafficPolicy`).
     pub mode: Mode,
+    /// The namespace whose Sidecar sets the default for every other (Istio's
+    /// `meshConfig.rootNamespace`); `None`: `istio-system`.
+    pub root_namespace: Option<String>,
     pub interception: Interception,
     pub service_entries: Vec<ServiceEntry>,
     /// Kubernetes Services (selector-less ones are translated in the kernel).
@@ -169,6 +173,13 @@ pub struct MeshConfig {
     pub sidecars: Vec<Named<istio::SidecarSpec>>,
     pub virtual_services: Vec<Named<istio::VirtualServiceSpec>>,
     pub destination_rules: Vec<Named<istio::DestinationRuleSpec>>,
+}
+
+impl MeshConfig {
+    /// The namespace whose Sidecar is the default for the others.
+    pub fn root_namespace(&self) -> &str {
+        self.root_namespace.as_deref().unwrap_or("istio-system")
+    }
 }
 
 /// A resource's spec with its namespace and name.
@@ -360,6 +371,8 @@ struct Meta {
 struct EgressConfigSpec {
     #[serde(default)]
     outbound_traffic_policy: Option<PolicySpec>,
+    #[serde(default)]
+    root_namespace: Option<String>,
     #[serde(default)]
     interception: Option<InterceptionSpec>,
 }
@@ -620,11 +633,11 @@ impl Cx {
 
     fn sidecar(&mut self, origin: &Origin, spec: Value) -> Option<istio::SidecarSpec> {
         let spec: istio::SidecarSpec = self.typed(origin, "spec", spec)?;
-        if spec.outbound_traffic_policy.is_some() {
+        if spec.outbound_traffic_policy.is_some() && spec.workload_selector.is_some() {
             self.warn(
                 origin,
-                "spec.outboundTrafficPolicy",
-                "per-namespace and per-workload policy is not applied yet: the EgressConfig mode is in force",
+                "spec.workloadSelector",
+                "a Sidecar for selected workloads is not applied (egress does not see pod labels): its namespace's policy is in force for them",
             );
         }
         if !spec.egress.is_empty() || !spec.ingress.is_empty() {
@@ -1048,6 +1061,13 @@ impl Cx {
         if let Some(p) = spec.outbound_traffic_policy {
             config.mode = p.mode;
         }
+        if let Some(ns) = spec.root_namespace {
+            if ns.is_empty() {
+                self.error(origin, "spec.rootNamespace", "must not be empty");
+            } else {
+                config.root_namespace = Some(ns);
+            }
+        }
         let Some(i) = spec.interception else {
             return;
         };
@@ -1232,9 +1252,6 @@ impl Cx {
         let mut later = Vec::new();
         if spec.workload_selector.is_some() {
             later.push("workloadSelector");
-        }
-        if !spec.export_to.is_empty() {
-            later.push("exportTo");
         }
         if !later.is_empty() {
             self.warn(
@@ -1579,12 +1596,19 @@ spec:
                 .map(|p| p.mode),
             Some(Mode::RegistryOnly)
         );
-        // The mesh-wide mode is not changed by a Sidecar, and the warning says so.
+        // The mesh-wide setting stays as written; the root namespace's Sidecar is the default
+        // for every namespace without one of its own (`plan::Policies`), with no warning.
         assert_eq!(c.mode, Mode::AllowAny);
-        assert!(l.warnings.iter().any(|w| {
-            w.to_string()
-                .contains("doc 3 Sidecar istio-system/default: spec.outboundTrafficPolicy")
-        }));
+        assert_eq!(c.root_namespace(), "istio-system");
+        assert!(
+            !l.warnings
+                .iter()
+                .any(|w| w.to_string().contains("outboundTrafficPolicy")),
+            "{:?}",
+            l.warnings
+        );
+        let p = crate::plan::compile(c);
+        assert_eq!(p.policies.default.mode, egress_common::MODE_REGISTRY_ONLY);
 
         let bad = text
             .replace("timeout: 3s", "timeout: 3 seconds")

@@ -17,12 +17,13 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
 };
 use egress_common::{
-    ALL_MAPS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, MAP_ALLOW_V4, MAP_ALLOW_V6,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_V4, MAP_DIRECT_V6, MAP_EXCLUDE_GIDS,
-    MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6, MAP_INCLUDE_V4, MAP_INCLUDE_V6,
-    MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6, OrigDst, PeerKey, Service,
-    ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, allow_key_v4, allow_key_v6,
-    decide::REASON_COUNT, v4_mapped, v4_unmapped,
+    ALL_MAPS, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
+    MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_V4,
+    MAP_DIRECT_V6, MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6,
+    MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6,
+    MAP_WL_COUNTERS, MAP_WORKLOADS, OrigDst, PeerKey, Service, ServiceKeyV4, ServiceKeyV6,
+    SockAddr16, Tables, Workload, allow_key_v4, allow_key_v6, decide::REASON_COUNT, v4_mapped,
+    v4_unmapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
@@ -54,10 +55,17 @@ impl OrigMaps {
         })
     }
 
-    /// Take the record of the client whose socket is `peer`, removing it from the map.
-    pub fn take(&mut self, peer: SocketAddr) -> Option<OrigDst> {
+    /// Take the record of the client whose socket is `peer` in the network namespace
+    /// `netns`, removing it from the map.
+    pub fn take(&mut self, netns: u64, peer: SocketAddr) -> Option<OrigDst> {
         // The kernel keyed the record by the client socket that is our peer.
-        let key = sock_addr16(peer);
+        let a = sock_addr16(peer);
+        let key = PeerKey {
+            netns,
+            addr: a.addr,
+            port: a.port,
+            _pad: [0; 6],
+        };
         let rec = self.by_peer.get(&key, 0).ok()?;
         let _ = self.by_peer.remove(&key);
         Some(rec)
@@ -141,18 +149,18 @@ fn lpm_set<K: aya::Pod>(
     }
 }
 
-/// Insert or delete a (port, range) entry of an allow or direct trie. Port first, then
-/// address: a prefix of 16 + n bits is one port and an /n range.
+/// Insert or delete a (view, port, range) entry of an allow or direct trie. View and port
+/// first, then address: a prefix of 32 + n bits is one view, one port and an /n range.
 fn port_net_set4(
     map: &mut LpmTrie<MapData, AllowKeyV4, u32>,
-    port: u16,
+    (view, port): (u16, u16),
     n: Ipv4Net,
     add: bool,
 ) -> Result<(), aya::maps::MapError> {
-    let key = allow_key_v4(port, n.network().octets());
+    let key = allow_key_v4(view, port, n.network().octets());
     lpm_set(
         map,
-        16 + u32::from(n.prefix_len()),
+        ALLOW_KEY_HEAD_BITS + u32::from(n.prefix_len()),
         key,
         n.prefix_len(),
         add,
@@ -161,14 +169,14 @@ fn port_net_set4(
 
 fn port_net_set6(
     map: &mut LpmTrie<MapData, AllowKeyV6, u32>,
-    port: u16,
+    (view, port): (u16, u16),
     n: Ipv6Net,
     add: bool,
 ) -> Result<(), aya::maps::MapError> {
-    let key = allow_key_v6(port, n.network().octets());
+    let key = allow_key_v6(view, port, n.network().octets());
     lpm_set(
         map,
-        16 + u32::from(n.prefix_len()),
+        ALLOW_KEY_HEAD_BITS + u32::from(n.prefix_len()),
         key,
         n.prefix_len(),
         add,
@@ -342,6 +350,8 @@ pub struct Maps {
     services_v4: HashMap<MapData, ServiceKeyV4, Service>,
     services_v6: HashMap<MapData, ServiceKeyV6, Service>,
     backends: HashMap<MapData, BackendKey, Backend>,
+    workloads: HashMap<MapData, u64, Workload>,
+    wl_counters: PerCpuArray<MapData, u64>,
     /// The Services the maps hold, and the next free backend id.
     service_ids: BTreeMap<SocketAddr, Service>,
     next_service_id: u32,
@@ -381,6 +391,8 @@ impl Maps {
             services_v4: open(dir, MAP_SERVICES_V4)?,
             services_v6: open(dir, MAP_SERVICES_V6)?,
             backends: open(dir, MAP_BACKENDS)?,
+            workloads: open(dir, MAP_WORKLOADS)?,
+            wl_counters: open(dir, MAP_WL_COUNTERS)?,
             service_ids: BTreeMap::new(),
             next_service_id: 0,
         })
@@ -402,16 +414,11 @@ impl Maps {
         Ok(())
     }
 
-    /// Apply one step of a `diff` to the maps.
+    /// Apply one step of a `diff` to the maps. `Op::Policies` is the enrolled workloads'
+    /// business (`Workloads::repoint`): nothing to do here.
     pub fn apply(&mut self, op: &Op) -> Result<()> {
         let (e, add) = match op {
-            Op::Mode(m) => {
-                let cfg = Config {
-                    mode: *m,
-                    ..self.config()?
-                };
-                return self.config.set(0, cfg, 0).context("writing CONFIG");
-            }
+            Op::Policies(_) => return Ok(()),
             Op::Add(e) => (e, true),
             Op::Remove(e) => (e, false),
         };
@@ -452,10 +459,14 @@ impl Maps {
                 n.prefix_len(),
                 add,
             ),
-            Entry::Allow4(port, n) => port_net_set4(&mut self.allow_v4, port, n, add),
-            Entry::Allow6(port, n) => port_net_set6(&mut self.allow_v6, port, n, add),
-            Entry::Direct4(port, n) => port_net_set4(&mut self.direct_v4, port, n, add),
-            Entry::Direct6(port, n) => port_net_set6(&mut self.direct_v6, port, n, add),
+            Entry::Allow4(view, port, n) => port_net_set4(&mut self.allow_v4, (view, port), n, add),
+            Entry::Allow6(view, port, n) => port_net_set6(&mut self.allow_v6, (view, port), n, add),
+            Entry::Direct4(view, port, n) => {
+                port_net_set4(&mut self.direct_v4, (view, port), n, add)
+            }
+            Entry::Direct6(view, port, n) => {
+                port_net_set6(&mut self.direct_v6, (view, port), n, add)
+            }
             Entry::Uid(u) => set_flag(&mut self.exclude_uids, u, add),
             Entry::Gid(g) => set_flag(&mut self.exclude_gids, g, add),
             Entry::Port(port, bit) => {
@@ -549,6 +560,54 @@ impl Maps {
             .map(|i| Ok(self.counters.get(&i, 0)?.iter().sum()))
             .collect()
     }
+
+    /// A workload's per-reason counters, summed over CPUs.
+    pub fn workload_counters(&self, slot: u32) -> Result<Vec<u64>> {
+        (0..REASON_COUNT)
+            .map(|i| {
+                Ok(self
+                    .wl_counters
+                    .get(&(slot * REASON_COUNT + i), 0)?
+                    .iter()
+                    .sum())
+            })
+            .collect()
+    }
+
+    /// Start a workload slot's counters from zero (a slot is reused after a release).
+    pub fn zero_workload_counters(&mut self, slot: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        for i in 0..REASON_COUNT {
+            let zero = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?;
+            self.wl_counters
+                .set(slot * REASON_COUNT + i, zero, 0)
+                .context("writing WL_COUNTERS")?;
+        }
+        Ok(())
+    }
+
+    /// Enrol (or update) the workload of a network namespace.
+    pub fn set_workload(&mut self, netns: u64, w: Workload) -> Result<()> {
+        self.workloads
+            .insert(netns, w, 0)
+            .context("writing WORKLOADS")
+    }
+
+    pub fn remove_workload(&mut self, netns: u64) -> Result<()> {
+        self.workloads
+            .remove(&netns)
+            .context("removing from WORKLOADS")
+    }
+
+    /// The enrolment of a network namespace, if any.
+    pub fn workload(&self, netns: u64) -> Option<Workload> {
+        self.workloads.get(&netns, 0).ok()
+    }
+
+    /// Every enrolled namespace: (cookie, entry).
+    pub fn workloads(&self) -> Vec<(u64, Workload)> {
+        self.workloads.iter().filter_map(Result::ok).collect()
+    }
 }
 
 fn found(r: Result<u32, aya::maps::MapError>) -> Option<u8> {
@@ -556,6 +615,10 @@ fn found(r: Result<u32, aya::maps::MapError>) -> Option<u8> {
 }
 
 impl Tables for Maps {
+    /// The maps have no caller: `explain` asks for a caller in the workload's cgroup.
+    fn in_cgroup(&self, _id: u64, _level: u32) -> bool {
+        true
+    }
     fn uid_excluded(&self, uid: u32) -> bool {
         self.exclude_uids.get(&uid, 0).is_ok()
     }
@@ -571,11 +634,13 @@ impl Tables for Maps {
     fn exclude_v4(&self, a: [u8; 4]) -> Option<u8> {
         found(self.exclude_v4.get(&Key::new(32, a), 0))
     }
-    fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        found(self.allow_v4.get(&Key::new(48, allow_key_v4(port, a)), 0))
+    fn allow_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+        let key = Key::new(ALLOW_KEY_HEAD_BITS + 32, allow_key_v4(view, port, a));
+        found(self.allow_v4.get(&key, 0))
     }
-    fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        found(self.direct_v4.get(&Key::new(48, allow_key_v4(port, a)), 0))
+    fn direct_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+        let key = Key::new(ALLOW_KEY_HEAD_BITS + 32, allow_key_v4(view, port, a));
+        found(self.direct_v4.get(&key, 0))
     }
     fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
         found(self.include_v6.get(&Key::new(128, a), 0))
@@ -583,10 +648,12 @@ impl Tables for Maps {
     fn exclude_v6(&self, a: [u8; 16]) -> Option<u8> {
         found(self.exclude_v6.get(&Key::new(128, a), 0))
     }
-    fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        found(self.allow_v6.get(&Key::new(144, allow_key_v6(port, a)), 0))
+    fn allow_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+        let key = Key::new(ALLOW_KEY_HEAD_BITS + 128, allow_key_v6(view, port, a));
+        found(self.allow_v6.get(&key, 0))
     }
-    fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        found(self.direct_v6.get(&Key::new(144, allow_key_v6(port, a)), 0))
+    fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+        let key = Key::new(ALLOW_KEY_HEAD_BITS + 128, allow_key_v6(view, port, a));
+        found(self.direct_v6.get(&key, 0))
     }
 }

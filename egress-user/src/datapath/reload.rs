@@ -1,7 +1,10 @@
-//! Keeping the datapath in step with the configuration: on a file change (debounced), SIGHUP
-//! or an admin request, load and compile the configuration, then apply the difference to the
-//! live maps entry by entry (`plan::diff`). A configuration that does not load, does not fit or
-//! fails half-way leaves the one in force in place.
+//! Keeping the datapath in step with the configuration and the enrolled workloads. The control
+//! thread owns the maps: on a file change (debounced), SIGHUP or an admin request it loads and
+//! compiles the configuration, then applies the difference to the live maps entry by entry
+//! (`plan::diff`), pointing each workload at its namespace's new policy on the way. A
+//! configuration that does not load, does not fit or fails half-way leaves the one in force in
+//! place. Enrolments, releases and the sweep of namespaces that are gone are served here too,
+//! so that they never interleave with a reload.
 
 use std::{
     path::{Path, PathBuf},
@@ -18,9 +21,16 @@ use log::{debug, error, info, warn};
 use crate::{
     config::{self, MeshConfig},
     datapath::{Capacity, Maps},
-    plan::{Plan, compile, diff},
+    plan::{Op, Plan, compile, diff},
     registry::{self, Registry},
+    workloads::{
+        Workloads,
+        api::{EnrollRequest, Selector},
+    },
 };
+
+/// A reply to an admin request.
+type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
 /// Quiet time after the last file event before reloading: editors write in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -34,8 +44,20 @@ pub enum Msg {
     /// Reload now; the outcome goes to `reply` when given.
     Reload {
         why: &'static str,
-        reply: Option<tokio::sync::oneshot::Sender<Outcome>>,
+        reply: Option<Reply<Outcome>>,
     },
+    /// Enrol a network namespace (node mode).
+    Enroll(EnrollRequest, Reply<Outcome>),
+    /// Release a workload.
+    Unenroll(Selector, Reply<Outcome>),
+    /// Whether a workload is enrolled.
+    Check(Selector, Reply<bool>),
+    /// The enrolled workloads, rendered.
+    List(Reply<String>),
+    /// `NAMESPACE/NAME` → (namespace cookie, counter slot).
+    Lookup(String, Reply<Option<(u64, u32)>>),
+    /// Release workloads whose namespace is gone.
+    Sweep,
 }
 
 /// What `egress status` reports.
@@ -116,13 +138,11 @@ pub fn check_capacity(plan: &Plan, cap: &Capacity) -> Result<()> {
 /// One line describing a plan, for logs and status.
 pub fn summary(p: &Plan) -> String {
     format!(
-        "mode={} include_v4={} include_v6={} exclude_v4={} exclude_v6={} ports={} \
-         excluded_uids={} excluded_gids={} allowed_v4={} allowed_v6={}",
-        if p.mode == egress_common::MODE_REGISTRY_ONLY {
-            "REGISTRY_ONLY"
-        } else {
-            "ALLOW_ANY"
-        },
+        "mode={} views={} namespaces={} include_v4={} include_v6={} exclude_v4={} exclude_v6={} \
+         ports={} excluded_uids={} excluded_gids={} allowed_v4={} allowed_v6={}",
+        crate::plan::mode_name(p.policies.default.mode),
+        p.policies.views(),
+        p.policies.namespaces.len(),
         p.include_v4.len(),
         p.include_v6.len(),
         p.exclude_v4.len(),
@@ -146,6 +166,9 @@ pub struct Reloader {
     status: Arc<Mutex<Status>>,
     /// What the stream mediation uses; replaced whole after the maps.
     registry: registry::Shared,
+    workloads: Workloads,
+    /// Node mode: namespaces may be enrolled.
+    node: bool,
 }
 
 impl Reloader {
@@ -156,6 +179,7 @@ impl Reloader {
         (mesh, applied): (MeshConfig, Plan),
         cap: Capacity,
         registry: registry::Shared,
+        (workloads, node): (Workloads, bool),
     ) -> Self {
         let status = Status {
             config: path.clone(),
@@ -172,6 +196,8 @@ impl Reloader {
             cap,
             status: Arc::new(Mutex::new(status)),
             registry,
+            workloads,
+            node,
         }
     }
 
@@ -197,6 +223,37 @@ impl Reloader {
                         let _ = reply.send(outcome);
                     }
                 }
+                Ok(Msg::Enroll(req, reply)) => {
+                    let out = if self.node {
+                        self.workloads
+                            .enroll(&mut self.maps, &self.applied.policies, req)
+                            .map_err(|e| format!("{e:#}"))
+                    } else {
+                        Err(
+                            "the agent intercepts one cgroup of its own namespace: enrolling \
+                             network namespaces needs `egress run --node`"
+                                .to_owned(),
+                        )
+                    };
+                    let _ = reply.send(out);
+                }
+                Ok(Msg::Unenroll(sel, reply)) => {
+                    let out = self
+                        .workloads
+                        .unenroll(&mut self.maps, &sel)
+                        .map_err(|e| format!("{e:#}"));
+                    let _ = reply.send(out);
+                }
+                Ok(Msg::Check(sel, reply)) => {
+                    let _ = reply.send(self.workloads.is_enrolled(&sel));
+                }
+                Ok(Msg::List(reply)) => {
+                    let _ = reply.send(self.workloads.render(&self.maps));
+                }
+                Ok(Msg::Lookup(label, reply)) => {
+                    let _ = reply.send(self.workloads.lookup(&label));
+                }
+                Ok(Msg::Sweep) => self.workloads.sweep(&mut self.maps),
                 Err(RecvTimeoutError::Timeout) => {
                     pending = None;
                     let _ = self.reload("file change");
@@ -204,6 +261,14 @@ impl Reloader {
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
+        }
+    }
+
+    /// One step of a diff: map entries, or pointing the workloads at new policies.
+    fn apply(&mut self, op: &Op) -> Result<()> {
+        match op {
+            Op::Policies(p) => self.workloads.repoint(&mut self.maps, p),
+            op => self.maps.apply(op),
         }
     }
 
@@ -254,14 +319,14 @@ impl Reloader {
         }
         let start = Instant::now();
         for (i, op) in ops.iter().enumerate() {
-            if let Err(e) = self.maps.apply(op) {
+            if let Err(e) = self.apply(op) {
                 // Put the maps back as they were; the configuration in force stays.
                 let mut live = self.applied.clone();
                 for done in &ops[..i] {
                     live.apply(done);
                 }
                 for undo in diff(&live, &self.applied) {
-                    if let Err(e) = self.maps.apply(&undo) {
+                    if let Err(e) = self.apply(&undo) {
                         error!("restoring the previous configuration: {e:#}");
                     }
                 }

@@ -81,6 +81,89 @@ pub fn enter_cgroup(cgroup: &Path, pid: u32) -> Result<()> {
     std::fs::write(&procs, pid.to_string()).with_context(|| format!("writing {}", procs.display()))
 }
 
+/// The cgroup v2 id of a cgroup directory: its inode number, which the kernel's
+/// `bpf_get_current_cgroup_id` returns for a task in it.
+pub fn cgroup_id(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .ino())
+}
+
+/// How deep a cgroup is below the cgroup2 mount (the mount itself is 0).
+pub fn cgroup_level(root: &Path, cgroup: &Path) -> Result<u32> {
+    let rel = cgroup.strip_prefix(root).with_context(|| {
+        format!(
+            "{} is not below the cgroup2 mount {}",
+            cgroup.display(),
+            root.display()
+        )
+    })?;
+    Ok(rel.components().count() as u32)
+}
+
+/// The cgroup the agent runs in, of its own: a child `egress-agent` of the cgroup it was
+/// started in. The datapath recognises the agent's sockets by it (in every network namespace),
+/// so no workload may share it; a workload cannot move itself there without write access to
+/// the cgroup filesystem. Dropping it moves the agent back and removes the child if empty.
+pub struct AgentCgroup {
+    pub path: PathBuf,
+    pub id: u64,
+    /// Where the agent was started, when it moved.
+    parent: Option<PathBuf>,
+}
+
+const AGENT_CGROUP: &str = "egress-agent";
+
+impl AgentCgroup {
+    pub fn enter() -> Result<AgentCgroup> {
+        let current = cgroup_of("self")?;
+        if current.file_name().is_some_and(|n| n == AGENT_CGROUP) {
+            let id = cgroup_id(&current)?;
+            return Ok(AgentCgroup {
+                path: current,
+                id,
+                parent: None,
+            });
+        }
+        let path = current.join(AGENT_CGROUP);
+        let pid = std::process::id();
+        // Another agent started here may remove the directory as it leaves: try again once.
+        let mut tries = 0;
+        loop {
+            match std::fs::create_dir(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating cgroup {}", path.display()));
+                }
+            }
+            match enter_cgroup(&path, pid) {
+                Ok(()) => break,
+                Err(_) if tries == 0 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        let id = cgroup_id(&path)?;
+        Ok(AgentCgroup {
+            path,
+            id,
+            parent: Some(current),
+        })
+    }
+}
+
+impl Drop for AgentCgroup {
+    fn drop(&mut self) {
+        if let Some(parent) = &self.parent
+            && enter_cgroup(parent, std::process::id()).is_ok()
+        {
+            // Busy while another agent runs there: it removes it then.
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 fn is_bpffs(dir: &Path) -> bool {

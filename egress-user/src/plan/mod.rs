@@ -1,6 +1,11 @@
 //! Configuration → datapath plan: exactly the entries the maps must hold. Pure and
 //! deterministic; `Plan` also answers the decision's lookups in memory, so `egress explain
 //! --config` decides without a kernel.
+//!
+//! Workloads of different Kubernetes namespaces may see different ServiceEntries
+//! (`exportTo`) and modes (a namespace's Sidecar). Each distinct set of visible entries is a
+//! *view*: the allow and direct entries are keyed by view, and each namespace's `Policy` names
+//! its view and mode. View 0 is what a namespace the configuration does not name sees.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,15 +15,162 @@ use std::{
 use egress_common::{MODE_ALLOW_ANY, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Tables};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::config::{MeshConfig, Mode};
+use crate::config::{MeshConfig, Mode, ServiceEntry};
 
-/// (port, network) pairs, as the allow and direct tries key them.
-pub type PortNets<N> = BTreeSet<(u16, N)>;
+/// (view, port, network) triples, as the allow and direct tries key them.
+pub type PortNets<N> = BTreeSet<(u16, u16, N)>;
+
+/// (port, network) pairs of one view.
+type PortNets1<N> = BTreeSet<(u16, N)>;
+
+/// What a workload's namespace gets: which entries it sees, and its mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub view: u16,
+    /// `MODE_ALLOW_ANY` or `MODE_REGISTRY_ONLY`.
+    pub mode: u8,
+}
+
+/// Every namespace's policy: those the configuration names, and the default for the others
+/// (view 0, the mesh-wide mode or the root namespace's Sidecar's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policies {
+    pub default: Policy,
+    pub namespaces: BTreeMap<String, Policy>,
+}
+
+impl Policies {
+    pub fn of(&self, namespace: &str) -> Policy {
+        self.namespaces
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.default)
+    }
+
+    /// How many views the allow and direct entries are keyed by.
+    pub fn views(&self) -> usize {
+        self.namespaces
+            .values()
+            .map(|p| usize::from(p.view) + 1)
+            .max()
+            .unwrap_or(1)
+    }
+}
+
+/// `ALLOW_ANY` or `REGISTRY_ONLY`, for logs.
+pub fn mode_name(mode: u8) -> &'static str {
+    if mode == MODE_REGISTRY_ONLY {
+        "REGISTRY_ONLY"
+    } else {
+        "ALLOW_ANY"
+    }
+}
+
+fn mode_code(m: Mode) -> u8 {
+    match m {
+        Mode::AllowAny => MODE_ALLOW_ANY,
+        Mode::RegistryOnly => MODE_REGISTRY_ONLY,
+    }
+}
+
+/// Who sees a ServiceEntry (`exportTo`): every namespace, or those named (`.` is its own;
+/// `~` alone, none).
+pub fn exported_to(se: &ServiceEntry) -> Option<BTreeSet<String>> {
+    let e = &se.spec.export_to;
+    if e.is_empty() || e.iter().any(|n| n == "*") {
+        return None;
+    }
+    Some(
+        e.iter()
+            .filter(|n| *n != "~")
+            .map(|n| {
+                if n == "." {
+                    se.namespace.clone()
+                } else {
+                    n.clone()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The views: for each, the indices of the ServiceEntries it sees (view 0: those exported
+/// to every namespace); and each namespace the configuration names, with its view.
+pub fn views(c: &MeshConfig) -> (Vec<Vec<usize>>, BTreeMap<String, u16>) {
+    let exports: Vec<Option<BTreeSet<String>>> =
+        c.service_entries.iter().map(exported_to).collect();
+    let mut named: BTreeSet<String> = exports.iter().flatten().flatten().cloned().collect();
+    named.extend(c.sidecars.iter().map(|s| s.namespace.clone()));
+    let sees = |ns: Option<&str>| -> Vec<usize> {
+        exports
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| match (e, ns) {
+                (None, _) => true,
+                (Some(set), Some(ns)) => set.contains(ns),
+                (Some(_), None) => false,
+            })
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let mut views = vec![sees(None)];
+    let mut of = BTreeMap::new();
+    for ns in named {
+        let v = sees(Some(&ns));
+        let id = match views.iter().position(|x| *x == v) {
+            Some(i) => i,
+            None => {
+                views.push(v);
+                views.len() - 1
+            }
+        };
+        of.insert(ns, id as u16);
+    }
+    (views, of)
+}
+
+/// Every namespace's policy under a configuration.
+pub fn compile_policies(c: &MeshConfig) -> Policies {
+    let (_, view_of) = views(c);
+    policies(c, &view_of)
+}
+
+/// The policy of each namespace the configuration names, and the default.
+fn policies(c: &MeshConfig, view_of: &BTreeMap<String, u16>) -> Policies {
+    // A Sidecar without a workload selector sets its namespace's mode; the root namespace's
+    // sets every other namespace's.
+    let mode_of = |ns: &str| {
+        c.sidecars
+            .iter()
+            .filter(|s| s.namespace == ns && s.spec.workload_selector.is_none())
+            .find_map(|s| s.spec.outbound_traffic_policy.as_ref().map(|p| p.mode))
+    };
+    let default_mode = mode_of(c.root_namespace()).unwrap_or(c.mode);
+    Policies {
+        default: Policy {
+            view: 0,
+            mode: mode_code(default_mode),
+        },
+        namespaces: view_of
+            .iter()
+            .map(|(ns, view)| {
+                let mode = mode_of(ns).unwrap_or(default_mode);
+                (
+                    ns.clone(),
+                    Policy {
+                        view: *view,
+                        mode: mode_code(mode),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
 
 /// What the maps hold. `Plan::default()` is empty maps in ALLOW_ANY mode.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub mode: u8,
+    pub policies: Policies,
     pub include_v4: BTreeSet<Ipv4Net>,
     pub include_v6: BTreeSet<Ipv6Net>,
     pub exclude_v4: BTreeSet<Ipv4Net>,
@@ -26,11 +178,11 @@ pub struct Plan {
     pub ports: BTreeMap<u16, u8>,
     pub exclude_uids: BTreeSet<u32>,
     pub exclude_gids: BTreeSet<u32>,
-    /// (port, network) pairs that ServiceEntry addresses allow under REGISTRY_ONLY.
+    /// (view, port, network) triples that ServiceEntry addresses allow under REGISTRY_ONLY.
     pub allow_v4: PortNets<Ipv4Net>,
     pub allow_v6: PortNets<Ipv6Net>,
-    /// (port, network) pairs whose connections go straight out (`Verdict::Direct`): declared
-    /// only by TCP entries that relay to the dialled address (see `direct`).
+    /// (view, port, network) triples whose connections go straight out (`Verdict::Direct`):
+    /// declared only by TCP entries that relay to the dialled address (see `direct`).
     pub direct_v4: PortNets<Ipv4Net>,
     pub direct_v6: PortNets<Ipv6Net>,
     /// Kubernetes Service address (cluster IP, port) → its ready endpoints, sorted. A connect
@@ -61,30 +213,39 @@ pub fn compile(c: &MeshConfig) -> Plan {
     for p in &i.exclude_ports {
         *ports.entry(*p).or_insert(0) |= PORT_EXCLUDE;
     }
+    let (views, view_of) = views(c);
     let mut allow_v4 = BTreeSet::new();
     let mut allow_v6 = BTreeSet::new();
-    for se in &c.service_entries {
-        for port in &se.spec.ports {
-            let Ok(port) = u16::try_from(port.number) else {
-                continue;
-            };
-            // Entries without addresses are matched by Host or SNI in the agent: the kernel lets
-            // every address on their ports through to it.
-            let any = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
-            let nets = if se.addresses.is_empty() {
-                &any[..]
-            } else {
-                &se.addresses[..]
-            };
-            for a in nets {
-                match a.trunc() {
-                    IpNet::V4(n) => allow_v4.insert((port, n)),
-                    IpNet::V6(n) => allow_v6.insert((port, n)),
+    let mut direct_v4 = BTreeSet::new();
+    let mut direct_v6 = BTreeSet::new();
+    for (view, seen) in views.iter().enumerate() {
+        let view = view as u16;
+        let entries = || seen.iter().map(|i| &c.service_entries[*i]);
+        for se in entries() {
+            for port in &se.spec.ports {
+                let Ok(port) = u16::try_from(port.number) else {
+                    continue;
                 };
+                // Entries without addresses are matched by Host or SNI in the agent: the kernel
+                // lets every address on their ports through to it.
+                let any = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
+                let nets = if se.addresses.is_empty() {
+                    &any[..]
+                } else {
+                    &se.addresses[..]
+                };
+                for a in nets {
+                    match a.trunc() {
+                        IpNet::V4(n) => allow_v4.insert((view, port, n)),
+                        IpNet::V6(n) => allow_v6.insert((view, port, n)),
+                    };
+                }
             }
         }
+        let (d4, d6) = direct(entries());
+        direct_v4.extend(d4.into_iter().map(|(p, n)| (view, p, n)));
+        direct_v6.extend(d6.into_iter().map(|(p, n)| (view, p, n)));
     }
-    let (direct_v4, direct_v6) = direct(c);
     let mut services: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
     for svc in c.services.iter().filter(|s| s.translated()) {
         let sets: Vec<_> = c
@@ -122,10 +283,7 @@ pub fn compile(c: &MeshConfig) -> Plan {
     }
     Plan {
         services,
-        mode: match c.mode {
-            Mode::AllowAny => MODE_ALLOW_ANY,
-            Mode::RegistryOnly => MODE_REGISTRY_ONLY,
-        },
+        policies: policies(c, &view_of),
         include_v4,
         include_v6,
         exclude_v4,
@@ -147,14 +305,12 @@ pub fn compile(c: &MeshConfig) -> Plan {
 /// network: the agent matches addresses entry by entry, the kernel by longest prefix, and
 /// with no such overlap the two cannot disagree. Overlapping qualified pairs are all kept:
 /// whichever matches, the connection goes to where it was dialled.
-fn direct(c: &MeshConfig) -> (PortNets<Ipv4Net>, PortNets<Ipv6Net>) {
+fn direct<'a>(
+    entries: impl Iterator<Item = &'a ServiceEntry>,
+) -> (PortNets1<Ipv4Net>, PortNets1<Ipv6Net>) {
     let mut relayed = Vec::new();
     let mut mediated = Vec::new();
-    for se in c
-        .service_entries
-        .iter()
-        .filter(|se| !se.addresses.is_empty())
-    {
+    for se in entries.filter(|se| !se.addresses.is_empty()) {
         let direct_ports = crate::registry::relayed_ports(se);
         for port in se
             .spec
@@ -194,10 +350,10 @@ pub enum Entry {
     Include6(Ipv6Net),
     Exclude4(Ipv4Net),
     Exclude6(Ipv6Net),
-    Allow4(u16, Ipv4Net),
-    Allow6(u16, Ipv6Net),
-    Direct4(u16, Ipv4Net),
-    Direct6(u16, Ipv6Net),
+    Allow4(u16, u16, Ipv4Net),
+    Allow6(u16, u16, Ipv6Net),
+    Direct4(u16, u16, Ipv4Net),
+    Direct6(u16, u16, Ipv6Net),
     /// A `PORT_INCLUDE` or `PORT_EXCLUDE` bit of a port.
     Port(u16, u8),
     Uid(u32),
@@ -211,8 +367,9 @@ pub enum Entry {
 pub enum Op {
     Add(Entry),
     Remove(Entry),
-    /// Switch `outboundTrafficPolicy.mode`.
-    Mode(u8),
+    /// Give every namespace its new policy (view and mode): enrolled workloads are pointed
+    /// at it.
+    Policies(Policies),
 }
 
 impl Plan {
@@ -228,10 +385,26 @@ impl Plan {
         let mut widen_redirect = Vec::new();
         widen_redirect.extend(self.include_v4.iter().map(|n| Entry::Include4(*n)));
         widen_redirect.extend(self.include_v6.iter().map(|n| Entry::Include6(*n)));
-        widen_redirect.extend(self.allow_v4.iter().map(|(p, n)| Entry::Allow4(*p, *n)));
-        widen_redirect.extend(self.allow_v6.iter().map(|(p, n)| Entry::Allow6(*p, *n)));
-        widen_redirect.extend(self.direct_v4.iter().map(|(p, n)| Entry::Direct4(*p, *n)));
-        widen_redirect.extend(self.direct_v6.iter().map(|(p, n)| Entry::Direct6(*p, *n)));
+        widen_redirect.extend(
+            self.allow_v4
+                .iter()
+                .map(|(v, p, n)| Entry::Allow4(*v, *p, *n)),
+        );
+        widen_redirect.extend(
+            self.allow_v6
+                .iter()
+                .map(|(v, p, n)| Entry::Allow6(*v, *p, *n)),
+        );
+        widen_redirect.extend(
+            self.direct_v4
+                .iter()
+                .map(|(v, p, n)| Entry::Direct4(*v, *p, *n)),
+        );
+        widen_redirect.extend(
+            self.direct_v6
+                .iter()
+                .map(|(v, p, n)| Entry::Direct6(*v, *p, *n)),
+        );
         widen_redirect.extend(
             self.services
                 .iter()
@@ -254,10 +427,10 @@ impl Plan {
             Entry::Include6(n) => self.include_v6.contains(n),
             Entry::Exclude4(n) => self.exclude_v4.contains(n),
             Entry::Exclude6(n) => self.exclude_v6.contains(n),
-            Entry::Allow4(p, n) => self.allow_v4.contains(&(*p, *n)),
-            Entry::Allow6(p, n) => self.allow_v6.contains(&(*p, *n)),
-            Entry::Direct4(p, n) => self.direct_v4.contains(&(*p, *n)),
-            Entry::Direct6(p, n) => self.direct_v6.contains(&(*p, *n)),
+            Entry::Allow4(v, p, n) => self.allow_v4.contains(&(*v, *p, *n)),
+            Entry::Allow6(v, p, n) => self.allow_v6.contains(&(*v, *p, *n)),
+            Entry::Direct4(v, p, n) => self.direct_v4.contains(&(*v, *p, *n)),
+            Entry::Direct6(v, p, n) => self.direct_v6.contains(&(*v, *p, *n)),
             Entry::Port(p, bit) => self.ports.get(p).is_some_and(|f| f & bit != 0),
             Entry::Uid(u) => self.exclude_uids.contains(u),
             Entry::Gid(g) => self.exclude_gids.contains(g),
@@ -284,8 +457,8 @@ impl Plan {
             }
         }
         let (e, add) = match op {
-            Op::Mode(m) => {
-                self.mode = *m;
+            Op::Policies(p) => {
+                self.policies = p.clone();
                 return;
             }
             Op::Add(e) => (e, true),
@@ -303,10 +476,10 @@ impl Plan {
             Entry::Include6(n) => set(&mut self.include_v6, n, add),
             Entry::Exclude4(n) => set(&mut self.exclude_v4, n, add),
             Entry::Exclude6(n) => set(&mut self.exclude_v6, n, add),
-            Entry::Allow4(p, n) => set(&mut self.allow_v4, (p, n), add),
-            Entry::Allow6(p, n) => set(&mut self.allow_v6, (p, n), add),
-            Entry::Direct4(p, n) => set(&mut self.direct_v4, (p, n), add),
-            Entry::Direct6(p, n) => set(&mut self.direct_v6, (p, n), add),
+            Entry::Allow4(v, p, n) => set(&mut self.allow_v4, (v, p, n), add),
+            Entry::Allow6(v, p, n) => set(&mut self.allow_v6, (v, p, n), add),
+            Entry::Direct4(v, p, n) => set(&mut self.direct_v4, (v, p, n), add),
+            Entry::Direct6(v, p, n) => set(&mut self.direct_v6, (v, p, n), add),
             Entry::Uid(u) => set(&mut self.exclude_uids, u, add),
             Entry::Gid(g) => set(&mut self.exclude_gids, g, add),
             Entry::Port(p, bit) => {
@@ -330,7 +503,8 @@ impl Plan {
 ///    outside every inclusion; a Service's new endpoint set replaces the old one in one write;
 ///    direct entries too: what both plans send direct stays covered by one, and what both
 ///    redirect or deny is covered by none in either plan, so by none in between;
-/// 3. switch the mode, once the allow entries of the new plan are in place;
+/// 3. switch the policies (each namespace's view and mode), once the allow and direct entries
+///    of the new plan are in place, for every view;
 /// 4. remove old inclusions, allow and direct entries;
 /// 5. remove old exclusions.
 pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
@@ -345,8 +519,8 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<Op> {
             .filter(added)
             .map(|e| Op::Add(e.clone())),
     );
-    if old.mode != new.mode {
-        ops.push(Op::Mode(new.mode));
+    if old.policies != new.policies {
+        ops.push(Op::Policies(new.policies.clone()));
     }
     let dropped = |e: &&Entry| new.drops(e);
     ops.extend(
@@ -372,17 +546,26 @@ fn lpm<'a, N: 'a + Copy>(
     nets.filter(|n| contains(n)).map(len).max()
 }
 
-/// Longest prefix among the (port, network) pairs of `port` that hold `a`.
-fn port_lpm<N: Copy + Into<IpNet>>(set: &PortNets<N>, port: u16, a: IpAddr) -> Option<u8> {
+/// Longest prefix among the (view, port, network) triples of `view` and `port` that hold `a`.
+fn port_lpm<N: Copy + Into<IpNet>>(
+    set: &PortNets<N>,
+    view: u16,
+    port: u16,
+    a: IpAddr,
+) -> Option<u8> {
     let net = |n: &N| -> IpNet { (*n).into() };
     lpm(
         set.iter(),
-        |(p, n)| *p == port && net(n).contains(&a),
-        |(_, n)| net(n).prefix_len(),
+        |(v, p, n)| *v == view && *p == port && net(n).contains(&a),
+        |(_, _, n)| net(n).prefix_len(),
     )
 }
 
 impl Tables for Plan {
+    /// A plan has no caller: `explain` asks for a caller in the workload's cgroup.
+    fn in_cgroup(&self, _id: u64, _level: u32) -> bool {
+        true
+    }
     fn uid_excluded(&self, uid: u32) -> bool {
         self.exclude_uids.contains(&uid)
     }
@@ -408,11 +591,11 @@ impl Tables for Plan {
             |n| n.prefix_len(),
         )
     }
-    fn allow_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        port_lpm(&self.allow_v4, port, Ipv4Addr::from(a).into())
+    fn allow_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+        port_lpm(&self.allow_v4, view, port, Ipv4Addr::from(a).into())
     }
-    fn direct_v4(&self, a: [u8; 4], port: u16) -> Option<u8> {
-        port_lpm(&self.direct_v4, port, Ipv4Addr::from(a).into())
+    fn direct_v4(&self, view: u16, a: [u8; 4], port: u16) -> Option<u8> {
+        port_lpm(&self.direct_v4, view, port, Ipv4Addr::from(a).into())
     }
     fn include_v6(&self, a: [u8; 16]) -> Option<u8> {
         let a = Ipv6Addr::from(a);
@@ -430,11 +613,11 @@ impl Tables for Plan {
             |n| n.prefix_len(),
         )
     }
-    fn allow_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        port_lpm(&self.allow_v6, port, Ipv6Addr::from(a).into())
+    fn allow_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+        port_lpm(&self.allow_v6, view, port, Ipv6Addr::from(a).into())
     }
-    fn direct_v6(&self, a: [u8; 16], port: u16) -> Option<u8> {
-        port_lpm(&self.direct_v6, port, Ipv6Addr::from(a).into())
+    fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
+        port_lpm(&self.direct_v6, view, port, Ipv6Addr::from(a).into())
     }
 }
 
@@ -449,7 +632,27 @@ pub fn network(addr: IpAddr, prefix_len: u8) -> IpNet {
 mod tests {
     use super::*;
     use crate::config;
-    use egress_common::{Config, Query, Reason, Verdict, decide};
+    use egress_common::{Config, Query, Reason, Verdict, Workload, decide};
+
+    /// The datapath's settings in these tests: the agent is cgroup 0, callers are not.
+    fn test_config() -> Config {
+        Config {
+            enabled: 1,
+            listener_port: 15001,
+            direct: 1,
+            ..Config::default()
+        }
+    }
+
+    /// The enrolment of a workload of Kubernetes namespace `ns` under `p`.
+    fn workload(p: &Plan, ns: &str) -> Workload {
+        let pol = p.policies.of(ns);
+        Workload {
+            view: pol.view,
+            mode: pol.mode,
+            ..Workload::default()
+        }
+    }
 
     #[test]
     fn compiles_the_seed_configuration() {
@@ -478,7 +681,7 @@ spec:
         )
         .expect("valid");
         let p = compile(&l.config);
-        assert_eq!(p.mode, MODE_REGISTRY_ONLY);
+        assert_eq!(p.policies.default.mode, MODE_REGISTRY_ONLY);
         assert_eq!(
             p.include_v4,
             BTreeSet::from(["127.20.0.0/16".parse().unwrap()])
@@ -499,55 +702,49 @@ spec:
         assert_eq!(
             p.allow_v4,
             BTreeSet::from([
-                (443, "127.20.1.0/24".parse().unwrap()),
-                (8443, "127.20.1.0/24".parse().unwrap())
+                (0, 443, "127.20.1.0/24".parse().unwrap()),
+                (0, 8443, "127.20.1.0/24".parse().unwrap())
             ])
         );
         assert_eq!(
             p.allow_v6,
             BTreeSet::from([
-                (443, "2001:db8::5/128".parse().unwrap()),
-                (8443, "2001:db8::5/128".parse().unwrap())
+                (0, 443, "2001:db8::5/128".parse().unwrap()),
+                (0, 8443, "2001:db8::5/128".parse().unwrap())
             ])
         );
         assert_eq!(compile(&l.config), p, "deterministic");
         // The TCP port of an entry by address goes straight out; its TLS port is the agent's.
         assert_eq!(
             p.direct_v4,
-            BTreeSet::from([(8443, "127.20.1.0/24".parse().unwrap())])
+            BTreeSet::from([(0, 8443, "127.20.1.0/24".parse().unwrap())])
         );
         assert_eq!(
             p.direct_v6,
-            BTreeSet::from([(8443, "2001:db8::5/128".parse().unwrap())])
+            BTreeSet::from([(0, 8443, "2001:db8::5/128".parse().unwrap())])
         );
 
-        let cfg = Config {
-            enabled: 1,
-            listener_port: 15001,
-            mode: p.mode,
-            direct: 1,
-            ..Config::default()
-        };
+        let cfg = test_config();
+        let wl = workload(&p, "ns");
         let q = |dst: [u8; 4], port| Query {
             dst,
             port,
             uid: 0,
             gid: 0,
-            mark: 0,
-            netns: 0,
+            cgroup: 1,
             service: false,
         };
-        let d = decide(&p, &cfg, &q([127, 20, 1, 9], 443));
+        let d = decide(&p, &cfg, Some(&wl), &q([127, 20, 1, 9], 443));
         assert_eq!(
             (d.verdict, d.reason, d.prefix_len),
             (Verdict::Redirect, Reason::RegistryAllowed, 24)
         );
-        let d = decide(&p, &cfg, &q([127, 20, 2, 9], 443));
+        let d = decide(&p, &cfg, Some(&wl), &q([127, 20, 2, 9], 443));
         assert_eq!(
             (d.verdict, d.reason),
             (Verdict::Deny, Reason::RegistryDenied)
         );
-        let d = decide(&p, &cfg, &q([127, 20, 9, 1], 443));
+        let d = decide(&p, &cfg, Some(&wl), &q([127, 20, 9, 1], 443));
         assert_eq!(
             (d.verdict, d.reason, d.prefix_len),
             (Verdict::Bypass, Reason::ExcludedCidr, 24)
@@ -593,7 +790,7 @@ spec:
         let p = compile(&l.config);
         assert_eq!(
             p.direct_v4,
-            BTreeSet::from([(5432, "127.40.0.0/24".parse().unwrap())])
+            BTreeSet::from([(0, 5432, "127.40.0.0/24".parse().unwrap())])
         );
     }
 
@@ -691,16 +888,16 @@ subsets:
         assert_eq!(
             p.allow_v4,
             BTreeSet::from([
-                (80, "0.0.0.0/0".parse().unwrap()),
-                (443, "0.0.0.0/0".parse().unwrap()),
-                (443, "198.18.10.0/24".parse().unwrap())
+                (0, 80, "0.0.0.0/0".parse().unwrap()),
+                (0, 443, "0.0.0.0/0".parse().unwrap()),
+                (0, 443, "198.18.10.0/24".parse().unwrap())
             ])
         );
         assert_eq!(
             p.allow_v6,
             BTreeSet::from([
-                (80, "::/0".parse().unwrap()),
-                (443, "::/0".parse().unwrap())
+                (0, 80, "::/0".parse().unwrap()),
+                (0, 443, "::/0".parse().unwrap())
             ])
         );
         // The cluster assigns my-wikipedia's cluster IP; without one there is nothing to
@@ -745,7 +942,7 @@ subsets:
         let p = compile(&MeshConfig::default());
         assert_eq!(p.include_v4, BTreeSet::from(["0.0.0.0/0".parse().unwrap()]));
         assert_eq!(p.include_v6, BTreeSet::from(["::/0".parse().unwrap()]));
-        assert_eq!(p.mode, MODE_ALLOW_ANY);
+        assert_eq!(p.policies.default.mode, MODE_ALLOW_ANY);
         assert_eq!(
             network("127.20.9.7".parse().unwrap(), 16).to_string(),
             "127.20.0.0/16"
@@ -877,13 +1074,8 @@ subsets:
 
         /// The verdict of every connect the universe allows: each address, port and id.
         fn verdicts(p: &Plan) -> Vec<Verdict> {
-            let cfg = Config {
-                enabled: 1,
-                listener_port: 15001,
-                mode: p.mode,
-                direct: 1,
-                ..Config::default()
-            };
+            let cfg = test_config();
+            let wl = workload(p, "default");
             let mut out = Vec::new();
             for a in 0u8..16 {
                 for port in PORTS {
@@ -893,11 +1085,10 @@ subsets:
                             port,
                             uid,
                             gid,
-                            mark: 0,
-                            netns: 0,
+                            cgroup: 1,
                             service: false,
                         };
-                        out.push(decide(p, &cfg, &q4).verdict);
+                        out.push(decide(p, &cfg, Some(&wl), &q4).verdict);
                         let mut v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
                         v6[15] = a;
                         let q6 = Query {
@@ -905,11 +1096,10 @@ subsets:
                             port,
                             uid,
                             gid,
-                            mark: 0,
-                            netns: 0,
+                            cgroup: 1,
                             service: false,
                         };
-                        out.push(decide(p, &cfg, &q6).verdict);
+                        out.push(decide(p, &cfg, Some(&wl), &q6).verdict);
                     }
                 }
             }

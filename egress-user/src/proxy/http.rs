@@ -121,6 +121,7 @@ impl State {
         rec.host = host.clone();
         let host = host.unwrap_or_else(|| dst.ip().to_string());
         let reg = registry::load(&self.px.registry);
+        let reg = reg.view(&self.conn.workload.namespace);
         let registered = reg
             .by_host(&host, dst.port())
             .or_else(|| reg.by_address(dst));
@@ -331,6 +332,7 @@ impl State {
         let per_try = route.retry.per_try_timeout;
         let tls = tls.map(|o| (o, o.sni.as_deref().unwrap_or(host).to_owned()));
         let key = upstream::Key::new(
+            self.conn.workload.cookie,
             target,
             tls.as_ref().map(|(o, sni)| (o.config.clone(), sni.clone())),
         );
@@ -361,7 +363,7 @@ impl State {
             }
             let tcp = self
                 .px
-                .connect_target(target)
+                .connect_target(&self.conn.workload, target)
                 .await
                 .map_err(|e| Failure::Connect(e.to_string()))?;
             let addrs = (

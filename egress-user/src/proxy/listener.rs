@@ -14,9 +14,10 @@ use crate::{
     config::Mode,
     datapath::OrigMaps,
     proxy::{http, upstream},
-    registry::{self, Proto, Registry, Target},
+    registry::{self, Proto, Target, View},
     sniff,
     telemetry::accesslog::{self, Conn, Record},
+    workloads::Workload,
 };
 use egress_common::Reason;
 use log::warn;
@@ -24,28 +25,18 @@ use socket2::SockRef;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use tokio::{
     io::Interest,
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
 };
 
 /// Connections a listener queues before the agent accepts them (the kernel caps it at
 /// `net.core.somaxconn`). Every workload on the node connects through this one listener: a
 /// burst beyond the queue would have its SYNs dropped and retried a second later.
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// The outbound listener on `addr`.
-pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let sock = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(LISTEN_BACKLOG)
-}
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 pub struct Proxy {
     pub orig: Arc<Mutex<OrigMaps>>,
-    /// `SO_MARK` of upstream sockets, which the hooks bypass.
+    /// `SO_MARK` of upstream sockets, for iptables rules that exempt them (the hooks know
+    /// the agent by its cgroup).
     pub mark: u32,
     pub connect_timeout: Duration,
     pub pipes: PipePool,
@@ -98,26 +89,39 @@ impl<T> Peeked<T> {
 }
 
 impl Proxy {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accept the workload's redirected connections. The connections are this task's own:
+    /// when the workload is released and the task aborted, they end with it, and every socket
+    /// the agent held in the workload's namespace is closed.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, wl: Arc<Workload>) {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
-            match listener.accept().await {
-                Ok((sock, peer)) => {
-                    let px = self.clone();
-                    tokio::spawn(async move { px.handle(sock, peer).await });
-                }
-                Err(e) => {
-                    // Out of descriptors or memory: back off instead of spinning.
-                    warn!("accept on {:?}: {e}", listener.local_addr().ok());
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((sock, peer)) => {
+                        let px = self.clone();
+                        let wl = wl.clone();
+                        conns.spawn(async move { px.handle(sock, peer, wl).await });
+                    }
+                    Err(e) => {
+                        // Out of descriptors or memory: back off instead of spinning.
+                        warn!("accept on {:?} ({}): {e}", listener.local_addr().ok(), wl.label);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                // Finished connections leave the set as they end.
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
     }
 
     /// The original destination of an accepted connection, from the kernel's record or, for
     /// a connection iptables redirected, from conntrack.
-    fn original(&self, client: &TcpStream, peer: SocketAddr) -> Option<Conn> {
-        let rec = self.orig.lock().map(|mut m| m.take(peer)).unwrap_or(None);
+    fn original(&self, client: &TcpStream, peer: SocketAddr, wl: Arc<Workload>) -> Option<Conn> {
+        let rec = self
+            .orig
+            .lock()
+            .map(|mut m| m.take(wl.cookie, peer))
+            .unwrap_or(None);
         let conn = match rec {
             Some(rec) => {
                 // Only when records are written: a new cgroup costs a /proc read.
@@ -126,9 +130,10 @@ impl Proxy {
                 } else {
                     self.cgroups.name(rec.cgroup_id, rec.pid)
                 };
-                Conn::recorded(peer, &rec, cgroup)
+                Conn::recorded(wl, peer, &rec, cgroup)
             }
             None => Conn {
+                workload: wl,
                 peer,
                 dst: netfilter_original_dst(client)?,
                 reason: "netfilter",
@@ -143,8 +148,8 @@ impl Proxy {
         Some(conn)
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let Some(conn) = self.original(&client, peer) else {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, wl: Arc<Workload>) {
+        let Some(conn) = self.original(&client, peer, wl) else {
             warn!(
                 "conn peer={peer} result=no-original-destination: not a redirected connection, reset"
             );
@@ -165,11 +170,14 @@ impl Proxy {
     /// Which protocol mediates the connection and, for streams, whether and where it goes.
     async fn decide(&self, conn: Conn, client: &TcpStream) -> Decided {
         let reg = registry::load(&self.registry);
+        let reg = reg.view(&conn.workload.namespace);
         // Connections dialled through a Kubernetes Service are in the registry as they are.
         if conn.reason == Reason::RegistryService.name() {
             let mut rec = conn.record("connection", "tcp");
             rec.matched = Some("Kubernetes Service".into());
-            return self.stream(Some(Target::Addr(conn.dst)), rec).await;
+            return self
+                .stream(&conn.workload, Some(Target::Addr(conn.dst)), rec)
+                .await;
         }
         match reg.protocol(conn.dst) {
             Some(Proto::Http) => {
@@ -189,7 +197,7 @@ impl Proxy {
                 let mut rec = conn.record("connection", "http2");
                 let m = reg.by_address(conn.dst);
                 let target = self.policy(&reg, &mut rec, m, None, conn.dst);
-                self.stream(target, rec).await
+                self.stream(&conn.workload, target, rec).await
             }
             Some(Proto::Tls) => self.tls(&conn, client, &reg).await,
             Some(Proto::Tcp) => {
@@ -199,16 +207,16 @@ impl Proxy {
                     .by_address(conn.dst)
                     .or_else(|| reg.by_port(conn.dst.port()));
                 let target = self.policy(&reg, &mut rec, m, None, conn.dst);
-                self.stream(target, rec).await
+                self.stream(&conn.workload, target, rec).await
             }
             None => self.passthrough(&conn, client, &reg).await,
         }
     }
 
-    /// Connect a decided stream to its target (if it has one).
-    async fn stream(&self, target: Option<Target>, rec: Box<Record>) -> Decided {
+    /// Connect a decided stream to its target (if it has one), from the workload's namespace.
+    async fn stream(&self, wl: &Workload, target: Option<Target>, rec: Box<Record>) -> Decided {
         let up = match target {
-            Some(t) => Some(self.connect_target(&t).await),
+            Some(t) => Some(self.connect_target(wl, &t).await),
             None => None,
         };
         Decided::Stream(up, rec)
@@ -218,7 +226,7 @@ impl Proxy {
     /// into `rec`. Returns where to connect, or `None` to refuse.
     fn policy(
         &self,
-        reg: &Registry,
+        reg: &View<'_>,
         rec: &mut Record,
         m: Option<registry::Match<'_>>,
         host: Option<&str>,
@@ -282,7 +290,7 @@ impl Proxy {
     }
 
     /// A declared TLS port: allowed by the ClientHello's server name, never decrypted.
-    async fn tls(&self, conn: &Conn, client: &TcpStream, reg: &Registry) -> Decided {
+    async fn tls(&self, conn: &Conn, client: &TcpStream, reg: &View<'_>) -> Decided {
         let mut rec = conn.record("connection", "tls");
         let hello =
             self.peek(client, self.header_timeout, sniff::MAX_HELLO + 5, |b| {
@@ -327,13 +335,13 @@ impl Proxy {
                 None => "no SNI to match (REGISTRY_ONLY)".into(),
             });
         }
-        self.stream(target, rec).await
+        self.stream(&conn.workload, target, rec).await
     }
 
     /// A port no entry declares: look at the first bytes to log the host, and pass through.
     /// An allowed connection is connected upstream while its first bytes come, and a server
     /// that speaks first (SMTP, MySQL, ...) ends the wait for them.
-    async fn passthrough(&self, conn: &Conn, client: &TcpStream, reg: &Registry) -> Decided {
+    async fn passthrough(&self, conn: &Conn, client: &TcpStream, reg: &View<'_>) -> Decided {
         let mut rec = conn.record("connection", "passthrough");
         let target = self.policy(reg, &mut rec, None, None, conn.dst);
         let sniff = self.peek(
@@ -361,7 +369,7 @@ impl Proxy {
             // Refused: the first bytes only tell the log what was asked for.
             None => (sniff.await.got(), None),
             Some(t) => {
-                let connect = self.connect_target(&t);
+                let connect = self.connect_target(&conn.workload, &t);
                 tokio::pin!(sniff, connect);
                 let (sniffed, up) = tokio::select! {
                     s = &mut sniff => (s.got(), connect.await),
@@ -443,10 +451,12 @@ impl Proxy {
 
     /// Connect to an upstream: an address, or a name resolved now (every address is tried in
     /// turn), within `connect_timeout` in all.
-    pub async fn connect_target(&self, target: &Target) -> io::Result<TcpStream> {
+    /// Connect to an upstream from the workload's network namespace, so that the upstream
+    /// sees the pod's own address.
+    pub async fn connect_target(&self, wl: &Workload, target: &Target) -> io::Result<TcpStream> {
         let work = async {
             match target {
-                Target::Addr(a) => self.connect_one(*a).await,
+                Target::Addr(a) => self.connect_one(wl, *a).await,
                 Target::Name(name, port) => {
                     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), *port))
                         .await
@@ -457,7 +467,7 @@ impl Proxy {
                         format!("resolving {name}: no address"),
                     );
                     for a in addrs {
-                        match self.connect_one(a).await {
+                        match self.connect_one(wl, a).await {
                             Ok(s) => return Ok(s),
                             Err(e) => last = io::Error::new(e.kind(), format!("{a}: {e}")),
                         }
@@ -475,11 +485,8 @@ impl Proxy {
         }
     }
 
-    async fn connect_one(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let sock = match dst {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
+    async fn connect_one(&self, wl: &Workload, dst: SocketAddr) -> io::Result<TcpStream> {
+        let sock = wl.socket(dst.is_ipv6())?;
         SockRef::from(&sock).set_mark(self.mark)?;
         sock.connect(dst).await
     }

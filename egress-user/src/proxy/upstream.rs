@@ -21,9 +21,11 @@ use crate::{proxy::OutBody, registry::Target};
 /// Idle connections kept per upstream at most; more are closed when their response is done.
 const MAX_IDLE_PER_UPSTREAM: usize = 128;
 
-/// Where a connection leads: requests may share it only if they would have opened the same.
+/// Where a connection leads: requests may share it only if they would have opened the same,
+/// from the same network namespace (a workload's upstream connections carry its address).
 #[derive(Clone)]
 pub struct Key {
+    netns: u64,
     target: Target,
     /// TLS origination: the client configuration (by identity: a reload builds a new one)
     /// and the server name sent.
@@ -31,8 +33,13 @@ pub struct Key {
 }
 
 impl Key {
-    pub fn new(target: &Target, tls: Option<(Arc<rustls::ClientConfig>, String)>) -> Key {
+    pub fn new(
+        netns: u64,
+        target: &Target,
+        tls: Option<(Arc<rustls::ClientConfig>, String)>,
+    ) -> Key {
         Key {
+            netns,
             target: target.clone(),
             tls,
         }
@@ -41,7 +48,8 @@ impl Key {
 
 impl PartialEq for Key {
     fn eq(&self, other: &Key) -> bool {
-        self.target == other.target
+        self.netns == other.netns
+            && self.target == other.target
             && match (&self.tls, &other.tls) {
                 (None, None) => true,
                 (Some((a, s)), Some((b, t))) => Arc::ptr_eq(a, b) && s == t,
@@ -54,6 +62,7 @@ impl Eq for Key {}
 
 impl Hash for Key {
     fn hash<H: Hasher>(&self, h: &mut H) {
+        self.netns.hash(h);
         self.target.hash(h);
         if let Some((config, sni)) = &self.tls {
             Arc::as_ptr(config).hash(h);
@@ -147,6 +156,13 @@ impl Pool {
         }
     }
 
+    /// Close every idle connection opened from the network namespace `netns` (its workload
+    /// was released: the sockets would keep the namespace alive).
+    pub fn forget(&self, netns: u64) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|k, _| k.netns != netns);
+    }
+
     /// Idle connections now.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -160,6 +176,7 @@ mod tests {
 
     fn key(port: u16, tls: Option<(Arc<rustls::ClientConfig>, &str)>) -> Key {
         Key::new(
+            1,
             &Target::Addr(SocketAddr::from(([127, 0, 0, 1], port))),
             tls.map(|(c, s)| (c, s.to_owned())),
         )
@@ -186,6 +203,10 @@ mod tests {
         // A reloaded DestinationRule (a new configuration, perhaps another CA) starts afresh.
         assert!(key(80, Some((a.clone(), "x"))) != key(80, Some((b, "x"))));
         assert!(key(80, Some((a.clone(), "x"))) != key(80, Some((a, "y"))));
+        // Another workload's namespace: its own connections, from its own address.
+        let mut other = key(80, None);
+        other.netns = 2;
+        assert!(key(80, None) != other);
     }
 
     /// A real connection to a real HTTP/1.1 server: kept after a keep-alive response, reused,

@@ -18,6 +18,7 @@ use crate::{
         MeshConfig, Mode, ServiceEntry,
         istio::{self, ClientTls, HttpRoute},
     },
+    plan::Policies,
     sniff::host_matches,
 };
 
@@ -84,6 +85,8 @@ pub struct Entry {
     ports: Vec<Port>,
     resolution: Resolution,
     endpoints: Vec<EntryEndpoint>,
+    /// The views (`plan::views`) that see this entry, sorted.
+    views: Vec<u16>,
 }
 
 /// Where a matched connection or request goes.
@@ -95,6 +98,10 @@ pub enum Target {
 }
 
 impl Entry {
+    fn seen_by(&self, view: u16) -> bool {
+        self.views.binary_search(&view).is_ok()
+    }
+
     fn port(&self, number: u16) -> Option<&Port> {
         self.ports.iter().find(|p| p.number == number)
     }
@@ -266,7 +273,8 @@ struct DrRule {
 /// The registry in force.
 #[derive(Debug)]
 pub struct Registry {
-    pub mode: Mode,
+    /// Each namespace's view and mode.
+    pub policies: Policies,
     entries: Vec<Entry>,
     routes: Vec<VsRoute>,
     rules: Vec<DrRule>,
@@ -289,7 +297,13 @@ pub fn store(shared: &Shared, r: Registry) {
 impl Registry {
     /// Build from a configuration. Fails when a DestinationRule's CA file cannot be used.
     pub fn compile(c: &MeshConfig) -> Result<Registry> {
-        let entries = c.service_entries.iter().map(entry).collect();
+        let (views, _) = crate::plan::views(c);
+        let mut entries: Vec<Entry> = c.service_entries.iter().map(entry).collect();
+        for (view, seen) in views.iter().enumerate() {
+            for i in seen {
+                entries[*i].views.push(view as u16);
+            }
+        }
         let routes = c
             .virtual_services
             .iter()
@@ -333,77 +347,25 @@ impl Registry {
             }
         }
         Ok(Registry {
-            mode: c.mode,
+            policies: crate::plan::compile_policies(c),
             entries,
             routes,
             rules,
         })
     }
 
-    /// The entry whose addresses hold `dst` and which declares its port.
-    pub fn by_address(&self, dst: SocketAddr) -> Option<Match<'_>> {
-        self.entries.iter().find_map(|e| {
-            let port = e.port(dst.port())?;
-            e.addresses
-                .iter()
-                .any(|n| n.contains(&dst.ip()))
-                .then_some(Match { entry: e, port })
-        })
-    }
-
-    /// The entry (without addresses) that declares `host` on `port`.
-    pub fn by_host(&self, host: &str, port: u16) -> Option<Match<'_>> {
-        // Exact names win over wildcards, as in Envoy's virtual host selection.
-        let mut wildcard = None;
-        for e in self.entries.iter().filter(|e| e.addresses.is_empty()) {
-            let Some(p) = e.port(port) else { continue };
-            for h in &e.hosts {
-                if h.eq_ignore_ascii_case(host) {
-                    return Some(Match { entry: e, port: p });
-                }
-                if wildcard.is_none() && host_matches(h, host) {
-                    wildcard = Some(Match { entry: e, port: p });
-                }
-            }
+    /// The registry as the workloads of a namespace see it.
+    pub fn view(&self, namespace: &str) -> View<'_> {
+        let p = self.policies.of(namespace);
+        View {
+            reg: self,
+            view: p.view,
+            mode: if p.mode == egress_common::MODE_REGISTRY_ONLY {
+                Mode::RegistryOnly
+            } else {
+                Mode::AllowAny
+            },
         }
-        wildcard
-    }
-
-    /// An entry without addresses that declares `port`: for TCP, where there is no name to
-    /// match, such an entry admits every address on the port (as Istio's listener does).
-    pub fn by_port(&self, port: u16) -> Option<Match<'_>> {
-        self.entries
-            .iter()
-            .filter(|e| e.addresses.is_empty())
-            .find_map(|e| {
-                Some(Match {
-                    entry: e,
-                    port: e.port(port)?,
-                })
-            })
-    }
-
-    /// How a connection to `dst` is mediated: by the entry that holds its address, else by the
-    /// protocol entries without addresses declare for its port; `None` when no entry declares
-    /// the port.
-    pub fn protocol(&self, dst: SocketAddr) -> Option<Proto> {
-        if let Some(m) = self.by_address(dst) {
-            return Some(m.port.proto);
-        }
-        self.by_port(dst.port()).map(|m| m.port.proto)
-    }
-
-    /// The first entry that declares `host` (any port), for a VirtualService destination.
-    pub fn by_name(&self, host: &str, port: u16) -> Option<Match<'_>> {
-        self.by_host(host, port).or_else(|| {
-            self.entries.iter().find_map(|e| {
-                let p = e.port(port).or_else(|| e.ports.first())?;
-                e.hosts
-                    .iter()
-                    .any(|h| host_matches(h, host))
-                    .then_some(Match { entry: e, port: p })
-            })
-        })
     }
 
     /// The VirtualService route for a request.
@@ -455,6 +417,96 @@ impl Registry {
                     .find(|r| r.port.is_none())
             })
             .map(|r| &r.origination)
+    }
+}
+
+/// The registry as one namespace's workloads see it: the entries exported to them, their mode.
+/// VirtualServices and DestinationRules apply to every namespace.
+pub struct View<'a> {
+    reg: &'a Registry,
+    pub view: u16,
+    pub mode: Mode,
+}
+
+impl<'a> View<'a> {
+    fn entries(&self) -> impl Iterator<Item = &'a Entry> + use<'a> {
+        let view = self.view;
+        self.reg.entries.iter().filter(move |e| e.seen_by(view))
+    }
+
+    /// The VirtualService route for a request.
+    pub fn route(&self, host: &str, method: &str, path: &str) -> Route {
+        self.reg.route(host, method, path)
+    }
+
+    /// TLS origination for `host` on the ServiceEntry port `port`.
+    pub fn origination(&self, host: &str, port: u16) -> Option<&'a Origination> {
+        self.reg.origination(host, port)
+    }
+
+    /// The entry whose addresses hold `dst` and which declares its port.
+    pub fn by_address(&self, dst: SocketAddr) -> Option<Match<'a>> {
+        self.entries().find_map(|e| {
+            let port = e.port(dst.port())?;
+            e.addresses
+                .iter()
+                .any(|n| n.contains(&dst.ip()))
+                .then_some(Match { entry: e, port })
+        })
+    }
+
+    /// The entry (without addresses) that declares `host` on `port`.
+    pub fn by_host(&self, host: &str, port: u16) -> Option<Match<'a>> {
+        // Exact names win over wildcards, as in Envoy's virtual host selection.
+        let mut wildcard = None;
+        for e in self.entries().filter(|e| e.addresses.is_empty()) {
+            let Some(p) = e.port(port) else { continue };
+            for h in &e.hosts {
+                if h.eq_ignore_ascii_case(host) {
+                    return Some(Match { entry: e, port: p });
+                }
+                if wildcard.is_none() && host_matches(h, host) {
+                    wildcard = Some(Match { entry: e, port: p });
+                }
+            }
+        }
+        wildcard
+    }
+
+    /// An entry without addresses that declares `port`: for TCP, where there is no name to
+    /// match, such an entry admits every address on the port (as Istio's listener does).
+    pub fn by_port(&self, port: u16) -> Option<Match<'a>> {
+        self.entries()
+            .filter(|e| e.addresses.is_empty())
+            .find_map(|e| {
+                Some(Match {
+                    entry: e,
+                    port: e.port(port)?,
+                })
+            })
+    }
+
+    /// How a connection to `dst` is mediated: by the entry that holds its address, else by the
+    /// protocol entries without addresses declare for its port; `None` when no entry declares
+    /// the port.
+    pub fn protocol(&self, dst: SocketAddr) -> Option<Proto> {
+        if let Some(m) = self.by_address(dst) {
+            return Some(m.port.proto);
+        }
+        self.by_port(dst.port()).map(|m| m.port.proto)
+    }
+
+    /// The first entry that declares `host` (any port), for a VirtualService destination.
+    pub fn by_name(&self, host: &str, port: u16) -> Option<Match<'a>> {
+        self.by_host(host, port).or_else(|| {
+            self.entries().find_map(|e| {
+                let p = e.port(port).or_else(|| e.ports.first())?;
+                e.hosts
+                    .iter()
+                    .any(|h| host_matches(h, host))
+                    .then_some(Match { entry: e, port: p })
+            })
+        })
     }
 }
 
@@ -523,6 +575,7 @@ fn entry(se: &ServiceEntry) -> Entry {
             })
             .collect(),
         resolution,
+        views: Vec::new(),
         endpoints: s
             .endpoints
             .iter()
@@ -635,7 +688,8 @@ spec:
 
     #[test]
     fn entries_by_address_host_and_port() {
-        let r = reg();
+        let reg = reg();
+        let r = reg.view("default");
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         assert_eq!(r.protocol(a("127.40.0.9:443")), Some(Proto::Tcp));
         assert_eq!(r.protocol(a("127.1.0.9:443")), Some(Proto::Tls));
@@ -692,6 +746,50 @@ spec:
         assert!(!other.retry.retries_status(404));
         let none = r.route("other.example", "GET", "/");
         assert!(none.id.is_none() && none.retry.retries_status(503));
+    }
+
+    #[test]
+    fn each_namespace_sees_the_entries_exported_to_it_and_its_sidecars_mode() {
+        let text = r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: d}
+spec: {outboundTrafficPolicy: {mode: ALLOW_ANY}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: b-only, namespace: team-b}
+spec:
+  hosts: [b.example]
+  exportTo: ["."]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shared, namespace: default}
+spec:
+  hosts: [shared.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: team-a}
+spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
+"#;
+        let reg = Registry::compile(&parse_str("m.yaml", text).unwrap().config).unwrap();
+        let (a, b, other) = (reg.view("team-a"), reg.view("team-b"), reg.view("x"));
+        assert_eq!(a.mode, Mode::RegistryOnly);
+        assert_eq!(b.mode, Mode::AllowAny);
+        assert_eq!(other.mode, Mode::AllowAny);
+        assert!(a.by_host("b.example", 80).is_none());
+        assert!(other.by_host("b.example", 80).is_none());
+        assert_eq!(
+            b.by_host("b.example", 80).unwrap().entry.id,
+            "ServiceEntry team-b/b-only"
+        );
+        for v in [&a, &b, &other] {
+            assert!(v.by_host("shared.example", 80).is_some());
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
 use egress_common::{OrigDst, Reason};
 use serde::{Serialize, Serializer};
 
-use crate::datapath::orig_addr;
+use crate::{datapath::orig_addr, workloads::Workload};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -36,7 +36,10 @@ pub struct Record {
     pub time: SystemTime,
     /// `connection` or `request`.
     pub kind: &'static str,
-    /// The client workload: its cgroup (v2 path), pid, uid and gid at connect().
+    /// The enrolled workload, `NAMESPACE/NAME`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<str>>,
+    /// The client process: its cgroup (v2 path), pid, uid and gid at connect().
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -106,6 +109,7 @@ impl Default for Record {
         Record {
             time: UNIX_EPOCH,
             kind: "",
+            workload: None,
             cgroup: None,
             pid: None,
             uid: None,
@@ -143,6 +147,8 @@ fn time_rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> 
 
 /// A redirected connection: who made it and where it was going.
 pub struct Conn {
+    /// The workload whose listener accepted it.
+    pub workload: Arc<Workload>,
     pub peer: SocketAddr,
     pub dst: SocketAddr,
     /// The kernel's reason code for redirecting it, or `netfilter`.
@@ -159,8 +165,14 @@ pub struct Conn {
 
 impl Conn {
     /// A connection the kernel recorded, starting now: who made it and where it was going.
-    pub fn recorded(peer: SocketAddr, rec: &OrigDst, cgroup: Option<Arc<str>>) -> Conn {
+    pub fn recorded(
+        workload: Arc<Workload>,
+        peer: SocketAddr,
+        rec: &OrigDst,
+        cgroup: Option<Arc<str>>,
+    ) -> Conn {
         Conn {
+            workload,
             peer,
             dst: orig_addr(rec),
             reason: Reason::from_u32(rec.reason).map_or("unknown", Reason::name),
@@ -178,6 +190,7 @@ impl Conn {
         Box::new(Record {
             time: self.time,
             kind,
+            workload: Some(self.workload.label.clone()),
             cgroup: self.cgroup.clone(),
             pid: self.pid,
             uid: self.uid,

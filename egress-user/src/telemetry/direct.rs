@@ -4,6 +4,7 @@
 
 use std::{
     path::Path,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -20,6 +21,7 @@ use crate::{
     datapath::{monotonic_ns, orig_addr_of},
     registry,
     telemetry::accesslog::{self, Conn, Record},
+    workloads::{self, Workload},
 };
 
 /// The kernel's reports of closed direct connections.
@@ -48,6 +50,7 @@ impl Closes {
         log: accesslog::Log,
         registry: registry::Shared,
         cgroups: accesslog::CgroupNames,
+        workloads: workloads::Table,
     ) {
         let mut lost_seen = 0;
         let mut tick = tokio::time::interval(DRAIN_EVERY);
@@ -75,7 +78,11 @@ impl Closes {
                 let Some(closed) = parse(&item) else {
                     continue;
                 };
-                log.write(&record(&closed, &reg, &cgroups));
+                let wl = workloads
+                    .read()
+                    .ok()
+                    .and_then(|t| t.get(&closed.open.conn.netns).cloned());
+                log.write(&record(&closed, wl, &reg, &cgroups));
             }
             // Closes are lost only when the ring is full: an idle tick has nothing to check.
             if drained == 0 {
@@ -112,15 +119,22 @@ fn parse(bytes: &[u8]) -> Option<DirectClosed> {
 
 /// The access-log record of a closed direct connection. The workload connected itself, so
 /// there is no upstream of the agent's; the matching entry is looked up in the registry in
-/// force now.
-fn record(c: &DirectClosed, reg: &registry::Registry, cgroups: &accesslog::CgroupNames) -> Record {
+/// force now, as the workload (`None`: released since) sees it.
+fn record(
+    c: &DirectClosed,
+    wl: Option<Arc<Workload>>,
+    reg: &registry::Registry,
+    cgroups: &accesslog::CgroupNames,
+) -> Record {
     let opened = &c.open.conn;
     let peer = orig_addr_of(&c.local.addr, c.local.port);
-    let mut conn = Conn::recorded(peer, opened, cgroups.name(opened.cgroup_id, opened.pid));
+    let wl = wl.unwrap_or_else(|| Arc::new(Workload::released(opened.netns)));
+    let view = reg.view(&wl.namespace);
+    let mut conn = Conn::recorded(wl, peer, opened, cgroups.name(opened.cgroup_id, opened.pid));
     let age = Duration::from_nanos(monotonic_ns().saturating_sub(opened.created_ns));
     conn.time = SystemTime::now().checked_sub(age).unwrap_or(conn.time);
     let mut rec = conn.record("connection", "tcp");
-    rec.matched = reg.by_address(conn.dst).map(|m| m.entry.id.clone());
+    rec.matched = view.by_address(conn.dst).map(|m| m.entry.id.clone());
     (rec.bytes_up, rec.bytes_down) = c.payload();
     rec.duration_ms = c.closed_ns.saturating_sub(opened.created_ns) / 1_000_000;
     // Both FINs through: closed. Never connected: refused or timed out. Otherwise a reset

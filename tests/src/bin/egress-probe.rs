@@ -1,7 +1,10 @@
 //! A plain std-socket client (and one tiny transparent-proxy stand-in) that the integration
 //! tests run inside the intercepted cgroup. It prints `key=value` words for the test to read.
 //!
-//! egress-probe [--as-uid N] [--as-gid N] echo ADDR BYTES
+//! Options: `--as-uid N` and `--as-gid N` drop to that user and group first; `--mark N` sets
+//! SO_MARK on the sockets `echo` and `hold` connect (a root workload forging a mark).
+//!
+//! egress-probe [--as-uid N] [--as-gid N] [--mark N] echo ADDR BYTES
 //!     connect, send BYTES of the test pattern while reading the echo, check it.
 //! egress-probe [...] hold COUNT ADDR...
 //!     open COUNT connections at once over ADDRs (round robin) to `whoami` servers and check
@@ -47,6 +50,9 @@ fn main() -> ExitCode {
         Some(v)
     };
     let (uid, gid) = (take_opt("--as-uid"), take_opt("--as-gid"));
+    if let Some(m) = take_opt("--mark") {
+        let _ = MARK.set(m);
+    }
     raise_nofile_limit();
     // Drop privileges after `egress exec` has put us in the cgroup as root.
     unsafe {
@@ -95,8 +101,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--mark`: SO_MARK for the sockets `connect` makes.
+static MARK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 fn connect(dst: SocketAddr) -> Result<TcpStream, ExitCode> {
-    TcpStream::connect(dst).map_err(|e| {
+    let made = match MARK.get() {
+        None => TcpStream::connect(dst),
+        Some(m) => (|| {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+            s.set_mark(*m)?;
+            s.connect(&dst.into())?;
+            Ok(s.into())
+        })(),
+    };
+    made.map_err(|e| {
         println!(
             "connect_error errno={} kind={:?}",
             e.raw_os_error().unwrap_or(0),

@@ -1,0 +1,616 @@
+//! Workloads: the network namespaces the node's datapath decides for, each with an identity
+//! (Kubernetes namespace, pod name, pod uid). A namespace is enrolled by the CNI plugin, by
+//! `egress enroll`, or (the agent's own, selected by cgroup) at start. Enrolling opens the
+//! agent's listeners inside the namespace, then writes its `WORKLOADS` entry (view and mode
+//! from its namespace's policy); releasing it removes the entry, stops the listeners and every
+//! connection of the namespace, and closes every fd the agent held there, so that the
+//! namespace can go when its pod does. Enrolments are kept in a state file and replayed at
+//! start.
+//!
+//! The control thread (`datapath::reload`) owns this table, since it owns the maps: enrolments,
+//! reloads and sweeps are serialised there.
+
+pub mod api;
+pub mod netns;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result, bail};
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    datapath::Maps,
+    plan::{Policies, Policy},
+};
+use api::{EnrollRequest, Selector};
+use netns::NetNs;
+
+/// A workload as its connections see it.
+#[derive(Debug)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    /// `NAMESPACE/NAME`, as access records name it.
+    pub label: Arc<str>,
+    /// Its network namespace, entered to open its sockets; `None` for the agent's own.
+    pub netns: Option<Arc<NetNs>>,
+    /// The kernel's cookie for the namespace.
+    pub cookie: u64,
+}
+
+impl Workload {
+    /// A workload released before its last record was written: named by its cookie only.
+    pub fn released(cookie: u64) -> Workload {
+        Workload {
+            namespace: String::new(),
+            name: String::new(),
+            label: format!("(released netns {cookie})").into(),
+            netns: None,
+            cookie,
+        }
+    }
+
+    /// A TCP socket in the workload's namespace, so that what it connects to sees the pod's own
+    /// address.
+    pub fn socket(&self, v6: bool) -> io::Result<tokio::net::TcpSocket> {
+        let make = || {
+            if v6 {
+                tokio::net::TcpSocket::new_v6()
+            } else {
+                tokio::net::TcpSocket::new_v4()
+            }
+        };
+        match &self.netns {
+            None => make(),
+            Some(ns) => ns.run(make).map_err(io::Error::other)?,
+        }
+    }
+}
+
+/// Enrolled workloads by namespace cookie, for whoever needs a name for a cookie (the direct
+/// connections' records).
+pub type Table = Arc<RwLock<HashMap<u64, Arc<Workload>>>>;
+
+/// Hands a workload's listeners to the runtime; the handles stop them and every connection
+/// they accepted.
+pub type Serve =
+    Box<dyn Fn(Arc<Workload>, Vec<std::net::TcpListener>) -> Vec<tokio::task::AbortHandle> + Send>;
+
+/// Drops whatever the agent keeps for a namespace between connections (idle upstream
+/// connections opened there).
+pub type Forget = Box<dyn Fn(u64) + Send>;
+
+/// A workload as the control thread keeps it.
+struct Enrolled {
+    wl: Arc<Workload>,
+    /// Where it was enrolled from; `None` for the agent's own namespace.
+    path: Option<PathBuf>,
+    uid: String,
+    container_id: Option<String>,
+    slot: u32,
+    /// (cgroup id, level) the interception is limited to there, or (0, 0).
+    cgroup: (u64, u32),
+    policy: Policy,
+    serving: Vec<tokio::task::AbortHandle>,
+    since: SystemTime,
+}
+
+impl Drop for Enrolled {
+    fn drop(&mut self) {
+        for h in &self.serving {
+            h.abort();
+        }
+    }
+}
+
+/// One line of the state file.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    netns: PathBuf,
+    /// The namespace's (device, inode) when enrolled: a path that names another namespace
+    /// now (a pod re-created, a pid reused) is not that workload.
+    id: (u64, u64),
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    container_id: Option<String>,
+}
+
+/// How the agent listens in each workload's namespace.
+pub struct Listen {
+    /// The outbound port on 127.0.0.1 and ::1; `None` when another proxy serves it.
+    pub port: Option<u16>,
+}
+
+pub struct Workloads {
+    enrolled: BTreeMap<u64, Enrolled>,
+    table: Table,
+    state: Option<PathBuf>,
+    listen: Listen,
+    serve: Serve,
+    forget: Forget,
+    max: u32,
+}
+
+impl Workloads {
+    pub fn new(state: Option<PathBuf>, listen: Listen, serve: Serve, forget: Forget) -> Self {
+        Workloads {
+            enrolled: BTreeMap::new(),
+            table: Table::default(),
+            state,
+            listen,
+            serve,
+            forget,
+            max: egress_common::DEFAULT_MAX_WORKLOADS,
+        }
+    }
+
+    pub fn table(&self) -> Table {
+        self.table.clone()
+    }
+
+    fn free_slot(&self) -> Result<u32> {
+        let used: std::collections::BTreeSet<u32> =
+            self.enrolled.values().map(|e| e.slot).collect();
+        (0..self.max)
+            .find(|s| !used.contains(s))
+            .with_context(|| format!("{} workloads are enrolled: no room for more", self.max))
+    }
+
+    /// Open the listeners in the current thread's namespace (the workload's, or the agent's).
+    fn bind(&self, in_pod: bool) -> Result<Vec<std::net::TcpListener>> {
+        let Some(port) = self.listen.port else {
+            return Ok(Vec::new());
+        };
+        if in_pod {
+            netns::loopback_up().context("bringing the namespace's loopback up")?;
+        }
+        let mut out = vec![
+            listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+                .with_context(|| format!("listening on 127.0.0.1:{port}"))?,
+        ];
+        match listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+            Ok(l) => out.push(l),
+            // A namespace without IPv6 has no IPv6 connections to redirect either.
+            Err(e) if in_pod && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+            Err(e) if in_pod && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+            Err(e) => return Err(e).with_context(|| format!("listening on [::1]:{port}")),
+        }
+        Ok(out)
+    }
+
+    /// Enrol the agent's own namespace: its processes in `cgroup` ((id, level); (0, 0) when
+    /// the programs are attached to that cgroup only, so every caller is in it).
+    pub fn enroll_own(
+        &mut self,
+        maps: &mut Maps,
+        policies: &Policies,
+        (namespace, name): (String, String),
+        cgroup: (u64, u32),
+    ) -> Result<()> {
+        let cookie = crate::datapath::sys::netns_cookie()?;
+        let listeners = self.bind(false)?;
+        let wl = Arc::new(Workload {
+            label: format!("{namespace}/{name}").into(),
+            namespace,
+            name,
+            netns: None,
+            cookie,
+        });
+        self.install(
+            maps,
+            policies,
+            wl,
+            None,
+            String::new(),
+            None,
+            cgroup,
+            listeners,
+        )?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &mut self,
+        maps: &mut Maps,
+        policies: &Policies,
+        wl: Arc<Workload>,
+        path: Option<PathBuf>,
+        uid: String,
+        container_id: Option<String>,
+        cgroup: (u64, u32),
+        listeners: Vec<std::net::TcpListener>,
+    ) -> Result<String> {
+        let slot = self.free_slot()?;
+        let policy = policies.of(&wl.namespace);
+        maps.zero_workload_counters(slot)?;
+        // The listeners are listening already: a connect redirected from now on is queued.
+        let serving = (self.serve)(wl.clone(), listeners);
+        let entry = kernel_entry(slot, policy, cgroup);
+        if let Err(e) = maps.set_workload(wl.cookie, entry) {
+            for h in serving {
+                h.abort();
+            }
+            return Err(e);
+        }
+        let line = format!(
+            "enrolled {} (network namespace {}, cookie {}): view {} {}",
+            wl.label,
+            path.as_deref()
+                .map_or("of the agent".into(), |p| p.display().to_string()),
+            wl.cookie,
+            policy.view,
+            crate::plan::mode_name(policy.mode),
+        );
+        info!("{line}");
+        self.table
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(wl.cookie, wl.clone());
+        self.enrolled.insert(
+            wl.cookie,
+            Enrolled {
+                wl,
+                path,
+                uid,
+                container_id,
+                slot,
+                cgroup,
+                policy,
+                serving,
+                since: SystemTime::now(),
+            },
+        );
+        Ok(line)
+    }
+
+    /// Enrol a namespace; returns once connects made there are decided.
+    pub fn enroll(
+        &mut self,
+        maps: &mut Maps,
+        policies: &Policies,
+        req: EnrollRequest,
+    ) -> Result<String> {
+        check_name("namespace", &req.namespace)?;
+        check_name("name", &req.name)?;
+        let ns = Arc::new(
+            NetNs::open(&req.netns)
+                .with_context(|| format!("enrolling {}/{}", req.namespace, req.name))?,
+        );
+        // The same sandbox enrolled again (a retried ADD, a re-created namespace), or the
+        // same namespace under another identity: the newest enrolment wins.
+        let stale: Vec<u64> = self
+            .enrolled
+            .iter()
+            .filter(|(cookie, e)| {
+                **cookie == ns.cookie
+                    || (req.container_id.is_some() && e.container_id == req.container_id)
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for cookie in stale {
+            if self.enrolled[&cookie].path.is_none() {
+                bail!(
+                    "{} is the agent's own network namespace, intercepted by cgroup",
+                    req.netns.display()
+                );
+            }
+            self.release(maps, cookie, "enrolled again");
+        }
+        let listeners = ns
+            .run(|| self.bind(true))?
+            .with_context(|| format!("in network namespace {}", req.netns.display()))?;
+        let wl = Arc::new(Workload {
+            label: format!("{}/{}", req.namespace, req.name).into(),
+            namespace: req.namespace,
+            name: req.name,
+            cookie: ns.cookie,
+            netns: Some(ns),
+        });
+        let line = self.install(
+            maps,
+            policies,
+            wl,
+            Some(req.netns),
+            req.uid,
+            req.container_id,
+            (0, 0),
+            listeners,
+        )?;
+        self.save();
+        Ok(line)
+    }
+
+    fn find(&self, sel: &Selector) -> Vec<u64> {
+        if sel.container_id.is_none() && sel.netns.is_none() && sel.workload.is_none() {
+            return Vec::new();
+        }
+        let by_path = sel.netns.as_deref().map(|p| (p, netns::path_id(p)));
+        self.enrolled
+            .iter()
+            .filter(|(_, e)| e.path.is_some())
+            .filter(|(_, e)| {
+                sel.container_id
+                    .as_ref()
+                    .is_none_or(|c| e.container_id.as_ref() == Some(c))
+                    && sel.workload.as_deref().is_none_or(|w| *e.wl.label == *w)
+                    && by_path.is_none_or(|(p, id)| {
+                        e.path.as_deref() == Some(p)
+                            || e.wl.netns.as_ref().is_some_and(|ns| Some(ns.id) == id)
+                    })
+            })
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// Release what the selector names; nothing enrolled is not an error (a DEL repeated, or
+    /// after the agent dropped a namespace that was gone).
+    pub fn unenroll(&mut self, maps: &mut Maps, sel: &Selector) -> Result<String> {
+        if sel.container_id.is_none() && sel.netns.is_none() && sel.workload.is_none() {
+            bail!("name the workload: a container id, a network namespace path or NAMESPACE/NAME");
+        }
+        let found = self.find(sel);
+        if found.is_empty() {
+            return Ok("not enrolled".to_owned());
+        }
+        let mut lines = Vec::new();
+        for cookie in found {
+            lines.push(self.release(maps, cookie, "unenrolled"));
+        }
+        self.save();
+        Ok(lines.join("\n"))
+    }
+
+    pub fn is_enrolled(&self, sel: &Selector) -> bool {
+        !self.find(sel).is_empty()
+    }
+
+    /// Remove a workload: its map entry first (new connects there are left alone), then its
+    /// listeners, connections and idle upstream connections, and the namespace fd.
+    fn release(&mut self, maps: &mut Maps, cookie: u64, why: &str) -> String {
+        let Some(e) = self.enrolled.remove(&cookie) else {
+            return String::new();
+        };
+        if let Err(err) = maps.remove_workload(cookie) {
+            warn!("removing the datapath entry of {}: {err:#}", e.wl.label);
+        }
+        self.table
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cookie);
+        (self.forget)(cookie);
+        let line = format!(
+            "released {} ({why}; network namespace {})",
+            e.wl.label,
+            e.path
+                .as_deref()
+                .map_or("of the agent".into(), |p| p.display().to_string())
+        );
+        info!("{line}");
+        drop(e);
+        line
+    }
+
+    /// After a configuration change: give each workload its namespace's policy now. Runs
+    /// where `plan::diff` switches policies, with both plans' allow entries in place.
+    pub fn repoint(&mut self, maps: &mut Maps, policies: &Policies) -> Result<()> {
+        for (cookie, e) in self.enrolled.iter_mut() {
+            let p = policies.of(&e.wl.namespace);
+            if p != e.policy {
+                maps.set_workload(*cookie, kernel_entry(e.slot, p, e.cgroup))?;
+                e.policy = p;
+            }
+        }
+        Ok(())
+    }
+
+    /// Release workloads whose namespace is gone: the path no longer names it (deleted, or
+    /// the process whose namespace it was has exited).
+    pub fn sweep(&mut self, maps: &mut Maps) {
+        let gone: Vec<u64> = self
+            .enrolled
+            .iter()
+            .filter(|(_, e)| match (&e.path, &e.wl.netns) {
+                (Some(p), Some(ns)) => netns::path_id(p) != Some(ns.id),
+                _ => false,
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        for cookie in gone {
+            self.release(maps, cookie, "its network namespace is gone");
+        }
+        self.save();
+    }
+
+    /// What `egress workloads` prints: one line per workload, with its counters.
+    pub fn render(&self, maps: &Maps) -> String {
+        let mut out = String::new();
+        for e in self.enrolled.values() {
+            let counts = maps.workload_counters(e.slot).unwrap_or_default();
+            let sum = |verdict: &str| -> u64 {
+                egress_common::Reason::ALL
+                    .iter()
+                    .zip(&counts)
+                    .filter(|(r, _)| crate::cli::reason_verdict(**r) == verdict)
+                    .map(|(_, n)| n)
+                    .sum()
+            };
+            out.push_str(&format!(
+                "{} netns={} cookie={} uid={} container={} view={} mode={} redirect={} direct={} deny={} bypass={} since={}\n",
+                e.wl.label,
+                e.path
+                    .as_deref()
+                    .map_or("(agent)".into(), |p| p.display().to_string()),
+                e.wl.cookie,
+                if e.uid.is_empty() { "-" } else { &e.uid },
+                e.container_id.as_deref().unwrap_or("-"),
+                e.policy.view,
+                crate::plan::mode_name(e.policy.mode),
+                sum("redirect"),
+                sum("direct"),
+                sum("deny"),
+                sum("bypass"),
+                e.since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ));
+        }
+        out
+    }
+
+    /// The cookie and slot of the workload `NAMESPACE/NAME`, for `explain` and `stats`.
+    pub fn lookup(&self, label: &str) -> Option<(u64, u32)> {
+        self.enrolled
+            .values()
+            .find(|e| *e.wl.label == *label)
+            .map(|e| (e.wl.cookie, e.slot))
+    }
+
+    /// Write the enrolments (not the agent's own namespace) to the state file, atomically.
+    fn save(&self) {
+        let Some(path) = &self.state else {
+            return;
+        };
+        let saved: Vec<Saved> = self
+            .enrolled
+            .values()
+            .filter_map(|e| {
+                Some(Saved {
+                    netns: e.path.clone()?,
+                    id: e.wl.netns.as_ref()?.id,
+                    namespace: e.wl.namespace.clone(),
+                    name: e.wl.name.clone(),
+                    uid: e.uid.clone(),
+                    container_id: e.container_id.clone(),
+                })
+            })
+            .collect();
+        let write = || -> Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&saved)?)?;
+            std::fs::rename(&tmp, path)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            warn!("writing the enrolment state {}: {e:#}", path.display());
+        }
+    }
+
+    /// Enrol again what the state file holds, dropping namespaces that are gone (or that their
+    /// path names another namespace now).
+    pub fn replay(&mut self, maps: &mut Maps, policies: &Policies) {
+        let Some(path) = self.state.clone() else {
+            return;
+        };
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => {
+                warn!("reading the enrolment state {}: {e}", path.display());
+                return;
+            }
+        };
+        let saved: Vec<Saved> = match serde_json::from_slice(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(
+                    "the enrolment state {} is not valid ({e}): starting with no workloads",
+                    path.display()
+                );
+                return;
+            }
+        };
+        for s in saved {
+            let label = format!("{}/{}", s.namespace, s.name);
+            if netns::path_id(&s.netns) != Some(s.id) {
+                info!(
+                    "dropped {label}: its network namespace {} is gone",
+                    s.netns.display()
+                );
+                continue;
+            }
+            let req = EnrollRequest {
+                netns: s.netns,
+                namespace: s.namespace,
+                name: s.name,
+                uid: s.uid,
+                container_id: s.container_id,
+            };
+            if let Err(e) = self.enroll(maps, policies, req) {
+                warn!("could not enrol {label} again: {e:#}");
+            }
+        }
+        self.save();
+    }
+}
+
+/// The `WORKLOADS` value for a workload.
+fn kernel_entry(
+    slot: u32,
+    p: Policy,
+    (cgroup_id, cgroup_level): (u64, u32),
+) -> egress_common::Workload {
+    egress_common::Workload {
+        slot,
+        view: p.view,
+        mode: p.mode,
+        _pad: 0,
+        cgroup_id,
+        cgroup_level,
+        _pad2: 0,
+    }
+}
+
+/// A listening socket with the agent's backlog.
+fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.cloexec(),
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(crate::proxy::LISTEN_BACKLOG as i32)?;
+    Ok(s.into())
+}
+
+/// Kubernetes names: DNS labels (RFC 1123), which keeps them safe in logs and lines.
+fn check_name(what: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !ok {
+        bail!("{what} {v:?} is not a Kubernetes name (lower-case letters, digits, '-', '.')");
+    }
+    Ok(())
+}
+
+/// The agent's identity for its own namespace from `--workload NAMESPACE/NAME`.
+pub fn parse_label(s: &str) -> Result<(String, String)> {
+    let (ns, name) = s
+        .split_once('/')
+        .with_context(|| format!("{s:?}: expected NAMESPACE/NAME"))?;
+    check_name("namespace", ns)?;
+    check_name("name", name)?;
+    Ok((ns.to_owned(), name.to_owned()))
+}

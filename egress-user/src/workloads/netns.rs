@@ -1,0 +1,180 @@
+//! Network namespaces of enrolled workloads. A socket belongs to the namespace of the thread
+//! that created it, so the agent creates a workload's listeners and upstream sockets on a
+//! thread that has entered the workload's namespace for just that call, and comes back.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
+    sync::OnceLock,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// `NS_GET_NSTYPE` (linux/nsfs.h): which kind of namespace an nsfs file is.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+/// `SO_NETNS_COOKIE` (Linux 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The agent's own network namespace, where every thread returns after a call inside a
+/// workload's. Opened once, before any thread enters another namespace.
+static HOME: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Remember the agent's own namespace. Call it at start, from a thread in that namespace.
+pub fn init_home() -> Result<()> {
+    if HOME.get().is_none() {
+        let fd = open_ns(Path::new("/proc/thread-self/ns/net"))?;
+        let _ = HOME.set(fd);
+    }
+    Ok(())
+}
+
+fn open_ns(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("{}: not a valid path", path.display()))?;
+    // SAFETY: a valid C string; the fd is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("opening {}", path.display()));
+    }
+    // SAFETY: fd was just opened and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an ioctl without arguments on a valid fd.
+    let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind != libc::CLONE_NEWNET {
+        bail!(
+            "{} is not a network namespace (give a /var/run/netns/NAME or /proc/PID/ns/net path)",
+            path.display()
+        );
+    }
+    Ok(fd)
+}
+
+/// (device, inode) of a file: a network namespace's identity while it lives.
+fn stat_id(fd: RawFd) -> io::Result<(u64, u64)> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out-pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// (device, inode) of what `path` names now, if anything.
+pub fn path_id(path: &Path) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    use std::os::unix::fs::MetadataExt as _;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// An open network namespace. Holding it keeps the namespace alive: drop it when the workload
+/// is released.
+#[derive(Debug)]
+pub struct NetNs {
+    fd: OwnedFd,
+    /// nsfs device and inode: the namespace's identity (a path may later name another one).
+    pub id: (u64, u64),
+    /// The kernel's cookie for it, which the datapath keys workloads by.
+    pub cookie: u64,
+}
+
+impl NetNs {
+    /// Open the namespace a path names (a `/var/run/netns/NAME` bind mount or
+    /// `/proc/PID/ns/net`).
+    pub fn open(path: &Path) -> Result<NetNs> {
+        let fd = open_ns(path)?;
+        let id = stat_id(fd.as_raw_fd()).with_context(|| format!("stat {}", path.display()))?;
+        let mut ns = NetNs { fd, id, cookie: 0 };
+        ns.cookie = ns
+            .run(|| {
+                let s = Socket::new(libc::AF_INET, libc::SOCK_DGRAM)?;
+                netns_cookie(s.0.as_raw_fd())
+            })?
+            .with_context(|| format!("the cookie of network namespace {}", path.display()))?;
+        Ok(ns)
+    }
+
+    /// Run `f` on this thread inside the namespace, then return to the agent's own.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let home = HOME
+            .get()
+            .context("the agent's own network namespace was not recorded")?;
+        // SAFETY: setns on valid namespace fds; it affects this thread only.
+        if unsafe { libc::setns(self.fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error()).context("entering the workload's namespace");
+        }
+        let out = f();
+        // SAFETY: as above.
+        if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            // A thread left in a workload's namespace would open the next connection's sockets
+            // there: nothing is safe after this.
+            let e = io::Error::last_os_error();
+            log::error!("could not return to the agent's network namespace: {e}; aborting");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+/// A socket fd closed on drop (for short-lived helper sockets).
+struct Socket(OwnedFd);
+
+impl Socket {
+    fn new(domain: libc::c_int, ty: libc::c_int) -> io::Result<Socket> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned here.
+        Ok(Socket(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
+
+/// The network namespace cookie of a socket (Linux 5.14).
+pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Bring the loopback interface of the current thread's namespace up, as a runtime does for
+/// a pod: the agent's listeners there are bound to 127.0.0.1 and ::1.
+pub fn loopback_up() -> io::Result<()> {
+    let s = Socket::new(libc::AF_INET, libc::SOCK_DGRAM)?;
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *c as libc::c_char;
+    }
+    // SAFETY: valid socket and ifreq.
+    if unsafe { libc::ioctl(s.0.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the union member SIOCGIFFLAGS filled.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(());
+    }
+    ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(s.0.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
