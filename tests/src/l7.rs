@@ -133,13 +133,32 @@ impl StandIns {
         self.listen(addr, Some(tls), false)
     }
 
+    /// Plain HTTP on a listener bound elsewhere (in another network namespace).
+    pub fn http_on(&self, l: std::net::TcpListener) -> SocketAddr {
+        self.serve(l, None, false)
+    }
+
+    /// HTTPS on a listener bound elsewhere.
+    pub fn https_on(&self, l: std::net::TcpListener, tls: Arc<rustls::ServerConfig>) -> SocketAddr {
+        self.serve(l, Some(tls), false)
+    }
+
     fn listen(
         &self,
         addr: SocketAddr,
         tls: Option<Arc<rustls::ServerConfig>>,
         keep: bool,
     ) -> SocketAddr {
-        let l = crate::bind(addr);
+        self.serve(crate::bind(addr), tls, keep)
+    }
+
+    fn serve(
+        &self,
+        l: std::net::TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        keep: bool,
+    ) -> SocketAddr {
+        l.set_nonblocking(true).unwrap();
         let bound = l.local_addr().unwrap();
         let hits = self.hits.clone();
         let flaky = self.flaky.clone();
@@ -287,20 +306,20 @@ pub struct Curl {
 
 /// Run `curl ARGS` inside `cgroup` (through `egress exec`), silent, at most 30 s.
 pub fn curl(cgroup: &Cgroup, args: &[&str]) -> Curl {
-    let start = Instant::now();
-    let o = Command::new(egress_bin())
-        .arg("exec")
+    let mut c = Command::new(egress_bin());
+    c.arg("exec")
         .arg("--cgroup")
         .arg(&cgroup.path)
-        .args([
-            "--",
-            "curl",
-            "-sS",
-            "--max-time",
-            "30",
-            "-w",
-            "\n%{http_code}",
-        ])
+        .args(["--", "curl"]);
+    curl_with(c, args)
+}
+
+/// Run curl (`c`, a command that runs it somewhere: a cgroup, a pod) with `ARGS`, silent, at
+/// most 30 s.
+pub fn curl_with(mut c: Command, args: &[&str]) -> Curl {
+    let start = Instant::now();
+    let o = c
+        .args(["-sS", "--max-time", "30", "-w", "\n%{http_code}"])
         .args(args)
         .output()
         .expect("running curl");
