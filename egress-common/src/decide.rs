@@ -76,7 +76,8 @@ pub enum Reason {
     /// `resolution: NONE` only: nothing in the stream decides, so it goes straight out.
     TcpEntry = 14,
     /// To the workload's own loopback (127.0.0.0/8, ::1) and not named by an included range
-    /// inside it; or to 127.0.0.1, never captured. As Istio's `-o lo -j RETURN`.
+    /// inside it; to 127.0.0.1, never captured; or to one of the workload's own addresses.
+    /// As Istio's `-o lo -j RETURN`.
     Loopback = 15,
 }
 
@@ -194,6 +195,8 @@ pub trait Addr: Copy {
     fn direct<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8>;
     /// In the loopback range (127.0.0.0/8, ::1).
     fn is_loopback(&self) -> bool;
+    /// One of the workload's own addresses.
+    fn is_own(&self, wl: &Workload) -> bool;
     /// 127.0.0.1 itself, which is never captured.
     fn is_localhost(&self) -> bool;
     /// The shortest included prefix that names loopback explicitly (8 for 127.0.0.0/8, 128
@@ -210,6 +213,12 @@ impl Addr for [u8; 4] {
     #[inline(always)]
     fn is_localhost(&self) -> bool {
         *self == [127, 0, 0, 1]
+    }
+    #[inline(always)]
+    fn is_own(&self, wl: &Workload) -> bool {
+        // Whole-word comparisons: a few instructions in the kernel.
+        let (a, own) = (u32::from_ne_bytes(*self), wl.own_v4);
+        a != 0 && (a == u32::from_ne_bytes(own[0]) || a == u32::from_ne_bytes(own[1]))
     }
     #[inline(always)]
     fn is_listener(&self, cfg: &Config) -> bool {
@@ -242,6 +251,11 @@ impl Addr for [u8; 16] {
     #[inline(always)]
     fn is_localhost(&self) -> bool {
         false
+    }
+    #[inline(always)]
+    fn is_own(&self, wl: &Workload) -> bool {
+        let (a, own) = (u128::from_ne_bytes(*self), wl.own_v6);
+        a != 0 && (a == u128::from_ne_bytes(own[0]) || a == u128::from_ne_bytes(own[1]))
     }
     #[inline(always)]
     fn is_listener(&self, cfg: &Config) -> bool {
@@ -304,7 +318,7 @@ pub fn decide<T: Tables, A: Addr>(
     }
     // The workload's own loopback is its business (a local cache, a sidecar database), as
     // Istio's `-o lo -j RETURN`: only an included range inside loopback captures it, and
-    // 127.0.0.1 never.
+    // 127.0.0.1 never. Its own pod addresses are reached through loopback too.
     let loopback = q.dst.is_loopback();
     let mut included = None;
     if loopback {
@@ -312,6 +326,8 @@ pub fn decide<T: Tables, A: Addr>(
         if q.dst.is_localhost() || !matches!(included, Some(p) if p >= A::LOOPBACK_PREFIX) {
             return Decision::new(Bypass, Loopback, 0);
         }
+    } else if q.dst.is_own(wl) {
+        return Decision::new(Bypass, Loopback, 0);
     }
     if let Some(p) = q.dst.exclude(t) {
         return Decision::new(Bypass, ExcludedCidr, p);
@@ -626,6 +642,62 @@ mod tests {
         // An included port does not capture loopback either.
         t.include.clear();
         check(&t, only, &q([127, 0, 0, 2], 8443), Bypass, Loopback, 0);
+    }
+
+    #[test]
+    fn the_workloads_own_addresses_are_its_loopback() {
+        let t = tables();
+        let pod = Workload {
+            own_v4: [[198, 18, 0, 5], [0; 4]],
+            own_v6: [
+                [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+                [0; 16],
+            ],
+            ..wl(MODE_REGISTRY_ONLY)
+        };
+        let c = cfg();
+        let own4 = q([198, 18, 0, 5], 8080);
+        check_wl(
+            &t,
+            &c,
+            Some(&pod),
+            &own4,
+            Verdict::Bypass,
+            Reason::Loopback,
+            0,
+        );
+        let own6 = q(pod.own_v6[0], 8080);
+        check_wl(
+            &t,
+            &c,
+            Some(&pod),
+            &own6,
+            Verdict::Bypass,
+            Reason::Loopback,
+            0,
+        );
+        // Another pod's address is not.
+        let other = q([198, 18, 0, 6], 8080);
+        check_wl(
+            &t,
+            &c,
+            Some(&pod),
+            &other,
+            Verdict::Deny,
+            Reason::RegistryDenied,
+            0,
+        );
+        // An unused slot matches nothing.
+        let zero = q([0, 0, 0, 0], 8080);
+        check_wl(
+            &t,
+            &c,
+            Some(&pod),
+            &zero,
+            Verdict::Deny,
+            Reason::RegistryDenied,
+            0,
+        );
     }
 
     #[test]

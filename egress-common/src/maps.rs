@@ -125,6 +125,10 @@ pub struct Workload {
     /// Depth of `cgroup_id` below the cgroup2 root (the root is 0).
     pub cgroup_level: u32,
     pub _pad2: u32,
+    /// The workload's own addresses (its pod IPs; unused slots are zero): connections to them
+    /// go out through loopback, which is the workload's own business.
+    pub own_v4: [[u8; 4]; 2],
+    pub own_v6: [[u8; 16]; 2],
 }
 
 /// The destination a redirected connection was made to, and who made it.

@@ -309,6 +309,11 @@ fn handle<A: Addr>(
     };
     let d = decide(&Maps, cfg, wl, &q);
     count(d.reason as u32, wl);
+    // The agent's own sockets and namespaces that are not enrolled (every other connect of
+    // a node) keep no record: nothing more to do.
+    if d.reason == Reason::Agent || d.reason == Reason::NotEnrolled {
+        return 1;
+    }
     if d.verdict == Verdict::Deny || (d.verdict == Verdict::Bypass && !service) {
         // A record from an earlier connect of this socket (one that failed before the
         // handshake) no longer applies.

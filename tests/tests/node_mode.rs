@@ -369,6 +369,14 @@ fn loopback_marks_and_namespaces_that_are_not_enrolled() {
     let local = servers.echo_on(pod.sandbox.netns.listen("127.0.0.1:0".parse().unwrap()));
     let r = pod.probe(&["echo", &local.to_string(), "100"]);
     assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    // Its own pod address is reached through loopback too.
+    let own = servers.echo_on(
+        pod.sandbox
+            .netns
+            .listen(SocketAddr::new(pod.ipv4.into(), 0)),
+    );
+    let r = pod.probe(&["echo", &own.to_string(), "100"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
     let ext = servers.echo_on(c.node.ext().listen(SocketAddr::from((EXT_V4, 0))));
     // Denied: unregistered under REGISTRY_ONLY ...
     let r = pod.probe(&["echo", &ext.to_string(), "10"]);
@@ -397,7 +405,7 @@ fn loopback_marks_and_namespaces_that_are_not_enrolled() {
     };
     assert_eq!(
         (count("loopback"), count("registry-denied")),
-        (1, 2),
+        (2, 2),
         "{stats}"
     );
 

@@ -138,6 +138,9 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
         Reason::Loopback if ip.is_loopback() && ip == IpAddr::from([127, 0, 0, 1]) => {
             "the workload's own loopback: 127.0.0.1 is never captured".to_owned()
         }
+        Reason::Loopback if !ip.is_loopback() => {
+            format!("{ip} is the workload's own address, reached through loopback")
+        }
         Reason::Loopback => "the workload's own loopback: no includeOutboundIPRanges \
              range inside loopback names it"
             .to_owned(),

@@ -193,7 +193,8 @@ struct RunArgs {
     /// Do not listen: another transparent proxy serves the outbound port and reads the
     /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers. It
     /// then sees TCP ServiceEntry destinations too (otherwise the kernel lets those go direct).
-    #[arg(long)]
+    /// That proxy runs in the agent's own namespace: not with --node.
+    #[arg(long, conflicts_with = "node")]
     external_proxy: bool,
     /// Access log on standard output: a JSON line (or `key=value` text) per redirected or
     /// direct connection and per HTTP request. Written by a thread of its own: while standard output

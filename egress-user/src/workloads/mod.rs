@@ -98,6 +98,8 @@ struct Enrolled {
     slot: u32,
     /// (cgroup id, level) the interception is limited to there, or (0, 0).
     cgroup: (u64, u32),
+    /// Its own addresses, as the datapath keeps them.
+    own: Own,
     policy: Policy,
     serving: Vec<tokio::task::AbortHandle>,
     since: SystemTime,
@@ -110,6 +112,9 @@ impl Drop for Enrolled {
         }
     }
 }
+
+/// A workload's own addresses: two IPv4 and two IPv6 slots, unused ones zero.
+pub type Own = ([[u8; 4]; 2], [[u8; 16]; 2]);
 
 /// One line of the state file.
 #[derive(Serialize, Deserialize)]
@@ -208,29 +213,20 @@ impl Workloads {
             netns: None,
             cookie,
         });
-        self.install(
-            maps,
-            policies,
-            wl,
-            None,
-            String::new(),
-            None,
-            cgroup,
-            listeners,
-        )?;
+        let who = (None, String::new(), None);
+        self.install(maps, policies, wl, who, (cgroup, Own::default()), listeners)?;
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Serve a workload's listeners, then write its datapath entry. `who`: where it was
+    /// enrolled from, its pod uid and container id.
     fn install(
         &mut self,
         maps: &mut Maps,
         policies: &Policies,
         wl: Arc<Workload>,
-        path: Option<PathBuf>,
-        uid: String,
-        container_id: Option<String>,
-        cgroup: (u64, u32),
+        (path, uid, container_id): (Option<PathBuf>, String, Option<String>),
+        (cgroup, own): ((u64, u32), Own),
         listeners: Vec<std::net::TcpListener>,
     ) -> Result<String> {
         let slot = self.free_slot()?;
@@ -238,7 +234,7 @@ impl Workloads {
         maps.zero_workload_counters(slot)?;
         // The listeners are listening already: a connect redirected from now on is queued.
         let serving = (self.serve)(wl.clone(), listeners);
-        let entry = kernel_entry(slot, policy, cgroup);
+        let entry = kernel_entry(slot, policy, cgroup, own);
         if let Err(e) = maps.set_workload(wl.cookie, entry) {
             for h in serving {
                 h.abort();
@@ -268,6 +264,7 @@ impl Workloads {
                 container_id,
                 slot,
                 cgroup,
+                own,
                 policy,
                 serving,
                 since: SystemTime::now(),
@@ -309,8 +306,11 @@ impl Workloads {
             }
             self.release(maps, cookie, "enrolled again");
         }
-        let listeners = ns
-            .run(|| self.bind(true))?
+        let (listeners, own) = ns
+            .run(|| -> Result<_> {
+                let own = netns::own_addresses().context("listing its addresses")?;
+                Ok((self.bind(true)?, own))
+            })?
             .with_context(|| format!("in network namespace {}", req.netns.display()))?;
         let wl = Arc::new(Workload {
             label: format!("{}/{}", req.namespace, req.name).into(),
@@ -319,16 +319,8 @@ impl Workloads {
             cookie: ns.cookie,
             netns: Some(ns),
         });
-        let line = self.install(
-            maps,
-            policies,
-            wl,
-            Some(req.netns),
-            req.uid,
-            req.container_id,
-            (0, 0),
-            listeners,
-        )?;
+        let who = (Some(req.netns), req.uid, req.container_id);
+        let line = self.install(maps, policies, wl, who, ((0, 0), own), listeners)?;
         self.save();
         Ok(line)
     }
@@ -409,7 +401,7 @@ impl Workloads {
         for (cookie, e) in self.enrolled.iter_mut() {
             let p = policies.of(&e.wl.namespace);
             if p != e.policy {
-                maps.set_workload(*cookie, kernel_entry(e.slot, p, e.cgroup))?;
+                maps.set_workload(*cookie, kernel_entry(e.slot, p, e.cgroup, e.own))?;
                 e.policy = p;
             }
         }
@@ -567,6 +559,7 @@ fn kernel_entry(
     slot: u32,
     p: Policy,
     (cgroup_id, cgroup_level): (u64, u32),
+    (own_v4, own_v6): Own,
 ) -> egress_common::Workload {
     egress_common::Workload {
         slot,
@@ -576,6 +569,8 @@ fn kernel_entry(
         cgroup_id,
         cgroup_level,
         _pad2: 0,
+        own_v4,
+        own_v6,
     }
 }
 

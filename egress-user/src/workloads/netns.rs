@@ -178,3 +178,51 @@ pub fn loopback_up() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The current thread's namespace's own addresses, outside loopback and link-local: at most
+/// two of each family, as the datapath keeps them (`Workload::own_v4`, `own_v6`).
+pub fn own_addresses() -> io::Result<super::Own> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points at a sockaddr of the family it names.
+        match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                let a = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !a.is_loopback() && !a.is_link_local() && !v4.contains(&a.octets()) {
+                    v4.push(a.octets());
+                }
+            }
+            libc::AF_INET6 => {
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                if !a.is_loopback() && !a.is_unicast_link_local() && !v6.contains(&a.octets()) {
+                    v6.push(a.octets());
+                }
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(list) };
+    let (mut own4, mut own6) = ([[0u8; 4]; 2], [[0u8; 16]; 2]);
+    for (slot, a) in own4.iter_mut().zip(v4) {
+        *slot = a;
+    }
+    for (slot, a) in own6.iter_mut().zip(v6) {
+        *slot = a;
+    }
+    Ok((own4, own6))
+}
