@@ -3,8 +3,8 @@
 //!
 //! Pure functions over the bytes received so far (read with `MSG_PEEK`, so nothing is consumed):
 //! each answers `Incomplete` while more bytes could change the answer, and never reads past
-//! what it was given. Self-contained (std and httparse only) so that the fuzz targets in
-//! `egress-user/fuzz` compile this very file.
+//! what it was given. Self-contained (std and httparse only); the fuzz targets in
+//! `egress-user/fuzz` call them through the library.
 
 /// Largest ClientHello accepted (the handshake message, across records). Real ones are a few
 /// hundred bytes to a few KiB; post-quantum key shares stay well below this.

@@ -1,8 +1,7 @@
-//! What the fuzz targets share: the agent's first-bytes parsers, compiled from their one source
-//! file, and checks that more than one target makes.
+//! What the fuzz targets share: the agent's first-bytes parsers, from its library, and checks
+//! that more than one target makes.
 
-#[path = "../../src/sniff.rs"]
-pub mod sniff;
+pub use egress_user::sniff;
 
 use sniff::{H2_PREFACE, Kind, classify};
 
