@@ -23,7 +23,7 @@ use std::{
 use egress_user::workloads::api::{self, EnrollRequest, Selector};
 use serde_json::{Value, json};
 
-const SUPPORTED: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+const SUPPORTED: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 
 /// CNI error codes (SPEC.md, "Error"): well-known ones, and 100+ for this plugin's own.
 const E_INCOMPATIBLE_VERSION: u32 = 1;

@@ -246,11 +246,12 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         let admin_listener = tokio::net::TcpListener::bind(admin)
             .await
             .with_context(|| format!("admin endpoint {admin}"))?;
-        tokio::spawn(admin::serve(admin_listener, tx.clone(), status.clone()));
+        let tcp = admin::Listener::Tcp(admin_listener);
+        tokio::spawn(admin::serve(tcp, tx.clone(), status.clone()));
         // Enrolment needs the socket on a node; elsewhere it only lists the workload.
         match admin::bind_unix(&args.admin_socket) {
             Ok(l) => {
-                tokio::spawn(admin::serve_unix(l, tx.clone(), status));
+                tokio::spawn(admin::serve(admin::Listener::Unix(l), tx.clone(), status));
             }
             Err(e) if args.node => return Err(e.context("--admin-socket")),
             Err(e) => warn!("no admin socket: {e:#}"),

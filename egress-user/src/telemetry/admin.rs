@@ -36,18 +36,33 @@ enum Access {
     Unix,
 }
 
-pub async fn serve(listener: TcpListener, tx: Sender<Msg>, status: Arc<Mutex<Status>>) {
+/// Where admin requests arrive.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+pub async fn serve(listener: Listener, tx: Sender<Msg>, status: Arc<Mutex<Status>>) {
     loop {
-        let Ok((sock, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
         let (tx, status) = (tx.clone(), status.clone());
-        tokio::spawn(async move {
-            if let Err(e) = handle(sock, Access::Tcp, tx, status).await {
-                warn!("admin request: {e:#}");
+        let served = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(sock, _)| {
+                tokio::spawn(async move { handle(sock, Access::Tcp, tx, status).await })
+            }),
+            Listener::Unix(l) => l.accept().await.map(|(sock, _)| {
+                tokio::spawn(async move { handle(sock, Access::Unix, tx, status).await })
+            }),
+        };
+        match served {
+            Ok(request) => {
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = request.await {
+                        warn!("admin request: {e:#}");
+                    }
+                });
             }
-        });
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
@@ -73,21 +88,6 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
         .with_context(|| format!("chmod {}", path.display()))?;
     info!("admin socket {}", path.display());
     Ok(l)
-}
-
-pub async fn serve_unix(listener: UnixListener, tx: Sender<Msg>, status: Arc<Mutex<Status>>) {
-    loop {
-        let Ok((sock, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let (tx, status) = (tx.clone(), status.clone());
-        tokio::spawn(async move {
-            if let Err(e) = handle(sock, Access::Unix, tx, status).await {
-                warn!("admin request: {e:#}");
-            }
-        });
-    }
 }
 
 /// A request head and body, read within a few seconds.
