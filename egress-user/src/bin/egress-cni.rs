@@ -214,9 +214,9 @@ fn add(socket: &Path, conf: &Value, version: &str, container: String) -> Result<
 /// DEL never fails: the pod is going away whatever the agent says. What could not be done is
 /// logged on stderr; an agent that was down drops pods whose namespace is gone when it starts.
 fn del(socket: &Path, container: String) {
+    // The container id names the sandbox, whatever path its namespace had (or has no more).
     let sel = Selector {
         container_id: Some(container),
-        netns: env("CNI_NETNS").map(PathBuf::from),
         ..Selector::default()
     };
     if let Err(e) = api::unenroll(socket, &sel) {
@@ -244,5 +244,41 @@ fn check(socket: &Path, container: String) -> Result<(), Failure> {
             ),
             e.to_string(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_args_are_read_by_key() {
+        let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_UID=";
+        assert_eq!(cni_arg(args, "K8S_POD_NAMESPACE").as_deref(), Some("shop"));
+        assert_eq!(cni_arg(args, "K8S_POD_NAME").as_deref(), Some("web-0"));
+        // Empty and missing values are absent.
+        assert_eq!(cni_arg(args, "K8S_POD_UID"), None);
+        assert_eq!(cni_arg(args, "K8S_POD_INFRA_CONTAINER_ID"), None);
+        assert_eq!(cni_arg("", "K8S_POD_NAME"), None);
+    }
+
+    #[test]
+    fn version_and_configuration_errors_answer_as_the_specification_asks() {
+        let v = run("VERSION", &Value::Null, "1.0.0")
+            .ok()
+            .flatten()
+            .unwrap();
+        let v: Value = serde_json::from_str(&v).unwrap();
+        assert_eq!(v["supportedVersions"], json!(SUPPORTED));
+        let old = run("ADD", &json!({"cniVersion": "0.2.0"}), "0.2.0")
+            .err()
+            .unwrap();
+        assert_eq!(old.code, E_INCOMPATIBLE_VERSION);
+        let bad = json!({"cniVersion": "1.0.0", "adminSocket": 7});
+        let e = run("ADD", &bad, "1.0.0").err().unwrap();
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (E_INVALID_CONFIG, "egress-cni: adminSocket must be a path")
+        );
     }
 }
