@@ -536,9 +536,16 @@ impl Agent {
         String::from_utf8(o.stdout).unwrap().trim().to_owned()
     }
 
-    /// `egress stats`: reason code → count.
+    /// `egress stats`: reason code → count, in all (the per-workload lines after them do not
+    /// parse as counters).
     pub fn stats(&self) -> BTreeMap<String, u64> {
-        let o = self.egress(&["stats", "--pin-path", self.pin.to_str().unwrap()]);
+        let o = self.egress(&[
+            "stats",
+            "--pin-path",
+            self.pin.to_str().unwrap(),
+            "--admin-socket",
+            self.admin_socket.to_str().unwrap(),
+        ]);
         assert!(
             o.status.success(),
             "stats: {}",

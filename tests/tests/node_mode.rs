@@ -148,6 +148,11 @@ fn pods_connect_through_the_agent_from_their_own_addresses() {
         stats.starts_with(&format!("workload {}", label(&a))),
         "{stats}"
     );
+    // In all, the counters are followed by each workload's share, by name.
+    let all = egress(&c, &["stats", "--pin-path", c.agent.pin.to_str().unwrap()]);
+    for pod in [&a, &b] {
+        assert!(all.contains(&format!("\n{} netns=", label(pod))), "{all}");
+    }
     assert!(
         stats
             .lines()

@@ -419,6 +419,13 @@ fn stats(pin_path: &Path, workload: Option<&str>, socket: &Path) -> Result<()> {
     for (reason, n) in egress_common::Reason::ALL.iter().zip(counts) {
         println!("{:<8} {:<17} {n}", reason_verdict(*reason), reason.name());
     }
+    // In all: each enrolled workload's share too, when the agent answers on its socket.
+    if workload.is_none()
+        && let Ok(list) = api::list(socket)
+        && !list.is_empty()
+    {
+        println!("\nworkloads:\n{list}");
+    }
     Ok(())
 }
 
