@@ -11,10 +11,10 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, ConnLine, NodeOpts, Servers, TempDir, checked, egress_bin, eventually,
+    Agent, Cgroup, ConnLine, NodeOpts, Servers, TempDir, checked, egress_bin, eventually,
     l7::{StandIns, TestCa, curl_with},
     node::{CniCommand, EXT_V4, EXT_V6, Node, Pod},
-    privileged,
+    privileged, probe,
 };
 use serde_json::json;
 
@@ -702,4 +702,40 @@ spec:
             "{want:?}: {stats}"
         );
     }
+}
+
+#[test]
+fn on_a_node_the_agents_own_namespace_is_intercepted_only_in_the_cgroup_named() {
+    if !privileged("on_a_node_the_agents_own_namespace_is_intercepted_only_in_the_cgroup_named") {
+        return;
+    }
+    let cg = Cgroup::new("node-own");
+    let dir = TempDir::new("node-own");
+    let agent = Agent::start_node(NodeOpts {
+        config: "apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: node}
+spec:
+  interception: {includeOutboundIPRanges: [127.20.0.0/16]}
+",
+        state_file: &dir.path().join("workloads.json"),
+        admin_socket: &dir.path().join("admin.sock"),
+        extra: vec!["--cgroup".to_owned(), cg.path.display().to_string()],
+    });
+    let servers = Servers::new();
+    let echo = servers.echo("127.20.0.77:0".parse().unwrap());
+    // In the cgroup: through the agent, as the workload of the agent's own namespace.
+    let r = probe(Some(&cg), &["echo", &echo.to_string(), "10"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    let rec = agent.wait_conn("the cgroup's connection", |l| {
+        l.get("peer") == r.local().to_string()
+    });
+    assert_eq!(rec.get("workload"), "default/egress");
+    // The node's other processes in that namespace: left alone, counted.
+    let before = agent.stats()["not-enrolled"];
+    let r = probe(None, &["echo", &echo.to_string(), "10"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    assert_eq!(servers.wait_from(r.local()).received, 10);
+    // (Every other connect of the machine runs a node agent's hook too: at least this one.)
+    assert!(agent.stats()["not-enrolled"] > before);
 }
