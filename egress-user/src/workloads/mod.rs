@@ -609,3 +609,33 @@ pub fn parse_label(s: &str) -> Result<(String, String)> {
     check_name("name", name)?;
     Ok((ns.to_owned(), name.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_names_are_kubernetes_names() {
+        assert_eq!(
+            parse_label("team-a/web-0").unwrap(),
+            ("team-a".to_owned(), "web-0".to_owned())
+        );
+        for bad in ["web-0", "Team/web", "a/", "/b", "a/b c", "a/b\nc"] {
+            let e = parse_label(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("is not a Kubernetes name") || e.contains("expected NAMESPACE/NAME"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_with_unknown_fields_are_refused() {
+        let ok: api::EnrollRequest =
+            serde_json::from_str(r#"{"netns": "/var/run/netns/a", "namespace": "n", "name": "p"}"#)
+                .unwrap();
+        assert_eq!((ok.uid.as_str(), ok.container_id), ("", None));
+        let e = serde_json::from_str::<api::Selector>(r#"{"containerID": "x"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `containerID`"), "{e}");
+    }
+}

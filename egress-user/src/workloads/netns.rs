@@ -101,20 +101,29 @@ impl NetNs {
         let home = HOME
             .get()
             .context("the agent's own network namespace was not recorded")?;
-        // SAFETY: setns on valid namespace fds; it affects this thread only.
+        // SAFETY: setns on a valid namespace fd; it affects this thread only.
         if unsafe { libc::setns(self.fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(io::Error::last_os_error()).context("entering the workload's namespace");
         }
-        let out = f();
-        // SAFETY: as above.
-        if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // Back home when `f` returns, and also if it panics.
+        let _back = Home(home);
+        Ok(f())
+    }
+}
+
+/// Returns the thread to the agent's own namespace when dropped.
+struct Home<'a>(&'a OwnedFd);
+
+impl Drop for Home<'_> {
+    fn drop(&mut self) {
+        // SAFETY: setns on a valid namespace fd; it affects this thread only.
+        if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             // A thread left in a workload's namespace would open the next connection's sockets
             // there: nothing is safe after this.
             let e = io::Error::last_os_error();
             log::error!("could not return to the agent's network namespace: {e}; aborting");
             std::process::abort();
         }
-        Ok(out)
     }
 }
 
