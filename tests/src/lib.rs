@@ -539,16 +539,27 @@ impl Agent {
     /// `egress stats`: reason code → count, in all (the per-workload lines after them do not
     /// parse as counters).
     pub fn stats(&self) -> BTreeMap<String, u64> {
-        let o = self.egress(&[
+        self.stats_with(&[])
+    }
+
+    /// `egress stats --workload NS/NAME` (a node agent's): reason code → count.
+    pub fn workload_stats(&self, workload: &str) -> BTreeMap<String, u64> {
+        self.stats_with(&["--workload", workload])
+    }
+
+    fn stats_with(&self, extra: &[&str]) -> BTreeMap<String, u64> {
+        let mut args = vec![
             "stats",
             "--pin-path",
             self.pin.to_str().unwrap(),
             "--admin-socket",
             self.admin_socket.to_str().unwrap(),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let o = self.egress(&args);
         assert!(
             o.status.success(),
-            "stats: {}",
+            "stats {extra:?}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
         String::from_utf8(o.stdout)
@@ -847,8 +858,13 @@ impl Servers {
     /// An HTTP/1.1 server keeping connections open: every request (a head, no body) gets a
     /// `200 OK` of `size` bytes in all, head included.
     pub fn http_sized(&self, addr: SocketAddr, size: usize) -> SocketAddr {
+        self.http_sized_on(bind(addr), size)
+    }
+
+    /// `http_sized` on a listener bound elsewhere (in another network namespace, say).
+    pub fn http_sized_on(&self, l: TcpListener, size: usize) -> SocketAddr {
         let resp: Arc<[u8]> = http_response(size).into();
-        self.serve(bind(addr), move |mut s, _| {
+        self.serve(l, move |mut s, _| {
             let resp = resp.clone();
             async move {
                 let mut pending = Vec::new();

@@ -2,7 +2,8 @@
 //!
 //! egress-bench run [--quick] [--out BENCHMARKS.md]
 //!     every contender, alternating round by round so the machine's drift cancels out, and the
-//!     report with ratios to the direct connection. Needs root; all traffic stays on loopback.
+//!     report with ratios to the direct connection. Needs root; all traffic stays on loopback,
+//!     or between the network namespaces of the nodes it builds (tests/src/node.rs).
 //! egress-bench serve echo|sink|http ADDR            a server of the run's kind, until killed
 //! egress-bench client connect ADDR COUNT            connect + close, one after another
 //! egress-bench client rr ADDR COUNT SIZE THREADS    connect, an HTTP request of SIZE bytes, its
@@ -15,15 +16,19 @@ use std::{
     fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
     process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
 use egress_tests::{
-    Agent, AgentOpts, Cgroup, IptablesRedirect, Servers,
+    Agent, AgentOpts, Cgroup, IptablesRedirect, NodeOpts, Servers, TempDir,
     configs::{filler_cidrs, service_entries},
-    egress_bin, free_port, raise_nofile_limit,
+    egress_bin, eventually, free_port,
+    node::{EXT_V4, Netns, Node, Pod},
+    raise_nofile_limit,
 };
+use serde_json::json;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -117,7 +122,16 @@ fn read_response(s: &mut TcpStream, buf: &mut [u8]) {
     }
 }
 
+/// How long a client may run, whatever it was asked for: every load loop stops in time even
+/// when a path stalls (the run then fails, saying which client).
+const CLIENT_LIMIT: Duration = Duration::from_secs(300);
+
 fn client(a: &[&str]) -> ExitCode {
+    std::thread::spawn(|| {
+        std::thread::sleep(CLIENT_LIMIT);
+        eprintln!("client still running after {CLIENT_LIMIT:?}: stopped");
+        std::process::exit(3);
+    });
     match a {
         ["connect", dst, count] => {
             let (dst, n) = (addr(dst), num(count) as usize);
@@ -212,17 +226,35 @@ fn fields(line: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Run a client, inside `cgroup` when given; its result line.
-fn run_client(cgroup: Option<&Cgroup>, args: &[String]) -> BTreeMap<String, String> {
+/// Where a client runs.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    /// In the benchmark's own cgroup and network namespace, which nothing intercepts.
+    Here,
+    /// Inside an intercepted cgroup (through `egress exec`).
+    Cgroup(&'a Cgroup),
+    /// In a pod's network namespace (the benchmark's own cgroup).
+    Netns(&'a Netns),
+}
+
+impl<'a> From<Option<&'a Cgroup>> for At<'a> {
+    fn from(cgroup: Option<&'a Cgroup>) -> At<'a> {
+        cgroup.map_or(At::Here, At::Cgroup)
+    }
+}
+
+/// Run a client where `at` says; its result line.
+fn run_client<'a>(at: impl Into<At<'a>>, args: &[String]) -> BTreeMap<String, String> {
     let me = std::env::current_exe().unwrap();
-    let mut c = match cgroup {
-        Some(cg) => {
+    let mut c = match at.into() {
+        At::Cgroup(cg) => {
             let mut c = Command::new(egress_bin());
             c.args(["exec", "--cgroup", cg.path.to_str().unwrap(), "--"])
                 .arg(&me);
             c
         }
-        None => Command::new(&me),
+        At::Netns(ns) => ns.command(&me),
+        At::Here => Command::new(&me),
     };
     let o = c
         .arg("client")
@@ -276,20 +308,60 @@ impl std::fmt::Display for Spread {
 
 /// One contender's measurements over the rounds: metric → values.
 #[derive(Default)]
-struct Samples(BTreeMap<&'static str, Vec<f64>>);
+struct Samples {
+    metrics: BTreeMap<&'static str, Vec<f64>>,
+    /// Latency percentiles 1..=99 and 99.9 of the last short-connection run.
+    pcts: Vec<f64>,
+}
 
 impl Samples {
     fn push(&mut self, metric: &'static str, v: f64) {
-        self.0.entry(metric).or_default().push(v);
+        self.metrics.entry(metric).or_default().push(v);
     }
     fn get(&self, metric: &str) -> Spread {
         spread(
-            self.0
+            self.metrics
                 .get(metric)
                 .cloned()
                 .unwrap_or_else(|| vec![f64::NAN]),
         )
     }
+}
+
+/// Short connections (`client rr`: 1 KiB each way, 4 threads, `ops` in all) from each of
+/// `runs` to its destination, alternating run by run for `rounds` rounds: each one's samples
+/// (p50, p99, rate and, when `agent` is given, that process's CPU µs per connection).
+fn rr_rounds(
+    rounds: usize,
+    ops: u64,
+    runs: &[(At<'_>, SocketAddr)],
+    agent: Option<u32>,
+) -> Vec<Samples> {
+    let mut samples: Vec<Samples> = runs.iter().map(|_| Samples::default()).collect();
+    for _ in 0..rounds {
+        for (k, (at, dst)) in runs.iter().enumerate() {
+            let cpu0 = agent.map(cpu_seconds);
+            let r = run_client(
+                *at,
+                &[
+                    "rr".into(),
+                    dst.to_string(),
+                    ops.to_string(),
+                    RR_SIZE.to_string(),
+                    "4".into(),
+                ],
+            );
+            let done: f64 = r["ops"].parse().unwrap();
+            if let (Some(pid), Some(c0)) = (agent, cpu0) {
+                samples[k].push("agent_cpu_us", (cpu_seconds(pid) - c0) * 1e6 / done);
+            }
+            samples[k].push("p50", r["p50_us"].parse().unwrap());
+            samples[k].push("p99", r["p99_us"].parse().unwrap());
+            samples[k].push("rate", r["rate"].parse().unwrap());
+            samples[k].pcts = r["pcts"].split(',').map(|v| v.parse().unwrap()).collect();
+        }
+    }
+    samples
 }
 
 struct Settings {
@@ -299,6 +371,8 @@ struct Settings {
     stream_bytes: u64,
     cidrs: Vec<u32>,
     idle: usize,
+    /// Pods enrolled at once for the node agent's footprint.
+    pods: usize,
 }
 
 /// Request and response size of the short connections.
@@ -369,6 +443,7 @@ fn run(a: &[&str]) -> ExitCode {
             stream_bytes: 64 << 20,
             cidrs: vec![10, 1000],
             idle: 500,
+            pods: 10,
         }
     } else {
         Settings {
@@ -378,6 +453,7 @@ fn run(a: &[&str]) -> ExitCode {
             stream_bytes: 1 << 30,
             cidrs: vec![10, 1000, 100_000],
             idle: 10_000,
+            pods: 100,
         }
     };
 
@@ -607,25 +683,14 @@ fn run(a: &[&str]) -> ExitCode {
         (HTTP_ENTRY, Some(&cg), egress_http_entry),
         (HAPROXY_HTTP, None, ipt_haproxy_http),
     ];
-    let mut rr_samples: Vec<Samples> = (0..rr.len()).map(|_| Samples::default()).collect();
-    for _ in 0..s.rounds {
-        for (k, (_, cgroup, dst)) in rr.iter().enumerate() {
-            let r = run_client(
-                *cgroup,
-                &[
-                    "rr".into(),
-                    dst.to_string(),
-                    s.rr_ops.to_string(),
-                    RR_SIZE.to_string(),
-                    "4".into(),
-                ],
-            );
-            rr_samples[k].push("p50", r["p50_us"].parse().unwrap());
-            rr_samples[k].push("p99", r["p99_us"].parse().unwrap());
-            rr_samples[k].push("rate", r["rate"].parse().unwrap());
-            let pcts: Vec<f64> = r["pcts"].split(',').map(|v| v.parse().unwrap()).collect();
-            plots.rr.insert(rr[k].0, pcts);
-        }
+    let rr_samples = rr_rounds(
+        s.rounds,
+        s.rr_ops,
+        &rr.map(|(_, cgroup, dst)| (cgroup.into(), dst)),
+        None,
+    );
+    for ((name, _, _), samples) in rr.iter().zip(&rr_samples) {
+        plots.rr.insert(name, samples.pcts.clone());
     }
     writeln!(
         md,
@@ -867,6 +932,8 @@ fn run(a: &[&str]) -> ExitCode {
     drop(a);
     writeln!(md).unwrap();
 
+    md += &node_section(&s, &mut plots);
+
     if let Some(dir) = &criterion {
         md += &pipeline_section(std::path::Path::new(dir));
     }
@@ -875,6 +942,496 @@ fn run(a: &[&str]) -> ExitCode {
     std::fs::write(&out, report).expect("writing the report");
     println!("wrote {out}");
     ExitCode::SUCCESS
+}
+
+/// Section 6's stand-ins' ports, the same on loopback and in the nodes' ext namespaces.
+#[derive(Clone, Copy)]
+struct NodePorts {
+    /// Redirected: no ServiceEntry declares it.
+    redirect: u16,
+    /// A TCP ServiceEntry by address: the kernel lets it straight out.
+    direct: u16,
+    /// Excluded.
+    bypass: u16,
+}
+
+/// The Kubernetes namespace of section 6's pods.
+const POD_NS: &str = "bench";
+/// The node agent's own namespace's identity (intercepted by cgroup).
+const OWN_WORKLOAD: &str = "bench/node-agent";
+/// Section 6's intercepted contenders: the row's name, the kernel's verdict and the reason it
+/// counts.
+const NODE_PATHS: [(&str, &str, &str); 3] = [
+    ("through the agent (redirect)", "redirect", "included-cidr"),
+    ("direct (TCP ServiceEntry)", "direct", "tcp-entry"),
+    ("bypass (excluded port)", "bypass", "excluded-port"),
+];
+/// The node agent's periodic housekeeping (every 5 s) returns what the allocator kept: its
+/// footprint is read once that has run.
+const HOUSEKEEPING: Duration = Duration::from_secs(6);
+/// The longest a loop of section 6 that is not a client (enrolling pods, entering a
+/// namespace) runs; what it did by then is reported.
+const LOOP_LIMIT: Duration = Duration::from_secs(120);
+
+/// The node agent's configuration: 127.65/16 (its own namespace, by cgroup) and the ext
+/// namespace's address (from pods) redirected, except port `bypass`; 127.66/16 and the ext
+/// address on port `direct` a TCP ServiceEntry by address.
+fn node_config(p: NodePorts) -> String {
+    format!(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: bench-node}}\nspec:\n  \
+         outboundTrafficPolicy: {{mode: ALLOW_ANY}}\n  interception:\n    \
+         includeOutboundIPRanges: [127.65.0.0/16, 127.66.0.0/16, {EXT_V4}/32]\n    \
+         excludeOutboundPorts: [{}]\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {{name: bench-direct}}\nspec:\n  hosts: [direct.bench]\n  \
+         addresses: [127.66.0.0/16, {EXT_V4}]\n  resolution: NONE\n  \
+         ports: [{{number: {}, name: tcp, protocol: TCP}}]\n",
+        p.bypass, p.direct
+    )
+}
+
+/// Section 6: node mode. One node agent (`egress run --node`) serves the pods of a node built
+/// as a runtime builds one (tests/src/node.rs: bridge and host-local, then egress-cni) and, by
+/// cgroup, its own namespace. Section 2's short connections from a pod and from the agent's
+/// namespace, each next to its own baseline; then the agent's footprint per enrolled pod.
+fn node_section(s: &Settings, plots: &mut Plots) -> String {
+    let held: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    let port = |i: usize| held[i].local_addr().unwrap().port();
+    let ports = NodePorts {
+        redirect: port(0),
+        direct: port(1),
+        bypass: port(2),
+    };
+    drop(held);
+    // Dropped in reverse: the servers (whose listeners hold the ext namespaces), both nodes
+    // (their pods get DEL while the agent still runs), the agent, its cgroup and directory.
+    let dir = TempDir::new("bench-node");
+    let admin = dir.path().join("admin.sock");
+    let cg = Cgroup::new("bench-node");
+    let agent = Agent::start_node(NodeOpts {
+        config: &node_config(ports),
+        state_file: &dir.path().join("workloads.json"),
+        admin_socket: &admin,
+        extra: vec![
+            "--cgroup".into(),
+            cg.path.display().to_string(),
+            "--workload".into(),
+            OWN_WORKLOAD.into(),
+        ],
+    });
+    let pid = agent.pid();
+    let node = Node::builder("bench")
+        .cni_dir(egress_bin().parent().expect("the binaries' directory"))
+        .chain(json!({"type": "egress-cni", "adminSocket": admin}))
+        .build();
+    let plain = Node::new("bench-plain");
+    let servers = Servers::new();
+    let on = |ip: [u8; 4], port| servers.http_sized(SocketAddr::from((ip, port)), RR_SIZE);
+    let in_ext = |n: &Node, port| {
+        servers.http_sized_on(n.ext().listen(SocketAddr::from((EXT_V4, port))), RR_SIZE)
+    };
+    // Baseline, redirect, direct, bypass.
+    let pod_dst = [
+        in_ext(&plain, ports.redirect),
+        in_ext(&node, ports.redirect),
+        in_ext(&node, ports.direct),
+        in_ext(&node, ports.bypass),
+    ];
+    let own_dst = [
+        on([127, 64, 0, 1], ports.redirect),
+        on([127, 65, 0, 1], ports.redirect),
+        on([127, 66, 0, 1], ports.direct),
+        on([127, 65, 0, 1], ports.bypass),
+    ];
+    let outsider = plain.add_pod(POD_NS, "outsider");
+    let pod = node.add_pod(POD_NS, "client");
+
+    let mut runs = pod_runs(&outsider, &pod, &pod_dst);
+    runs.extend(own_dst.iter().enumerate().map(|(i, d)| {
+        let at = if i == 0 { At::Here } else { At::Cgroup(&cg) };
+        (at, *d)
+    }));
+    let samples = rr_rounds(s.rounds, s.rr_ops, &runs, Some(pid));
+    drop(runs);
+    let (pod_rows, own_rows) = samples.split_at(4);
+    // The paths are what the rows say they are: the kernel counted every connection.
+    let label = format!("{POD_NS}/{}", pod.sandbox.name);
+    let want = s.rounds as u64 * s.rr_ops;
+    let counted = [&label, OWN_WORKLOAD].map(|w| {
+        let stats = agent.workload_stats(w);
+        NODE_PATHS.map(|(_, _, reason)| {
+            let n = stats.get(reason).copied().unwrap_or(0);
+            assert!(
+                n >= want,
+                "{w}: {n} connections counted {reason}, {want} made"
+            );
+            n
+        })
+    });
+    let setns = setns_cost(&pod.sandbox.netns, s.rounds, s.connects * 10);
+
+    let mut md = String::from("## 6. Node mode: from a pod and from the agent's own namespace\n\n");
+    writeln!(
+        md,
+        "One node agent (`egress run --node`, and `--cgroup` to intercept a cgroup of its own \
+         namespace) serves the pods of a node built for the run from network namespaces as a \
+         container runtime builds one: Debian's bridge with host-local, then `egress-cni`, which \
+         enrols each pod (tests/src/node.rs). Section 2's short connections ({} per run over 4 \
+         threads, {RR_SIZE} bytes each way), {} rounds, the eight contenders alternating run by \
+         run:\n\n\
+         - **from a pod**, to stand-ins in the node's ext namespace ({EXT_V4}): **through the \
+         agent** (a port no ServiceEntry declares, redirected under `ALLOW_ANY`: the agent \
+         accepts on its listener inside the pod's namespace and connects upstream from that \
+         namespace), **direct** (a TCP ServiceEntry by address, `resolution: NONE`: decided in \
+         the kernel, no agent hop), **bypass** (an excluded port); the **baseline** is a pod of a \
+         second node whose chain has no egress-cni, to the same kind of stand-in in its own ext \
+         namespace: the same path, not enrolled (the hooks leave it alone, `not-enrolled`).\n\
+         - **from the agent's own namespace**, intercepted by cgroup, to stand-ins on loopback: \
+         the same three, and the **baseline** outside the cgroup.\n\n\
+         A pod's connection crosses a veth, the node's bridge and IP forwarding to another veth \
+         before it reaches the stand-in, where the agent's namespace has loopback: pod rows \
+         compare to the pod baseline, rows from the agent's namespace to the loopback baseline. \
+         The node agent's hooks are attached at the root of the cgroup hierarchy, so both \
+         baselines pass them (and are left alone). **agent CPU** is the time the agent's threads \
+         ran during a run, per connection.\n",
+        s.rr_ops, s.rounds
+    )
+    .unwrap();
+    node_table(
+        &mut md,
+        &[("pod", pod_rows), ("agent's namespace", own_rows)],
+    );
+    let base = |m: &str| pod_rows[0].get(m).median / own_rows[0].get(m).median;
+    writeln!(
+        md,
+        "- The pod path itself (the pod baseline against the loopback baseline): {:.2}× the \
+         connections/s, {:.2}× the p50, {:.2}× the p99.",
+        base("rate"),
+        base("p50"),
+        base("p99")
+    )
+    .unwrap();
+    let said = |c: &[u64; 3]| {
+        NODE_PATHS
+            .iter()
+            .zip(c)
+            .map(|((_, verdict, reason), n)| format!("{n} {verdict} ({reason})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    writeln!(
+        md,
+        "- Verdicts the kernel counted in these rounds ({want} connections per contender): from \
+         the pod, {}; from the agent's namespace, {}.",
+        said(&counted[0]),
+        said(&counted[1])
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "- Entering a pod's network namespace and coming back (two setns(2) calls), as the \
+         agent does around each socket it opens for a pod (its two listeners at enrolment, the \
+         upstream socket of each redirected connection): {setns} µs a round trip ({} per round, \
+         {} rounds, on one thread), against the agent's {:.1} µs of CPU per connection through \
+         it from the pod and {:.1} µs from its own namespace.\n",
+        s.connects * 10,
+        s.rounds,
+        pod_rows[1].get("agent_cpu_us").median,
+        own_rows[1].get("agent_cpu_us").median,
+    )
+    .unwrap();
+    for (side, rows) in [("pod", pod_rows), ("agent's namespace", own_rows)] {
+        for (k, (what, _, _)) in NODE_PATHS.iter().enumerate() {
+            let ratio = rows[k + 1].pcts.iter().zip(&rows[0].pcts);
+            plots.node.push((
+                format!("{side}: {what}"),
+                ratio.map(|(a, b)| a / b).collect(),
+            ));
+        }
+    }
+
+    // The footprint: no pod, then `s.pods` pods enrolled, then released.
+    node.remove_pod(&pod);
+    std::thread::sleep(HOUSEKEEPING);
+    let zero = footprint(pid);
+    let (mut idle, mut add_ms) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    for i in 0..s.pods {
+        if started.elapsed() > LOOP_LIMIT {
+            break;
+        }
+        let t = Instant::now();
+        idle.push(node.add_pod(POD_NS, &format!("idle-{i}")));
+        add_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let n = idle.len();
+    std::thread::sleep(HOUSEKEEPING);
+    let full = footprint(pid);
+    let crowded = rr_rounds(
+        s.rounds,
+        s.rr_ops,
+        &pod_runs(&outsider, &idle[0], &pod_dst),
+        Some(pid),
+    );
+    let mut del_ms = Vec::new();
+    for p in &idle {
+        let t = Instant::now();
+        node.remove_pod(p);
+        del_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let settled = eventually(10, || footprint(pid).fds == zero.fds);
+    std::thread::sleep(HOUSEKEEPING);
+    let after = footprint(pid);
+
+    writeln!(md, "### The agent's footprint per enrolled pod\n").unwrap();
+    writeln!(
+        md,
+        "{n} pods enrolled one after another through the node's chain, as a runtime enrols them \
+         (CNI ADD: bridge with host-local, then egress-cni), none carrying traffic, then \
+         released (CNI DEL, then the namespace deleted). RSS is the agent's VmRSS, descriptors \
+         its /proc/PID/fd, each read {HOUSEKEEPING:?} after the change, once the agent's \
+         housekeeping has run.{}\n",
+        if n < s.pods {
+            format!(
+                " ({} were asked for; enrolling stopped after {LOOP_LIMIT:?}.)",
+                s.pods
+            )
+        } else {
+            String::new()
+        }
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| agent | RSS | open descriptors | sockets | network namespaces | others |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|---:|---:|").unwrap();
+    let row = |md: &mut String, what: &str, rss: String, f: [f64; 3]| {
+        let fmt = |v: f64| {
+            if v.fract() == 0.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        writeln!(
+            md,
+            "| {what} | {rss} | {} | {} | {} | {} |",
+            fmt(f[0]),
+            fmt(f[1]),
+            fmt(f[2]),
+            fmt(f[0] - f[1] - f[2])
+        )
+        .unwrap();
+    };
+    for (what, f) in [
+        ("no pod enrolled (after the rounds above)", &zero),
+        (&*format!("{n} pods enrolled"), &full),
+    ] {
+        row(&mut md, what, format!("{:.1} MB", f.rss_mb), f.counts());
+    }
+    let (f, z) = (full.counts(), zero.counts());
+    let per = [0, 1, 2].map(|i| (f[i] - z[i]) / n as f64);
+    row(
+        &mut md,
+        &format!("per pod (difference ÷ {n})"),
+        format!("{:.0} KB", (full.rss_mb - zero.rss_mb) * 1024.0 / n as f64),
+        per,
+    );
+    row(
+        &mut md,
+        &format!("after releasing the {n} (and the rounds with them, below)"),
+        format!("{:.1} MB", after.rss_mb),
+        after.counts(),
+    );
+    writeln!(md).unwrap();
+    writeln!(
+        md,
+        "- Descriptors after the release: {} ({} open, {} with no pod).",
+        if settled {
+            "back to where they were with no pod"
+        } else {
+            "**not** back to where they were with no pod within 10 s"
+        },
+        after.counts()[0],
+        zero.counts()[0]
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "- CNI ADD of one pod through the whole chain: {}; DEL (then `ip netns del`): {}.",
+        first_and_last(&add_ms),
+        first_and_last(&del_ms)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "- With the {n} pods enrolled, the same short connections from one of them, in rounds of \
+         their own (the rows above had one pod enrolled):\n"
+    )
+    .unwrap();
+    node_table(&mut md, &[(&format!("pod, {n} enrolled"), &crowded)]);
+    let redirect = |rows: &[Samples], m: &str| rows[1].get(m).median / rows[0].get(m).median;
+    writeln!(
+        md,
+        "- Through the agent with {n} pods enrolled against one: p50 {:.2}× its baseline against \
+         {:.2}×, p99 {:.2}× against {:.2}×, agent CPU {:.1} against {:.1} µs per connection.\n",
+        redirect(&crowded, "p50"),
+        redirect(pod_rows, "p50"),
+        redirect(&crowded, "p99"),
+        redirect(pod_rows, "p99"),
+        crowded[1].get("agent_cpu_us").median,
+        pod_rows[1].get("agent_cpu_us").median
+    )
+    .unwrap();
+    md
+}
+
+/// Section 6's runs from pods: the baseline from `outsider` (not enrolled), the intercepted
+/// paths from `client`, to `dst` (baseline, redirect, direct, bypass).
+fn pod_runs<'a>(
+    outsider: &'a Pod,
+    client: &'a Pod,
+    dst: &[SocketAddr; 4],
+) -> Vec<(At<'a>, SocketAddr)> {
+    dst.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let from = if i == 0 { outsider } else { client };
+            (At::Netns(&from.sandbox.netns), *d)
+        })
+        .collect()
+}
+
+/// Section 6's table: for each side, its baseline's row (the first), then each path's, with
+/// ratios to that baseline.
+fn node_table(md: &mut String, sides: &[(&str, &[Samples])]) {
+    writeln!(
+        md,
+        "| from | contender | connections/s | p50 µs | p99 µs | rate vs baseline | p50 vs baseline \
+         | p99 vs baseline | agent CPU µs per connection |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    for (side, rows) in sides {
+        let names = std::iter::once(if side.starts_with("pod") {
+            "baseline: a pod that is not enrolled"
+        } else {
+            "baseline: outside the intercepted cgroup"
+        })
+        .chain(NODE_PATHS.iter().map(|(what, _, _)| *what));
+        for (r, name) in rows.iter().zip(names) {
+            let vs = |m: &str| r.get(m).median / rows[0].get(m).median;
+            writeln!(
+                md,
+                "| {side} | {name} | {} | {} | {} | {:.2}× | {:.2}× | {:.2}× | {} |",
+                r.get("rate"),
+                r.get("p50"),
+                r.get("p99"),
+                vs("rate"),
+                vs("p50"),
+                vs("p99"),
+                r.get("agent_cpu_us")
+            )
+            .unwrap();
+        }
+    }
+    writeln!(md).unwrap();
+}
+
+/// "median X ms (first ten Y ms, last ten Z ms)" of durations in milliseconds, in order.
+fn first_and_last(ms: &[f64]) -> String {
+    let median = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            spread(v.to_vec()).median
+        }
+    };
+    let ten = ms.len().min(10);
+    format!(
+        "median {:.0} ms (the first ten {:.0} ms, the last ten {:.0} ms)",
+        median(ms),
+        median(&ms[..ten]),
+        median(&ms[ms.len() - ten..])
+    )
+}
+
+/// A process's resident memory and open descriptors by kind: what /proc/PID/fd links to
+/// before its colon (`socket`, `net` for a network namespace, `anon_inode`, `pipe`), `net` for
+/// a namespace opened by its `ip netns` path, `file` for another path.
+#[derive(PartialEq)]
+struct Footprint {
+    rss_mb: f64,
+    fds: BTreeMap<String, usize>,
+}
+
+impl Footprint {
+    /// Descriptors: all, sockets, network namespaces.
+    fn counts(&self) -> [f64; 3] {
+        let of = |k: &str| self.fds.get(k).copied().unwrap_or(0) as f64;
+        [
+            self.fds.values().sum::<usize>() as f64,
+            of("socket"),
+            of("net"),
+        ]
+    }
+}
+
+fn footprint(pid: u32) -> Footprint {
+    let mut fds = BTreeMap::new();
+    let links = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok());
+    for target in links {
+        let t = target.to_string_lossy();
+        let kind = match t.split_once(':') {
+            // A namespace opened by its `ip netns` path links to that path.
+            _ if t.starts_with("/run/netns/") => "net",
+            Some((k, _)) if !t.starts_with('/') => k,
+            _ => "file",
+        };
+        *fds.entry(kind.to_owned()).or_default() += 1;
+    }
+    Footprint {
+        rss_mb: rss_mb(pid),
+        fds,
+    }
+}
+
+/// Microseconds per round trip into `ns` and back, two setns(2) calls, as the agent makes
+/// around each socket it opens for a pod: `count` round trips per round, for `rounds` rounds
+/// (each bounded by `LOOP_LIMIT`), on a thread of its own.
+fn setns_cost(ns: &Netns, rounds: usize, count: u64) -> Spread {
+    let pod = std::fs::File::open(ns.path()).expect("the pod's network namespace");
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            let home = std::fs::File::open("/proc/thread-self/ns/net")
+                .expect("this thread's network namespace");
+            let enter = |f: &std::fs::File| {
+                // SAFETY: setns(2) on an open namespace file; it moves this thread only.
+                let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            };
+            let lap = || {
+                let start = Instant::now();
+                let mut done = 0u64;
+                while done < count && start.elapsed() < LOOP_LIMIT {
+                    enter(&pod);
+                    enter(&home);
+                    done += 1;
+                }
+                start.elapsed().as_secs_f64() * 1e6 / done.max(1) as f64
+            };
+            spread((0..rounds).map(|_| lap()).collect())
+        })
+        .join()
+        .expect("the setns loop")
+    })
 }
 
 /// The issue's goals, each as a figure from this run.
@@ -985,15 +1542,19 @@ fn listening(port: u16) -> bool {
         })
 }
 
-/// User + system CPU time of a process, in seconds.
+/// CPU time of a process's threads, in seconds, to the nanosecond (their schedstat; the
+/// clock ticks of /proc/PID/stat are 10 ms, a few µs per connection in a short run). Threads
+/// that ended are not counted: the agent and HAProxy keep theirs.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    let ns: f64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum();
+    ns / 1e9
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -1041,7 +1602,7 @@ fn pipeline_section(dir: &std::path::Path) -> String {
         }
     };
     let mut md = String::from(
-        "## 6. Configuration pipeline (criterion)\n\n\
+        "## 7. Configuration pipeline (criterion)\n\n\
          Micro-benchmarks in user space (`cargo bench -p egress-user --bench compile`), medians with \
          their 95% confidence interval: **load** reads and parses the YAML into the model, **plan** \
          compiles the contents of the datapath's maps, **registry** what the agent matches streams \
@@ -1116,7 +1677,8 @@ fn header(s: &Settings, quick: bool) -> String {
     format!(
         "# Benchmarks\n\nRegenerated by `cargo xtask bench`{} (as root). Every figure is measured in one run, contenders \
          alternating round by round ({} rounds) so that the machine's drift cancels out; all traffic is on loopback \
-         (127.0.0.0/8). Figures are medians with the (min–max) over rounds; ratios compare medians.\n\n\
+         (127.0.0.0/8) or, in section 6, between the network namespaces of two nodes built for the run (198.18.0.0/15). \
+         Figures are medians with the (min–max) over rounds; ratios compare medians.\n\n\
          - machine: {cores} cores, {cpu}; {}; Linux {}\n- contenders: **direct** (no hook, no proxy); **egress bypass** \
          (hooks attached, destination excluded); **egress redirect** (hooks, through the agent); **iptables REDIRECT → egress \
          agent** (the same agent behind classic interception, finding the destination through conntrack); **iptables REDIRECT \
@@ -1140,6 +1702,8 @@ struct Plots {
     bypass: BTreeMap<&'static str, Vec<(f64, f64)>>,
     /// contender → latency percentiles 1..=99, 99.9 (last round)
     rr: BTreeMap<&'static str, Vec<f64>>,
+    /// node mode: side and path → each latency percentile over its side's baseline's
+    node: Vec<(String, Vec<f64>)>,
 }
 
 impl Plots {
@@ -1153,6 +1717,7 @@ impl Plots {
         std::fs::create_dir_all(&dir).expect("creating the plot directory");
         let bypass = dir.join("bypass.svg");
         let rr = dir.join("short-connections.svg");
+        let node = dir.join("node-mode.svg");
         egress_tests::plot::lines(
             &bypass,
             "Bypass: connect + close p50 vs excluded CIDRs",
@@ -1183,8 +1748,22 @@ impl Plots {
                 .map(|(k, v)| (*k, pct(v)))
                 .collect::<Vec<_>>(),
         );
+        egress_tests::plot::lines(
+            &node,
+            "Node mode: latency by percentile over the same side's baseline",
+            "percentile",
+            "× baseline",
+            false,
+            &self
+                .node
+                .iter()
+                .map(|(k, v)| (k.as_str(), pct(v)))
+                .collect::<Vec<_>>(),
+        );
         "## Plots\n\n![bypass latency vs number of CIDRs](tests/benchmarks/bypass.svg)\n\n\
-         ![short-connection latency distribution](tests/benchmarks/short-connections.svg)\n"
+         ![short-connection latency distribution](tests/benchmarks/short-connections.svg)\n\n\
+         ![node mode: short-connection latency from a pod and from the agent's namespace, over \
+         each side's baseline](tests/benchmarks/node-mode.svg)\n"
             .to_owned()
     }
 }
