@@ -24,8 +24,9 @@ use crate::{
 };
 use run::{datapath_config, load_config};
 
-/// eBPF egress interception for service meshes: every TCP connect() of an intercepted cgroup is
-/// redirected to this agent, let straight out, or refused, in the kernel, from mesh configuration.
+/// eBPF egress interception for service meshes: every TCP connect() of an enrolled workload (a
+/// pod's network namespace on a node, or an intercepted cgroup) is redirected to this agent, let
+/// straight out, or refused, in the kernel, from mesh configuration.
 #[derive(Parser)]
 #[command(name = "egress", version)]
 struct Cli {
@@ -35,8 +36,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Attach the datapath to a cgroup, program it from the configuration, and proxy
-    /// redirected connections to their original destinations until SIGINT/SIGTERM.
+    /// Attach the datapath to a cgroup (with --node, to the whole node, for enrolled network
+    /// namespaces), program it from the configuration, and proxy redirected connections to
+    /// their original destinations until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Run a command inside the intercepted cgroup.
     Exec {
