@@ -129,14 +129,9 @@ pub fn views(c: &MeshConfig) -> (Vec<Vec<usize>>, BTreeMap<String, u16>) {
     (views, of)
 }
 
-/// Every namespace's policy under a configuration.
-pub fn compile_policies(c: &MeshConfig) -> Policies {
-    let (_, view_of) = views(c);
-    policies(c, &view_of)
-}
-
-/// The policy of each namespace the configuration names, and the default.
-fn policies(c: &MeshConfig, view_of: &BTreeMap<String, u16>) -> Policies {
+/// The policy of each namespace the configuration names (with its view from `views`), and the
+/// default.
+pub fn policies(c: &MeshConfig, view_of: &BTreeMap<String, u16>) -> Policies {
     // A Sidecar without a workload selector sets its namespace's mode; the root namespace's
     // sets every other namespace's.
     let mode_of = |ns: &str| {

@@ -297,7 +297,7 @@ pub fn store(shared: &Shared, r: Registry) {
 impl Registry {
     /// Build from a configuration. Fails when a DestinationRule's CA file cannot be used.
     pub fn compile(c: &MeshConfig) -> Result<Registry> {
-        let (views, _) = crate::plan::views(c);
+        let (views, view_of) = crate::plan::views(c);
         let mut entries: Vec<Entry> = c.service_entries.iter().map(entry).collect();
         for (view, seen) in views.iter().enumerate() {
             for i in seen {
@@ -347,7 +347,7 @@ impl Registry {
             }
         }
         Ok(Registry {
-            policies: crate::plan::compile_policies(c),
+            policies: crate::plan::policies(c, &view_of),
             entries,
             routes,
             rules,
