@@ -38,6 +38,14 @@ pub const MAP_DIRECT_CLOSED: &str = "DIRECT_CLOSED";
 pub const MAP_DIRECT_LOST: &str = "DIRECT_LOST";
 pub const MAP_WORKLOADS: &str = "WORKLOADS";
 pub const MAP_WL_COUNTERS: &str = "WL_COUNTERS";
+/// Network namespace cookies learnt by probe, on kernels without `SO_NETNS_COOKIE` (before
+/// 5.14): a socket's cookie → the cookie of the namespace it was made in. Not pinned: only the
+/// agent that made it reads it.
+pub const MAP_NETNS_PROBE: &str = "NETNS_PROBE";
+/// The probe: a UDP connect to this address, port 0 (never a real destination), from the
+/// agent's cgroup. `egress_netns_probe` records the caller's namespace cookie under the
+/// socket's cookie and refuses the connect.
+pub const NETNS_PROBE_V4: [u8; 4] = [127, 0, 0, 1];
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
 pub const ALL_MAPS: [&str; 22] = [

@@ -22,7 +22,7 @@ use egress_common::{
     AF_INET, AF_INET6, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
     DEFAULT_MAX_ALLOWED, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS,
     DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES, DEFAULT_MAX_WORKLOADS, DIRECT_CLOSED_BYTES,
-    DIRECT_WAKEUP_BYTES, DirectClosed, DirectOpen, OrigDst, PeerKey, Query, Reason,
+    DIRECT_WAKEUP_BYTES, DirectClosed, DirectOpen, NETNS_PROBE_V4, OrigDst, PeerKey, Query, Reason,
     SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT, SOCK_REDIRECTED, Service, ServiceKeyV4,
     ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4,
     allow_key_v6, decide,
@@ -31,6 +31,7 @@ use egress_common::{
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 
@@ -90,6 +91,10 @@ static WORKLOADS: HashMap<u64, Workload> = HashMap::with_max_entries(DEFAULT_MAX
 #[map]
 static WL_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_WORKLOADS * REASON_COUNT, 0);
+
+/// Socket cookie → network namespace cookie, written by `egress_netns_probe`.
+#[map]
+static NETNS_PROBE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(64, 0);
 
 /// The decision's lookups, answered from the maps.
 struct Maps;
@@ -402,6 +407,27 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     }
     let ip = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) }.to_ne_bytes();
     connect(&ctx, Family::V4, v4_mapped(ip), user_port(&ctx))
+}
+
+/// How the agent learns a network namespace's cookie where `SO_NETNS_COOKIE` is missing
+/// (Linux before 5.14). Attached to the agent's own cgroup there only: a UDP connect to
+/// `NETNS_PROBE_V4` port 0 records the caller's namespace cookie under its socket's cookie and
+/// is refused (EPERM), so it goes no further. Every other connect passes untouched.
+#[cgroup_sock_addr(connect4)]
+pub fn egress_netns_probe(ctx: SockAddrContext) -> i32 {
+    let ty = unsafe { read_volatile(addr_of!((*ctx.sock_addr).type_)) };
+    let ip = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) }.to_ne_bytes();
+    if ty != SOCK_DGRAM || user_port(&ctx) != 0 || ip != NETNS_PROBE_V4 {
+        return 1;
+    }
+    let (sock, netns) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
+    let _ = NETNS_PROBE.insert(&sock, &netns, BPF_ANY as u64);
+    0
 }
 
 #[inline(always)]

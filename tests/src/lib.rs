@@ -210,7 +210,7 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        kill_all(&self.path);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             // An agent started inside leaves its own child cgroup if it was killed.
@@ -225,6 +225,26 @@ impl Drop for Cgroup {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// SIGKILL every process in a cgroup and its children: `cgroup.kill` where the kernel has it
+/// (5.14), else each pid its `cgroup.procs` files list.
+fn kill_all(cgroup: &Path) {
+    if std::fs::write(cgroup.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // SAFETY: kill(2) with a pid read from the cgroup; a stale pid is ESRCH.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if let Ok(dir) = std::fs::read_dir(cgroup) {
+        for e in dir.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_all(&e.path());
+            }
         }
     }
 }

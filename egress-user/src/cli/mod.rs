@@ -393,7 +393,7 @@ fn explain_cmd(
                 // The agent's own namespace, when it intercepts there.
                 None => (
                     "the agent's namespace".to_owned(),
-                    maps.workload(sys::netns_cookie()?),
+                    maps.workload(cfg.agent_netns),
                 ),
             };
             let caller = explain::Caller {

@@ -156,6 +156,15 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     sys::ensure_bpffs(&args.pin_path)?;
     let mut dp = Datapath::load(cap, &args.pin_path)?;
     let mut maps = Maps::open(&args.pin_path)?;
+    dp.load_programs()?;
+    if !sys::has_netns_cookie_option()? {
+        sys::use_netns_probe(dp.attach_netns_probe(&agent_cgroup.path)?);
+        info!(
+            "no SO_NETNS_COOKIE on this kernel (Linux 5.14): network namespace cookies come \
+             from egress_netns_probe, attached to {}",
+            agent_cgroup.path.display()
+        );
+    }
     let cfg = datapath_config(
         &args.agent,
         agent_cgroup.id,
@@ -165,7 +174,6 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     let start = std::time::Instant::now();
     maps.program(&plan, cfg)?;
     info!("programmed the maps in {:.1?}", start.elapsed());
-    dp.load_programs()?;
 
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let _entered = rt.enter();

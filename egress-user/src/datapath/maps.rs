@@ -20,10 +20,10 @@ use egress_common::{
     ALL_MAPS, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
     MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_V4,
     MAP_DIRECT_V6, MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6,
-    MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6,
-    MAP_WL_COUNTERS, MAP_WORKLOADS, OrigDst, PeerKey, Service, ServiceKeyV4, ServiceKeyV6,
-    SockAddr16, Tables, Workload, allow_key_v4, allow_key_v6, decide::REASON_COUNT, v4_mapped,
-    v4_unmapped,
+    MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_NETNS_PROBE, MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4,
+    MAP_SERVICES_V6, MAP_WL_COUNTERS, MAP_WORKLOADS, OrigDst, PeerKey, Service, ServiceKeyV4,
+    ServiceKeyV6, SockAddr16, Tables, Workload, allow_key_v4, allow_key_v6, decide::REASON_COUNT,
+    v4_mapped, v4_unmapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
@@ -203,6 +203,7 @@ const PROG_SOCKOPS: &str = "egress_sockops";
 const PROG_GETSOCKOPT: &str = "egress_getsockopt";
 const PROG_GETPEERNAME4: &str = "egress_getpeername4";
 const PROG_GETPEERNAME6: &str = "egress_getpeername6";
+const PROG_NETNS_PROBE: &str = "egress_netns_probe";
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
@@ -269,7 +270,7 @@ impl Datapath {
 
     /// Load every program into the kernel, logging each one's verified instruction count.
     pub fn load_programs(&mut self) -> Result<()> {
-        for name in SOCK_ADDR_PROGRAMS {
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([PROG_NETNS_PROBE]) {
             let p: &mut CgroupSockAddr = self.program(name)?.try_into()?;
             p.load().with_context(|| format!("verifying {name}"))?;
         }
@@ -284,7 +285,10 @@ impl Datapath {
                 .info()
                 .ok()
                 .and_then(|i| i.verified_instruction_count())
-                .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+                .map_or_else(
+                    || "unknown (kernels report it from 5.16)".to_owned(),
+                    |n| n.to_string(),
+                );
             info!("loaded {name}: verified_instructions={count}");
         }
         Ok(())
@@ -308,6 +312,20 @@ impl Datapath {
         p.attach(&fd, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {PROG_SOCKOPS} to {}", cgroup.display()))?;
         Ok(())
+    }
+
+    /// Attach `egress_netns_probe` to the agent's own cgroup and hand over the map it writes
+    /// (for kernels without `SO_NETNS_COOKIE`: see `sys::netns_cookie`).
+    pub fn attach_netns_probe(&mut self, cgroup: &Path) -> Result<HashMap<MapData, u64, u64>> {
+        let fd = open_cgroup(cgroup)?;
+        let p: &mut CgroupSockAddr = self.program(PROG_NETNS_PROBE)?.try_into()?;
+        p.attach(&fd, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {PROG_NETNS_PROBE} to {}", cgroup.display()))?;
+        let map = self
+            .ebpf
+            .take_map(MAP_NETNS_PROBE)
+            .with_context(|| format!("map {MAP_NETNS_PROBE} missing from the object"))?;
+        Ok(HashMap::try_from(map)?)
     }
 
     /// Attach the `SO_ORIGINAL_DST` emulation to the cgroup a transparent proxy runs in.

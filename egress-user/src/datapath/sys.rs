@@ -2,11 +2,15 @@
 //! process is in, and the agent's network namespace.
 
 use std::{
+    net::{Ipv4Addr, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::{Mutex, OnceLock, PoisonError},
 };
 
 use anyhow::{Context as _, Result, bail};
+use aya::maps::MapData;
+use egress_common::NETNS_PROBE_V4;
 
 /// One line of `/proc/self/mountinfo`: (mount point, filesystem type).
 fn mounts() -> Result<Vec<(PathBuf, String)>> {
@@ -209,27 +213,78 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+).
+/// Where the kernel has no `SO_NETNS_COOKIE` (before 5.14): the map `egress_netns_probe`
+/// writes, once attached to the agent's cgroup (`use_netns_probe`).
+static NETNS_PROBE: OnceLock<Mutex<aya::maps::HashMap<MapData, u64, u64>>> = OnceLock::new();
+
+/// Whether this kernel answers `getsockopt(SO_NETNS_COOKIE)` (Linux 5.14 and later).
+pub fn has_netns_cookie_option() -> Result<bool> {
+    let sock = cookie_socket()?;
+    match sockopt_u64(&sock, libc::SO_NETNS_COOKIE) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e).context("getsockopt(SO_NETNS_COOKIE)"),
+    }
+}
+
+/// Learn namespace cookies from `egress_netns_probe`'s map from now on, where
+/// `has_netns_cookie_option` is false.
+pub fn use_netns_probe(map: aya::maps::HashMap<MapData, u64, u64>) {
+    let _ = NETNS_PROBE.set(Mutex::new(map));
+}
+
+/// The cookie of the network namespace the calling thread is in, as the kernel programs see it
+/// (`bpf_get_netns_cookie`): `SO_NETNS_COOKIE` where the kernel has it, else a probe connect
+/// that `egress_netns_probe` answers.
 pub fn netns_cookie() -> Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("socket for SO_NETNS_COOKIE")?;
-    let mut cookie: u64 = 0;
+    let sock = cookie_socket()?;
+    match sockopt_u64(&sock, libc::SO_NETNS_COOKIE) {
+        Ok(cookie) => Ok(cookie),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => probe_netns_cookie(&sock),
+        Err(e) => Err(e).context("getsockopt(SO_NETNS_COOKIE)"),
+    }
+}
+
+/// A UDP socket bound to no address in particular: a pod's namespace may have no address yet.
+fn cookie_socket() -> Result<UdpSocket> {
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("a socket to learn the namespace cookie")
+}
+
+fn probe_netns_cookie(sock: &UdpSocket) -> Result<u64> {
+    let probe = NETNS_PROBE.get().context(
+        "getsockopt(SO_NETNS_COOKIE) needs Linux 5.14 or later, and egress_netns_probe is not attached",
+    )?;
+    match sock.connect((Ipv4Addr::from(NETNS_PROBE_V4), 0)) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        other => bail!("egress_netns_probe did not answer the probe connect: {other:?}"),
+    }
+    let cookie = sockopt_u64(sock, libc::SO_COOKIE).context("getsockopt(SO_COOKIE)")?;
+    let mut map = probe.lock().unwrap_or_else(PoisonError::into_inner);
+    let netns = map
+        .get(&cookie, 0)
+        .context("egress_netns_probe recorded nothing for the probe connect")?;
+    let _ = map.remove(&cookie);
+    Ok(netns)
+}
+
+/// A `u64` socket option of `SOL_SOCKET`.
+fn sockopt_u64(sock: &UdpSocket, opt: libc::c_int) -> std::io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd and out-pointers of the right size.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            opt,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("getsockopt(SO_NETNS_COOKIE): needs Linux 5.14 or later");
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Raise the soft open-file limit to the hard one: every proxied connection holds two sockets.

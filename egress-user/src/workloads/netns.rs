@@ -14,8 +14,6 @@ use anyhow::{Context as _, Result, bail};
 
 /// `NS_GET_NSTYPE` (linux/nsfs.h): which kind of namespace an nsfs file is.
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-/// `SO_NETNS_COOKIE` (Linux 5.14).
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// The agent's own network namespace, where every thread returns after a call inside a
 /// workload's. Opened once, before any thread enters another namespace.
@@ -88,10 +86,7 @@ impl NetNs {
         let id = stat_id(fd.as_raw_fd()).with_context(|| format!("stat {}", path.display()))?;
         let mut ns = NetNs { fd, id, cookie: 0 };
         ns.cookie = ns
-            .run(|| {
-                let s = Socket::new(libc::AF_INET, libc::SOCK_DGRAM)?;
-                netns_cookie(s.0.as_raw_fd())
-            })?
+            .run(crate::datapath::sys::netns_cookie)?
             .with_context(|| format!("the cookie of network namespace {}", path.display()))?;
         Ok(ns)
     }
@@ -140,26 +135,6 @@ impl Socket {
         // SAFETY: just created, owned here.
         Ok(Socket(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
-}
-
-/// The network namespace cookie of a socket (Linux 5.14).
-pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd and out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 /// Bring the loopback interface of the current thread's namespace up, as a runtime does for
