@@ -1,5 +1,7 @@
 //! `cargo xtask setup | build-ebpf | run | test`.
 
+mod kernels;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -56,7 +58,9 @@ enum Cmd {
         quick: bool,
     },
     /// Set up, run the unit tests and the privileged integration tests, then each fuzz target
-    /// for EGRESS_FUZZ_SECONDS (default 30, 0 skips them), print a summary.
+    /// for EGRESS_FUZZ_SECONDS (default 30, 0 skips them), then a privileged smoke suite in
+    /// Debian's 5.10, 6.1 and 6.12 kernels under qemu (EGRESS_KERNELS: a comma list of them,
+    /// or none), print a summary.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -307,6 +311,7 @@ fn test(filter: Option<String>) -> Result<()> {
             .with_context(|| format!("EGRESS_FUZZ_SECONDS={v:?} is not a number of seconds"))?,
         Err(_) => FUZZ_SECONDS,
     };
+    let kernels = kernels::selected()?;
     setup()?;
     let root = root();
     // The integration tests drive the real binary.
@@ -356,23 +361,32 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     let st = child.wait()?;
     let fuzzed = fuzz(&root, filter.as_deref(), fuzz_seconds);
+    let booted = kernels::run(&root, &target, filter.as_deref(), &kernels);
     let skips = std::fs::read_to_string(&skip_log).unwrap_or_default();
     let skipped = skips.lines().count() as u64;
     println!();
     let fuzz_skips = fuzzed.skipped.iter().map(String::as_str);
-    for l in skips.lines().chain(fuzz_skips) {
+    let kernel_skips = booted.skipped.iter().map(String::as_str);
+    for l in skips.lines().chain(fuzz_skips).chain(kernel_skips) {
         println!("skipped: {l}");
     }
-    println!(
+    for run in &booted.runs {
+        println!("{}", run.report());
+    }
+    let mut summary = format!(
         "summary: {} passed, {} failed, {} skipped",
         tally.passed.saturating_sub(skipped) + fuzzed.passed,
         tally.failed + fuzzed.failed,
-        tally.ignored + skipped + fuzzed.skipped.len() as u64
+        tally.ignored + skipped + fuzzed.skipped.len() as u64 + booted.skipped.len() as u64
     );
-    if !st.success() || tally.failed > 0 || fuzzed.failed > 0 {
+    if let Some(k) = booted.summary() {
+        summary.push_str(&format!("; kernels: {k}"));
+    }
+    println!("{summary}");
+    if !st.success() || tally.failed > 0 || fuzzed.failed > 0 || booted.failed() {
         bail!("tests failed");
     }
-    if tally.passed + fuzzed.passed == 0 {
+    if tally.passed + fuzzed.passed + booted.passed() == 0 {
         bail!("no test ran");
     }
     Ok(())
