@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build-ebpf | run | test`.
+//! `cargo xtask setup | build-ebpf | run | test | kernels`.
 
 mod kernels;
 
@@ -65,6 +65,12 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Only the kernels step of `test`: build, then boot the kernels EGRESS_KERNELS names
+    /// (default all) and run the smoke suite in each.
+    Kernels {
+        /// Only run smoke tests whose name contains this.
+        filter: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -93,6 +99,7 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(args),
         Cmd::Test { filter } => test(filter),
+        Cmd::Kernels { filter } => kernels_only(filter),
         Cmd::Bench { quick } => bench(quick),
     }
 }
@@ -387,6 +394,31 @@ fn test(filter: Option<String>) -> Result<()> {
         bail!("tests failed");
     }
     if tally.passed + fuzzed.passed + booted.passed() == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+fn kernels_only(filter: Option<String>) -> Result<()> {
+    let kernels = kernels::selected()?;
+    setup()?;
+    let root = root();
+    cargo(&root, &["build", "-p", "egress-user"])?;
+    let booted = kernels::run(&root, &target_dir(&root), filter.as_deref(), &kernels);
+    println!();
+    for l in &booted.skipped {
+        println!("skipped: {l}");
+    }
+    for run in &booted.runs {
+        println!("{}", run.report());
+    }
+    if let Some(k) = booted.summary() {
+        println!("summary: kernels: {k}");
+    }
+    if booted.failed() {
+        bail!("tests failed");
+    }
+    if booted.passed() == 0 {
         bail!("no test ran");
     }
     Ok(())
