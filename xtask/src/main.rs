@@ -1,4 +1,6 @@
-//! `cargo xtask setup | build-ebpf | run | test`.
+//! `cargo xtask setup | build-ebpf | run | test | kernels`.
+
+mod kernels;
 
 use std::{
     path::{Path, PathBuf},
@@ -17,13 +19,16 @@ const FUZZ_TARGETS: &[&str] = &["client_hello", "http_head"];
 /// How long `cargo xtask test` runs each fuzz target unless `EGRESS_FUZZ_SECONDS` says.
 const FUZZ_SECONDS: u64 = 30;
 /// Debian packages that tests and benchmarks run, each with a file it installs: HAProxy in the
-/// agent's place, iptables for REDIRECT, curl as an HTTP and TLS client, and the CNI plugins
-/// (bridge, host-local) that enroll the node fixture's pods.
+/// agent's place, iptables for REDIRECT, curl as an HTTP and TLS client, the CNI plugins
+/// (bridge, host-local) that enroll the node fixture's pods, and for the kernels step qemu and
+/// a static busybox (the guests' shell and tools).
 const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iptables", "/usr/sbin/iptables"),
     ("curl", "/usr/bin/curl"),
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
 ];
 
 #[derive(Parser)]
@@ -37,7 +42,7 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
-    /// iptables, curl and containernetworking-plugins.
+    /// iptables, curl, containernetworking-plugins, qemu-system-x86 and busybox-static.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -53,9 +58,17 @@ enum Cmd {
         quick: bool,
     },
     /// Set up, run the unit tests and the privileged integration tests, then each fuzz target
-    /// for EGRESS_FUZZ_SECONDS (default 30, 0 skips them), print a summary.
+    /// for EGRESS_FUZZ_SECONDS (default 30, 0 skips them), then a privileged smoke suite in
+    /// Debian's 5.10, 6.1 and 6.12 kernels under qemu (EGRESS_KERNELS: a comma list of them,
+    /// or none), print a summary.
     Test {
         /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Only the kernels step of `test`: build, then boot the kernels EGRESS_KERNELS names
+    /// (default all) and run the smoke suite in each.
+    Kernels {
+        /// Only run smoke tests whose name contains this.
         filter: Option<String>,
     },
 }
@@ -86,6 +99,7 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(args),
         Cmd::Test { filter } => test(filter),
+        Cmd::Kernels { filter } => kernels_only(filter),
         Cmd::Bench { quick } => bench(quick),
     }
 }
@@ -304,6 +318,7 @@ fn test(filter: Option<String>) -> Result<()> {
             .with_context(|| format!("EGRESS_FUZZ_SECONDS={v:?} is not a number of seconds"))?,
         Err(_) => FUZZ_SECONDS,
     };
+    let kernels = kernels::selected()?;
     setup()?;
     let root = root();
     // The integration tests drive the real binary.
@@ -353,23 +368,57 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     let st = child.wait()?;
     let fuzzed = fuzz(&root, filter.as_deref(), fuzz_seconds);
+    let booted = kernels::run(&root, &target, filter.as_deref(), &kernels);
     let skips = std::fs::read_to_string(&skip_log).unwrap_or_default();
     let skipped = skips.lines().count() as u64;
     println!();
     let fuzz_skips = fuzzed.skipped.iter().map(String::as_str);
-    for l in skips.lines().chain(fuzz_skips) {
+    let kernel_skips = booted.skipped.iter().map(String::as_str);
+    for l in skips.lines().chain(fuzz_skips).chain(kernel_skips) {
         println!("skipped: {l}");
     }
-    println!(
+    for run in &booted.runs {
+        println!("{}", run.report());
+    }
+    let mut summary = format!(
         "summary: {} passed, {} failed, {} skipped",
         tally.passed.saturating_sub(skipped) + fuzzed.passed,
         tally.failed + fuzzed.failed,
-        tally.ignored + skipped + fuzzed.skipped.len() as u64
+        tally.ignored + skipped + fuzzed.skipped.len() as u64 + booted.skipped.len() as u64
     );
-    if !st.success() || tally.failed > 0 || fuzzed.failed > 0 {
+    if let Some(k) = booted.summary() {
+        summary.push_str(&format!("; kernels: {k}"));
+    }
+    println!("{summary}");
+    if !st.success() || tally.failed > 0 || fuzzed.failed > 0 || booted.failed() {
         bail!("tests failed");
     }
-    if tally.passed + fuzzed.passed == 0 {
+    if tally.passed + fuzzed.passed + booted.passed() == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+fn kernels_only(filter: Option<String>) -> Result<()> {
+    let kernels = kernels::selected()?;
+    setup()?;
+    let root = root();
+    cargo(&root, &["build", "-p", "egress-user"])?;
+    let booted = kernels::run(&root, &target_dir(&root), filter.as_deref(), &kernels);
+    println!();
+    for l in &booted.skipped {
+        println!("skipped: {l}");
+    }
+    for run in &booted.runs {
+        println!("{}", run.report());
+    }
+    if let Some(k) = booted.summary() {
+        println!("summary: kernels: {k}");
+    }
+    if booted.failed() {
+        bail!("tests failed");
+    }
+    if booted.passed() == 0 {
         bail!("no test ran");
     }
     Ok(())
