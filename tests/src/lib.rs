@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener},
+    net::{Ipv6Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -249,13 +249,17 @@ fn kill_all(cgroup: &Path) {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (and, in practice, [::1]).
+/// A TCP port free on both 127.0.0.1 and [::1]: the agent and the stand-ins bind both, and
+/// the kernel hands out a port free on one without looking at the other.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    for _ in 0..100 {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        if TcpListener::bind((Ipv6Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and [::1] after 100 tries");
 }
 
 /// A running agent. Stopped with SIGTERM on drop; its pins and the config file go with it.
