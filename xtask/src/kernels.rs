@@ -494,11 +494,32 @@ fn reach_settings() -> String {
         .collect()
 }
 
-/// The Debian mirror the machine's apt uses: the URI of the first source whose suites name a
-/// release (`bookworm`, `stable`; not `bookworm-security`), in `/etc/apt/sources.list.d/*.sources`
-/// or `/etc/apt/sources.list`; else deb.debian.org.
+/// Debian's release names and aliases: a source that names one of them is a Debian mirror
+/// (`nodistro` of a third-party repository, or `bookworm-security`, is not).
+const DEBIAN_RELEASES: &[&str] = &[
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "sid",
+    "oldoldstable",
+    "oldstable",
+    "stable",
+    "testing",
+    "unstable",
+];
+
+/// The Debian mirror to fetch kernels from: `EGRESS_DEBIAN_MIRROR` when set (for a suite the
+/// machine's mirror no longer carries, such as bullseye once it moves to archive.debian.org),
+/// else the URI of the first source the machine's apt uses whose suites name a Debian release,
+/// in `/etc/apt/sources.list.d/*.sources` or `/etc/apt/sources.list`; else deb.debian.org.
 fn mirror() -> String {
-    let release = |suite: &str| !suite.is_empty() && suite.chars().all(|c| c.is_ascii_lowercase());
+    if let Ok(m) = std::env::var("EGRESS_DEBIAN_MIRROR")
+        && !m.trim().is_empty()
+    {
+        return m.trim().trim_end_matches('/').to_owned();
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
         .into_iter()
         .flatten()
@@ -507,39 +528,47 @@ fn mirror() -> String {
         .filter(|p| p.extension().is_some_and(|e| e == "sources"))
         .collect();
     files.sort();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
-        for stanza in text.split("\n\n") {
-            let field = |name: &str| {
-                stanza.lines().find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-                })
-            };
-            let deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
-            let enabled = field("Enabled").is_none_or(|e| e != "no");
-            let named = field("Suites").is_some_and(|s| s.split_whitespace().any(release));
-            if let (true, true, true, Some(uris)) = (deb, enabled, named, field("URIs"))
-                && let Some(uri) = uris.split_whitespace().next()
-            {
-                return uri.trim_end_matches('/').to_owned();
-            }
-        }
-    }
-    let list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    for l in list.lines() {
+    files
+        .iter()
+        .find_map(|f| mirror_in_deb822(&std::fs::read_to_string(f).unwrap_or_default()))
+        .or_else(|| {
+            mirror_in_list(&std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default())
+        })
+        .unwrap_or_else(|| DEFAULT_MIRROR.to_owned())
+}
+
+fn is_debian_release(suite: &str) -> bool {
+    DEBIAN_RELEASES.contains(&suite)
+}
+
+/// The first enabled `deb` stanza of a deb822 `.sources` file whose suites name a release.
+fn mirror_in_deb822(text: &str) -> Option<String> {
+    text.split("\n\n").find_map(|stanza| {
+        let field = |name: &str| {
+            stanza.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+        };
+        let deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
+        let enabled = field("Enabled").is_none_or(|e| e != "no");
+        let named = field("Suites").is_some_and(|s| s.split_whitespace().any(is_debian_release));
+        let uri = field("URIs")?.split_whitespace().next()?;
+        (deb && enabled && named).then(|| uri.trim_end_matches('/').to_owned())
+    })
+}
+
+/// The first `deb URI SUITE` line of a one-line-style sources.list whose suite is a release.
+fn mirror_in_list(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
         let mut words = l.split_whitespace();
         if words.next() != Some("deb") {
-            continue;
+            return None;
         }
         let mut words = words.skip_while(|w| w.starts_with('['));
-        if let (Some(uri), Some(suite)) = (words.next(), words.next())
-            && release(suite)
-        {
-            return uri.trim_end_matches('/').to_owned();
-        }
-    }
-    DEFAULT_MIRROR.to_owned()
+        let (uri, suite) = (words.next()?, words.next()?);
+        is_debian_release(suite).then(|| uri.trim_end_matches('/').to_owned())
+    })
 }
 
 /// The package unpacked under `dir/root` (unpacked again unless it holds `release`).
@@ -1196,6 +1225,24 @@ fn pad(w: &mut impl std::io::Write, len: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mirror_is_the_source_that_names_a_debian_release() {
+        let third_party = "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\nComponents: main\n";
+        assert_eq!(mirror_in_deb822(third_party), None);
+        let debian = "Types: deb\n# a comment\nURIs: http://deb.debian.org/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            mirror_in_deb822(debian).as_deref(),
+            Some("http://deb.debian.org/debian")
+        );
+        let disabled = "Types: deb\nURIs: http://a.example/debian\nSuites: stable\nEnabled: no\n";
+        assert_eq!(mirror_in_deb822(disabled), None);
+        let list = "deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\ndeb [arch=amd64] http://mirror.example/debian bullseye main\n";
+        assert_eq!(
+            mirror_in_list(list).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+    }
 
     #[test]
     fn depends_reads_the_modinfo_string() {
