@@ -229,6 +229,23 @@ impl Drop for Cgroup {
     }
 }
 
+/// The sum of the samples of `name` in a Prometheus text page whose labels include every
+/// pair of `labels`; 0 when there is none.
+pub fn metric(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, set) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let has = |(k, v): &(&str, &str)| set.split(',').any(|p| p == format!("{k}=\"{v}\""));
+            (n == name && labels.iter().all(has)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 /// SIGKILL every process in a cgroup and its children: `cgroup.kill` where the kernel has it
 /// (5.14), else each pid its `cgroup.procs` files list.
 fn kill_all(cgroup: &Path) {
@@ -267,6 +284,8 @@ pub struct Agent {
     child: Child,
     pub port: u16,
     pub admin_port: u16,
+    /// Where the Prometheus page is served (`--metrics-port`).
+    pub metrics_port: u16,
     pub pin: PathBuf,
     /// The admin socket: enrolment, `egress workloads`.
     pub admin_socket: PathBuf,
@@ -339,6 +358,7 @@ impl Agent {
         let pin = PathBuf::from("/sys/fs/bpf").join(&name);
         let port = free_port();
         let admin_port = free_port();
+        let metrics_port = free_port();
         let admin_socket = admin_socket.map_or_else(
             || std::env::temp_dir().join(format!("{name}.sock")),
             Path::to_path_buf,
@@ -381,6 +401,8 @@ impl Agent {
             .arg(port.to_string())
             .arg("--admin-port")
             .arg(admin_port.to_string())
+            .arg("--metrics-port")
+            .arg(metrics_port.to_string())
             .arg("--admin-socket")
             .arg(&admin_socket)
             .args(&extra)
@@ -439,6 +461,7 @@ impl Agent {
             child,
             port,
             admin_port,
+            metrics_port,
             pin,
             admin_socket,
             config,
@@ -564,6 +587,20 @@ impl Agent {
     /// parse as counters).
     pub fn stats(&self) -> BTreeMap<String, u64> {
         self.stats_with(&[])
+    }
+
+    /// The agent's Prometheus page (`GET /metrics` on `--metrics-port`).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .expect("connecting to the metrics port");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: egress\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
     }
 
     /// `egress stats --workload NS/NAME` (a node agent's): reason code → count.

@@ -20,13 +20,15 @@ const FUZZ_TARGETS: &[&str] = &["client_hello", "http_head"];
 const FUZZ_SECONDS: u64 = 30;
 /// Debian packages that tests and benchmarks run, each with a file it installs: HAProxy in the
 /// agent's place, iptables for REDIRECT, curl as an HTTP and TLS client, the CNI plugins
-/// (bridge, host-local) that enroll the node fixture's pods, and for the kernels step qemu and
-/// a static busybox (the guests' shell and tools).
+/// (bridge, host-local) that enroll the node fixture's pods, promtool (Debian's prometheus) to
+/// parse the metrics page, and for the kernels step qemu and a static busybox (the guests'
+/// shell and tools).
 const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iptables", "/usr/sbin/iptables"),
     ("curl", "/usr/bin/curl"),
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    ("prometheus", "/usr/bin/promtool"),
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
 ];
@@ -42,7 +44,8 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
-    /// iptables, curl, containernetworking-plugins, qemu-system-x86 and busybox-static.
+    /// iptables, curl, containernetworking-plugins, prometheus (promtool), qemu-system-x86 and
+    /// busybox-static.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,

@@ -192,6 +192,10 @@ struct RunArgs {
     /// Port of the admin endpoint on 127.0.0.1 (`egress status`, `egress reload`).
     #[arg(long, default_value_t = DEFAULT_ADMIN_PORT)]
     admin_port: u16,
+    /// Port of the Prometheus metrics (`/metrics`, `/stats/prometheus`), on every address as
+    /// Istio's 15020 is, for the scraper; 0 turns them off.
+    #[arg(long, default_value_t = 15020)]
+    metrics_port: u16,
     /// Do not listen: another transparent proxy serves the outbound port and reads the
     /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers. It
     /// then sees TCP ServiceEntry destinations too (otherwise the kernel lets those go direct).

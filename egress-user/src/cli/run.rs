@@ -4,7 +4,7 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -19,7 +19,10 @@ use crate::{
     plan,
     proxy::{self, Proxy, upstream},
     registry,
-    telemetry::{accesslog, admin, direct},
+    telemetry::{
+        self, accesslog, admin, direct,
+        metrics::{self, Metrics},
+    },
     workloads::{self, netns},
 };
 
@@ -178,7 +181,9 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let _entered = rt.enter();
     let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
-    let log = accesslog::Log::new(args.access_log).context("starting the access-log writer")?;
+    let metrics = Arc::new(Metrics::default());
+    let log = accesslog::Log::new(args.access_log, Some(metrics.clone()))
+        .context("starting the access-log writer")?;
     let upstreams = Arc::new(upstream::Pool::new(args.upstream_idle_timeout));
     let px = Arc::new(Proxy {
         orig: orig.clone(),
@@ -235,6 +240,12 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         (wls, args.node),
     );
     let status = reloader.status();
+    metrics.attach(Arc::new(AgentState {
+        maps: Mutex::new(Maps::open(&args.pin_path)?),
+        status: status.clone(),
+        workloads: table.clone(),
+        log: log.clone(),
+    }));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("control".into())
@@ -256,6 +267,13 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("admin endpoint {admin}"))?;
         let tcp = admin::Listener::Tcp(admin_listener);
         tokio::spawn(admin::serve(tcp, tx.clone(), status.clone()));
+        if args.metrics_port != 0 {
+            let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.metrics_port));
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("metrics endpoint {at} (--metrics-port)"))?;
+            tokio::spawn(telemetry::metrics::serve(l, metrics.clone()));
+        }
         // Enrolment needs the socket on a node; elsewhere it only lists the workload.
         match admin::bind_unix(&args.admin_socket) {
             Ok(l) => {
@@ -345,5 +363,54 @@ async fn wait_for_signals(tx: &std::sync::mpsc::Sender<reload::Msg>) -> Result<(
                 let _ = tx.send(reload::Msg::Reload { why: "SIGHUP", reply: None });
             }
         }
+    }
+}
+
+/// egress's own metrics: the agent's state as a scrape reads it.
+struct AgentState {
+    /// The pinned maps, for the kernel's counters.
+    maps: Mutex<Maps>,
+    status: Arc<Mutex<reload::Status>>,
+    workloads: workloads::Table,
+    log: accesslog::Log,
+}
+
+impl AgentState {
+    fn status(&self) -> std::sync::MutexGuard<'_, reload::Status> {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl metrics::State for AgentState {
+    fn connects(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let counts = match self.maps.lock().map(|m| m.counters()) {
+            Ok(Ok(c)) => c,
+            _ => return Vec::new(),
+        };
+        egress_common::Reason::ALL
+            .iter()
+            .zip(counts)
+            .map(|(r, n)| (r.name(), super::reason_verdict(*r), n))
+            .collect()
+    }
+
+    fn workloads(&self) -> u64 {
+        self.workloads.read().map_or(0, |t| t.len() as u64)
+    }
+
+    fn generation(&self) -> u64 {
+        self.status().generation
+    }
+
+    fn reload_failures(&self) -> u64 {
+        self.status().failures
+    }
+
+    fn log_dropped(&self) -> u64 {
+        self.log.dropped()
+    }
+
+    fn maps(&self) -> Vec<(&'static str, u64, u64)> {
+        self.status().maps.clone()
     }
 }

@@ -16,6 +16,10 @@ use std::{
 };
 
 use anyhow::{Result, bail};
+use egress_common::{
+    MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_DIRECT_V4, MAP_DIRECT_V6, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6,
+    MAP_INCLUDE_V4, MAP_INCLUDE_V6,
+};
 use log::{debug, error, info, warn};
 
 use crate::{
@@ -67,6 +71,10 @@ pub struct Status {
     pub generation: u64,
     pub summary: String,
     pub last_error: Option<String>,
+    /// Configurations rejected since the agent started.
+    pub failures: u64,
+    /// (map, entries, capacity) of the maps the configuration fills.
+    pub maps: Vec<(&'static str, u64, u64)>,
 }
 
 impl Status {
@@ -155,6 +163,21 @@ pub fn summary(p: &Plan) -> String {
     )
 }
 
+/// How full the maps the configuration fills are: (map, entries, capacity).
+fn fill(p: &Plan, cap: &Capacity) -> Vec<(&'static str, u64, u64)> {
+    let (cidrs, allowed) = (u64::from(cap.cidrs), u64::from(cap.allowed));
+    vec![
+        (MAP_INCLUDE_V4, p.include_v4.len() as u64, cidrs),
+        (MAP_INCLUDE_V6, p.include_v6.len() as u64, cidrs),
+        (MAP_EXCLUDE_V4, p.exclude_v4.len() as u64, cidrs),
+        (MAP_EXCLUDE_V6, p.exclude_v6.len() as u64, cidrs),
+        (MAP_ALLOW_V4, p.allow_v4.len() as u64, allowed),
+        (MAP_ALLOW_V6, p.allow_v6.len() as u64, allowed),
+        (MAP_DIRECT_V4, p.direct_v4.len() as u64, allowed),
+        (MAP_DIRECT_V6, p.direct_v6.len() as u64, allowed),
+    ]
+}
+
 /// Owns the maps and the plan they hold; runs on its own thread.
 pub struct Reloader {
     path: Option<PathBuf>,
@@ -186,6 +209,8 @@ impl Reloader {
             generation: 1,
             summary: summary(&applied),
             last_error: None,
+            failures: 0,
+            maps: fill(&applied, &cap),
         };
         info!("configuration generation 1 in force: {}", status.summary);
         Reloader {
@@ -277,6 +302,7 @@ impl Reloader {
         error!("configuration rejected, generation {generation} stays in force:\n{message}");
         if let Ok(mut s) = self.status.lock() {
             s.last_error = Some(message.clone());
+            s.failures += 1;
         }
         Err(message)
     }
@@ -339,6 +365,7 @@ impl Reloader {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.generation += 1;
         s.summary = summary(&self.applied);
+        s.maps = fill(&self.applied, &self.cap);
         s.last_error = None;
         let line = format!(
             "applied configuration generation {} (loaded and compared in {loaded:.1?}; {} changes applied in {:.1?}; {why}): {}",

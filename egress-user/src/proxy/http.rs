@@ -126,6 +126,7 @@ impl State {
             .by_host(&host, dst.port())
             .or_else(|| reg.by_address(dst));
         rec.matched = registered.map(|m| m.entry.id.clone());
+        rec.service = registered.map(|m| m.entry.service(Some(&host)).to_owned());
         if registered.is_none() && reg.mode == Mode::RegistryOnly {
             rec.verdict = "deny";
             rec.policy = "not-registered";

@@ -175,6 +175,7 @@ impl Proxy {
         if conn.reason == Reason::RegistryService.name() {
             let mut rec = conn.record("connection", "tcp");
             rec.matched = Some("Kubernetes Service".into());
+            rec.service = reg.kubernetes_service(conn.dst.ip()).map(str::to_owned);
             return self
                 .stream(&conn.workload, Some(Target::Addr(conn.dst)), rec)
                 .await;
@@ -235,6 +236,7 @@ impl Proxy {
         match m {
             Some(m) => {
                 rec.matched = Some(m.entry.id.clone());
+                rec.service = Some(m.entry.service(host).to_owned());
                 rec.policy = "registered";
                 let t = m.entry.target(m.port, host, dst);
                 if t.is_none() {
@@ -276,6 +278,7 @@ impl Proxy {
             Some(Ok(upstream)) => {
                 rec.upstream = upstream.peer_addr().ok();
                 rec.upstream_local = upstream.local_addr().ok();
+                self.log.opened(&mut rec);
                 let (up, down, result) = relay(client, upstream, &self.pipes).await;
                 rec.bytes_up = up;
                 rec.bytes_down = down;

@@ -5,6 +5,7 @@
 //! and swapped whole, so a connection always sees one consistent generation.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
     time::Duration,
@@ -100,6 +101,14 @@ pub enum Target {
 impl Entry {
     fn seen_by(&self, view: u16) -> bool {
         self.views.binary_search(&view).is_ok()
+    }
+
+    /// The host this entry is known by for `host` (a Host or SNI it matched): the pattern that
+    /// matched it, else the entry's first host. Istio's `destination_service`.
+    pub fn service(&self, host: Option<&str>) -> &str {
+        host.and_then(|h| self.hosts.iter().find(|p| host_matches(p, h)))
+            .or_else(|| self.hosts.first())
+            .map_or("", String::as_str)
     }
 
     fn port(&self, number: u16) -> Option<&Port> {
@@ -278,6 +287,9 @@ pub struct Registry {
     entries: Vec<Entry>,
     routes: Vec<VsRoute>,
     rules: Vec<DrRule>,
+    /// The endpoints of the Kubernetes Services translated in the kernel, by address: the
+    /// Service's name as `NAME.NAMESPACE.svc.cluster.local`.
+    service_endpoints: HashMap<IpAddr, String>,
 }
 
 /// The registry shared by connection tasks and the reloader.
@@ -346,12 +358,30 @@ impl Registry {
                 add(None, tls, "spec.trafficPolicy.tls")?;
             }
         }
+        let mut service_endpoints = HashMap::new();
+        for svc in c.services.iter().filter(|s| s.translated()) {
+            let name = format!("{}.{}.svc.cluster.local", svc.name, svc.namespace);
+            let sets = c
+                .endpoints
+                .iter()
+                .filter(|e| e.namespace == svc.namespace && e.service == svc.name);
+            for a in sets.flat_map(|e| &e.addresses) {
+                service_endpoints.entry(*a).or_insert_with(|| name.clone());
+            }
+        }
         Ok(Registry {
             policies: crate::plan::policies(c, &view_of),
             entries,
             routes,
             rules,
+            service_endpoints,
         })
+    }
+
+    /// The Kubernetes Service an endpoint address belongs to (the kernel sends a connect to a
+    /// cluster IP to one of its endpoints).
+    pub fn kubernetes_service(&self, endpoint: IpAddr) -> Option<&str> {
+        self.service_endpoints.get(&endpoint).map(String::as_str)
     }
 
     /// The registry as the workloads of a namespace see it.
@@ -429,6 +459,10 @@ pub struct View<'a> {
 }
 
 impl<'a> View<'a> {
+    pub fn kubernetes_service(&self, endpoint: IpAddr) -> Option<&'a str> {
+        self.reg.kubernetes_service(endpoint)
+    }
+
     fn entries(&self) -> impl Iterator<Item = &'a Entry> + use<'a> {
         let view = self.view;
         self.reg.entries.iter().filter(move |e| e.seen_by(view))

@@ -17,7 +17,7 @@ use std::{
 use egress_common::{OrigDst, Reason};
 use serde::{Serialize, Serializer};
 
-use crate::{datapath::orig_addr, workloads::Workload};
+use crate::{datapath::orig_addr, telemetry::metrics::Metrics, workloads::Workload};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -65,6 +65,10 @@ pub struct Record {
     /// The resource that matched: `ServiceEntry namespace/name` or a Kubernetes Service.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matched: Option<String>,
+    /// The host of that ServiceEntry the connection or request is for (Istio's
+    /// `destination_service`): the one that matched the Host or SNI, else its first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// The VirtualService route and DestinationRule that applied to a request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
@@ -101,6 +105,10 @@ pub struct Record {
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The connection was counted as opened in the metrics when it connected upstream (a
+    /// direct connection's is counted when its record comes from the kernel, at its close).
+    #[serde(skip)]
+    pub opened_counted: bool,
 }
 
 impl Default for Record {
@@ -121,6 +129,7 @@ impl Default for Record {
             verdict: "",
             policy: "",
             matched: None,
+            service: None,
             route: None,
             tls_origination: None,
             host: None,
@@ -137,6 +146,7 @@ impl Default for Record {
             upstream_local: None,
             result: "",
             error: None,
+            opened_counted: false,
         }
     }
 }
@@ -223,6 +233,8 @@ const FLUSH_WAIT: Duration = Duration::from_secs(2);
 pub struct Log {
     pub format: Format,
     writer: Option<Arc<Writer>>,
+    /// Every record feeds the metrics, whatever the format (`off` included).
+    metrics: Option<Arc<Metrics>>,
 }
 
 struct Writer {
@@ -233,11 +245,12 @@ struct Writer {
 }
 
 impl Log {
-    pub fn new(format: Format) -> std::io::Result<Log> {
+    pub fn new(format: Format, metrics: Option<Arc<Metrics>>) -> std::io::Result<Log> {
         if format == Format::Off {
             return Ok(Log {
                 format,
                 writer: None,
+                metrics,
             });
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<String>(QUEUED_RECORDS);
@@ -253,10 +266,29 @@ impl Log {
         Ok(Log {
             format,
             writer: Some(w),
+            metrics,
         })
     }
 
+    /// A stream connected upstream: counted as opened now, closed when its record is written.
+    pub fn opened(&self, r: &mut Record) {
+        if let Some(m) = &self.metrics {
+            m.opened(r);
+            r.opened_counted = true;
+        }
+    }
+
+    /// Records dropped because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.writer
+            .as_ref()
+            .map_or(0, |w| w.dropped.load(Ordering::Relaxed))
+    }
+
     pub fn write(&self, r: &Record) {
+        if let Some(m) = &self.metrics {
+            m.observe(r);
+        }
         let Some(w) = &self.writer else { return };
         let line = match self.format {
             Format::Off => return,

@@ -91,7 +91,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
 }
 
 /// A request head and body, read within a few seconds.
-async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
     sock: &mut S,
 ) -> Result<Option<(String, String, Vec<u8>)>> {
     let mut buf = Vec::with_capacity(1024);
@@ -247,7 +247,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn respond<S: AsyncWrite + Unpin>(sock: &mut S, code: u16, body: &str) -> Result<()> {
+pub(crate) async fn respond<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    code: u16,
+    body: &str,
+) -> Result<()> {
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",

@@ -134,7 +134,9 @@ fn record(
     let age = Duration::from_nanos(monotonic_ns().saturating_sub(opened.created_ns));
     conn.time = SystemTime::now().checked_sub(age).unwrap_or(conn.time);
     let mut rec = conn.record("connection", "tcp");
-    rec.matched = view.by_address(conn.dst).map(|m| m.entry.id.clone());
+    let m = view.by_address(conn.dst);
+    rec.matched = m.map(|m| m.entry.id.clone());
+    rec.service = m.map(|m| m.entry.service(None).to_owned());
     (rec.bytes_up, rec.bytes_down) = c.payload();
     rec.duration_ms = c.closed_ns.saturating_sub(opened.created_ns) / 1_000_000;
     // Both FINs through: closed. Never connected: refused or timed out. Otherwise a reset

@@ -1,3 +1,4 @@
 pub mod accesslog;
 pub mod admin;
 pub mod direct;
+pub mod metrics;
