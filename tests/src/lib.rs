@@ -286,6 +286,8 @@ pub struct Agent {
     pub admin_port: u16,
     /// Where the Prometheus page is served (`--metrics-port`).
     pub metrics_port: u16,
+    /// Where the probes are answered (`--health-port`).
+    pub health_port: u16,
     pub pin: PathBuf,
     /// The admin socket: enrolment, `egress workloads`.
     pub admin_socket: PathBuf,
@@ -298,6 +300,8 @@ pub struct Agent {
     access: Arc<Mutex<Vec<String>>>,
     /// While set, nobody reads the agent's standard output (a log collector that stalled).
     access_paused: Arc<AtomicBool>,
+    /// Told when the agent logs that it is ready; closed if it exits first.
+    ready: Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
 pub struct AgentOpts<'a> {
@@ -333,14 +337,54 @@ impl Agent {
             o.state_file.display().to_string(),
         ];
         extra.extend(o.extra);
-        Agent::launch(o.config, None, false, extra, None, Some(o.admin_socket))
+        let agent = Agent::launch(o.config, None, false, extra, None, Some(o.admin_socket));
+        agent.wait_ready();
+        agent
     }
 
     /// Start an agent whose name lookups see `hosts` as /etc/hosts (and no DNS server but
     /// 127.0.0.1), as a pod's hostAliases would: the agent runs in a mount namespace of its own
     /// with both files bind-mounted. Names are then resolved without leaving the machine.
     pub fn start_resolving(o: AgentOpts<'_>, hosts: Option<&str>) -> Agent {
-        Agent::launch(o.config, Some(o.cgroup), o.inside, o.extra, hosts, None)
+        let agent = Agent::launch(o.config, Some(o.cgroup), o.inside, o.extra, hosts, None);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Start an agent without waiting for it to be ready (`wait_ready` does).
+    pub fn spawn(o: AgentOpts<'_>) -> Agent {
+        Agent::launch(o.config, Some(o.cgroup), o.inside, o.extra, None, None)
+    }
+
+    /// Wait until the agent logs that it is ready; panics with its log if it exits first or
+    /// takes more than 30 s.
+    pub fn wait_ready(&self) {
+        if self
+            .logs()
+            .iter()
+            .any(|l| l.contains("ready: intercepting"))
+        {
+            return;
+        }
+        let ready = self.ready.lock().unwrap();
+        if ready.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!("agent did not become ready:\n{}", self.logs().join("\n"));
+        }
+    }
+
+    /// `GET path` on the agent's probe port: (status code, body).
+    pub fn probe_health(&self, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.health_port))?;
+        write!(s, "GET {path} HTTP/1.1\r\nhost: egress\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code = out
+            .get(9..12)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {out:?}")))?;
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((code, body.to_owned()))
     }
 
     fn launch(
@@ -359,6 +403,7 @@ impl Agent {
         let port = free_port();
         let admin_port = free_port();
         let metrics_port = free_port();
+        let health_port = free_port();
         let admin_socket = admin_socket.map_or_else(
             || std::env::temp_dir().join(format!("{name}.sock")),
             Path::to_path_buf,
@@ -403,6 +448,8 @@ impl Agent {
             .arg(admin_port.to_string())
             .arg("--metrics-port")
             .arg(metrics_port.to_string())
+            .arg("--health-port")
+            .arg(health_port.to_string())
             .arg("--admin-socket")
             .arg(&admin_socket)
             .args(&extra)
@@ -457,22 +504,20 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        let agent = Agent {
+        Agent {
             child,
             port,
             admin_port,
             metrics_port,
+            health_port,
             pin,
             admin_socket,
             config,
             log,
             access,
             access_paused,
-        };
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!("agent did not become ready:\n{}", agent.logs().join("\n"));
+            ready: Mutex::new(ready_rx),
         }
-        agent
     }
 
     /// Replace the configuration file the agent watches, atomically (write, then rename).

@@ -341,3 +341,58 @@ fn a_configuration_that_does_not_fit_is_refused_with_the_numbers() {
         r.stderr
     );
 }
+
+#[test]
+fn probes_answer_503_naming_what_is_pending_until_the_agent_serves() {
+    if !privileged("probes_answer_503_naming_what_is_pending_until_the_agent_serves") {
+        return;
+    }
+    let cg = Cgroup::new("health");
+    // A large configuration: loading and programming it takes a while.
+    let agent = Agent::spawn(AgentOpts {
+        config: &many_cidrs(100_000, false),
+        cgroup: &cg,
+        inside: false,
+        extra: vec![],
+    });
+    let mut seen: Vec<(u16, String)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.last().is_none_or(|(code, _)| *code != 200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after 60 s: {seen:?}\n{}",
+            agent.logs().join("\n")
+        );
+        // Refused until the agent has bound the port.
+        if let Ok(answer) = agent.probe_health("/healthz/ready") {
+            seen.push(answer);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (first, _) = &seen[0];
+    assert_eq!(*first, 503, "{seen:?}");
+    for (code, body) in &seen[..seen.len() - 1] {
+        assert_eq!(*code, 503, "{seen:?}");
+        assert!(body.starts_with("not ready: "), "{body:?}");
+    }
+    assert!(
+        seen.iter()
+            .any(|(_, b)| b == "not ready: loading the configuration\n"),
+        "{seen:?}"
+    );
+    // Ready means the maps were programmed and the programs attached.
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("programmed the maps in")),
+        "{}",
+        agent.logs().join("\n")
+    );
+    agent.wait_ready();
+    assert_eq!(
+        agent.probe_health("/healthz/live").unwrap(),
+        (200, "live\n".to_owned())
+    );
+    assert_eq!(agent.probe_health("/healthz/other").unwrap().0, 404);
+}

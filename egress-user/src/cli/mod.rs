@@ -196,6 +196,10 @@ struct RunArgs {
     /// Istio's 15020 is, for the scraper; 0 turns them off.
     #[arg(long, default_value_t = 15020)]
     metrics_port: u16,
+    /// Port of the kubelet probes (`/healthz/ready`, `/healthz/live`), on every address as
+    /// Istio's 15021 is; 0 turns them off.
+    #[arg(long, default_value_t = 15021)]
+    health_port: u16,
     /// Do not listen: another transparent proxy serves the outbound port and reads the
     /// original destination with getsockopt(SO_ORIGINAL_DST), which the datapath answers. It
     /// then sees TCP ServiceEntry destinations too (otherwise the kernel lets those go direct).

@@ -21,6 +21,7 @@ use crate::{
     registry,
     telemetry::{
         self, accesslog, admin, direct,
+        health::{self, Health},
         metrics::{self, Metrics},
     },
     workloads::{self, netns},
@@ -135,6 +136,15 @@ fn attach_points(args: &RunArgs, root: &Path, created: &mut Created) -> Result<A
 }
 
 pub(super) fn run(args: RunArgs) -> Result<()> {
+    // First, so that a probe during start-up gets a 503 naming what is pending.
+    let health = Health::new();
+    if args.health_port != 0 {
+        let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.health_port));
+        let l = std::net::TcpListener::bind(at)
+            .with_context(|| format!("health endpoint {at} (--health-port)"))?;
+        health::serve(l, health.clone()).context("starting the health thread")?;
+    }
+    health.pending("loading the configuration");
     let mesh = load_config(args.config.as_deref())?;
     let plan = plan::compile(&mesh);
     let reg = registry::Registry::compile(&mesh)?;
@@ -174,6 +184,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         sys::netns_cookie()?,
         !args.external_proxy,
     );
+    health.pending("programming the maps");
     let start = std::time::Instant::now();
     maps.program(&plan, cfg)?;
     info!("programmed the maps in {:.1?}", start.elapsed());
@@ -228,8 +239,10 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("intercepting cgroup {}", cgroup.display()))?;
     }
     if args.node {
+        health.pending("replaying the enrolled workloads");
         wls.replay(&mut maps, &plan.policies);
     }
+    health.pending("starting the admin endpoints and attaching the programs");
     let table = wls.table();
     let reloader = reload::Reloader::new(
         args.config.clone(),
@@ -240,6 +253,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         (wls, args.node),
     );
     let status = reloader.status();
+    health.control(status.clone());
     metrics.attach(Arc::new(AgentState {
         maps: Mutex::new(Maps::open(&args.pin_path)?),
         status: status.clone(),
@@ -327,6 +341,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             (None, _) => "enrolled network namespaces (node mode)".to_owned(),
         };
         println!("{}", attach.own.as_ref().map_or(&attach.at, |(c, _)| c).display());
+        health.ready();
         info!(
             "ready: intercepting {what}, attached at {}; outbound listener 127.0.0.1:{port} [::1]:{port}{}; admin {admin} and {}",
             attach.at.display(),

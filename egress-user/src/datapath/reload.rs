@@ -65,7 +65,7 @@ pub enum Msg {
 }
 
 /// What `egress status` reports.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Status {
     pub config: Option<PathBuf>,
     pub generation: u64,
@@ -75,6 +75,8 @@ pub struct Status {
     pub failures: u64,
     /// (map, entries, capacity) of the maps the configuration fills.
     pub maps: Vec<(&'static str, u64, u64)>,
+    /// When the control thread last handled a message (liveness).
+    pub handled: Instant,
 }
 
 impl Status {
@@ -211,6 +213,7 @@ impl Reloader {
             last_error: None,
             failures: 0,
             maps: fill(&applied, &cap),
+            handled: Instant::now(),
         };
         info!("configuration generation 1 in force: {}", status.summary);
         Reloader {
@@ -238,6 +241,9 @@ impl Reloader {
                 Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
+            if let Ok(mut s) = self.status.lock() {
+                s.handled = Instant::now();
+            }
             match msg {
                 Ok(Msg::Changed) => pending = Some(Instant::now() + DEBOUNCE),
                 Ok(Msg::Reload { why, reply }) => {
