@@ -229,6 +229,24 @@ impl Drop for Cgroup {
     }
 }
 
+/// `GET path` from 127.0.0.1:`port`, one request per connection: (status code, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: egress\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {out:?}")))?;
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_owned()))
+}
+
 /// The sum of the samples of `name` in a Prometheus text page whose labels include every
 /// pair of `labels`; 0 when there is none.
 pub fn metric(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -374,17 +392,7 @@ impl Agent {
 
     /// `GET path` on the agent's probe port: (status code, body).
     pub fn probe_health(&self, path: &str) -> std::io::Result<(u16, String)> {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.health_port))?;
-        write!(s, "GET {path} HTTP/1.1\r\nhost: egress\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let code = out
-            .get(9..12)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {out:?}")))?;
-        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Ok((code, body.to_owned()))
+        http_get(self.health_port, path)
     }
 
     fn launch(
@@ -636,16 +644,16 @@ impl Agent {
 
     /// The agent's Prometheus page (`GET /metrics` on `--metrics-port`).
     pub fn metrics(&self) -> String {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
-            .expect("connecting to the metrics port");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: egress\r\nconnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        body.to_owned()
+        let (code, body) = http_get(self.metrics_port, "/metrics").expect("the metrics page");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// `GET /config_dump` on the admin port, parsed.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.admin_port, "/config_dump").expect("/config_dump");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
     }
 
     /// `egress stats --workload NS/NAME` (a node agent's): reason code → count.

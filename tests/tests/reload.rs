@@ -79,6 +79,26 @@ fn an_invalid_edit_keeps_the_configuration_in_force_and_the_fix_applies() {
     let reload = agent.egress(&["reload", "--admin-port", &admin]);
     assert!(!reload.status.success());
     assert!(String::from_utf8_lossy(&reload.stderr).contains(&error));
+    // /config_dump says the same, with what is in force and its maps.
+    let dump = agent.config_dump();
+    assert_eq!(dump["generation"], 1, "{dump}");
+    // The edit and the explicit reload (an editor's write may reach the watcher as two).
+    assert!(dump["reload_failures"].as_u64() >= Some(2), "{dump}");
+    assert!(
+        dump["last_rejected"]
+            .as_str()
+            .is_some_and(|e| e.contains(&error)),
+        "{dump}"
+    );
+    assert_eq!(dump["mode"], "ALLOW_ANY", "{dump}");
+    let entries = |dump: &serde_json::Value, map: &str| {
+        dump["maps"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["map"] == map))
+            .map(|m| m["entries"].clone())
+    };
+    assert_eq!(entries(&dump, "EXCLUDE_V4"), Some(1.into()), "{dump}");
+    assert_eq!(dump["workloads"][0]["workload"], "default/egress", "{dump}");
     through_agent("after the broken edit");
     // Other files beside the configuration (the agent's own log, say) cause no reload.
     let n = agent.logs().len();
@@ -108,6 +128,9 @@ fn an_invalid_edit_keeps_the_configuration_in_force_and_the_fix_applies() {
         status.contains("generation: 2\n") && !status.contains("rejected"),
         "{status}"
     );
+    let dump = agent.config_dump();
+    assert_eq!(dump["generation"], 2, "{dump}");
+    assert!(dump["last_rejected"].is_null(), "{dump}");
 
     // Nothing changed since: an explicit reload says so, SIGHUP changes nothing either.
     let reload = agent.egress(&["reload", "--admin-port", &admin]);

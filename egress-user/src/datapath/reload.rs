@@ -58,6 +58,8 @@ pub enum Msg {
     Check(Selector, Reply<bool>),
     /// The enrolled workloads, rendered.
     List(Reply<String>),
+    /// `GET /config_dump`: the configuration in force, the workloads, the maps' fill.
+    Dump(Reply<serde_json::Value>),
     /// `NAMESPACE/NAME` → (namespace cookie, counter slot).
     Lookup(String, Reply<Option<(u64, u32)>>),
     /// Release workloads whose namespace is gone.
@@ -281,6 +283,9 @@ impl Reloader {
                 Ok(Msg::List(reply)) => {
                     let _ = reply.send(self.workloads.render(&self.maps));
                 }
+                Ok(Msg::Dump(reply)) => {
+                    let _ = reply.send(self.dump());
+                }
                 Ok(Msg::Lookup(label, reply)) => {
                     let _ = reply.send(self.workloads.lookup(&label));
                 }
@@ -293,6 +298,57 @@ impl Reloader {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+    }
+
+    /// The configuration in force (its resources by kind and name), the workloads, and how
+    /// full the maps are.
+    fn dump(&self) -> serde_json::Value {
+        let m = &self.mesh;
+        let named = |kind: &str, ns: &str, name: &str| format!("{kind} {ns}/{name}");
+        let resources: Vec<String> = m
+            .service_entries
+            .iter()
+            .map(|e| named("ServiceEntry", &e.namespace, &e.name))
+            .chain(
+                m.virtual_services
+                    .iter()
+                    .map(|r| named("VirtualService", &r.namespace, &r.name)),
+            )
+            .chain(
+                m.destination_rules
+                    .iter()
+                    .map(|r| named("DestinationRule", &r.namespace, &r.name)),
+            )
+            .chain(
+                m.sidecars
+                    .iter()
+                    .map(|r| named("Sidecar", &r.namespace, &r.name)),
+            )
+            .chain(
+                m.services
+                    .iter()
+                    .map(|r| named("Service", &r.namespace, &r.name)),
+            )
+            .collect();
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let maps: Vec<serde_json::Value> = s
+            .maps
+            .iter()
+            .map(|(map, entries, capacity)| {
+                serde_json::json!({"map": map, "entries": entries, "capacity": capacity})
+            })
+            .collect();
+        serde_json::json!({
+            "config": s.config.as_ref().map(|p| p.display().to_string()),
+            "generation": s.generation,
+            "mode": crate::plan::mode_name(self.applied.policies.default.mode),
+            "views": self.applied.policies.views(),
+            "resources": resources,
+            "maps": maps,
+            "last_rejected": s.last_error,
+            "reload_failures": s.failures,
+            "workloads": self.workloads.dump(),
+        })
     }
 
     /// One step of a diff: map entries, or pointing the workloads at new policies.

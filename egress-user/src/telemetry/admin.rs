@@ -1,7 +1,8 @@
 //! The admin endpoints.
 //!
 //! - TCP on 127.0.0.1 (`--admin-port`, default 15000): `GET /status` (generation, summary,
-//!   last rejected configuration), `POST /reload`, `GET /workloads`. `egress status` and
+//!   last rejected configuration), `POST /reload`, `GET /workloads`, `GET /config_dump` (the
+//!   configuration in force by resource, the workloads, the maps' fill, as JSON). `egress status` and
 //!   `egress reload` are its clients.
 //! - A Unix socket reachable by root only (`--admin-socket`): the same, and enrolment
 //!   (`POST /workloads/enroll`, `/workloads/unenroll`, `/workloads/check`, see
@@ -193,6 +194,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         ("GET", "/workloads") => respond(s, 200, &ask(&tx, Msg::List).await?).await,
+        ("GET", "/config_dump") => {
+            let dump = ask(&tx, Msg::Dump).await?;
+            let body = serde_json::to_string_pretty(&dump).unwrap_or_default() + "\n";
+            respond(s, 200, &body).await
+        }
         ("GET", p) if p.starts_with("/workloads/lookup/") => {
             let label = &p["/workloads/lookup/".len()..];
             match ask(&tx, |r| Msg::Lookup(label.to_owned(), r)).await? {
@@ -239,8 +245,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             respond(
                 s,
                 404,
-                "not found: GET /status, POST /reload, GET /workloads, POST /workloads/enroll, \
-                 POST /workloads/unenroll, POST /workloads/check\n",
+                "not found: GET /status, POST /reload, GET /workloads, GET /config_dump, \
+                 POST /workloads/enroll, POST /workloads/unenroll, POST /workloads/check\n",
             )
             .await
         }

@@ -465,6 +465,27 @@ impl Workloads {
         out
     }
 
+    /// The enrolled workloads, for `/config_dump`.
+    pub fn dump(&self) -> Vec<serde_json::Value> {
+        self.enrolled
+            .values()
+            .map(|e| {
+                serde_json::json!({
+                    "workload": &*e.wl.label,
+                    "netns": e.path.as_ref().map(|p| p.display().to_string()),
+                    "cookie": e.wl.cookie,
+                    "uid": e.uid,
+                    "container": e.container_id,
+                    "view": e.policy.view,
+                    "mode": crate::plan::mode_name(e.policy.mode),
+                    "since": e.since
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                })
+            })
+            .collect()
+    }
+
     /// The cookie and slot of the workload `NAMESPACE/NAME`, for `explain` and `stats`.
     pub fn lookup(&self, label: &str) -> Option<(u64, u32)> {
         self.enrolled
