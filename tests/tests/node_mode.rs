@@ -885,4 +885,12 @@ spec:
             || out.status.code() == Some(3) && findings.lines().all(|l| l.starts_with(istios)),
         "{out:?}\n{page}"
     );
+    // The pod goes: so do its series (pods come and go on a node; series must not pile up).
+    c.node.remove_pod(&pod);
+    let page = c.agent.metrics();
+    assert!(!page.contains("source_workload=\"frontend\""), "{page}");
+    assert_eq!(
+        egress_tests::metric(&page, "egress_workloads_enrolled", &[]),
+        0.0
+    );
 }

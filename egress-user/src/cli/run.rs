@@ -225,8 +225,11 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         })
     };
     let forget: workloads::Forget = {
-        let upstreams = upstreams.clone();
-        Box::new(move |netns| upstreams.forget(netns))
+        let (upstreams, metrics) = (upstreams.clone(), metrics.clone());
+        Box::new(move |wl| {
+            upstreams.forget(wl.cookie);
+            metrics.forget(&wl.label);
+        })
     };
     let port = args.agent.outbound_port;
     let listen = workloads::Listen {

@@ -14,8 +14,9 @@
 //! failures, dropped access-log records, and the configured maps' fill levels.
 
 use std::{
+    collections::{HashMap, HashSet},
     fmt,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::Duration,
 };
 
@@ -93,6 +94,15 @@ pub struct Metrics {
     received: Family<TcpLabels, Counter>,
     /// The agent's state, once it has started: egress's own metrics read it at each scrape.
     state: Arc<OnceLock<Arc<dyn State>>>,
+    /// The label sets of each workload's series, so that they go when it is released: pods
+    /// come and go on a node, and their series must not pile up.
+    series: Mutex<HashMap<String, Series>>,
+}
+
+#[derive(Default)]
+struct Series {
+    requests: HashSet<RequestLabels>,
+    streams: HashSet<TcpLabels>,
 }
 
 impl Default for Metrics {
@@ -108,6 +118,7 @@ impl Default for Metrics {
             sent: Family::default(),
             received: Family::default(),
             state: Arc::default(),
+            series: Mutex::default(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -164,7 +175,48 @@ impl Metrics {
 
     /// A stream connected upstream (or, for a direct connection, recorded at its close).
     pub fn opened(&self, r: &Record) {
-        self.opened.get_or_create(&tcp_labels(r)).inc();
+        let labels = tcp_labels(r);
+        self.opened.get_or_create(&labels).inc();
+        self.remember(r, |s| s.streams.insert(labels));
+    }
+
+    /// Remove the series of a released workload (`NAMESPACE/NAME`).
+    pub fn forget(&self, workload: &str) {
+        let gone = self.series().remove(workload);
+        let Some(gone) = gone else { return };
+        for l in &gone.requests {
+            self.requests.remove(l);
+            self.duration.remove(l);
+            self.request_bytes.remove(l);
+            self.response_bytes.remove(l);
+        }
+        for l in &gone.streams {
+            self.opened.remove(l);
+            self.closed.remove(l);
+            self.sent.remove(l);
+            self.received.remove(l);
+        }
+    }
+
+    fn series(&self) -> std::sync::MutexGuard<'_, HashMap<String, Series>> {
+        self.series.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Note a label set of the record's workload (records of no workload have none to forget).
+    fn remember(&self, r: &Record, add: impl FnOnce(&mut Series) -> bool) {
+        if let Some(w) = r.workload.as_deref() {
+            let mut series = self.series();
+            match series.get_mut(w) {
+                Some(s) => {
+                    add(s);
+                }
+                None => {
+                    let mut s = Series::default();
+                    add(&mut s);
+                    series.insert(w.to_owned(), s);
+                }
+            }
+        }
     }
 
     /// An access record as it is written.
@@ -190,6 +242,7 @@ impl Metrics {
                 self.response_bytes
                     .get_or_create(&labels)
                     .observe(r.bytes_down as f64);
+                self.remember(r, |s| s.requests.insert(labels));
             }
             // An HTTP connection's requests have records of their own.
             "connection" if r.protocol != "http" => {
@@ -200,6 +253,7 @@ impl Metrics {
                 self.closed.get_or_create(&labels).inc();
                 self.sent.get_or_create(&labels).inc_by(r.bytes_up);
                 self.received.get_or_create(&labels).inc_by(r.bytes_down);
+                self.remember(r, |s| s.streams.insert(labels));
             }
             _ => {}
         }

@@ -84,9 +84,9 @@ pub type Table = Arc<RwLock<HashMap<u64, Arc<Workload>>>>;
 pub type Serve =
     Box<dyn Fn(Arc<Workload>, Vec<std::net::TcpListener>) -> Vec<tokio::task::AbortHandle> + Send>;
 
-/// Drops whatever the agent keeps for a namespace between connections (idle upstream
-/// connections opened there).
-pub type Forget = Box<dyn Fn(u64) + Send>;
+/// Drops whatever the agent keeps for a released workload between connections (idle upstream
+/// connections opened in its namespace, its metric series).
+pub type Forget = Box<dyn Fn(&Workload) + Send>;
 
 /// A workload as the control thread keeps it.
 struct Enrolled {
@@ -382,7 +382,7 @@ impl Workloads {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&cookie);
-        (self.forget)(cookie);
+        (self.forget)(&e.wl);
         let line = format!(
             "released {} ({why}; network namespace {})",
             e.wl.label,
