@@ -192,8 +192,9 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let _entered = rt.enter();
     let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
-    let metrics = Arc::new(Metrics::default());
-    let log = accesslog::Log::new(args.access_log, Some(metrics.clone()))
+    // Off with --metrics-port 0: the records then feed nothing.
+    let metrics = (args.metrics_port != 0).then(|| Arc::new(Metrics::default()));
+    let log = accesslog::Log::new(args.access_log, metrics.clone())
         .context("starting the access-log writer")?;
     let upstreams = Arc::new(upstream::Pool::new(args.upstream_idle_timeout));
     let px = Arc::new(Proxy {
@@ -228,7 +229,9 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         let (upstreams, metrics) = (upstreams.clone(), metrics.clone());
         Box::new(move |wl| {
             upstreams.forget(wl.cookie);
-            metrics.forget(&wl.label);
+            if let Some(m) = &metrics {
+                m.forget(&wl.label);
+            }
         })
     };
     let port = args.agent.outbound_port;
@@ -257,12 +260,14 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     );
     let status = reloader.status();
     health.control(status.clone());
-    metrics.attach(Arc::new(AgentState {
-        maps: Mutex::new(Maps::open(&args.pin_path)?),
-        status: status.clone(),
-        workloads: table.clone(),
-        log: log.clone(),
-    }));
+    if let Some(m) = &metrics {
+        m.attach(Arc::new(AgentState {
+            maps: Mutex::new(Maps::open(&args.pin_path)?),
+            status: status.clone(),
+            workloads: table.clone(),
+            log: log.clone(),
+        }));
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("control".into())
@@ -284,12 +289,12 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("admin endpoint {admin}"))?;
         let tcp = admin::Listener::Tcp(admin_listener);
         tokio::spawn(admin::serve(tcp, tx.clone(), status.clone()));
-        if args.metrics_port != 0 {
+        if let Some(m) = &metrics {
             let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.metrics_port));
             let l = tokio::net::TcpListener::bind(at)
                 .await
                 .with_context(|| format!("metrics endpoint {at} (--metrics-port)"))?;
-            tokio::spawn(telemetry::metrics::serve(l, metrics.clone()));
+            tokio::spawn(telemetry::metrics::serve(l, m.clone()));
         }
         // Enrolment needs the socket on a node; elsewhere it only lists the workload.
         match admin::bind_unix(&args.admin_socket) {

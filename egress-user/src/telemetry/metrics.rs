@@ -223,15 +223,7 @@ impl Metrics {
     pub fn observe(&self, r: &Record) {
         match r.kind {
             "request" => {
-                let labels = RequestLabels {
-                    reporter: "source",
-                    source_workload: workload(r).1.to_owned(),
-                    source_workload_namespace: workload(r).0.to_owned(),
-                    destination_service: service(r).to_owned(),
-                    request_protocol: "http",
-                    response_code: r.status.unwrap_or(0),
-                    response_flags: flags(r),
-                };
+                let labels = request_labels(r);
                 self.requests.get_or_create(&labels).inc();
                 self.duration
                     .get_or_create(&labels)
@@ -269,6 +261,19 @@ impl Metrics {
             log::warn!("encoding the metrics: {e}");
         }
         out
+    }
+}
+
+fn request_labels(r: &Record) -> RequestLabels {
+    let (ns, name) = workload(r);
+    RequestLabels {
+        reporter: "source",
+        source_workload: name.to_owned(),
+        source_workload_namespace: ns.to_owned(),
+        destination_service: service(r).to_owned(),
+        request_protocol: "http",
+        response_code: r.status.unwrap_or(0),
+        response_flags: flags(r),
     }
 }
 
