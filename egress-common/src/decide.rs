@@ -79,10 +79,17 @@ pub enum Reason {
     /// inside it; to 127.0.0.1, never captured; or to one of the workload's own addresses.
     /// As Istio's `-o lo -j RETURN`.
     Loopback = 15,
+    /// Would be redirected, but no agent listens in the namespace (it is down or restarting)
+    /// and `failureMode` is closed: the redirect stands, and connect() fails at once with
+    /// ECONNREFUSED.
+    AgentDown = 16,
+    /// Would be redirected, but no agent listens and `failureMode` is open: it goes straight
+    /// out, unmediated.
+    AgentDownOpen = 17,
 }
 
 /// Number of reason codes: the size of the counters map, and of a workload's counters.
-pub const REASON_COUNT: u32 = 16;
+pub const REASON_COUNT: u32 = 18;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -102,6 +109,8 @@ impl Reason {
         Reason::ServiceNoEndpoints,
         Reason::TcpEntry,
         Reason::Loopback,
+        Reason::AgentDown,
+        Reason::AgentDownOpen,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
@@ -123,6 +132,8 @@ impl Reason {
             Reason::ServiceNoEndpoints => "service-no-endpoints",
             Reason::TcpEntry => "tcp-entry",
             Reason::Loopback => "loopback",
+            Reason::AgentDown => "agent-down",
+            Reason::AgentDownOpen => "agent-down-open",
         }
     }
 
@@ -294,7 +305,9 @@ pub fn decide<T: Tables, A: Addr>(
     if cfg.enabled == 0 {
         return Decision::new(Bypass, NotIncluded, 0);
     }
-    if q.cgroup == cfg.agent_cgroup {
+    if q.cgroup == cfg.agent_cgroup
+        || (cfg.agent_cgroup_prev != 0 && q.cgroup == cfg.agent_cgroup_prev)
+    {
         return Decision::new(Bypass, Agent, 0);
     }
     let Some(wl) = wl else {
@@ -357,6 +370,23 @@ pub fn decide<T: Tables, A: Addr>(
         };
     }
     redirect
+}
+
+/// What a redirect becomes when no agent listens in the caller's namespace (the kernel
+/// looks its listener up): under `failureMode: closed` it stands, counted `AgentDown`, and the
+/// connect() finds nobody at the listener's address (ECONNREFUSED, at once, without a packet
+/// leaving the namespace); under `open` it goes straight out, counted `AgentDownOpen`. Any
+/// other decision is the maps' alone and holds whether the agent runs or not.
+#[inline(always)]
+pub fn without_agent(cfg: &Config, d: Decision) -> Decision {
+    if d.verdict != Verdict::Redirect {
+        return d;
+    }
+    if cfg.failure_open != 0 {
+        Decision::new(Verdict::Bypass, Reason::AgentDownOpen, 0)
+    } else {
+        Decision::new(Verdict::Redirect, Reason::AgentDown, 0)
+    }
 }
 
 #[cfg(test)]
@@ -473,6 +503,7 @@ mod tests {
             direct: 1,
             listener_v4: [127, 0, 0, 1],
             listener_v6: core::net::Ipv6Addr::LOCALHOST.octets(),
+            ..Config::default()
         }
     }
 
@@ -901,6 +932,65 @@ mod tests {
             Reason::NotIncluded,
             0,
         );
+    }
+
+    #[test]
+    fn a_replaced_agent_is_still_the_agent_while_it_drains() {
+        let t = tables();
+        let c = Config {
+            agent_cgroup: 99,
+            agent_cgroup_prev: AGENT_CGROUP,
+            ..cfg()
+        };
+        let mut query = q([127, 20, 0, 10], 80);
+        query.cgroup = AGENT_CGROUP;
+        check_wl(
+            &t,
+            &c,
+            Some(&wl(MODE_REGISTRY_ONLY)),
+            &query,
+            Verdict::Bypass,
+            Reason::Agent,
+            0,
+        );
+        // No previous agent: cgroup 0 is nobody's.
+        query.cgroup = 0;
+        let c = Config {
+            agent_cgroup_prev: 0,
+            ..c
+        };
+        let d = decide(&t, &c, Some(&wl(MODE_ALLOW_ANY)), &query);
+        assert_eq!(d.verdict, Verdict::Redirect);
+    }
+
+    #[test]
+    fn without_an_agent_redirects_fail_closed_or_go_out_and_the_rest_holds() {
+        let t = tables();
+        let w = wl(MODE_REGISTRY_ONLY);
+        let allowed = decide(&t, &cfg(), Some(&w), &q([127, 20, 1, 7], 443));
+        assert_eq!(allowed.verdict, Verdict::Redirect);
+        assert_eq!(
+            without_agent(&cfg(), allowed),
+            Decision::new(Verdict::Redirect, Reason::AgentDown, 0)
+        );
+        let open = Config {
+            failure_open: 1,
+            ..cfg()
+        };
+        assert_eq!(
+            without_agent(&open, allowed),
+            Decision::new(Verdict::Bypass, Reason::AgentDownOpen, 0)
+        );
+        // Denies, direct entries and bypasses are the maps' own: the same either way.
+        for d in [
+            decide(&t, &cfg(), Some(&w), &q([127, 20, 0, 10], 80)),
+            decide(&t, &cfg(), Some(&w), &q([127, 21, 0, 1], 80)),
+            decide(&t, &cfg(), None, &q([127, 20, 0, 10], 80)),
+        ] {
+            assert_ne!(d.verdict, Verdict::Redirect, "{d:?}");
+            assert_eq!(without_agent(&cfg(), d), d);
+            assert_eq!(without_agent(&open, d), d);
+        }
     }
 
     #[test]

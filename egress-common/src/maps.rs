@@ -112,6 +112,14 @@ pub struct Config {
     pub listener_v4: [u8; 4],
     /// IPv6 address of the outbound listener.
     pub listener_v6: [u8; 16],
+    /// The cgroup of the agent being replaced during a handover (0: none): its sockets are
+    /// still the agent's while it drains.
+    pub agent_cgroup_prev: u64,
+    /// What a connect that would be redirected does when no agent listens in its namespace
+    /// (`failureMode`): 0 closed (the redirect stands and connect() fails with
+    /// ECONNREFUSED), 1 open (it goes straight out).
+    pub failure_open: u8,
+    pub _pad: [u8; 7],
 }
 
 /// An enrolled workload: the value of `WORKLOADS`, keyed by its network namespace cookie.

@@ -5,10 +5,10 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_tuple,
     },
     btf_maps::SkStorage,
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
@@ -27,7 +27,7 @@ use egress_common::{
     ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4,
     allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
-    v4_mapped, v4_unmapped,
+    v4_mapped, v4_unmapped, without_agent,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -312,7 +312,10 @@ fn handle<A: Addr>(
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         service,
     };
-    let d = decide(&Maps, cfg, wl, &q);
+    let mut d = decide(&Maps, cfg, wl, &q);
+    if d.verdict == Verdict::Redirect && !agent_listening(ctx, fam, cfg) {
+        d = without_agent(cfg, d);
+    }
     count(d.reason as u32, wl);
     // The agent's own sockets and namespaces that are not enrolled (every other connect of
     // a node) keep no record: nothing more to do.
@@ -388,6 +391,71 @@ fn handle<A: Addr>(
     };
     write_dst(ctx, fam, listener, cfg.listener_port);
     1
+}
+
+/// `bpf_sock_tuple` as the lookup of a listener reads it: addresses and ports in network
+/// order, the source left zero.
+#[repr(C)]
+struct Tuple4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+#[repr(C)]
+struct Tuple6 {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    sport: u16,
+    dport: u16,
+}
+
+/// Whether the agent's outbound listener is there in the connecting socket's network
+/// namespace: a redirect to it would be accepted. It is not while the agent is down or before
+/// it has replayed the namespace's enrolment (the listener dies with the process that holds
+/// it; the programs and maps outlive it).
+#[inline(always)]
+fn agent_listening(ctx: &SockAddrContext, fam: Family, cfg: &Config) -> bool {
+    // The helper's "look in the caller's namespace".
+    const CURRENT_NETNS: u64 = u64::MAX;
+    let dport = cfg.listener_port.to_be();
+    let sk = unsafe {
+        if fam == Family::V6 {
+            let mut t = Tuple6 {
+                saddr: [0; 4],
+                daddr: bytes_to_words(cfg.listener_v6),
+                sport: 0,
+                dport,
+            };
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                addr_of_mut!(t).cast::<bpf_sock_tuple>(),
+                size_of::<Tuple6>() as u32,
+                CURRENT_NETNS,
+                0,
+            )
+        } else {
+            let mut t = Tuple4 {
+                saddr: 0,
+                daddr: u32::from_ne_bytes(cfg.listener_v4),
+                sport: 0,
+                dport,
+            };
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                addr_of_mut!(t).cast::<bpf_sock_tuple>(),
+                size_of::<Tuple4>() as u32,
+                CURRENT_NETNS,
+                0,
+            )
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
 }
 
 #[inline(always)]

@@ -148,7 +148,7 @@ pub fn probe_bin() -> PathBuf {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-pub(crate) fn unique(tag: &str) -> String {
+pub fn unique(tag: &str) -> String {
     format!(
         "egress-test-{}-{}-{tag}",
         std::process::id(),
@@ -300,6 +300,8 @@ pub fn free_port() -> u16 {
 /// A running agent. Stopped with SIGTERM on drop; its pins and the config file go with it.
 pub struct Agent {
     child: Child,
+    /// How it was started: `start_again` starts it so again.
+    argv: Vec<std::ffi::OsString>,
     pub port: u16,
     pub admin_port: u16,
     /// Where the Prometheus page is served (`--metrics-port`).
@@ -460,15 +462,48 @@ impl Agent {
             .arg(health_port.to_string())
             .arg("--admin-socket")
             .arg(&admin_socket)
-            .args(&extra)
+            .args(&extra);
+        let argv: Vec<std::ffi::OsString> = std::iter::once(c.get_program().to_owned())
+            .chain(c.get_args().map(ToOwned::to_owned))
+            .collect();
+        let access = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let access_paused = Arc::new(AtomicBool::new(false));
+        let (child, ready) = Agent::spawn_child(&argv, &log, &access, &access_paused);
+        Agent {
+            child,
+            argv,
+            port,
+            admin_port,
+            metrics_port,
+            health_port,
+            pin,
+            admin_socket,
+            config,
+            log,
+            access,
+            access_paused,
+            ready: Mutex::new(ready),
+        }
+    }
+
+    /// Start `argv`, its log and access log read into `log` and `access`; the receiver is told
+    /// when it logs that it is ready.
+    fn spawn_child(
+        argv: &[std::ffi::OsString],
+        log: &Arc<Mutex<Vec<String>>>,
+        access: &Arc<Mutex<Vec<String>>>,
+        access_paused: &Arc<AtomicBool>,
+    ) -> (Child, std::sync::mpsc::Receiver<()>) {
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("starting egress");
-        let access = Arc::new(Mutex::new(Vec::new()));
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting egress");
         let stdout = child.stdout.take().unwrap();
         let records = access.clone();
-        let access_paused = Arc::new(AtomicBool::new(false));
         let paused = access_paused.clone();
         std::thread::spawn(move || {
             let mut r = BufReader::new(stdout);
@@ -487,7 +522,6 @@ impl Agent {
                 }
             }
         });
-        let log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
@@ -512,20 +546,44 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        Agent {
-            child,
-            port,
-            admin_port,
-            metrics_port,
-            health_port,
-            pin,
-            admin_socket,
-            config,
-            log,
-            access,
-            access_paused,
-            ready: Mutex::new(ready_rx),
+        (child, ready_rx)
+    }
+
+    /// `kill -9`, as the OOM killer or a crash stops it: nothing of what it pinned is
+    /// removed. Waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `start_again` with `flag`'s value changed (or the flag added): another agent on the same
+    /// node's state.
+    pub fn start_again_with(&mut self, flag: &str, value: &str) {
+        match self.argv.iter().position(|a| a == flag) {
+            Some(i) => self.argv[i + 1] = value.into(),
+            None => self.argv.extend([flag.into(), value.into()]),
         }
+        self.start_again();
+    }
+
+    /// Start the agent again with the same arguments (configuration file, pin path, ports,
+    /// admin socket) once it has stopped, and wait until it is ready. Its new log lines
+    /// follow the old ones.
+    pub fn start_again(&mut self) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(Some(_))),
+            "the agent is still running"
+        );
+        let (child, ready) =
+            Agent::spawn_child(&self.argv, &self.log, &self.access, &self.access_paused);
+        self.child = child;
+        if ready.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!(
+                "agent did not become ready again:\n{}",
+                self.logs().join("\n")
+            );
+        }
+        self.ready = Mutex::new(ready);
     }
 
     /// Replace the configuration file the agent watches, atomically (write, then rename).
@@ -712,7 +770,8 @@ impl Agent {
         self.logs()
     }
 
-    fn terminate(&mut self) {
+    /// SIGTERM, and wait until it is gone (killed after 10 s).
+    pub fn terminate(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -167,6 +167,13 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
             format!("{mode}: reached through a Kubernetes Service, which is registered")
         }
         Reason::ServiceNoEndpoints => format!("Kubernetes Service {dst} has no endpoints"),
+        Reason::AgentDown => "no agent listens in the namespace and failureMode is closed: \
+             connect() fails with ECONNREFUSED"
+            .to_owned(),
+        Reason::AgentDownOpen => {
+            "no agent listens in the namespace and failureMode is open: it goes straight out"
+                .to_owned()
+        }
         Reason::TcpEntry => format!(
             "TCP ServiceEntry address {net} port {port}: nothing in the stream to decide, so it \
              goes straight out, accounted by the kernel"

@@ -3,6 +3,7 @@
 
 pub mod explain;
 mod run;
+mod uninstall;
 
 use std::{
     net::SocketAddr,
@@ -129,6 +130,18 @@ enum Cmd {
     },
     /// Check a configuration (file or directory) and print every problem.
     Validate { path: PathBuf },
+    /// Remove what agents leave on the node when they stop: detach the programs, remove the
+    /// pinned links and maps, the enrolment state file, the admin socket and the cgroup `egress
+    /// run` made. A stopped agent (SIGTERM, a crash) leaves them on purpose: the policy stays
+    /// in force until the next agent takes it over. Refused while an agent runs.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        #[arg(long, default_value = crate::workloads::api::DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
+        #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
 }
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/egress";
@@ -165,7 +178,7 @@ struct RunArgs {
     #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
     /// Where enrolments are kept across restarts (with --node).
-    #[arg(long, default_value = "/var/run/egress/workloads.json")]
+    #[arg(long, default_value = crate::workloads::api::DEFAULT_STATE_FILE)]
     state_file: PathBuf,
     /// SO_MARK the agent puts on its upstream sockets, for iptables rules that exempt them
     /// (the datapath recognises the agent by its cgroup, which a workload cannot forge).
@@ -303,6 +316,15 @@ pub fn main() -> ExitCode {
             admin::request(admin_port, "POST", "/reload").map(|b| print!("{b}"))
         }
         Cmd::Validate { path } => return validate(&path),
+        Cmd::Uninstall {
+            pin_path,
+            state_file,
+            admin_socket,
+        } => uninstall::uninstall(&uninstall::Uninstall {
+            pin_path: &pin_path,
+            state_file: &state_file,
+            admin_socket: &admin_socket,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -374,7 +396,7 @@ fn explain_cmd(
         Some(path) => {
             let mesh = load_config(Some(&path))?;
             let plan = plan::compile(&mesh);
-            let cfg = datapath_config(agent, 0, 0, true);
+            let cfg = datapath_config(agent, (0, 0), true, mesh.failure_mode);
             let label = workload.unwrap_or("default/egress");
             let (ns, _) = crate::workloads::parse_label(label)?;
             let p = plan.policies.of(&ns);
@@ -443,11 +465,11 @@ fn stats(pin_path: &Path, workload: Option<&str>, socket: &Path) -> Result<()> {
 pub fn reason_verdict(r: egress_common::Reason) -> &'static str {
     use egress_common::Reason::*;
     match r {
-        IncludedPort | IncludedCidr | RegistryAllowed | RegistryService => "redirect",
+        IncludedPort | IncludedCidr | RegistryAllowed | RegistryService | AgentDown => "redirect",
         RegistryDenied | ServiceNoEndpoints => "deny",
         TcpEntry => "direct",
         Agent | NotEnrolled | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
-        | ExcludedCidr | NotIncluded | Loopback => "bypass",
+        | ExcludedCidr | NotIncluded | Loopback | AgentDownOpen => "bypass",
     }
 }
 

@@ -14,8 +14,8 @@ use log::{info, warn};
 
 use super::{AgentArgs, DEFAULT_CGROUP, RunArgs};
 use crate::{
-    config::{self, MeshConfig},
-    datapath::{self, Capacity, Datapath, Maps, OrigMaps, reload, sys},
+    config::{self, FailureMode, MeshConfig},
+    datapath::{self, Capacity, Datapath, Maps, OrigMaps, Pinned, reload, sys},
     plan,
     proxy::{self, Proxy, upstream},
     registry,
@@ -52,9 +52,9 @@ pub(super) fn load_config(path: Option<&Path>) -> Result<MeshConfig> {
 /// external proxy is to see every redirected connection).
 pub(super) fn datapath_config(
     agent: &AgentArgs,
-    agent_cgroup: u64,
-    agent_netns: u64,
+    (agent_cgroup, agent_netns): (u64, u64),
     direct: bool,
+    failure: FailureMode,
 ) -> Config {
     Config {
         agent_cgroup,
@@ -64,18 +64,38 @@ pub(super) fn datapath_config(
         direct: u8::from(direct),
         listener_v4: Ipv4Addr::LOCALHOST.octets(),
         listener_v6: Ipv6Addr::LOCALHOST.octets(),
+        failure_open: u8::from(failure == FailureMode::Open),
+        ..Config::default()
     }
 }
 
-/// What `run` created and must remove, also when it fails half-way.
+/// What `run` made and removes again if it fails before it serves. Once it serves, all of it
+/// stays when the agent stops: the programs keep deciding from the pinned maps until an agent
+/// takes them over again or `egress uninstall` removes them.
+#[derive(Default)]
 struct Created {
-    pin_dir: PathBuf,
+    /// Pins of a datapath that was not there before.
+    pins: Option<PathBuf>,
+    /// Maps staged beside pinned ones of another layout.
+    staged: Option<PathBuf>,
     cgroup: Option<PathBuf>,
+}
+
+impl Created {
+    /// The agent serves: what it made is the node's now.
+    fn keep(&mut self) {
+        (self.pins, self.staged, self.cgroup) = (None, None, None);
+    }
 }
 
 impl Drop for Created {
     fn drop(&mut self) {
-        datapath::unpin(&self.pin_dir);
+        if let Some(p) = &self.pins {
+            datapath::unpin(p);
+        }
+        if let Some(p) = &self.staged {
+            let _ = std::fs::remove_dir_all(p);
+        }
         if let Some(c) = &self.cgroup
             && let Err(e) = std::fs::remove_dir(c)
         {
@@ -146,6 +166,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     }
     health.pending("loading the configuration");
     let mesh = load_config(args.config.as_deref())?;
+    let failure = mesh.failure_mode;
     let plan = plan::compile(&mesh);
     let reg = registry::Registry::compile(&mesh)?;
     let shared_registry: registry::Shared = Arc::new(std::sync::RwLock::new(Arc::new(reg)));
@@ -159,16 +180,19 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     sys::raise_nofile_limit();
     netns::init_home()?;
     let root = sys::cgroup2_root()?;
-    let mut created = Created {
-        pin_dir: args.pin_path.clone(),
-        cgroup: None,
-    };
+    let mut created = Created::default();
     let attach = attach_points(&args, &root, &mut created)?;
     // The datapath knows the agent's sockets by this cgroup, in every namespace.
     let agent_cgroup = sys::AgentCgroup::enter()?;
     sys::ensure_bpffs(&args.pin_path)?;
     let mut dp = Datapath::load(cap, &args.pin_path)?;
-    let mut maps = Maps::open(&args.pin_path)?;
+    match dp.pinned() {
+        Pinned::Fresh => created.pins = Some(args.pin_path.clone()),
+        Pinned::Reused => {}
+        Pinned::Replaced(_) => created.staged = Some(dp.maps_dir().to_path_buf()),
+    }
+    let maps_dir = dp.maps_dir().to_path_buf();
+    let mut maps = Maps::open(&maps_dir)?;
     dp.load_programs()?;
     if !sys::has_netns_cookie_option()? {
         sys::use_netns_probe(dp.attach_netns_probe(&agent_cgroup.path)?);
@@ -180,18 +204,38 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     }
     let cfg = datapath_config(
         &args.agent,
-        agent_cgroup.id,
-        sys::netns_cookie()?,
+        (agent_cgroup.id, sys::netns_cookie()?),
         !args.external_proxy,
+        mesh.failure_mode,
     );
     health.pending("programming the maps");
     let start = std::time::Instant::now();
-    maps.program(&plan, cfg)?;
-    info!("programmed the maps in {:.1?}", start.elapsed());
+    match dp.pinned() {
+        Pinned::Reused => {
+            let n = maps.resync(&plan, cfg)?;
+            info!(
+                "took over the maps pinned in {} (they kept deciding while no agent ran): \
+                 {n} changes to this configuration in {:.1?}",
+                args.pin_path.display(),
+                start.elapsed()
+            );
+        }
+        pinned => {
+            if let Pinned::Replaced(why) = pinned {
+                warn!(
+                    "the maps pinned in {} are of another layout ({why}): new ones are filled \
+                     beside them and take their place when the programs are switched",
+                    args.pin_path.display()
+                );
+            }
+            maps.program(&plan, cfg)?;
+            info!("programmed the maps in {:.1?}", start.elapsed());
+        }
+    }
 
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let _entered = rt.enter();
-    let orig = Arc::new(Mutex::new(OrigMaps::open(&args.pin_path)?));
+    let orig = Arc::new(Mutex::new(OrigMaps::open(&maps_dir)?));
     // Off with --metrics-port 0: the records then feed nothing.
     let metrics = (args.metrics_port != 0).then(|| Arc::new(Metrics::default()));
     let log = accesslog::Log::new(args.access_log, metrics.clone())
@@ -248,6 +292,10 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         health.pending("replaying the enrolled workloads");
         wls.replay(&mut maps, &plan.policies);
     }
+    let pruned = wls.prune(&mut maps);
+    if pruned > 0 {
+        info!("removed {pruned} enrolments left in the maps that nothing stands behind now");
+    }
     health.pending("starting the admin endpoints and attaching the programs");
     let table = wls.table();
     let reloader = reload::Reloader::new(
@@ -262,7 +310,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     health.control(status.clone());
     if let Some(m) = &metrics {
         m.attach(Arc::new(AgentState {
-            maps: Mutex::new(Maps::open(&args.pin_path)?),
+            maps: Mutex::new(Maps::open(&maps_dir)?),
             status: status.clone(),
             workloads: table.clone(),
             log: log.clone(),
@@ -304,7 +352,10 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             Err(e) if args.node => return Err(e.context("--admin-socket")),
             Err(e) => warn!("no admin socket: {e:#}"),
         }
+        // Opened before `commit` moves staged maps to where the next agent looks.
+        let closes = direct::Closes::open(&maps_dir)?;
         dp.attach_interception(&attach.at)?;
+        dp.commit()?;
         if args.external_proxy {
             let pc = match &args.proxy_cgroup {
                 Some(p) => p.clone(),
@@ -316,7 +367,6 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
                 pc.display()
             );
         }
-        let closes = direct::Closes::open(&args.pin_path)?;
         tokio::spawn(closes.serve(
             log.clone(),
             shared_registry.clone(),
@@ -349,6 +399,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             (None, _) => "enrolled network namespaces (node mode)".to_owned(),
         };
         println!("{}", attach.own.as_ref().map_or(&attach.at, |(c, _)| c).display());
+        created.keep();
         health.ready();
         info!(
             "ready: intercepting {what}, attached at {}; outbound listener 127.0.0.1:{port} [::1]:{port}{}; admin {admin} and {}",
@@ -361,7 +412,13 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             args.admin_socket.display(),
         );
         wait_for_signals(&tx).await?;
-        info!("shutting down: detaching from {}", attach.at.display());
+        info!(
+            "stopping: the programs stay attached at {} and decide from the maps pinned in {} \
+             (failureMode {}) until an agent takes them over; `egress uninstall` removes them",
+            attach.at.display(),
+            args.pin_path.display(),
+            failure.name()
+        );
         log.flush();
         anyhow::Ok(())
     })?;

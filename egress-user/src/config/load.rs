@@ -160,6 +160,8 @@ pub struct ServiceEntry {
 pub struct MeshConfig {
     /// The mesh-wide mode (Istio's `meshConfig.outboundTrafficPolicy`).
     pub mode: Mode,
+    /// What would-be redirects do while no agent listens (`spec.failureMode`).
+    pub failure_mode: super::FailureMode,
     /// The namespace whose Sidecar sets the default for every other (Istio's
     /// `meshConfig.rootNamespace`); `None`: `istio-system`.
     pub root_namespace: Option<String>,
@@ -375,6 +377,8 @@ struct EgressConfigSpec {
     root_namespace: Option<String>,
     #[serde(default)]
     interception: Option<InterceptionSpec>,
+    #[serde(default)]
+    failure_mode: Option<super::FailureMode>,
 }
 
 #[derive(Deserialize)]
@@ -1061,6 +1065,9 @@ impl Cx {
         if let Some(p) = spec.outbound_traffic_policy {
             config.mode = p.mode;
         }
+        if let Some(f) = spec.failure_mode {
+            config.failure_mode = f;
+        }
         if let Some(ns) = spec.root_namespace {
             if ns.is_empty() {
                 self.error(origin, "spec.rootNamespace", "must not be empty");
@@ -1471,6 +1478,24 @@ spec:
             "{m}"
         );
         assert!(m.contains("DENY_ALL"), "{m}");
+    }
+
+    #[test]
+    fn failure_mode_is_closed_unless_open_is_said() {
+        let head = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\n";
+        let c = parse_str("m.yaml", head).unwrap().config;
+        assert_eq!(c.failure_mode, super::super::FailureMode::Closed);
+        let c = parse_str("m.yaml", &format!("{head}spec: {{failureMode: open}}\n"))
+            .unwrap()
+            .config;
+        assert_eq!(c.failure_mode, super::super::FailureMode::Open);
+        let e = parse_str("m.yaml", &format!("{head}spec: {{failureMode: Open}}\n")).unwrap_err();
+        let m = e.errors[0].to_string();
+        assert!(
+            m.starts_with("m.yaml doc 1 EgressConfig default/d: spec.failureMode: "),
+            "{m}"
+        );
+        assert!(m.contains("`closed`") && m.contains("`open`"), "{m}");
     }
 
     #[test]

@@ -20,3 +20,25 @@ pub enum Mode {
     #[serde(rename = "REGISTRY_ONLY")]
     RegistryOnly,
 }
+
+/// `failureMode`: what a connect that would be redirected does while no agent listens (it is
+/// down, or restarting), decided in the kernel from the maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum FailureMode {
+    /// It fails at once with ECONNREFUSED: nothing unmediated leaves.
+    #[default]
+    #[serde(rename = "closed")]
+    Closed,
+    /// It goes straight to its destination, counted `agent-down-open`.
+    #[serde(rename = "open")]
+    Open,
+}
+
+impl FailureMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            FailureMode::Closed => "closed",
+            FailureMode::Open => "open",
+        }
+    }
+}

@@ -3,10 +3,11 @@
 //! original destinations).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -14,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps, links::FdLink},
 };
 use egress_common::{
     ALL_MAPS, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
@@ -28,6 +29,7 @@ use egress_common::{
 use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
 
+use super::sys;
 use crate::plan::{Entry, Op, Plan, diff};
 
 /// A socket address as the maps key and store it (IPv4 as v4-mapped IPv6).
@@ -219,53 +221,179 @@ pub struct Capacity {
     pub orig: u32,
 }
 
-/// The loaded object. Dropping it detaches every program (the links close with it).
+/// What `Datapath::load` found pinned, and so what the maps hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pinned {
+    /// Nothing: the maps are new and empty.
+    Fresh,
+    /// The maps of an agent that ran before (it stopped, crashed or is being replaced), with
+    /// the policy they were left with: the programs attached to them kept deciding from it.
+    Reused,
+    /// Maps of another layout (an older or newer egress): new maps are filled beside them and
+    /// take their place once the programs are switched; the reason says what differed.
+    Replaced(String),
+}
+
+/// Where staged maps wait while the programs still use the old ones.
+const STAGED: &str = "next";
+/// Where the links of the intercepting programs are pinned.
+const LINKS: &str = "links";
+
+/// The loaded object. The intercepting programs' links are pinned (`<pin dir>/links/`), so
+/// they stay attached when the agent exits; the others die with it.
 pub struct Datapath {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
+    maps_dir: PathBuf,
+    pinned: Pinned,
+}
+
+/// The maps' sizes as this agent creates them: the object's, with the capacities set.
+fn sizes(cap: Capacity) -> Vec<(&'static str, u32)> {
+    // Twice the capacity: a reload adds the new entries before it removes the old ones, so
+    // even a configuration replaced whole fits. LPM tries allocate entries as they are
+    // inserted, so the headroom costs nothing until it is used.
+    let mut v: Vec<(&'static str, u32)> = [
+        MAP_INCLUDE_V4,
+        MAP_INCLUDE_V6,
+        MAP_EXCLUDE_V4,
+        MAP_EXCLUDE_V6,
+    ]
+    .into_iter()
+    .map(|m| (m, cap.cidrs.saturating_mul(2)))
+    .collect();
+    for m in [MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_DIRECT_V4, MAP_DIRECT_V6] {
+        v.push((m, cap.allowed.saturating_mul(2)));
+    }
+    v.push((MAP_ORIG_BY_PEER, cap.orig));
+    v
+}
+
+/// Whether every map pinned in `dir` is one this object would create: same type, key and
+/// value sizes, flags and capacity. `Ok(None)`: nothing is pinned; `Err(reason)`: the first
+/// difference (or a map missing).
+fn pinned_layout(dir: &Path, cap: Capacity) -> Result<Option<()>, String> {
+    let present: Vec<&str> = ALL_MAPS
+        .into_iter()
+        .filter(|m| dir.join(m).exists())
+        .collect();
+    if present.is_empty() {
+        return Ok(None);
+    }
+    let obj =
+        aya_obj::Object::parse(KERNEL_OBJECT).map_err(|e| format!("parsing the object: {e}"))?;
+    let sizes = sizes(cap);
+    for name in ALL_MAPS {
+        let Some(def) = obj.maps.get(name) else {
+            return Err(format!("map {name} is not in this object"));
+        };
+        if !present.contains(&name) {
+            return Err(format!("map {name} is not pinned"));
+        }
+        let info = aya::maps::MapInfo::from_pin(dir.join(name))
+            .map_err(|e| format!("reading pinned map {name}: {e}"))?;
+        let max = sizes
+            .iter()
+            .find(|(m, _)| *m == name)
+            .map_or(def.max_entries(), |(_, n)| *n);
+        let kind = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let want = (
+            def.map_type(),
+            def.key_size(),
+            def.value_size(),
+            def.map_flags(),
+            max,
+        );
+        let got = (
+            kind,
+            info.key_size(),
+            info.value_size(),
+            info.map_flags(),
+            info.max_entries(),
+        );
+        if want != got {
+            return Err(format!(
+                "map {name} is (type, key, value, flags, capacity) {got:?}, this agent's {want:?}"
+            ));
+        }
+    }
+    Ok(Some(()))
 }
 
 impl Datapath {
-    /// Load the object (maps created, programs not yet loaded) and pin every map in `pin_dir`,
-    /// replacing stale pins left by an agent that did not exit cleanly.
+    /// Load the object (maps created or taken over, programs not yet loaded). Maps pinned in
+    /// `pin_dir` by an agent that ran before are taken over when their layout is this
+    /// object's (`Pinned::Reused`): the policy in force stays in force. Otherwise new maps are
+    /// pinned (in `pin_dir`, or beside the old ones until `commit`).
     pub fn load(cap: Capacity, pin_dir: &Path) -> Result<Self> {
         if KERNEL_OBJECT.is_empty() {
             bail!("this binary was built with AYA_BUILD_SKIP=1 and carries no kernel programs");
         }
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+        let pinned = match pinned_layout(pin_dir, cap) {
+            Ok(None) => Pinned::Fresh,
+            Ok(Some(())) => Pinned::Reused,
+            Err(why) => Pinned::Replaced(why),
+        };
+        let maps_dir = match &pinned {
+            Pinned::Replaced(_) => pin_dir.join(STAGED),
+            _ => pin_dir.to_path_buf(),
+        };
+        if maps_dir != pin_dir {
+            // A replacement that did not finish before.
+            let _ = std::fs::remove_dir_all(&maps_dir);
+            std::fs::create_dir_all(&maps_dir)
+                .with_context(|| format!("creating {}", maps_dir.display()))?;
+        }
         let mut loader = EbpfLoader::new();
-        // Twice the capacity: a reload adds the new entries before it removes the old ones, so
-        // even a configuration replaced whole fits. LPM tries allocate entries as they are
-        // inserted, so the headroom costs nothing until it is used.
-        for m in [
-            MAP_INCLUDE_V4,
-            MAP_INCLUDE_V6,
-            MAP_EXCLUDE_V4,
-            MAP_EXCLUDE_V6,
-        ] {
-            loader.map_max_entries(m, cap.cidrs.saturating_mul(2));
+        for (m, n) in sizes(cap) {
+            loader.map_max_entries(m, n);
         }
-        for m in [MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_DIRECT_V4, MAP_DIRECT_V6] {
-            loader.map_max_entries(m, cap.allowed.saturating_mul(2));
+        let paths: Vec<(&str, PathBuf)> = ALL_MAPS
+            .into_iter()
+            .map(|m| (m, maps_dir.join(m)))
+            .collect();
+        // Opened where pinned and compatible (checked above), else created and pinned there.
+        for (m, p) in &paths {
+            loader.map_pin_path(m, p.as_path());
         }
-        loader.map_max_entries(MAP_ORIG_BY_PEER, cap.orig);
         let ebpf = loader
             .load(KERNEL_OBJECT)
             .context("loading the kernel object")?;
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating {}", pin_dir.display()))?;
-        for name in ALL_MAPS {
-            let path = pin_dir.join(name);
-            if path.exists() {
-                log::warn!("replacing stale pin {}", path.display());
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            }
-            let map = ebpf
-                .map(name)
-                .with_context(|| format!("map {name} missing from the object"))?;
-            map.pin(&path)
-                .with_context(|| format!("pinning {name} at {}", path.display()))?;
+        Ok(Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            maps_dir,
+            pinned,
+        })
+    }
+
+    /// What was pinned when the agent started.
+    pub fn pinned(&self) -> &Pinned {
+        &self.pinned
+    }
+
+    /// Where this agent's maps are pinned until `commit`: the pin directory, or the staging
+    /// directory beside maps of another layout.
+    pub fn maps_dir(&self) -> &Path {
+        &self.maps_dir
+    }
+
+    /// Once the programs use the new maps: staged maps take the old ones' place, where
+    /// `egress explain` and the next agent look for them.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.maps_dir == self.pin_dir {
+            return Ok(());
         }
-        Ok(Datapath { ebpf })
+        for name in ALL_MAPS {
+            let (from, to) = (self.maps_dir.join(name), self.pin_dir.join(name));
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        }
+        let _ = std::fs::remove_dir(&self.maps_dir);
+        self.maps_dir = self.pin_dir.clone();
+        Ok(())
     }
 
     /// Load every program into the kernel, logging each one's verified instruction count.
@@ -300,17 +428,55 @@ impl Datapath {
             .with_context(|| format!("program {name} missing from the object"))
     }
 
-    /// Attach connect4/6, getpeername4/6 and sock_ops to the intercepted cgroup.
+    /// Attach connect4/6, getpeername4/6 and sock_ops to the intercepted cgroup, through
+    /// links pinned in `<pin dir>/links/`: they stay attached when the agent exits, so the
+    /// maps keep deciding while it is down. Links an agent pinned before on the same cgroup
+    /// are switched to this agent's programs in place (`BPF_LINK_UPDATE`), so there is no
+    /// moment without a program; links on another cgroup are replaced.
     pub fn attach_interception(&mut self, cgroup: &Path) -> Result<()> {
         let fd = open_cgroup(cgroup)?;
-        for name in SOCK_ADDR_PROGRAMS {
-            let p: &mut CgroupSockAddr = self.program(name)?.try_into()?;
-            p.attach(&fd, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        let id = sys::cgroup_id(cgroup)?;
+        let dir = self.pin_dir.join(LINKS);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([PROG_SOCKOPS]) {
+            let pin = dir.join(name);
+            let prog = self.program(name)?;
+            let prog_fd = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => p.fd()?.as_fd().try_clone_to_owned(),
+                aya::programs::Program::SockOps(p) => p.fd()?.as_fd().try_clone_to_owned(),
+                _ => bail!("program {name} is not a cgroup program"),
+            }
+            .context("duplicating a program fd")?;
+            if pin.exists() {
+                let link = sys::pinned_object(&pin)?;
+                if sys::link_info(&link)?.1 == id {
+                    sys::link_update(&link, &prog_fd).with_context(|| {
+                        format!("switching {} to this agent's {name}", pin.display())
+                    })?;
+                    continue;
+                }
+                // Attached elsewhere by an agent with other settings: that attachment goes.
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing {}", pin.display()))?;
+            }
+            let link: FdLink = match self.program(name)? {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let l = p
+                        .attach(&fd, CgroupAttachMode::Single)
+                        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                    p.take_link(l)?.try_into()?
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let l = p
+                        .attach(&fd, CgroupAttachMode::Single)
+                        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                    p.take_link(l)?.try_into()?
+                }
+                _ => bail!("program {name} is not a cgroup program"),
+            };
+            link.pin(&pin)
+                .with_context(|| format!("pinning the link of {name} at {}", pin.display()))?;
         }
-        let p: &mut SockOps = self.program(PROG_SOCKOPS)?.try_into()?;
-        p.attach(&fd, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {PROG_SOCKOPS} to {}", cgroup.display()))?;
         Ok(())
     }
 
@@ -342,12 +508,42 @@ fn open_cgroup(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("opening cgroup {}", path.display()))
 }
 
-/// Remove the pins made by `Datapath::load`, and the directory if it is left empty.
-pub fn unpin(pin_dir: &Path) {
-    for name in ALL_MAPS {
-        let _ = std::fs::remove_file(pin_dir.join(name));
+/// The links pinned in `pin_dir` that exist: (path, link id).
+pub fn pinned_links(pin_dir: &Path) -> Vec<(PathBuf, u32)> {
+    SOCK_ADDR_PROGRAMS
+        .into_iter()
+        .chain([PROG_SOCKOPS])
+        .map(|name| pin_dir.join(LINKS).join(name))
+        .filter_map(|p| {
+            let fd = sys::pinned_object(&p).ok()?;
+            let (id, _) = sys::link_info(&fd).ok()?;
+            Some((p, id))
+        })
+        .collect()
+}
+
+/// Remove what an agent pinned in `pin_dir`: the links first (the programs detach once no
+/// running agent holds them), then the maps. Returns the paths removed.
+pub fn unpin(pin_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let links = pin_dir.join(LINKS);
+    for name in SOCK_ADDR_PROGRAMS.into_iter().chain([PROG_SOCKOPS]) {
+        let p = links.join(name);
+        if std::fs::remove_file(&p).is_ok() {
+            removed.push(p);
+        }
     }
-    let _ = std::fs::remove_dir(pin_dir);
+    let _ = std::fs::remove_dir(&links);
+    for dir in [pin_dir.join(STAGED), pin_dir.to_path_buf()] {
+        for name in ALL_MAPS {
+            let p = dir.join(name);
+            if std::fs::remove_file(&p).is_ok() {
+                removed.push(p);
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    removed
 }
 
 /// The pinned maps of a running datapath.
@@ -420,6 +616,15 @@ impl Maps {
         Ok(self.config.get(&0, 0)?)
     }
 
+    /// What would-be redirects do while no agent listens (`failureMode`), from now on.
+    pub fn set_failure_mode(&mut self, mode: crate::config::FailureMode) -> Result<()> {
+        let cfg = Config {
+            failure_open: u8::from(mode == crate::config::FailureMode::Open),
+            ..self.config()?
+        };
+        self.config.set(0, cfg, 0).context("writing CONFIG")
+    }
+
     /// Fill freshly created maps with `plan`, then enable the datapath with `cfg`.
     pub fn program(&mut self, plan: &Plan, cfg: Config) -> Result<()> {
         self.config
@@ -430,6 +635,104 @@ impl Maps {
         }
         self.config.set(0, cfg, 0).context("writing CONFIG")?;
         Ok(())
+    }
+
+    /// Bring maps an agent left behind (`Pinned::Reused`) to `plan`, then `cfg`, with the
+    /// datapath enabled throughout: what they hold is read back and the `diff` to the plan
+    /// applied, additions first, so the policy they kept deciding from is never relaxed on the
+    /// way. Returns the number of steps.
+    pub fn resync(&mut self, plan: &Plan, cfg: Config) -> Result<usize> {
+        let held = self.held().context("reading the pinned maps back")?;
+        let ops = diff(&held, plan);
+        for op in &ops {
+            self.apply(op)?;
+        }
+        self.config.set(0, cfg, 0).context("writing CONFIG")?;
+        Ok(ops.len())
+    }
+
+    /// What the maps hold, as a plan (the policies aside: they live in `WORKLOADS`). Also
+    /// learns the Services' endpoint ids, so that replacing a set frees the slots in use.
+    fn held(&mut self) -> Result<Plan> {
+        fn nets<K: aya::Pod, N: Ord>(
+            t: &LpmTrie<MapData, K, u32>,
+            f: impl Fn(K, u8) -> Option<N>,
+        ) -> Result<BTreeSet<N>> {
+            let mut out = BTreeSet::new();
+            for k in t.keys() {
+                let k = k?;
+                if let Some(n) = f(k.data(), k.prefix_len() as u8) {
+                    out.insert(n);
+                }
+            }
+            Ok(out)
+        }
+        fn port_nets<K: aya::Pod + AsRef<[u8]>, N: Ord>(
+            t: &LpmTrie<MapData, K, u32>,
+            f: impl Fn(K, u8) -> Option<N>,
+        ) -> Result<BTreeSet<(u16, u16, N)>> {
+            let mut out = BTreeSet::new();
+            for k in t.keys() {
+                let k = k?;
+                let d = k.data();
+                let b = d.as_ref();
+                let (view, port) = (
+                    u16::from_be_bytes([b[0], b[1]]),
+                    u16::from_be_bytes([b[2], b[3]]),
+                );
+                let len = k.prefix_len().saturating_sub(ALLOW_KEY_HEAD_BITS) as u8;
+                if let Some(n) = f(d, len) {
+                    out.insert((view, port, n));
+                }
+            }
+            Ok(out)
+        }
+        let v4 = |a: [u8; 4], len: u8| Ipv4Net::new(Ipv4Addr::from(a), len).ok();
+        let v6 = |a: [u8; 16], len: u8| Ipv6Net::new(Ipv6Addr::from(a), len).ok();
+        let a4 = |k: AllowKeyV4, len: u8| v4([k[4], k[5], k[6], k[7]], len);
+        let a6 = |k: AllowKeyV6, len: u8| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&k[4..]);
+            v6(a, len)
+        };
+        let mut plan = Plan {
+            include_v4: nets(&self.include_v4, v4)?,
+            include_v6: nets(&self.include_v6, v6)?,
+            exclude_v4: nets(&self.exclude_v4, v4)?,
+            exclude_v6: nets(&self.exclude_v6, v6)?,
+            allow_v4: port_nets(&self.allow_v4, a4)?,
+            allow_v6: port_nets(&self.allow_v6, a6)?,
+            direct_v4: port_nets(&self.direct_v4, a4)?,
+            direct_v6: port_nets(&self.direct_v6, a6)?,
+            ..Plan::default()
+        };
+        for e in self.ports.iter() {
+            let (port, flags) = e?;
+            plan.ports.insert(port, flags);
+        }
+        for k in self.exclude_uids.keys() {
+            plan.exclude_uids.insert(k?);
+        }
+        for k in self.exclude_gids.keys() {
+            plan.exclude_gids.insert(k?);
+        }
+        let mut services = Vec::new();
+        for e in self.services_v4.iter() {
+            let (k, svc) = e?;
+            services.push((SocketAddr::from((k.addr, k.port)), svc));
+        }
+        for e in self.services_v6.iter() {
+            let (k, svc) = e?;
+            services.push((SocketAddr::from((k.addr, k.port)), svc));
+        }
+        for (vip, svc) in services {
+            let mut endpoints = self.service(vip).unwrap_or_default();
+            endpoints.sort();
+            plan.services.insert(vip, endpoints);
+            self.service_ids.insert(vip, svc);
+            self.next_service_id = self.next_service_id.max(svc.id.wrapping_add(1));
+        }
+        Ok(plan)
     }
 
     /// Apply one step of a `diff` to the maps. `Op::Policies` is the enrolled workloads'

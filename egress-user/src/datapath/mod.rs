@@ -3,5 +3,6 @@ pub mod reload;
 pub mod sys;
 
 pub use maps::{
-    Capacity, Datapath, Maps, OrigMaps, monotonic_ns, open, orig_addr, orig_addr_of, unpin,
+    Capacity, Datapath, Maps, OrigMaps, Pinned, monotonic_ns, open, orig_addr, orig_addr_of,
+    pinned_links, unpin,
 };

@@ -421,6 +421,11 @@ impl Reloader {
                 return self.reject(format!("{}: {e:#}", path.display()));
             }
         }
+        if mesh.failure_mode != self.mesh.failure_mode
+            && let Err(e) = self.maps.set_failure_mode(mesh.failure_mode)
+        {
+            error!("writing failureMode {}: {e:#}", mesh.failure_mode.name());
+        }
         self.applied = plan;
         self.mesh = mesh;
         registry::store(&self.registry, reg);

@@ -313,6 +313,144 @@ pub fn release_free_memory() {
     }
 }
 
+/// `bpf(2)` with `attr` of `size` bytes.
+fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` points to `size` initialised bytes laid out as the command's union member.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// An object pinned on a bpf filesystem (a link, here), opened.
+pub fn pinned_object(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} has a NUL byte", path.display()))?;
+    // union bpf_attr, BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(
+        BPF_OBJ_GET,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<ObjGet>(),
+    )
+    .with_context(|| format!("opening pinned {}", path.display()))?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A cgroup link's id and the cgroup v2 id it is attached to (0 once that cgroup is gone).
+pub fn link_info(link: &std::os::fd::OwnedFd) -> Result<(u32, u64)> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union whose
+    // cgroup member starts with cgroup_id (u64).
+    #[repr(C)]
+    struct LinkInfo {
+        kind: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        cgroup_id: u64,
+        attach_type: u32,
+        _rest: [u32; 13],
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    // SAFETY: plain integers.
+    let mut info: LinkInfo = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<InfoByFd>(),
+    )
+    .context("reading a pinned link's information")?;
+    if info.kind != BPF_LINK_TYPE_CGROUP {
+        bail!(
+            "the pinned link is of type {}, not a cgroup link",
+            info.kind
+        );
+    }
+    Ok((info.id, info.cgroup_id))
+}
+
+/// Whether a link of this id still exists (something holds it: a pin or a process).
+pub fn link_exists(id: u32) -> bool {
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    #[repr(C)]
+    struct GetById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = GetById {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    match bpf(
+        BPF_LINK_GET_FD_BY_ID,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<GetById>(),
+    ) {
+        Ok(fd) => {
+            // SAFETY: a descriptor the kernel just returned to us alone.
+            unsafe { libc::close(fd as i32) };
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Make a link run another program, atomically: every hook call runs the old program or the
+/// new one (`BPF_LINK_UPDATE`, Linux 5.7).
+pub fn link_update(link: &std::os::fd::OwnedFd, prog: &std::os::fd::OwnedFd) -> Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(
+        BPF_LINK_UPDATE,
+        (&raw mut attr).cast(),
+        std::mem::size_of::<LinkUpdate>(),
+    )
+    .context("BPF_LINK_UPDATE")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

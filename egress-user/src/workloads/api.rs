@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 /// Where the agent listens for enrolments unless `--admin-socket` says otherwise.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/egress/admin.sock";
+/// Where a node agent keeps its enrolments across restarts.
+pub const DEFAULT_STATE_FILE: &str = "/var/run/egress/workloads.json";
 
 /// Enrol a network namespace as a workload.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -527,6 +527,17 @@ impl Workloads {
         }
     }
 
+    /// Remove the `WORKLOADS` entries no enrolment of this agent stands behind: left in the
+    /// pinned maps by an agent that ran before, for namespaces released or gone meanwhile.
+    /// Returns how many.
+    pub fn prune(&self, maps: &mut Maps) -> usize {
+        maps.workloads()
+            .into_iter()
+            .filter(|(cookie, _)| !self.enrolled.contains_key(cookie))
+            .filter(|(cookie, _)| maps.remove_workload(*cookie).is_ok())
+            .count()
+    }
+
     /// Enrol again what the state file holds, dropping namespaces that are gone (or that their
     /// path names another namespace now).
     pub fn replay(&mut self, maps: &mut Maps, policies: &Policies) {
