@@ -549,6 +549,38 @@ impl Agent {
         (child, ready_rx)
     }
 
+    /// Another agent started with the same arguments (configuration, pin path, ports, admin
+    /// socket) while this one runs, as a rolling update starts the new version beside the old:
+    /// it takes the workloads over. Waits until it is ready.
+    pub fn start_beside(&self) -> Agent {
+        let access = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let access_paused = Arc::new(AtomicBool::new(false));
+        let (child, ready) = Agent::spawn_child(&self.argv, &log, &access, &access_paused);
+        let agent = Agent {
+            child,
+            argv: self.argv.clone(),
+            port: self.port,
+            admin_port: self.admin_port,
+            metrics_port: self.metrics_port,
+            health_port: self.health_port,
+            pin: self.pin.clone(),
+            admin_socket: self.admin_socket.clone(),
+            config: self.config.clone(),
+            log,
+            access,
+            access_paused,
+            ready: Mutex::new(ready),
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    /// Whether the agent process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// `kill -9`, as the OOM killer or a crash stops it: nothing of what it pinned is
     /// removed. Waits until it is gone.
     pub fn kill(&mut self) {

@@ -894,3 +894,72 @@ spec:
         0.0
     );
 }
+
+#[test]
+fn a_rolling_restart_hands_the_pods_over_without_a_failed_connect() {
+    if !privileged("a_rolling_restart_hands_the_pods_over_without_a_failed_connect") {
+        return;
+    }
+    let c = Cluster::new("rolling", MESH);
+    let pod = c.node.add_pod("team-a", "steady");
+    let servers = Servers::new();
+    let echo = servers.echo_on(c.node.ext().listen(SocketAddr::from((EXT_V4, 0))));
+    let dst = echo.to_string();
+    // 200 connections a second for 20 s, and two 8 MiB transfers of about 6 s each, all
+    // started before the new agent and through the old one.
+    let load = {
+        let (pod, dst) = (pod.clone(), dst.clone());
+        std::thread::spawn(move || pod.probe(&["load", "20", "200", &dst]))
+    };
+    let long: Vec<_> = (0..2)
+        .map(|_| {
+            let (pod, dst) = (pod.clone(), dst.clone());
+            std::thread::spawn(move || pod.probe(&["--pace", "40", "echo", &dst, "8388608"]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let Cluster {
+        node,
+        agent: mut old,
+        dir,
+    } = c;
+    let new = old.start_beside();
+    new.wait_log(0, "took over 1 workloads and their listeners");
+    old.wait_log(0, "handed over to a new agent: no longer accepting");
+    // The rolling update then stops the old one: it drains what it relays, then exits.
+    let before_stop = Instant::now();
+    old.terminate();
+    assert!(old.exited());
+    for t in long {
+        let r = t.join().unwrap();
+        assert_eq!(
+            r.get("match").as_deref(),
+            Some("true"),
+            "long transfer: {r:?}"
+        );
+    }
+    assert!(
+        old.logs().iter().all(|l| !l.contains("they are cut")),
+        "the old agent cut connections ({:?} to stop):\n{}",
+        before_stop.elapsed(),
+        old.logs().join("\n")
+    );
+    let r = load.join().unwrap();
+    assert_eq!(r.get("failed").as_deref(), Some("0"), "{}", r.stdout);
+    let attempts: u64 = r.get("attempts").unwrap().parse().unwrap();
+    assert!(attempts >= 2000, "{}", r.stdout);
+    // The new agent relays the pod's connections and answers on the admin socket.
+    let c = Cluster {
+        node,
+        agent: new,
+        dir,
+    };
+    let r = pod.probe(&["echo", &dst, "1000"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    record(&c, &pod, r.local(), echo);
+    let list = egress(&c, &["workloads"]);
+    assert!(list.starts_with("team-a/steady "), "{list}");
+    // The old agent's guard removes the pins and sockets both shared: it goes last.
+    drop(c);
+    drop(old);
+}

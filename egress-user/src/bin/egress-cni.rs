@@ -192,6 +192,17 @@ fn add(socket: &Path, conf: &Value, version: &str, container: String) -> Result<
                 e,
             ));
         }
+        Err(api::Error::Busy(e)) => {
+            return Err(fail(
+                E_TRY_AGAIN,
+                format!(
+                    "egress-cni: the egress agent is handing over to a new one: pod {}/{} is \
+                     enrolled on the next attempt",
+                    req.namespace, req.name
+                ),
+                e,
+            ));
+        }
         Err(api::Error::Refused(e)) => {
             return Err(fail(
                 E_REFUSED,

@@ -237,6 +237,11 @@ struct RunArgs {
     /// response, for the next request to the same upstream (0s: a connection per request).
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     upstream_idle_timeout: Duration,
+    /// When stopped (or once a new agent took its workloads over): how long the connections
+    /// it relays may take to end before they are cut. Keep it below the DaemonSet's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// With --external-proxy: the cgroup that proxy runs in [default: the agent's own].
     #[arg(long, requires = "external_proxy")]
     proxy_cgroup: Option<PathBuf>,

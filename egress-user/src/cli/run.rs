@@ -24,7 +24,7 @@ use crate::{
         health::{self, Health},
         metrics::{self, Metrics},
     },
-    workloads::{self, netns},
+    workloads::{self, handover, netns},
 };
 
 /// Load and compile a configuration, printing its warnings; or the built-in default.
@@ -160,7 +160,9 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     let health = Health::new();
     if args.health_port != 0 {
         let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.health_port));
-        let l = std::net::TcpListener::bind(at)
+        // Served by a thread of its own, blocking.
+        let l = sys::shared_listener(at)
+            .and_then(|l| l.set_nonblocking(false).map(|()| l))
             .with_context(|| format!("health endpoint {at} (--health-port)"))?;
         health::serve(l, health.clone()).context("starting the health thread")?;
     }
@@ -193,6 +195,28 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     }
     let maps_dir = dp.maps_dir().to_path_buf();
     let mut maps = Maps::open(&maps_dir)?;
+    // An agent running on the same admin socket hands its workloads over (an upgrade): from
+    // here on it refuses enrolments, and serves on until this one serves.
+    let handover_path = handover::socket_path(&args.admin_socket);
+    let mut taken = match handover::take(&handover_path) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("{e:#}: starting from the enrolment state instead");
+            None
+        }
+    };
+    // Its upstream connections are still the agent's while it drains.
+    let prev_agent = match (&taken, maps.config()) {
+        (Some(_), Ok(c)) if c.agent_cgroup != agent_cgroup.id => c.agent_cgroup,
+        _ => 0,
+    };
+    if let Some(t) = &taken {
+        info!(
+            "taking over {} workloads from the agent that runs at {}",
+            t.workloads.len(),
+            handover_path.display()
+        );
+    }
     dp.load_programs()?;
     if !sys::has_netns_cookie_option()? {
         sys::use_netns_probe(dp.attach_netns_probe(&agent_cgroup.path)?);
@@ -208,6 +232,10 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         !args.external_proxy,
         mesh.failure_mode,
     );
+    let cfg = Config {
+        agent_cgroup_prev: prev_agent,
+        ..cfg
+    };
     health.pending("programming the maps");
     let start = std::time::Instant::now();
     match dp.pinned() {
@@ -252,6 +280,8 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         header_timeout: args.header_timeout,
         cgroups: accesslog::CgroupNames::new(root.clone()),
         upstreams: upstreams.clone(),
+        stop: tokio::sync::watch::channel(false).0,
+        live: Arc::default(),
     });
     let serve: workloads::Serve = {
         let (px, handle) = (px.clone(), rt.handle().clone());
@@ -285,10 +315,22 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     let state = args.node.then(|| args.state_file.clone());
     let mut wls = workloads::Workloads::new(state, listen, serve, forget);
     if let Some((cgroup, limit)) = &attach.own {
-        wls.enroll_own(&mut maps, &plan.policies, own_label, *limit)
+        let given = taken.as_mut().and_then(handover::Taken::own);
+        wls.enroll_own(&mut maps, &plan.policies, own_label, *limit, given)
             .with_context(|| format!("intercepting cgroup {}", cgroup.display()))?;
     }
-    if args.node {
+    let handed_over = taken.is_some();
+    if let Some(mut t) = taken {
+        health.pending("taking the workloads over from the agent that runs");
+        let n = wls.adopt(&mut maps, &plan.policies, std::mem::take(&mut t.workloads));
+        match t.confirm() {
+            Ok(()) => info!(
+                "took over {n} workloads and their listeners: the agent that ran stops \
+                 accepting and drains its connections"
+            ),
+            Err(e) => warn!("{e:#}"),
+        }
+    } else if args.node {
         health.pending("replaying the enrolled workloads");
         wls.replay(&mut maps, &plan.policies);
     }
@@ -332,26 +374,29 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
 
     rt.block_on(async {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, args.admin_port));
-        let admin_listener = tokio::net::TcpListener::bind(admin)
-            .await
+        let admin_listener = sys::shared_listener(admin)
+            .and_then(tokio::net::TcpListener::from_std)
             .with_context(|| format!("admin endpoint {admin}"))?;
         let tcp = admin::Listener::Tcp(admin_listener);
         tokio::spawn(admin::serve(tcp, tx.clone(), status.clone()));
         if let Some(m) = &metrics {
             let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.metrics_port));
-            let l = tokio::net::TcpListener::bind(at)
-                .await
+            let l = sys::shared_listener(at)
+                .and_then(tokio::net::TcpListener::from_std)
                 .with_context(|| format!("metrics endpoint {at} (--metrics-port)"))?;
             tokio::spawn(telemetry::metrics::serve(l, m.clone()));
         }
-        // Enrolment needs the socket on a node; elsewhere it only lists the workload.
-        match admin::bind_unix(&args.admin_socket) {
+        // Enrolment needs the socket on a node; elsewhere it only lists the workload. After
+        // a handover the agent that ran still answers there: this one takes the path over.
+        match admin::bind_unix(&args.admin_socket, handed_over) {
             Ok(l) => {
                 tokio::spawn(admin::serve(admin::Listener::Unix(l), tx.clone(), status));
             }
             Err(e) if args.node => return Err(e.context("--admin-socket")),
             Err(e) => warn!("no admin socket: {e:#}"),
         }
+        let ours = Ours::new(&[&args.admin_socket, &handover_path]);
+        serve_handover(&handover_path, &tx, &px)?;
         // Opened before `commit` moves staged maps to where the next agent looks.
         let closes = direct::Closes::open(&maps_dir)?;
         dp.attach_interception(&attach.at)?;
@@ -412,6 +457,18 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             args.admin_socket.display(),
         );
         wait_for_signals(&tx).await?;
+        let live = px.live.load(std::sync::atomic::Ordering::Relaxed);
+        if live > 0 {
+            info!(
+                "stopping: no longer accepting; draining {live} connections (at most {:?}, --drain-timeout)",
+                args.drain_timeout
+            );
+        }
+        let cut = px.drain(args.drain_timeout).await;
+        if cut > 0 {
+            warn!("{cut} connections were still open after {:?}: they are cut", args.drain_timeout);
+        }
+        ours.remove();
         info!(
             "stopping: the programs stay attached at {} and decide from the maps pinned in {} \
              (failureMode {}) until an agent takes them over; `egress uninstall` removes them",
@@ -425,8 +482,68 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     drop(dp);
     drop(created);
     drop(agent_cgroup);
-    let _ = std::fs::remove_file(&args.admin_socket);
     Ok(())
+}
+
+/// Sockets this agent bound, removed when it stops unless a new agent took their paths over.
+struct Ours(Vec<(PathBuf, Option<u64>)>);
+
+impl Ours {
+    fn new(paths: &[&Path]) -> Ours {
+        use std::os::unix::fs::MetadataExt as _;
+        Ours(
+            paths
+                .iter()
+                .map(|p| (p.to_path_buf(), std::fs::metadata(p).ok().map(|m| m.ino())))
+                .collect(),
+        )
+    }
+
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        for (p, ino) in &self.0 {
+            if ino.is_some() && std::fs::metadata(p).ok().map(|m| m.ino()) == *ino {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// Hand the workloads to a new agent that asks on `path`: the control thread lists them and
+/// refuses enrolments from then on; once the new agent serves them, this one stops accepting.
+fn serve_handover(
+    path: &Path,
+    tx: &std::sync::mpsc::Sender<reload::Msg>,
+    px: &Arc<Proxy>,
+) -> Result<()> {
+    let listener = handover::bind(path)?;
+    let ask = std::sync::Mutex::new(tx.clone());
+    let hand = move || {
+        let (reply, rx) = std::sync::mpsc::channel();
+        let sent = ask
+            .lock()
+            .map(|tx| tx.send(reload::Msg::HandOver(reply)).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            return Vec::new();
+        }
+        rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
+    };
+    let (tell, px) = (std::sync::Mutex::new(tx.clone()), px.clone());
+    let done = move |taken: bool| {
+        if let Ok(tx) = tell.lock() {
+            let _ = tx.send(reload::Msg::HandedOver(taken));
+        }
+        if taken {
+            let _ = px.stop.send(true);
+            info!(
+                "handed over to a new agent: no longer accepting; draining {} connections \
+                 until stopped",
+                px.live.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+    };
+    handover::serve(listener, hand, done)
 }
 
 /// Until SIGINT or SIGTERM; SIGHUP asks for a reload.

@@ -30,8 +30,10 @@ use crate::{
     workloads::{
         Workloads,
         api::{EnrollRequest, Selector},
+        handover::Handed,
     },
 };
+use std::os::fd::OwnedFd;
 
 /// A reply to an admin request.
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
@@ -64,6 +66,23 @@ pub enum Msg {
     Lookup(String, Reply<Option<(u64, u32)>>),
     /// Release workloads whose namespace is gone.
     Sweep,
+    /// A new agent asks for the workloads: from now on, enrolments are refused.
+    HandOver(std::sync::mpsc::Sender<Vec<(Handed, Vec<OwnedFd>)>>),
+    /// The new agent serves them (`true`): this one leaves the maps and the state file to it;
+    /// or it went away first (`false`): this one carries on.
+    HandedOver(bool),
+}
+
+/// What an enrolment gets while the agent hands its workloads to a new one (HTTP 503: the
+/// CNI plugin says try again, and the next attempt reaches the new agent).
+pub const HANDING_OVER: &str = "the agent is handing its workloads over to a new one: try again";
+
+/// Where the agent is in a handover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handover {
+    No,
+    Handing,
+    Done,
 }
 
 /// What `egress status` reports.
@@ -196,6 +215,7 @@ pub struct Reloader {
     workloads: Workloads,
     /// Node mode: namespaces may be enrolled.
     node: bool,
+    handover: Handover,
 }
 
 impl Reloader {
@@ -228,6 +248,7 @@ impl Reloader {
             registry,
             workloads,
             node,
+            handover: Handover::No,
         }
     }
 
@@ -247,6 +268,27 @@ impl Reloader {
                 s.handled = Instant::now();
             }
             match msg {
+                Ok(Msg::Enroll(_, reply) | Msg::Unenroll(_, reply))
+                    if self.handover != Handover::No =>
+                {
+                    let _ = reply.send(Err(HANDING_OVER.to_owned()));
+                }
+                // The maps and the state file are the new agent's now.
+                Ok(Msg::Reload { reply, .. }) if self.handover == Handover::Done => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(
+                            "handed over to a new agent: it applies the configuration".to_owned(),
+                        ));
+                    }
+                }
+                Ok(Msg::Changed | Msg::Sweep) if self.handover == Handover::Done => {}
+                Ok(Msg::HandOver(reply)) => {
+                    self.handover = Handover::Handing;
+                    let _ = reply.send(self.workloads.handed());
+                }
+                Ok(Msg::HandedOver(taken)) => {
+                    self.handover = if taken { Handover::Done } else { Handover::No };
+                }
                 Ok(Msg::Changed) => pending = Some(Instant::now() + DEBOUNCE),
                 Ok(Msg::Reload { why, reply }) => {
                     pending = None;
@@ -290,6 +332,9 @@ impl Reloader {
                     let _ = reply.send(self.workloads.lookup(&label));
                 }
                 Ok(Msg::Sweep) => self.workloads.sweep(&mut self.maps),
+                Err(RecvTimeoutError::Timeout) if self.handover == Handover::Done => {
+                    pending = None;
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     pending = None;
                     let _ = self.reload("file change");

@@ -51,6 +51,27 @@ pub struct Proxy {
     pub cgroups: accesslog::CgroupNames,
     /// Idle upstream HTTP connections, for the next request to the same upstream.
     pub upstreams: Arc<upstream::Pool>,
+    /// Set once the agent stops accepting (it stops, or a new agent took its listeners over):
+    /// the listeners are let go, and the connections accepted already go on to their end.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// Connections being served, across workloads.
+    pub live: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One served connection, counted in `Proxy::live` while it lasts.
+struct Live(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Live {
+    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Live {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Live(n.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What a client's first bytes showed on a port no ServiceEntry declares.
@@ -92,15 +113,23 @@ impl Proxy {
     /// Accept the workload's redirected connections. The connections are this task's own:
     /// when the workload is released and the task aborted, they end with it, and every socket
     /// the agent held in the workload's namespace is closed.
+    /// Once `stop` is set, the listener is let go (another agent may hold it still) and the
+    /// task ends with its last connection.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, wl: Arc<Workload>) {
         let mut conns = tokio::task::JoinSet::new();
+        let mut stop = self.stop.subscribe();
         loop {
             tokio::select! {
+                () = async { let _ = stop.wait_for(|s| *s).await; } => break,
                 accepted = listener.accept() => match accepted {
                     Ok((sock, peer)) => {
                         let px = self.clone();
                         let wl = wl.clone();
-                        conns.spawn(async move { px.handle(sock, peer, wl).await });
+                        let live = Live::new(&self.live);
+                        conns.spawn(async move {
+                            px.handle(sock, peer, wl).await;
+                            drop(live);
+                        });
                     }
                     Err(e) => {
                         // Out of descriptors or memory: back off instead of spinning.
@@ -111,6 +140,22 @@ impl Proxy {
                 // Finished connections leave the set as they end.
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
+        }
+        drop(listener);
+        while conns.join_next().await.is_some() {}
+    }
+
+    /// Stop accepting everywhere and wait until the connections accepted so far end, for at
+    /// most `grace`; returns how many were left to be cut.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let n = self.live.load(std::sync::atomic::Ordering::Relaxed);
+            if n == 0 || tokio::time::Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -68,14 +68,15 @@ pub async fn serve(listener: Listener, tx: Sender<Msg>, status: Arc<Mutex<Status
 }
 
 /// Listen on the Unix socket at `path`, mode 0600 in a directory of mode 0700. A socket left
-/// by an agent that is gone is replaced; one an agent answers on is not.
-pub fn bind_unix(path: &Path) -> Result<UnixListener> {
+/// by an agent that is gone is replaced; one an agent answers on is not, unless `replace` (that
+/// agent handed its workloads over to this one).
+pub fn bind_unix(path: &Path, replace: bool) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if !replace && std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
                 "{}: another agent answers there (pass another --admin-socket)",
                 path.display()
@@ -89,6 +90,15 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
         .with_context(|| format!("chmod {}", path.display()))?;
     info!("admin socket {}", path.display());
     Ok(l)
+}
+
+/// The status of a refused enrolment: 503 while handing over (try again), else 422.
+fn refused(e: &str) -> u16 {
+    if e == crate::datapath::reload::HANDING_OVER {
+        503
+    } else {
+        422
+    }
 }
 
 /// A request head and body, read within a few seconds.
@@ -219,14 +229,14 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         ("POST", "/workloads/enroll") => match json(&body) {
             Ok(req) => match ask(&tx, |r| Msg::Enroll(req, r)).await? {
                 Ok(line) => respond(s, 200, &format!("{line}\n")).await,
-                Err(e) => respond(s, 422, &format!("{e}\n")).await,
+                Err(e) => respond(s, refused(&e), &format!("{e}\n")).await,
             },
             Err(e) => respond(s, 400, &e).await,
         },
         ("POST", "/workloads/unenroll") => match json(&body) {
             Ok(sel) => match ask(&tx, |r| Msg::Unenroll(sel, r)).await? {
                 Ok(line) => respond(s, 200, &format!("{line}\n")).await,
-                Err(e) => respond(s, 422, &format!("{e}\n")).await,
+                Err(e) => respond(s, refused(&e), &format!("{e}\n")).await,
             },
             Err(e) => respond(s, 400, &e).await,
         },

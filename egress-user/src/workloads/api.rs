@@ -57,12 +57,15 @@ pub enum Error {
     Unreachable(String),
     /// The agent answered with an error.
     Refused(String),
+    /// The agent is handing over to a new one: the same request a moment later reaches it.
+    Busy(String),
 }
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Error::Unreachable(e) => write!(f, "the agent is not reachable: {e}"),
+            Error::Busy(e) => write!(f, "{e}"),
             Error::Refused(e) => write!(f, "{e}"),
         }
     }
@@ -98,10 +101,10 @@ pub fn list(socket: &Path) -> Result<String, Error> {
 }
 
 fn expect_ok((code, body): (u16, String)) -> Result<String, Error> {
-    if code == 200 {
-        Ok(body)
-    } else {
-        Err(Error::Refused(body.trim_end().to_owned()))
+    match code {
+        200 => Ok(body),
+        503 => Err(Error::Busy(body.trim_end().to_owned())),
+        _ => Err(Error::Refused(body.trim_end().to_owned())),
     }
 }
 

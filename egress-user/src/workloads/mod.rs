@@ -11,6 +11,7 @@
 //! reloads and sweeps are serialised there.
 
 pub mod api;
+pub mod handover;
 pub mod netns;
 
 use std::{
@@ -102,6 +103,8 @@ struct Enrolled {
     own: Own,
     policy: Policy,
     serving: Vec<tokio::task::AbortHandle>,
+    /// Duplicates of its listening sockets, for a new agent to take over.
+    listeners: Vec<std::os::fd::OwnedFd>,
     since: SystemTime,
 }
 
@@ -203,9 +206,13 @@ impl Workloads {
         policies: &Policies,
         (namespace, name): (String, String),
         cgroup: (u64, u32),
+        given: Option<Vec<std::net::TcpListener>>,
     ) -> Result<()> {
         let cookie = crate::datapath::sys::netns_cookie()?;
-        let listeners = self.bind(false)?;
+        let listeners = match given {
+            Some(l) => l,
+            None => self.bind(false)?,
+        };
         let wl = Arc::new(Workload {
             label: format!("{namespace}/{name}").into(),
             namespace,
@@ -232,6 +239,11 @@ impl Workloads {
         let slot = self.free_slot()?;
         let policy = policies.of(&wl.namespace);
         maps.zero_workload_counters(slot)?;
+        let dups = listeners
+            .iter()
+            .map(|l| l.try_clone().map(std::os::fd::OwnedFd::from))
+            .collect::<io::Result<Vec<_>>>()
+            .context("duplicating a listener")?;
         // The listeners are listening already: a connect redirected from now on is queued.
         let serving = (self.serve)(wl.clone(), listeners);
         let entry = kernel_entry(slot, policy, cgroup, own);
@@ -267,6 +279,7 @@ impl Workloads {
                 own,
                 policy,
                 serving,
+                listeners: dups,
                 since: SystemTime::now(),
             },
         );
@@ -279,6 +292,77 @@ impl Workloads {
         maps: &mut Maps,
         policies: &Policies,
         req: EnrollRequest,
+    ) -> Result<String> {
+        self.enroll_with(maps, policies, req, None)
+    }
+
+    /// Enrol the workloads a running agent handed over, on the listeners it gave: they are
+    /// the same sockets, so nothing redirected meanwhile finds them closed. A namespace whose
+    /// path names another one now is dropped. Returns how many were enrolled.
+    pub fn adopt(
+        &mut self,
+        maps: &mut Maps,
+        policies: &Policies,
+        taken: Vec<(handover::Handed, Vec<std::net::TcpListener>)>,
+    ) -> usize {
+        let mut n = 0;
+        for (h, listeners) in taken {
+            let label = format!("{}/{}", h.namespace, h.name);
+            let Some(path) = h.netns else { continue };
+            if netns::path_id(&path) != h.id {
+                info!(
+                    "dropped {label}: its network namespace {} is gone",
+                    path.display()
+                );
+                continue;
+            }
+            let req = EnrollRequest {
+                netns: path,
+                namespace: h.namespace,
+                name: h.name,
+                uid: h.uid,
+                container_id: h.container_id,
+            };
+            match self.enroll_with(maps, policies, req, Some(listeners)) {
+                Ok(_) => n += 1,
+                Err(e) => warn!("could not take {label} over: {e:#}"),
+            }
+        }
+        self.save();
+        n
+    }
+
+    /// Every workload with duplicates of its listeners, for a new agent to take over.
+    pub fn handed(&self) -> Vec<(handover::Handed, Vec<std::os::fd::OwnedFd>)> {
+        self.enrolled
+            .values()
+            .filter_map(|e| {
+                let fds = e
+                    .listeners
+                    .iter()
+                    .map(|f| f.try_clone())
+                    .collect::<io::Result<Vec<_>>>()
+                    .ok()?;
+                let h = handover::Handed {
+                    netns: e.path.clone(),
+                    id: e.wl.netns.as_ref().map(|ns| ns.id),
+                    namespace: e.wl.namespace.clone(),
+                    name: e.wl.name.clone(),
+                    uid: e.uid.clone(),
+                    container_id: e.container_id.clone(),
+                    listeners: fds.len(),
+                };
+                Some((h, fds))
+            })
+            .collect()
+    }
+
+    fn enroll_with(
+        &mut self,
+        maps: &mut Maps,
+        policies: &Policies,
+        req: EnrollRequest,
+        given: Option<Vec<std::net::TcpListener>>,
     ) -> Result<String> {
         check_name("namespace", &req.namespace)?;
         check_name("name", &req.name)?;
@@ -309,7 +393,11 @@ impl Workloads {
         let (listeners, own) = ns
             .run(|| -> Result<_> {
                 let own = netns::own_addresses().context("listing its addresses")?;
-                Ok((self.bind(true)?, own))
+                let listeners = match given {
+                    Some(l) => l,
+                    None => self.bind(true)?,
+                };
+                Ok((listeners, own))
             })?
             .with_context(|| format!("in network namespace {}", req.netns.display()))?;
         let wl = Arc::new(Workload {

@@ -2,7 +2,8 @@
 //! tests run inside the intercepted cgroup. It prints `key=value` words for the test to read.
 //!
 //! Options: `--as-uid N` and `--as-gid N` drop to that user and group first; `--mark N` sets
-//! SO_MARK on the sockets `echo` and `hold` connect (a root workload forging a mark).
+//! SO_MARK on the sockets `echo` and `hold` connect (a root workload forging a mark);
+//! `--pace MS` makes `echo` wait MS between its 64 KiB writes (a long transfer).
 //!
 //! egress-probe [--as-uid N] [--as-gid N] [--mark N] echo ADDR BYTES
 //!     connect, send BYTES of the test pattern while reading the echo, check it.
@@ -13,7 +14,7 @@
 //!     COUNT connections one after another to a `whoami` server: for each, print what
 //!     getpeername() says and the address the server was reached at.
 //! egress-probe load SECS RATE ADDR
-//!     for SECS seconds open RATE connections a second (1 byte each way), count failures.
+//!     for SECS seconds open RATE connections a second (a NUL byte each way), count failures.
 //! egress-probe pings COUNT ADDR
 //!     COUNT connections (a NUL byte each way) over 4 threads, as fast as they go, stopping after
 //!     60 s; count failures.
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
     if let Some(m) = take_opt("--mark") {
         let _ = MARK.set(m);
     }
+    let pace = std::time::Duration::from_millis(take_opt("--pace").unwrap_or(0).into());
     raise_nofile_limit();
     // Drop privileges after `egress exec` has put us in the cgroup as root.
     unsafe {
@@ -69,7 +71,7 @@ fn main() -> ExitCode {
             .unwrap_or_else(|_| panic!("{s}: not IP:PORT"))
     };
     match args.first().map(String::as_str) {
-        Some("echo") => echo(addr(&args[1]), args[2].parse().expect("BYTES")),
+        Some("echo") => echo(addr(&args[1]), args[2].parse().expect("BYTES"), pace),
         Some("hold") => hold(
             args[1].parse().expect("COUNT"),
             &args[2..].iter().map(addr).collect::<Vec<_>>(),
@@ -191,7 +193,7 @@ fn raw(dst: SocketAddr, hex: &str, hold_ms: u64) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn echo(dst: SocketAddr, n: u64) -> ExitCode {
+fn echo(dst: SocketAddr, n: u64, pace: std::time::Duration) -> ExitCode {
     let s = match connect(dst) {
         Ok(s) => s,
         Err(c) => return c,
@@ -203,7 +205,11 @@ fn echo(dst: SocketAddr, n: u64) -> ExitCode {
     );
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        pattern_chunks(n, |c| w.write_all(c))?;
+        pattern_chunks(n, |c| {
+            w.write_all(c)?;
+            std::thread::sleep(pace);
+            Ok::<(), std::io::Error>(())
+        })?;
         w.shutdown(Shutdown::Write)
     });
     let mut r = s;
@@ -283,7 +289,8 @@ fn load(secs: u64, rate: u64, dst: SocketAddr) -> ExitCode {
                 let (mut ok, mut failed) = (0u64, Vec::new());
                 let mut next = start;
                 while start.elapsed() < Duration::from_secs(secs) {
-                    match ping(dst, b'x') {
+                    // A NUL cannot start HTTP or TLS: an undeclared port's sniff ends at once.
+                    match ping(dst, 0) {
                         Ok(()) => ok += 1,
                         Err(e) => failed.push(format!("t={} error={:?}", unix_ms(), e.kind())),
                     }
