@@ -1,6 +1,7 @@
 //! The command line `egress`: its arguments and the small subcommands. The agent itself
 //! (`egress run`) is in `run`; `explain` words the verdicts `egress explain` prints.
 
+mod cni;
 pub mod explain;
 mod run;
 
@@ -129,6 +130,12 @@ enum Cmd {
     },
     /// Check a configuration (file or directory) and print every problem.
     Validate { path: PathBuf },
+    /// Install the CNI plugin `egress-cni` and chain it into the node's network
+    /// configuration, or remove it.
+    Cni {
+        #[command(subcommand)]
+        cmd: cni::Cmd,
+    },
 }
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/egress";
@@ -303,6 +310,7 @@ pub fn main() -> ExitCode {
             admin::request(admin_port, "POST", "/reload").map(|b| print!("{b}"))
         }
         Cmd::Validate { path } => return validate(&path),
+        Cmd::Cni { cmd } => cni::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
