@@ -20,6 +20,7 @@ use std::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod configs;
+pub mod container;
 pub mod l7;
 pub mod node;
 pub mod plot;
@@ -85,9 +86,16 @@ pub fn privileged(test: &str) -> bool {
     } else {
         None
     };
-    let Some(why) = why else {
-        return true;
-    };
+    match why {
+        None => true,
+        Some(why) => cannot_run(test, &why),
+    }
+}
+
+/// Report that `test` cannot run here because of `why`, and return false: with
+/// `EGRESS_REQUIRE_PRIVILEGED=1` the test fails saying why; otherwise it is recorded as skipped
+/// (in `EGRESS_SKIP_LOG`, for the summary) and printed.
+pub fn cannot_run(test: &str, why: &str) -> bool {
     if std::env::var("EGRESS_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
         panic!("{test}: privileged test cannot run: {why} (EGRESS_REQUIRE_PRIVILEGED=1)");
     }
@@ -869,7 +877,7 @@ pub fn run_refused(config: &str, cgroup: &Cgroup, extra: &[&str]) -> Refused {
     Refused { file, stderr }
 }
 
-fn ensure_bpffs() {
+pub(crate) fn ensure_bpffs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let mounted = std::fs::read_to_string("/proc/self/mountinfo")

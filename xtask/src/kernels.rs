@@ -510,11 +510,11 @@ const DEBIAN_RELEASES: &[&str] = &[
     "unstable",
 ];
 
-/// The Debian mirror to fetch kernels from: `EGRESS_DEBIAN_MIRROR` when set (for a suite the
+/// The Debian mirror to fetch kernels (and the image's base) from: `EGRESS_DEBIAN_MIRROR` when set (for a suite the
 /// machine's mirror no longer carries, such as bullseye once it moves to archive.debian.org),
 /// else the URI of the first source the machine's apt uses whose suites name a Debian release,
 /// in `/etc/apt/sources.list.d/*.sources` or `/etc/apt/sources.list`; else deb.debian.org.
-fn mirror() -> String {
+pub fn mirror() -> String {
     if let Ok(m) = std::env::var("EGRESS_DEBIAN_MIRROR")
         && !m.trim().is_empty()
     {

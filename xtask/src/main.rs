@@ -1,5 +1,6 @@
-//! `cargo xtask setup | build-ebpf | run | test | kernels`.
+//! `cargo xtask setup | build-ebpf | run | test | kernels | image`.
 
+mod docker;
 mod kernels;
 
 use std::{
@@ -21,8 +22,9 @@ const FUZZ_SECONDS: u64 = 30;
 /// Debian packages that tests and benchmarks run, each with a file it installs: HAProxy in the
 /// agent's place, iptables for REDIRECT, curl as an HTTP and TLS client, the CNI plugins
 /// (bridge, host-local) that enroll the node fixture's pods, promtool (Debian's prometheus) to
-/// parse the metrics page, and for the kernels step qemu and a static busybox (the guests'
-/// shell and tools).
+/// parse the metrics page, for the kernels step qemu and a static busybox (the guests'
+/// shell and tools), and for the agent's image and the container tests Docker and debootstrap
+/// (which makes the base image, since none can be pulled).
 const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iptables", "/usr/sbin/iptables"),
@@ -31,7 +33,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
+    ("docker.io", "/usr/sbin/dockerd"),
+    ("debootstrap", "/usr/sbin/debootstrap"),
 ];
+/// The PyPI package whose Kubernetes API schemas the deploy tests validate the manifests
+/// against (offline).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -44,8 +51,8 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
-    /// iptables, curl, containernetworking-plugins, prometheus (promtool), qemu-system-x86 and
-    /// busybox-static.
+    /// iptables, curl, containernetworking-plugins, prometheus (promtool), qemu-system-x86,
+    /// busybox-static, docker.io and debootstrap, and (with pip) kubernetes-validate.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -67,6 +74,13 @@ enum Cmd {
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Build the release binaries and the agent's container image from the Dockerfile,
+    /// starting dockerd when none runs and making the debian:bookworm-slim base with
+    /// debootstrap when Docker does not have it.
+    Image {
+        #[arg(long, default_value = docker::TAG)]
+        tag: String,
     },
     /// Only the kernels step of `test`: build, then boot the kernels EGRESS_KERNELS names
     /// (default all) and run the smoke suite in each.
@@ -104,6 +118,10 @@ fn main() -> Result<()> {
         Cmd::Test { filter } => test(filter),
         Cmd::Kernels { filter } => kernels_only(filter),
         Cmd::Bench { quick } => bench(quick),
+        Cmd::Image { tag } => {
+            setup()?;
+            docker::image(&root(), &tag)
+        }
     }
 }
 
@@ -204,6 +222,17 @@ fn setup() -> Result<()> {
                     .env("DEBIAN_FRONTEND", "noninteractive"),
             )?;
         }
+    }
+    // The deploy tests validate the manifests with it.
+    if output(Command::new("python3").args(["-c", "import kubernetes_validate"])).is_none() {
+        eprintln!("xtask: installing {KUBERNETES_VALIDATE} with pip");
+        status(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            KUBERNETES_VALIDATE,
+        ]))?;
     }
     Ok(())
 }
@@ -338,6 +367,8 @@ fn test(filter: Option<String>) -> Result<()> {
             }
         );
     }
+    // The container tests run the agent from its image: built first, counted as a test.
+    let imaged = image_step(&root, filter.as_deref());
     // Privileged tests that cannot run here (and are not required to) record themselves here:
     // libtest counts them as passed, the summary must not.
     let skip_log = target.join("egress-skipped.log");
@@ -377,7 +408,13 @@ fn test(filter: Option<String>) -> Result<()> {
     println!();
     let fuzz_skips = fuzzed.skipped.iter().map(String::as_str);
     let kernel_skips = booted.skipped.iter().map(String::as_str);
-    for l in skips.lines().chain(fuzz_skips).chain(kernel_skips) {
+    let image_skips = imaged.skipped.iter().map(String::as_str);
+    for l in skips
+        .lines()
+        .chain(image_skips)
+        .chain(fuzz_skips)
+        .chain(kernel_skips)
+    {
         println!("skipped: {l}");
     }
     for run in &booted.runs {
@@ -385,18 +422,27 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     let mut summary = format!(
         "summary: {} passed, {} failed, {} skipped",
-        tally.passed.saturating_sub(skipped) + fuzzed.passed,
-        tally.failed + fuzzed.failed,
-        tally.ignored + skipped + fuzzed.skipped.len() as u64 + booted.skipped.len() as u64
+        tally.passed.saturating_sub(skipped) + fuzzed.passed + imaged.passed,
+        tally.failed + fuzzed.failed + imaged.failed,
+        tally.ignored
+            + skipped
+            + fuzzed.skipped.len() as u64
+            + booted.skipped.len() as u64
+            + imaged.skipped.len() as u64
     );
     if let Some(k) = booted.summary() {
         summary.push_str(&format!("; kernels: {k}"));
     }
     println!("{summary}");
-    if !st.success() || tally.failed > 0 || fuzzed.failed > 0 || booted.failed() {
+    if !st.success()
+        || tally.failed > 0
+        || fuzzed.failed > 0
+        || imaged.failed > 0
+        || booted.failed()
+    {
         bail!("tests failed");
     }
-    if tally.passed + fuzzed.passed + booted.passed() == 0 {
+    if tally.passed + fuzzed.passed + imaged.passed + booted.passed() == 0 {
         bail!("no test ran");
     }
     Ok(())
@@ -427,7 +473,40 @@ fn kernels_only(filter: Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// What the fuzz step of `cargo xtask test` found.
+/// The image step of `cargo xtask test`, the test `image::build`: the agent's image, which the
+/// container tests run, built with `cargo xtask image` before them. It needs root (Docker);
+/// without it the step is skipped, or fails under EGRESS_REQUIRE_PRIVILEGED=1. A filter that
+/// does not match its name skips it (the container tests then say when the image is missing).
+fn image_step(root: &Path, filter: Option<&str>) -> Fuzzed {
+    const NAME: &str = "image::build";
+    let mut out = Fuzzed::default();
+    if filter.is_some_and(|f| !NAME.contains(f)) {
+        return out;
+    }
+    let result = if is_root() {
+        docker::image(root, docker::TAG)
+    } else if std::env::var("EGRESS_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        Err(anyhow::anyhow!(
+            "not running as root (EGRESS_REQUIRE_PRIVILEGED=1)"
+        ))
+    } else {
+        out.skipped.push(format!("{NAME}: not running as root"));
+        return out;
+    };
+    match result {
+        Ok(()) => {
+            println!("test {NAME} ... ok");
+            out.passed += 1;
+        }
+        Err(e) => {
+            println!("test {NAME} ... FAILED: {e:#}");
+            out.failed += 1;
+        }
+    }
+    out
+}
+
+/// What the fuzz step of `cargo xtask test` found (and the image step did).
 #[derive(Default)]
 struct Fuzzed {
     passed: u64,

@@ -1,6 +1,7 @@
 //! The command line `egress`: its arguments and the small subcommands. The agent itself
 //! (`egress run`) is in `run`; `explain` words the verdicts `egress explain` prints.
 
+mod cni;
 pub mod explain;
 mod run;
 mod uninstall;
@@ -131,9 +132,11 @@ enum Cmd {
     /// Check a configuration (file or directory) and print every problem.
     Validate { path: PathBuf },
     /// Remove what agents leave on the node when they stop: detach the programs, remove the
-    /// pinned links and maps, the enrolment state file, the admin socket and the cgroup `egress
-    /// run` made. A stopped agent (SIGTERM, a crash) leaves them on purpose: the policy stays
-    /// in force until the next agent takes it over. Refused while an agent runs.
+    /// pinned links and maps, the enrolment state file, the admin and handover sockets, the
+    /// cgroup `egress run` made and (with the CNI directories) `egress-cni` from the node's
+    /// network configuration and its binary. A stopped agent (SIGTERM, a crash) leaves them on
+    /// purpose: the policy stays in force until the next agent takes it over. Refused while an
+    /// agent runs.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
@@ -141,6 +144,18 @@ enum Cmd {
         state_file: PathBuf,
         #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
+        /// The CNI configuration directory `egress cni install` chained the plugin in.
+        #[arg(long, requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
+        /// The CNI binary directory it copied `egress-cni` to.
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
+    },
+    /// Install the CNI plugin `egress-cni` and chain it into the node's network
+    /// configuration, or remove it.
+    Cni {
+        #[command(subcommand)]
+        cmd: cni::Cmd,
     },
 }
 
@@ -325,11 +340,15 @@ pub fn main() -> ExitCode {
             pin_path,
             state_file,
             admin_socket,
+            cni_conf_dir,
+            cni_bin_dir,
         } => uninstall::uninstall(&uninstall::Uninstall {
             pin_path: &pin_path,
             state_file: &state_file,
             admin_socket: &admin_socket,
+            cni: cni_conf_dir.as_deref().zip(cni_bin_dir.as_deref()),
         }),
+        Cmd::Cni { cmd } => cni::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! `egress uninstall`: remove what agents leave on a node on purpose when they stop (the
 //! pinned links that keep the programs attached, the maps they decide from, the enrolment
-//! state), once no agent runs.
+//! state, the CNI plugin's entry), once no agent runs.
 
 use std::{path::Path, time::Duration};
 
@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     datapath::{self, sys},
-    workloads::api,
+    workloads::{api, cniconf, handover},
 };
 
 /// What to remove.
@@ -16,6 +16,8 @@ pub struct Uninstall<'a> {
     pub pin_path: &'a Path,
     pub state_file: &'a Path,
     pub admin_socket: &'a Path,
+    /// The CNI configuration and binary directories, when the plugin was installed.
+    pub cni: Option<(&'a Path, &'a Path)>,
 }
 
 pub fn uninstall(u: &Uninstall<'_>) -> Result<()> {
@@ -46,7 +48,16 @@ pub fn uninstall(u: &Uninstall<'_>) -> Result<()> {
         );
     }
     println!("detached {} programs", links.len());
-    for f in [u.state_file, u.admin_socket] {
+    if let Some((conf_dir, bin_dir)) = u.cni {
+        for p in cniconf::unchain(conf_dir)? {
+            println!("removed {} from {}", cniconf::PLUGIN, p.display());
+        }
+        if cniconf::remove_plugin(bin_dir)? {
+            println!("removed {}", bin_dir.join(cniconf::PLUGIN).display());
+        }
+    }
+    let handover = handover::socket_path(u.admin_socket);
+    for f in [u.state_file, u.admin_socket, &handover] {
         if std::fs::remove_file(f).is_ok() {
             println!("removed {}", f.display());
         }

@@ -11,6 +11,7 @@
 //! reloads and sweeps are serialised there.
 
 pub mod api;
+pub mod cniconf;
 pub mod handover;
 pub mod netns;
 
