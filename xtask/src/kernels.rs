@@ -67,6 +67,12 @@ pub const SMOKE: &[(&str, &[&str])] = &[
         "node_mode",
         &["a_namespace_that_existed_before_the_agent_is_enrolled_by_hand"],
     ),
+    (
+        "restart",
+        &[
+            "a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_next_takes_over",
+        ],
+    ),
 ];
 
 /// Where the kernels come from when the machine's apt sources name no Debian mirror.
@@ -122,7 +128,7 @@ impl Report {
         self.runs.iter().map(|r| r.passed).sum()
     }
 
-    /// `5.10 7/7, 6.1 7/7` for the summary line, `None` when no kernel ran.
+    /// `5.10 8/8, 6.1 8/8` for the summary line, `None` when no kernel ran.
     pub fn summary(&self) -> Option<String> {
         (!self.runs.is_empty()).then(|| {
             self.runs
