@@ -963,3 +963,45 @@ fn a_rolling_restart_hands_the_pods_over_without_a_failed_connect() {
     drop(c);
     drop(old);
 }
+
+#[test]
+fn a_stopped_node_agent_keeps_the_pods_policy_until_egress_uninstall_removes_everything() {
+    if !privileged(
+        "a_stopped_node_agent_keeps_the_pods_policy_until_egress_uninstall_removes_everything",
+    ) {
+        return;
+    }
+    let config = MESH.replace("ALLOW_ANY", "REGISTRY_ONLY");
+    let mut c = Cluster::new("uninstall", &config);
+    let pod = c.node.add_pod("default", "kept");
+    let servers = Servers::new();
+    let ext = servers.echo_on(c.node.ext().listen(SocketAddr::from((EXT_V4, 0))));
+    let errno = |pod: &Pod| pod.probe(&["echo", &ext.to_string(), "10"]).get("errno");
+    assert_eq!(errno(&pod).as_deref(), Some("1"));
+    let state = c.dir.path().join("workloads.json");
+    let handover = c.dir.path().join("admin.handover");
+    assert!(state.exists() && handover.exists());
+    // SIGTERM: a stop, not an uninstall. The pod stays under REGISTRY_ONLY.
+    c.agent.terminate();
+    assert_eq!(errno(&pod).as_deref(), Some("1"), "after a stop");
+    let pin = c.agent.pin.clone();
+    let out = checked(
+        Command::new(egress_bin())
+            .arg("uninstall")
+            .arg("--pin-path")
+            .arg(&pin)
+            .arg("--state-file")
+            .arg(&state)
+            .arg("--admin-socket")
+            .arg(c.socket()),
+    );
+    assert!(out.contains("detached 5 programs"), "{out}");
+    assert!(!pin.exists(), "{out}");
+    assert!(!state.exists(), "{out}");
+    assert!(!handover.exists(), "{out}");
+    // Nothing decides for the pod any more: the stand-in sees it directly.
+    let r = pod.probe(&["echo", &ext.to_string(), "10"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    assert_eq!(r.local().ip(), IpAddr::from(pod.ipv4), "{r:?}");
+    assert_eq!(servers.wait_from(r.local()).local, ext);
+}
