@@ -525,9 +525,9 @@ fn serve_handover(
             .map(|tx| tx.send(reload::Msg::HandOver(reply)).is_ok())
             .unwrap_or(false);
         if !sent {
-            return Vec::new();
+            return None;
         }
-        rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
+        rx.recv_timeout(Duration::from_secs(30)).ok()
     };
     let (tell, px) = (std::sync::Mutex::new(tx.clone()), px.clone());
     let done = move |taken: bool| {

@@ -136,10 +136,11 @@ impl Taken {
 
 /// The running agent's side: serve handovers on `listener` on a thread of its own. `hand`
 /// lists the workloads with duplicates of their listeners (and from then on, enrolments are
-/// refused); `done(true)` once the new agent serves them, `done(false)` if it went away first.
+/// refused), or `None` when it cannot (the new agent then starts from the state file);
+/// `done(true)` once the new agent serves them, `done(false)` if it went away first.
 pub fn serve(
     listener: UnixListener,
-    hand: impl Fn() -> Vec<(Handed, Vec<OwnedFd>)> + Send + 'static,
+    hand: impl Fn() -> Option<Vec<(Handed, Vec<OwnedFd>)>> + Send + 'static,
     done: impl Fn(bool) + Send + 'static,
 ) -> Result<()> {
     std::thread::Builder::new()
@@ -152,7 +153,11 @@ pub fn serve(
                 if s.read_exact(&mut hello).is_err() || hello != HELLO {
                     continue;
                 }
-                let workloads = hand();
+                let Some(workloads) = hand() else {
+                    warn!("could not list the workloads for a new agent");
+                    done(false);
+                    continue;
+                };
                 let n = workloads.len();
                 match send(&mut s, workloads) {
                     Ok(()) => {
@@ -310,12 +315,12 @@ mod tests {
         serve(
             l,
             move || {
-                let mut fds = hand.lock().unwrap().take().unwrap().into_iter();
+                let mut fds = hand.lock().unwrap().take()?.into_iter();
                 let mut out = vec![(handed(0, 2), fds.by_ref().take(2).collect())];
                 for i in 1..130 {
                     out.push((handed(i, 2), fds.by_ref().take(2).collect()));
                 }
-                out
+                Some(out)
             },
             move |ok| tx.send(ok).unwrap(),
         )
