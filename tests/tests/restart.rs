@@ -123,17 +123,9 @@ impl Fixture {
         );
     }
 
+    /// `egress stats` from the pinned maps: it needs no agent.
     fn stats(&self) -> BTreeMap<String, u64> {
-        let o = egress(&["stats", "--pin-path", self.agent.pin.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout)
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                Some((f.get(1)?.to_string(), f.get(2)?.parse().ok()?))
-            })
-            .collect()
+        self.agent.stats()
     }
 
     fn seen_at(&self, dst: SocketAddr) -> usize {

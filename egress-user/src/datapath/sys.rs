@@ -454,16 +454,27 @@ pub fn link_update(link: &std::os::fd::OwnedFd, prog: &std::os::fd::OwnedFd) -> 
 /// A TCP listener that the agent replacing this one can bind beside it (`SO_REUSEPORT`):
 /// the probes, metrics and admin ports answer throughout an upgrade. Non-blocking.
 pub fn shared_listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    tcp_listener(addr, true, 1024)
+}
+
+/// A non-blocking TCP listener with `SO_REUSEADDR` (and `SO_REUSEPORT` when `shared`).
+pub fn tcp_listener(
+    addr: std::net::SocketAddr,
+    shared: bool,
+    backlog: i32,
+) -> std::io::Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.cloexec(),
         None,
     )?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
+    if shared {
+        s.set_reuse_port(true)?;
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    s.listen(1024)?;
+    s.listen(backlog)?;
     Ok(s.into())
 }
 

@@ -196,23 +196,45 @@ fn send(s: &mut UnixStream, workloads: Vec<(Handed, Vec<OwnedFd>)>) -> Result<()
     Ok(())
 }
 
+/// The buffers of a one-byte message with room for `size` bytes of descriptors.
+struct OneByte {
+    byte: [u8; 1],
+    iov: libc::iovec,
+    control: Vec<u8>,
+}
+
+impl OneByte {
+    fn new(size: usize) -> OneByte {
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(size as u32) } as usize;
+        OneByte {
+            byte: [0],
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 1,
+            },
+            control: vec![0u8; space],
+        }
+    }
+
+    /// A message header pointing into these buffers, valid while they do not move.
+    fn header(&mut self) -> libc::msghdr {
+        self.iov.iov_base = self.byte.as_mut_ptr().cast();
+        // SAFETY: msghdr is plain data.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut self.iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = self.control.as_mut_ptr().cast();
+        msg.msg_controllen = self.control.len() as _;
+        msg
+    }
+}
+
 /// One byte with `fds` attached.
 fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
     let size = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(size as u32) } as usize;
-    let mut control = vec![0u8; space];
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: msghdr is plain data; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut m = OneByte::new(size);
+    let msg = m.header();
     // SAFETY: the control buffer has room for one header and `fds`.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);
@@ -222,7 +244,7 @@ fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
         std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), fds.len());
     }
     // SAFETY: a valid socket and message.
-    if unsafe { libc::sendmsg(s.as_raw_fd(), &msg, 0) } != 1 {
+    if unsafe { libc::sendmsg(s.as_raw_fd(), &raw const msg, 0) } != 1 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -230,21 +252,8 @@ fn send_fds(s: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
 
 /// One byte and the descriptors attached to it (none at the end of the stream).
 fn recv_fds(s: &UnixStream) -> io::Result<Vec<OwnedFd>> {
-    let size = FDS_PER_MESSAGE * std::mem::size_of::<RawFd>();
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(size as u32) } as usize;
-    let mut control = vec![0u8; space];
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: as in `send_fds`.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut m = OneByte::new(FDS_PER_MESSAGE * std::mem::size_of::<RawFd>());
+    let mut msg = m.header();
     // SAFETY: a valid socket and message; descriptors received are close-on-exec.
     let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {

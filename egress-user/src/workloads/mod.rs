@@ -695,18 +695,10 @@ fn kernel_entry(
     }
 }
 
-/// A listening socket with the agent's backlog.
+/// A listening socket with the agent's backlog. Not shared: a new agent takes it over
+/// (`handover`) rather than binding beside it.
 fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM.cloexec(),
-        None,
-    )?;
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(crate::proxy::LISTEN_BACKLOG as i32)?;
-    Ok(s.into())
+    crate::datapath::sys::tcp_listener(addr, false, crate::proxy::LISTEN_BACKLOG as i32)
 }
 
 /// Kubernetes names: DNS labels (RFC 1123), which keeps them safe in logs and lines.
