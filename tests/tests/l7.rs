@@ -695,3 +695,83 @@ spec:
     }
     assert_ne!(stand.hits_for("/c1")[0].peer, stand.hits_for("/c2")[0].peer);
 }
+
+#[test]
+fn an_istio_0_7_external_service_lets_tls_through_to_its_range() {
+    if !privileged("an_istio_0_7_external_service_lets_tls_through_to_its_range") {
+        return;
+    }
+    let cg = Cgroup::new("l7-extsvc");
+    let ca = TestCa::new("extsvc");
+    let stand = StandIns::new();
+    let wiki = stand.https(
+        sa("127.50.4.5:443"),
+        ca.server_config(&["en.wikipedia.org"]),
+    );
+    let outside = stand.https(
+        sa("127.50.5.5:443"),
+        ca.server_config(&["en.wikipedia.org"]),
+    );
+    // As Istio 0.7's "Control Egress TCP Traffic" wrote it, the range moved to the stand-in's.
+    let external_service = "---
+apiVersion: networking.istio.io/v1alpha3
+kind: ExternalService
+metadata:
+  name: wikipedia-ext
+spec:
+  hosts:
+  - 127.50.4.0/24
+  ports:
+  - number: 443
+    protocol: tcp
+    name: tcp
+  discovery: none
+";
+    // Alone: the seeds' HTTPS entry would register every address on 443 for its SNI.
+    let mesh = format!(
+        "{}{external_service}",
+        HEAD.replace("MODE", "REGISTRY_ONLY")
+    );
+    let agent = start(&mesh, &cg, "", &[]);
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("ExternalService (Istio 0.7) is read as the ServiceEntry")),
+        "{}",
+        agent.logs().join("\n")
+    );
+    let cacert = ca.path().to_str().unwrap();
+    let get = |addr: SocketAddr| {
+        curl(
+            &cg,
+            &[
+                "--cacert",
+                cacert,
+                "--resolve",
+                &format!("en.wikipedia.org:443:{}", addr.ip()),
+                "https://en.wikipedia.org/wiki/Main_Page",
+            ],
+        )
+    };
+    let c = get(wiki);
+    assert_ok(
+        &c,
+        "https://en.wikipedia.org in the ExternalService's range",
+    );
+    let hit = &stand.hits_for("/wiki/Main_Page")[0];
+    assert_eq!((hit.local, hit.tls), (wiki, true));
+    let r = agent.wait_conn("the ExternalService's connection", |r| {
+        r.get("orig_dst") == wiki.to_string()
+    });
+    assert_eq!(
+        (r.get("matched"), r.get("verdict")),
+        ("ServiceEntry default/wikipedia-ext", "allow"),
+        "{:?}",
+        r.fields
+    );
+    // Outside its range, REGISTRY_ONLY refuses the connect: curl cannot connect (7).
+    let c = get(outside);
+    assert_eq!(c.code, Some(7), "{c:?}");
+    assert_eq!(stand.hits_for("/wiki/Main_Page").len(), 1);
+}

@@ -588,6 +588,12 @@ impl Cx {
                     config.service_entries.push(se);
                 }
             }
+            ("networking.istio.io/v1alpha3", "ExternalService") => {
+                let converted = self.external_service(&origin, &namespace, &name, spec);
+                if let Some(se) = self.service_entry(&origin, namespace, name, converted) {
+                    config.service_entries.push(se);
+                }
+            }
             (v, "Sidecar") if ISTIO_VERSIONS.contains(&v) => {
                 if let Some(spec) = self.sidecar(&origin, spec) {
                     config.sidecars.push(Named {
@@ -620,13 +626,15 @@ impl Cx {
                     config.services.push(svc);
                 }
             }
-            (v, "ServiceEntry" | "EgressConfig" | "Service" | "Endpoints" | "EndpointSlice") => {
-                self.error(
-                    &origin,
-                    "apiVersion",
-                    format!("unsupported apiVersion {v:?} for {kind}"),
-                )
-            }
+            (
+                v,
+                "ServiceEntry" | "EgressConfig" | "Service" | "Endpoints" | "EndpointSlice"
+                | "ExternalService",
+            ) => self.error(
+                &origin,
+                "apiVersion",
+                format!("unsupported apiVersion {v:?} for {kind}"),
+            ),
             _ => self.warn(
                 &origin,
                 "",
@@ -1148,6 +1156,73 @@ impl Cx {
         out
     }
 
+    /// Istio 0.7's `ExternalService` as the ServiceEntry it became (0.8): `hosts` that are
+    /// addresses or CIDRs are its `addresses` (the resource's name is then its host when no
+    /// name is left), `discovery` is `resolution`, protocols are upper-cased. The rest is read
+    /// as a ServiceEntry's, with its errors.
+    fn external_service(
+        &mut self,
+        origin: &Origin,
+        namespace: &str,
+        name: &str,
+        spec: Value,
+    ) -> Value {
+        let Value::Mapping(mut m) = spec else {
+            return spec;
+        };
+        self.warn(
+            origin,
+            "",
+            "ExternalService (Istio 0.7) is read as the ServiceEntry it became: write a \
+             ServiceEntry",
+        );
+        let hosts = m.remove("hosts");
+        let (mut names, mut addresses) = (Vec::new(), Vec::new());
+        for (i, h) in hosts
+            .iter()
+            .flat_map(|h| h.as_sequence())
+            .flatten()
+            .enumerate()
+        {
+            let text = h.as_str().unwrap_or_default();
+            if parse_net(text).is_some() {
+                addresses.push(h.clone());
+            } else if valid_host(text) {
+                names.push(h.clone());
+            } else {
+                self.error(
+                    origin,
+                    &format!("spec.hosts[{i}]"),
+                    format!(
+                        "{} is neither a host name nor an address or CIDR",
+                        scalar(h)
+                    ),
+                );
+            }
+        }
+        if names.is_empty() && !addresses.is_empty() {
+            names.push(Value::from(format!("{name}.{namespace}.external")));
+        }
+        m.insert("hosts".into(), Value::Sequence(names));
+        if !addresses.is_empty() {
+            m.insert("addresses".into(), Value::Sequence(addresses));
+        }
+        if let Some(d) = m.remove("discovery") {
+            let r = d
+                .as_str()
+                .map_or(d.clone(), |s| Value::from(s.to_uppercase()));
+            m.insert("resolution".into(), r);
+        }
+        if let Some(Value::Sequence(ports)) = m.get_mut("ports") {
+            for p in ports.iter_mut() {
+                if let Some(Value::String(proto)) = p.get_mut("protocol") {
+                    *proto = proto.to_uppercase();
+                }
+            }
+        }
+        Value::Mapping(m)
+    }
+
     fn service_entry(
         &mut self,
         origin: &Origin,
@@ -1478,6 +1553,65 @@ spec:
             "{m}"
         );
         assert!(m.contains("DENY_ALL"), "{m}");
+    }
+
+    #[test]
+    fn an_external_service_of_istio_0_7_is_the_service_entry_it_became() {
+        let text = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: ExternalService
+metadata: {name: wikipedia-ext}
+spec:
+  hosts:
+  - 91.198.174.192/27
+  - 2620:0:862:ed1a::1
+  ports:
+  - number: 443
+    protocol: tcp
+    name: tcp
+  discovery: none
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: ExternalService
+metadata: {name: httpbin-ext}
+spec:
+  hosts: [httpbin.org]
+  ports: [{number: 80, name: http, protocol: http}]
+  discovery: dns
+"#;
+        let l = parse_str("m.yaml", text).unwrap();
+        let [wiki, httpbin] = &l.config.service_entries[..] else {
+            panic!("{:?}", l.config.service_entries);
+        };
+        assert_eq!(wiki.spec.hosts, ["wikipedia-ext.default.external"]);
+        assert_eq!(
+            wiki.addresses,
+            [
+                "91.198.174.192/27".parse::<IpNet>().unwrap(),
+                "2620:0:862:ed1a::1/128".parse().unwrap()
+            ]
+        );
+        assert_eq!(wiki.spec.resolution.as_deref(), Some("NONE"));
+        assert_eq!(wiki.spec.ports[0].protocol.as_deref(), Some("TCP"));
+        assert_eq!(httpbin.spec.hosts, ["httpbin.org"]);
+        assert!(httpbin.addresses.is_empty());
+        assert_eq!(httpbin.spec.resolution.as_deref(), Some("DNS"));
+        assert_eq!(httpbin.spec.ports[0].protocol.as_deref(), Some("HTTP"));
+        assert!(
+            l.warnings.iter().any(|w| w
+                .to_string()
+                .contains("ExternalService (Istio 0.7) is read as")),
+            "{:?}",
+            l.warnings
+        );
+        // What is neither a name nor an address is named, at its place in hosts.
+        let bad = text.replace("91.198.174.192/27", "not a/host");
+        let e = parse_str("m.yaml", &bad).unwrap_err();
+        let m = e.errors[0].to_string();
+        assert!(
+            m.starts_with("m.yaml doc 1 ExternalService default/wikipedia-ext: spec.hosts[0]: "),
+            "{m}"
+        );
     }
 
     #[test]
