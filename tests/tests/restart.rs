@@ -263,6 +263,8 @@ fn failure_mode_open_lets_would_be_redirects_out_while_no_agent_runs() {
     let n = f.agent.logs().len();
     f.agent.write_config(&mesh(f.port, "open"));
     f.agent.wait_log(n, "applied configuration generation 2");
+    let dump = f.agent.config_dump();
+    assert_eq!(dump["failure_mode"], "open", "{dump}");
     f.assert_relayed("with the agent");
 
     f.agent.kill();

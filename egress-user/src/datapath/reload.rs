@@ -387,6 +387,7 @@ impl Reloader {
             "config": s.config.as_ref().map(|p| p.display().to_string()),
             "generation": s.generation,
             "mode": crate::plan::mode_name(self.applied.policies.default.mode),
+            "failure_mode": self.mesh.failure_mode.name(),
             "views": self.applied.policies.views(),
             "resources": resources,
             "maps": maps,
