@@ -153,6 +153,9 @@ pub struct ServiceEntry {
     pub spec: ServiceEntrySpec,
     /// `spec.addresses`, parsed (a bare IP is a /32 or /128).
     pub addresses: Vec<IpNet>,
+    /// Addresses the agent allocated for an entry without `addresses` (`config::alloc`), one
+    /// per family: what DNS answers for its hosts, and what the datapath knows it by.
+    pub allocated: Vec<std::net::IpAddr>,
 }
 
 /// The whole configuration in force.
@@ -1319,6 +1322,7 @@ impl Cx {
             name,
             spec,
             addresses,
+            allocated: Vec::new(),
         })
     }
 

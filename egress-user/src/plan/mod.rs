@@ -998,6 +998,7 @@ subsets:
                         ..Default::default()
                     },
                     addresses,
+                    allocated: Vec::new(),
                 })
         }
         fn config() -> impl Strategy<Value = MeshConfig> {
