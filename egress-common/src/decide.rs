@@ -2,7 +2,8 @@
 //! unit tests with in-memory tables, and `egress explain` with the live maps.
 //!
 //! Order, after Istio's outbound chain: the agent itself, a namespace (or cgroup) that is not
-//! enrolled, excluded uid/gid, excluded port, the agent's listener, loopback, excluded CIDR
+//! enrolled, excluded uid/gid, excluded port, DNS (port 53, whatever the nameserver, loopback
+//! ones included, as Istio's DNS capture), the agent's listener, loopback, excluded CIDR
 //! (longest prefix), included port, included CIDR, else bypass. A connection that would be
 //! redirected to an address and port that only TCP ServiceEntries relaying to the dialled
 //! address declare goes straight out, accounted in the kernel (`Direct`): the agent would only
@@ -10,7 +11,7 @@
 //! workload's mode) with no allowed L4 entry in the workload's view for the address and port
 //! is denied.
 
-use crate::maps::{Config, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Workload};
+use crate::maps::{Config, DNS_PORT, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Workload};
 
 /// What happens to a connect().
 #[repr(u8)]
@@ -86,10 +87,17 @@ pub enum Reason {
     /// Would be redirected, but no agent listens and `failureMode` is open: it goes straight
     /// out, unmediated.
     AgentDownOpen = 17,
+    /// A DNS query (UDP or TCP to port 53): sent to the agent's DNS sockets in the workload's
+    /// namespace, which answer it or forward it to the nameserver the client asked.
+    Dns = 18,
+    /// A DNS query that would be captured, but no agent serves DNS in the namespace (or the
+    /// kernel's nameserver table is full): it goes to the nameserver the client asked. DNS
+    /// fails open, whatever `failureMode` says.
+    DnsOpen = 19,
 }
 
 /// Number of reason codes: the size of the counters map, and of a workload's counters.
-pub const REASON_COUNT: u32 = 18;
+pub const REASON_COUNT: u32 = 20;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -111,6 +119,8 @@ impl Reason {
         Reason::Loopback,
         Reason::AgentDown,
         Reason::AgentDownOpen,
+        Reason::Dns,
+        Reason::DnsOpen,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
@@ -134,6 +144,8 @@ impl Reason {
             Reason::Loopback => "loopback",
             Reason::AgentDown => "agent-down",
             Reason::AgentDownOpen => "agent-down-open",
+            Reason::Dns => "dns",
+            Reason::DnsOpen => "dns-open",
         }
     }
 
@@ -326,6 +338,10 @@ pub fn decide<T: Tables, A: Addr>(
     if port_flags & PORT_EXCLUDE != 0 {
         return Decision::new(Bypass, ExcludedPort, 0);
     }
+    // Whatever the nameserver: a resolver on the workload's loopback (127.0.0.53) too.
+    if q.port == DNS_PORT && cfg.dns_port != 0 {
+        return Decision::new(Redirect, Dns, 0);
+    }
     if q.port == cfg.listener_port && q.dst.is_listener(cfg) {
         return Decision::new(Bypass, AgentListener, 0);
     }
@@ -375,12 +391,18 @@ pub fn decide<T: Tables, A: Addr>(
 /// What a redirect becomes when no agent listens in the caller's namespace (the kernel
 /// looks its listener up): under `failureMode: closed` it stands, counted `AgentDown`, and the
 /// connect() finds nobody at the listener's address (ECONNREFUSED, at once, without a packet
-/// leaving the namespace); under `open` it goes straight out, counted `AgentDownOpen`. Any
-/// other decision is the maps' alone and holds whether the agent runs or not.
+/// leaving the namespace); under `open` it goes straight out, counted `AgentDownOpen`. A DNS
+/// query goes to its nameserver either way (`DnsOpen`): refusing name resolution would stop
+/// every workload of the node while an agent restarts, and the connections that follow are
+/// still decided. Any other decision is the maps' alone and holds whether the agent runs or
+/// not.
 #[inline(always)]
 pub fn without_agent(cfg: &Config, d: Decision) -> Decision {
     if d.verdict != Verdict::Redirect {
         return d;
+    }
+    if d.reason == Reason::Dns {
+        return Decision::new(Verdict::Bypass, Reason::DnsOpen, 0);
     }
     if cfg.failure_open != 0 {
         Decision::new(Verdict::Bypass, Reason::AgentDownOpen, 0)
@@ -991,6 +1013,126 @@ mod tests {
             assert_eq!(without_agent(&cfg(), d), d);
             assert_eq!(without_agent(&open, d), d);
         }
+    }
+
+    #[test]
+    fn dns_queries_are_captured_after_the_exclusions_and_before_loopback() {
+        use Reason::*;
+        use Verdict::*;
+        let mut t = tables();
+        let c = Config {
+            dns_port: 15053,
+            ..cfg()
+        };
+        let w = wl(MODE_REGISTRY_ONLY);
+        // Whatever the nameserver: external, on the workload's loopback (127.0.0.53 and
+        // 127.0.0.1), IPv6, excluded or not included, and under REGISTRY_ONLY.
+        for ns in [
+            [198, 18, 0, 53],
+            [127, 0, 0, 53],
+            [127, 0, 0, 1],
+            [127, 21, 0, 1],
+        ] {
+            check_wl(&t, &c, Some(&w), &q(ns, 53), Redirect, Dns, 0);
+        }
+        check_wl(&t, &c, Some(&w), &q([0u8; 16], 53), Redirect, Dns, 0);
+        check_wl(&t, &c, Some(&w), &q(LOCALHOST_V6, 53), Redirect, Dns, 0);
+        // Before it: the agent, namespaces not enrolled, excluded uid, gid and port.
+        let agent = Query {
+            cgroup: AGENT_CGROUP,
+            ..q([198, 18, 0, 53], 53)
+        };
+        check_wl(&t, &c, Some(&w), &agent, Bypass, Agent, 0);
+        check_wl(
+            &t,
+            &c,
+            None,
+            &q([198, 18, 0, 53], 53),
+            Bypass,
+            NotEnrolled,
+            0,
+        );
+        let uid = Query {
+            uid: 4242,
+            ..q([198, 18, 0, 53], 53)
+        };
+        check_wl(&t, &c, Some(&w), &uid, Bypass, ExcludedUid, 0);
+        t.ports.push((53, PORT_EXCLUDE));
+        check_wl(
+            &t,
+            &c,
+            Some(&w),
+            &q([198, 18, 0, 53], 53),
+            Bypass,
+            ExcludedPort,
+            0,
+        );
+        // Capture off: port 53 is a port like any other.
+        t.ports.clear();
+        check(
+            &t,
+            MODE_ALLOW_ANY,
+            &q([127, 0, 0, 53], 53),
+            Bypass,
+            Loopback,
+            0,
+        );
+        check(
+            &t,
+            MODE_REGISTRY_ONLY,
+            &q([198, 18, 0, 53], 53),
+            Deny,
+            RegistryDenied,
+            0,
+        );
+    }
+
+    const LOCALHOST_V6: [u8; 16] = core::net::Ipv6Addr::LOCALHOST.octets();
+
+    #[test]
+    fn dns_fails_open_whatever_the_failure_mode() {
+        let t = tables();
+        for failure_open in [0, 1] {
+            let c = Config {
+                dns_port: 15053,
+                failure_open,
+                ..cfg()
+            };
+            let d = decide(
+                &t,
+                &c,
+                Some(&wl(MODE_REGISTRY_ONLY)),
+                &q([198, 18, 0, 53], 53),
+            );
+            assert_eq!(d, Decision::new(Verdict::Redirect, Reason::Dns, 0));
+            assert_eq!(
+                without_agent(&c, d),
+                Decision::new(Verdict::Bypass, Reason::DnsOpen, 0)
+            );
+        }
+    }
+
+    #[test]
+    fn nameserver_slots_name_stub_addresses() {
+        for i in [0u16, 1, 255, 256, 0xfffe, 0xffff] {
+            let a = crate::dns_stub_v4(i);
+            assert_eq!(&a[..2], &[127, 53]);
+            assert_eq!(crate::dns_stub_index(a), Some(i));
+        }
+        assert_eq!(crate::dns_stub_index([127, 0, 0, 53]), None);
+        assert_eq!(crate::dns_stub_index([10, 53, 0, 1]), None);
+        // A nameserver's probes are consecutive slots, from the same start every time; other
+        // nameservers start elsewhere.
+        let ns = crate::v4_mapped([198, 18, 0, 53]);
+        let first = crate::dns_slot(&ns, 0);
+        assert_eq!(crate::dns_slot(&ns, 0), first);
+        for p in 1..crate::DNS_PROBES {
+            assert_eq!(crate::dns_slot(&ns, p), first.wrapping_add(p as u16));
+        }
+        let starts: std::collections::BTreeSet<u16> = (0u8..=255)
+            .map(|i| crate::dns_slot(&crate::v4_mapped([198, 18, 1, i]), 0))
+            .collect();
+        assert!(starts.len() > 240, "{} distinct starts", starts.len());
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub const MAP_DIRECT_CLOSED: &str = "DIRECT_CLOSED";
 pub const MAP_DIRECT_LOST: &str = "DIRECT_LOST";
 pub const MAP_WORKLOADS: &str = "WORKLOADS";
 pub const MAP_WL_COUNTERS: &str = "WL_COUNTERS";
+/// The nameservers captured UDP queries were sent to, by the index the kernel gave each
+/// (`dns_stub_v4`): index → nameserver address (IPv4-mapped).
+pub const MAP_DNS_NAMESERVERS: &str = "DNS_NAMESERVERS";
 /// Network namespace cookies learnt by probe, on kernels without `SO_NETNS_COOKIE` (before
 /// 5.14): a socket's cookie → the cookie of the namespace it was made in. Not pinned: only the
 /// agent that made it reads it.
@@ -48,7 +51,7 @@ pub const MAP_NETNS_PROBE: &str = "NETNS_PROBE";
 pub const NETNS_PROBE_V4: [u8; 4] = [127, 0, 0, 1];
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 23] = [
     MAP_CONFIG,
     MAP_INCLUDE_V4,
     MAP_INCLUDE_V6,
@@ -71,6 +74,7 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_DIRECT_LOST,
     MAP_WORKLOADS,
     MAP_WL_COUNTERS,
+    MAP_DNS_NAMESERVERS,
 ];
 
 /// Default capacities; the agent may override them at load time.
@@ -119,7 +123,11 @@ pub struct Config {
     /// (`failureMode`): 0 closed (the redirect stands and connect() fails with
     /// ECONNREFUSED), 1 open (it goes straight out).
     pub failure_open: u8,
-    pub _pad: [u8; 7],
+    pub _pad: u8,
+    /// Port of the agent's DNS sockets in every enrolled namespace, host order (UDP on
+    /// 0.0.0.0, TCP on 127.0.0.1 and ::1); 0 leaves DNS queries alone.
+    pub dns_port: u16,
+    pub _pad2: [u8; 4],
 }
 
 /// An enrolled workload: the value of `WORKLOADS`, keyed by its network namespace cookie.
@@ -318,6 +326,51 @@ pub struct Service {
 pub struct BackendKey {
     pub id: u32,
     pub index: u32,
+}
+
+/// The port DNS queries are sent to.
+pub const DNS_PORT: u16 = 53;
+/// Default port of the agent's DNS sockets.
+pub const DEFAULT_DNS_PORT: u16 = 15053;
+/// Nameserver indexes: the last two bytes of a stub address 127.53.X.Y.
+pub const DNS_NAMESERVER_SLOTS: u32 = 1 << 16;
+/// Slots tried for a nameserver before its queries are left alone (the table is full).
+pub const DNS_PROBES: u32 = 4;
+
+/// The stub address that names nameserver slot `index` to the agent: 127.53.X.Y. A captured
+/// UDP query is sent there (port `Config::dns_port`), and its reply comes from there.
+#[inline(always)]
+pub const fn dns_stub_v4(index: u16) -> [u8; 4] {
+    let b = index.to_be_bytes();
+    [127, 53, b[0], b[1]]
+}
+
+/// The nameserver slot a stub address names, if it is one (127.53.0.0/16).
+#[inline(always)]
+pub const fn dns_stub_index(a: [u8; 4]) -> Option<u16> {
+    if a[0] == 127 && a[1] == 53 {
+        Some(u16::from_be_bytes([a[2], a[3]]))
+    } else {
+        None
+    }
+}
+
+/// The slot nameserver `ns` (IPv4-mapped) tries on attempt `probe` (0..`DNS_PROBES`): a hash
+/// of its address, then the slots after it. The table is open addressing over a hash map
+/// whose entries are only ever added with `BPF_NOEXIST`, so two CPUs giving a slot to two
+/// nameservers at once cannot both win, and no atomic counter is needed (fetch-and-add in
+/// BPF needs Linux 5.12).
+#[inline(always)]
+pub fn dns_slot(ns: &[u8; 16], probe: u32) -> u16 {
+    // FNV-1a over the four words of the address.
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < 4 {
+        let w = u32::from_ne_bytes([ns[4 * i], ns[4 * i + 1], ns[4 * i + 2], ns[4 * i + 3]]);
+        h = (h ^ w).wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    ((h ^ (h >> 16)) as u16).wrapping_add(probe as u16)
 }
 
 /// `::ffff:a.b.c.d` for an IPv4 address.

@@ -3,12 +3,14 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_tuple,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr, bpf_sock_tuple,
     },
     btf_maps::SkStorage,
-    helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_sk_storage_get},
+    helpers::generated::{
+        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
@@ -22,16 +24,17 @@ use egress_common::{
     AF_INET, AF_INET6, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
     DEFAULT_MAX_ALLOWED, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS,
     DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES, DEFAULT_MAX_WORKLOADS, DIRECT_CLOSED_BYTES,
-    DIRECT_WAKEUP_BYTES, DirectClosed, DirectOpen, NETNS_PROBE_V4, OrigDst, PeerKey, Query, Reason,
-    SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT, SOCK_REDIRECTED, Service, ServiceKeyV4,
-    ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4,
-    allow_key_v6, decide,
+    DIRECT_WAKEUP_BYTES, DNS_NAMESERVER_SLOTS, DNS_PORT, DNS_PROBES, DirectClosed, DirectOpen,
+    NETNS_PROBE_V4, OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT,
+    SOCK_REDIRECTED, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2,
+    Tables, Verdict, Workload, allow_key_v4, allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
-    v4_mapped, v4_unmapped, without_agent,
+    dns_slot, dns_stub_index, dns_stub_v4, v4_mapped, v4_unmapped, without_agent,
 };
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+const IPPROTO_UDP: u32 = 17;
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 
@@ -91,6 +94,12 @@ static WORKLOADS: HashMap<u64, Workload> = HashMap::with_max_entries(DEFAULT_MAX
 #[map]
 static WL_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_WORKLOADS * REASON_COUNT, 0);
+
+/// Nameservers of captured UDP queries by slot: the stub address 127.53.X.Y a query is sent to
+/// names the slot X.Y, which names the nameserver (IPv4-mapped) its reply must come from.
+/// Slots are given by the kernel (`nameserver_slot`) and never taken back.
+#[map]
+static DNS_NAMESERVERS: HashMap<u32, [u8; 16]> = HashMap::with_max_entries(DNS_NAMESERVER_SLOTS, 0);
 
 /// Socket cookie → network namespace cookie, written by `egress_netns_probe`.
 #[map]
@@ -313,7 +322,14 @@ fn handle<A: Addr>(
         service,
     };
     let mut d = decide(&Maps, cfg, wl, &q);
-    if d.verdict == Verdict::Redirect && !agent_listening(ctx, fam, cfg) {
+    // A DNS query over TCP goes to the agent's DNS listener, any other redirect to its
+    // outbound listener; both record the original destination alike.
+    let to_port = if d.reason == Reason::Dns {
+        cfg.dns_port
+    } else {
+        cfg.listener_port
+    };
+    if d.verdict == Verdict::Redirect && !agent_listening(ctx, fam, cfg, to_port) {
         d = without_agent(cfg, d);
     }
     count(d.reason as u32, wl);
@@ -389,7 +405,7 @@ fn handle<A: Addr>(
     } else {
         v4_mapped(cfg.listener_v4)
     };
-    write_dst(ctx, fam, listener, cfg.listener_port);
+    write_dst(ctx, fam, listener, to_port);
     1
 }
 
@@ -411,15 +427,16 @@ struct Tuple6 {
     dport: u16,
 }
 
-/// Whether the agent's outbound listener is there in the connecting socket's network
-/// namespace: a redirect to it would be accepted. It is not while the agent is down or before
-/// it has replayed the namespace's enrolment (the listener dies with the process that holds
-/// it; the programs and maps outlive it).
+/// The helpers' "look in the caller's namespace".
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// Whether the agent's listener on `port` (outbound or DNS) is there in the connecting
+/// socket's network namespace: a redirect to it would be accepted. It is not while the agent
+/// is down or before it has replayed the namespace's enrolment (the listener dies with the
+/// process that holds it; the programs and maps outlive it).
 #[inline(always)]
-fn agent_listening(ctx: &SockAddrContext, fam: Family, cfg: &Config) -> bool {
-    // The helper's "look in the caller's namespace".
-    const CURRENT_NETNS: u64 = u64::MAX;
-    let dport = cfg.listener_port.to_be();
+fn agent_listening(ctx: &SockAddrContext, fam: Family, cfg: &Config, port: u16) -> bool {
+    let dport = port.to_be();
     let sk = unsafe {
         if fam == Family::V6 {
             let mut t = Tuple6 {
@@ -458,9 +475,216 @@ fn agent_listening(ctx: &SockAddrContext, fam: Family, cfg: &Config) -> bool {
     true
 }
 
+/// Whether the agent's DNS socket (UDP, `cfg.dns_port` on every address) is there in the
+/// caller's namespace to take a query sent to `stub`.
+#[inline(always)]
+fn dns_listening(ctx: &SockAddrContext, stub: [u8; 4], port: u16) -> bool {
+    let mut t = Tuple4 {
+        saddr: 0,
+        daddr: u32::from_ne_bytes(stub),
+        sport: 0,
+        dport: port.to_be(),
+    };
+    let sk = unsafe {
+        bpf_sk_lookup_udp(
+            ctx.as_ptr(),
+            addr_of_mut!(t).cast::<bpf_sock_tuple>(),
+            size_of::<Tuple4>() as u32,
+            CURRENT_NETNS,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+/// The slot of nameserver `ns` (IPv4-mapped) in `DNS_NAMESERVERS`, given on first use: the
+/// first of its `DNS_PROBES` slots that holds it or that it can take. `None` when all are
+/// another nameserver's.
+#[inline(always)]
+fn nameserver_slot(ns: &[u8; 16]) -> Option<u16> {
+    let want = u128::from_ne_bytes(*ns);
+    for p in 0..DNS_PROBES {
+        let slot = dns_slot(ns, p);
+        let key = u32::from(slot);
+        if let Some(v) = unsafe { DNS_NAMESERVERS.get(&key) } {
+            if u128::from_ne_bytes(*v) == want {
+                return Some(slot);
+            }
+            continue;
+        }
+        if DNS_NAMESERVERS.insert(&key, ns, BPF_NOEXIST as u64).is_ok() {
+            return Some(slot);
+        }
+        // Another CPU took the slot meanwhile: for the same nameserver, or another.
+        if let Some(v) = unsafe { DNS_NAMESERVERS.get(&key) }
+            && u128::from_ne_bytes(*v) == want
+        {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+/// An address as two words, to pass to a function of its own in registers.
+#[inline(always)]
+fn split(a: [u8; 16]) -> (u64, u64) {
+    (
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
+}
+
+#[inline(always)]
+fn join(hi: u64, lo: u64) -> [u8; 16] {
+    let (h, l) = (hi.to_ne_bytes(), lo.to_ne_bytes());
+    [
+        h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5], l[6],
+        l[7],
+    ]
+}
+
+/// connect6's TCP path, a function of its own so that its stack and `udp_dns`'s are never
+/// on top of each other (the verifier counts the stack of a chain of calls: 512 bytes, and
+/// this one needs most of it).
+#[inline(never)]
+fn connect6_tcp(sa: *mut bpf_sock_addr) -> i32 {
+    let ctx = SockAddrContext::new(sa);
+    let ip = user_ip6(&ctx);
+    // An IPv4 destination on an IPv6 socket follows the IPv4 rules.
+    let fam = if v4_unmapped(&ip).is_some() {
+        Family::Mapped
+    } else {
+        Family::V6
+    };
+    connect(&ctx, fam, ip, user_port(&ctx))
+}
+
+/// `udp_dns` for the hooks, which rewrite the destination when it says so: the write stays
+/// in the hook, where the family is a constant (through a family chosen at run time, LLVM
+/// merges the stores into one through a selected context pointer, which the verifier
+/// rejects).
+#[inline(always)]
+fn dns_datagram(ctx: &SockAddrContext, fam: Family, ns: [u8; 16], connected: bool) -> i32 {
+    let (hi, lo) = split(ns);
+    let to = udp_dns(ctx.sock_addr, hi, lo, connected);
+    if to >= 0 {
+        let (port, slot) = ((to >> 16) as u16, to as u16);
+        write_dst(ctx, fam, v4_mapped(dns_stub_v4(slot)), port);
+    }
+    1
+}
+
+/// Forget what an earlier connect of this socket recorded (a UDP socket connected again).
+#[inline(always)]
+fn clear_record(ctx: &SockAddrContext) {
+    let rec = unsafe { SOCKS.get_ptr_mut(ctx) };
+    if !rec.is_null() {
+        unsafe { (*rec).flags = 0 };
+    }
+}
+
+/// A UDP datagram to `ns` port 53, at connect (`connected`) or at sendmsg: decide it. When it
+/// is a DNS query the agent takes, it goes to the stub address of its nameserver's slot on
+/// the agent's DNS port instead: returns `port << 16 | slot`; a connected socket keeps the
+/// nameserver for getpeername(). Anything else (not captured, IPv6 nameservers, nobody
+/// serving DNS in the namespace) goes where it was sent: -1.
+///
+/// A function of its own (a BPF-to-BPF call), so that its stack is not added to the TCP
+/// path's in connect4/6. The nameserver comes as two words: five scalar arguments at most.
+#[inline(never)]
+fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
+    let ctx = &SockAddrContext::new(sa);
+    let ns = join(hi, lo);
+    // IPv6 nameservers are left alone over UDP: IPv6 has no loopback range to name them in,
+    // and the kernel refuses a sendmsg6 rewritten to an IPv4-mapped address (ENOTSUPP).
+    let Some(ns4) = v4_unmapped(&ns) else {
+        if connected {
+            clear_record(ctx);
+        }
+        return -1;
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let wl = unsafe { WORKLOADS.get(&netns) };
+    let Some(cfg) = CONFIG.get(0) else {
+        return -1;
+    };
+    let ids = bpf_get_current_uid_gid();
+    let q = Query {
+        dst: ns4,
+        port: DNS_PORT,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        service: false,
+    };
+    let mut d = decide(&Maps, cfg, wl, &q);
+    // UDP is captured for DNS only: every other verdict leaves it alone, uncounted.
+    if d.reason != Reason::Dns {
+        if connected {
+            clear_record(ctx);
+        }
+        return -1;
+    }
+    let slot = nameserver_slot(&ns);
+    let stub = dns_stub_v4(slot.unwrap_or(0));
+    if slot.is_none() || !dns_listening(ctx, stub, cfg.dns_port) {
+        d = without_agent(cfg, d);
+    }
+    count(d.reason as u32, wl);
+    if d.verdict != Verdict::Redirect {
+        if connected {
+            clear_record(ctx);
+        }
+        return -1;
+    }
+    if connected {
+        let rec = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
+        if !rec.is_null() {
+            unsafe {
+                (*rec).dialled = SockAddr16 {
+                    addr: ns,
+                    port: DNS_PORT,
+                    _pad: 0,
+                };
+                (*rec).flags = SOCK_DIALLED;
+            }
+        }
+    }
+    (i64::from(cfg.dns_port) << 16) | i64::from(slot.unwrap_or(0))
+}
+
+/// A reply from a stub address 127.53.X.Y on the agent's DNS port, received in an enrolled
+/// namespace: the nameserver of slot X.Y (IPv4-mapped) it stands for.
+#[inline(always)]
+fn stub_reply_source(ctx: &SockAddrContext, src: [u8; 4], port: u16) -> Option<[u8; 16]> {
+    let slot = dns_stub_index(src)?;
+    let cfg = CONFIG.get(0)?;
+    if cfg.dns_port == 0 || port != cfg.dns_port {
+        return None;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    unsafe { WORKLOADS.get(&netns) }?;
+    unsafe { DNS_NAMESERVERS.get(&u32::from(slot)) }.copied()
+}
+
+#[inline(always)]
+fn sock_type(ctx: &SockAddrContext) -> u32 {
+    unsafe { read_volatile(addr_of!((*ctx.sock_addr).type_)) }
+}
+
 #[inline(always)]
 fn is_tcp(ctx: &SockAddrContext) -> bool {
-    unsafe { read_volatile(addr_of!((*ctx.sock_addr).type_)) == SOCK_STREAM }
+    sock_type(ctx) == SOCK_STREAM
+}
+
+#[inline(always)]
+fn is_udp(ctx: &SockAddrContext) -> bool {
+    sock_type(ctx) == SOCK_DGRAM
+        && unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) } == IPPROTO_UDP
 }
 
 #[inline(always)]
@@ -468,13 +692,55 @@ fn user_port(ctx: &SockAddrContext) -> u16 {
     u16::from_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) } as u16)
 }
 
+#[inline(always)]
+fn user_ip4(ctx: &SockAddrContext) -> [u8; 4] {
+    unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) }.to_ne_bytes()
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
-    if !is_tcp(&ctx) {
+    let ip = user_ip4(&ctx);
+    if is_tcp(&ctx) {
+        return connect(&ctx, Family::V4, v4_mapped(ip), user_port(&ctx));
+    }
+    if is_udp(&ctx) {
+        if user_port(&ctx) == DNS_PORT {
+            return dns_datagram(&ctx, Family::V4, v4_mapped(ip), true);
+        }
+        clear_record(&ctx);
+    }
+    1
+}
+
+/// An unconnected UDP datagram (sendto, sendmsg), on an IPv4 socket or to an IPv4-mapped
+/// address on an IPv6 one (the kernel hands those to the IPv4 path, and this hook).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if user_port(&ctx) != DNS_PORT {
         return 1;
     }
-    let ip = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) }.to_ne_bytes();
-    connect(&ctx, Family::V4, v4_mapped(ip), user_port(&ctx))
+    dns_datagram(&ctx, Family::V4, v4_mapped(user_ip4(&ctx)), false)
+}
+
+/// recvmsg()/recvfrom() of a datagram on an IPv4 socket: a DNS reply the agent sent from a
+/// stub address shows the nameserver the query was sent to, port 53, as resolvers check.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some(ns) = stub_reply_source(&ctx, user_ip4(&ctx), user_port(&ctx)) {
+        write_dst(&ctx, Family::V4, ns, DNS_PORT);
+    }
+    1
+}
+
+/// The same on an IPv6 socket, where IPv4 replies come as IPv4-mapped addresses.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some(src) = v4_unmapped(&user_ip6(&ctx))
+        && let Some(ns) = stub_reply_source(&ctx, src, user_port(&ctx))
+    {
+        write_dst(&ctx, Family::Mapped, ns, DNS_PORT);
+    }
+    1
 }
 
 /// How the agent learns a network namespace's cookie where `SO_NETNS_COOKIE` is missing
@@ -513,17 +779,22 @@ fn user_ip6(ctx: &SockAddrContext) -> [u8; 16] {
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
-    if !is_tcp(&ctx) {
-        return 1;
+    if is_tcp(&ctx) {
+        return connect6_tcp(ctx.sock_addr);
     }
     let ip = user_ip6(&ctx);
-    // An IPv4 destination on an IPv6 socket follows the IPv4 rules.
     let fam = if v4_unmapped(&ip).is_some() {
         Family::Mapped
     } else {
         Family::V6
     };
-    connect(&ctx, fam, ip, user_port(&ctx))
+    if is_udp(&ctx) {
+        if user_port(&ctx) == DNS_PORT {
+            return dns_datagram(&ctx, fam, ip, true);
+        }
+        clear_record(&ctx);
+    }
+    1
 }
 
 /// What a translated or redirected socket dialled.

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
-    net::{Ipv6Addr, SocketAddr, TcpListener},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -305,12 +305,26 @@ pub fn free_port() -> u16 {
     panic!("no port free on both 127.0.0.1 and [::1] after 100 tries");
 }
 
+/// A port for an agent's DNS server: free for TCP on 127.0.0.1 and [::1] and for UDP on
+/// 0.0.0.0, where a dev-mode agent binds it in the machine's own namespace.
+pub fn free_dns_port() -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        if std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for TCP and UDP after 100 tries");
+}
+
 /// A running agent. Stopped with SIGTERM on drop; its pins and the config file go with it.
 pub struct Agent {
     child: Child,
     /// How it was started: `start_again` starts it so again.
     argv: Vec<std::ffi::OsString>,
     pub port: u16,
+    /// The DNS server's port (`--dns-port`).
+    pub dns_port: u16,
     pub admin_port: u16,
     /// Where the Prometheus page is served (`--metrics-port`).
     pub metrics_port: u16,
@@ -419,6 +433,7 @@ impl Agent {
         std::fs::write(&config, config_text).unwrap();
         let pin = PathBuf::from("/sys/fs/bpf").join(&name);
         let port = free_port();
+        let dns_port = free_dns_port();
         let admin_port = free_port();
         let metrics_port = free_port();
         let health_port = free_port();
@@ -462,6 +477,8 @@ impl Agent {
             .arg(&pin)
             .arg("--outbound-port")
             .arg(port.to_string())
+            .arg("--dns-port")
+            .arg(dns_port.to_string())
             .arg("--admin-port")
             .arg(admin_port.to_string())
             .arg("--metrics-port")
@@ -482,6 +499,7 @@ impl Agent {
             child,
             argv,
             port,
+            dns_port,
             admin_port,
             metrics_port,
             health_port,
@@ -569,6 +587,7 @@ impl Agent {
             child,
             argv: self.argv.clone(),
             port: self.port,
+            dns_port: self.dns_port,
             admin_port: self.admin_port,
             metrics_port: self.metrics_port,
             health_port: self.health_port,

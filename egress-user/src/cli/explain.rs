@@ -174,6 +174,14 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
             "no agent listens in the namespace and failureMode is open: it goes straight out"
                 .to_owned()
         }
+        Reason::Dns => format!(
+            "a DNS query: the agent's DNS server on port {} of the workload's namespace answers \
+             it or forwards it to {ip}",
+            cfg.dns_port
+        ),
+        Reason::DnsOpen => "a DNS query, but no agent serves DNS in the namespace: it goes \
+             to the nameserver (DNS fails open)"
+            .to_owned(),
         Reason::TcpEntry => format!(
             "TCP ServiceEntry address {net} port {port}: nothing in the stream to decide, so it \
              goes straight out, accounted by the kernel"

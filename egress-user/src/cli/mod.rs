@@ -169,6 +169,11 @@ struct AgentArgs {
     /// Port of the outbound listener on 127.0.0.1 and [::1] (in every enrolled namespace).
     #[arg(long, default_value_t = 15001)]
     outbound_port: u16,
+    /// Port of the DNS server in every enrolled namespace (UDP on every address, answering
+    /// only queries the datapath sent to 127.53.0.0/16; TCP on 127.0.0.1 and [::1]). The
+    /// workloads' DNS queries (port 53, UDP and TCP) go there; 0 leaves them alone.
+    #[arg(long, default_value_t = egress_common::DEFAULT_DNS_PORT)]
+    dns_port: u16,
 }
 
 #[derive(Args)]
@@ -489,11 +494,13 @@ fn stats(pin_path: &Path, workload: Option<&str>, socket: &Path) -> Result<()> {
 pub fn reason_verdict(r: egress_common::Reason) -> &'static str {
     use egress_common::Reason::*;
     match r {
-        IncludedPort | IncludedCidr | RegistryAllowed | RegistryService | AgentDown => "redirect",
+        IncludedPort | IncludedCidr | RegistryAllowed | RegistryService | AgentDown | Dns => {
+            "redirect"
+        }
         RegistryDenied | ServiceNoEndpoints => "deny",
         TcpEntry => "direct",
         Agent | NotEnrolled | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
-        | ExcludedCidr | NotIncluded | Loopback | AgentDownOpen => "bypass",
+        | ExcludedCidr | NotIncluded | Loopback | AgentDownOpen | DnsOpen => "bypass",
     }
 }
 

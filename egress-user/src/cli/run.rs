@@ -65,6 +65,7 @@ pub(super) fn datapath_config(
         listener_v4: Ipv4Addr::LOCALHOST.octets(),
         listener_v6: Ipv6Addr::LOCALHOST.octets(),
         failure_open: u8::from(failure == FailureMode::Open),
+        dns_port: agent.dns_port,
         ..Config::default()
     }
 }
