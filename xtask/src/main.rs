@@ -23,8 +23,10 @@ const FUZZ_SECONDS: u64 = 30;
 /// agent's place, iptables for REDIRECT, curl as an HTTP and TLS client, the CNI plugins
 /// (bridge, host-local) that enroll the node fixture's pods, promtool (Debian's prometheus) to
 /// parse the metrics page, for the kernels step qemu and a static busybox (the guests'
-/// shell and tools), and for the agent's image and the container tests Docker and debootstrap
-/// (which makes the base image, since none can be pulled).
+/// shell and tools), for the agent's image and the container tests Docker and debootstrap
+/// (which makes the base image, since none can be pulled), and for the DNS tests dnsmasq (the
+/// binary only, no service) as the upstream nameserver, dig as a client and Python for a
+/// client of unconnected UDP.
 const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iptables", "/usr/sbin/iptables"),
@@ -35,6 +37,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "/bin/busybox"),
     ("docker.io", "/usr/sbin/dockerd"),
     ("debootstrap", "/usr/sbin/debootstrap"),
+    ("dnsmasq-base", "/usr/sbin/dnsmasq"),
+    ("bind9-dnsutils", "/usr/bin/dig"),
+    ("python3", "/usr/bin/python3"),
 ];
 /// The PyPI package whose Kubernetes API schemas the deploy tests validate the manifests
 /// against (offline).

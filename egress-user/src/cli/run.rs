@@ -16,7 +16,7 @@ use super::{AgentArgs, DEFAULT_CGROUP, RunArgs};
 use crate::{
     config::{self, FailureMode, MeshConfig},
     datapath::{self, Capacity, Datapath, Maps, OrigMaps, Pinned, reload, sys},
-    plan,
+    dns, plan,
     proxy::{self, Proxy, upstream},
     registry,
     telemetry::{
@@ -284,17 +284,48 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         stop: tokio::sync::watch::channel(false).0,
         live: Arc::default(),
     });
+    // Every query is forwarded to the nameserver the client asked, its response unchanged.
+    let dns = Arc::new(dns::server::Dns {
+        answer: Box::new(|_query, _namespace| None),
+        limit: Box::new(|_query, response| response),
+        nameservers: dns::server::Nameservers::open(&maps_dir)?,
+        orig: orig.clone(),
+        log: log.clone(),
+        mark: args.mark,
+        stop: px.stop.subscribe(),
+    });
     let serve: workloads::Serve = {
-        let (px, handle) = (px.clone(), rt.handle().clone());
-        Box::new(move |wl, listeners| {
+        let (px, dns, handle) = (px.clone(), dns.clone(), rt.handle().clone());
+        Box::new(move |wl, sockets| {
             let _in_runtime = handle.enter();
             let mut handles = Vec::new();
-            for l in listeners {
-                match tokio::net::TcpListener::from_std(l) {
+            let tcp = |l| tokio::net::TcpListener::from_std(l);
+            for l in sockets.outbound {
+                match tcp(l) {
                     Ok(l) => {
                         handles.push(handle.spawn(px.clone().serve(l, wl.clone())).abort_handle())
                     }
                     Err(e) => warn!("serving a listener of {}: {e}", wl.label),
+                }
+            }
+            for l in sockets.dns_tcp {
+                match tcp(l) {
+                    Ok(l) => handles.push(
+                        handle
+                            .spawn(dns.clone().serve_tcp(l, wl.clone()))
+                            .abort_handle(),
+                    ),
+                    Err(e) => warn!("serving a DNS listener of {}: {e}", wl.label),
+                }
+            }
+            if let Some(u) = sockets.dns_udp {
+                match tokio::net::UdpSocket::from_std(u) {
+                    Ok(u) => handles.push(
+                        handle
+                            .spawn(dns.clone().serve_udp(u, wl.clone()))
+                            .abort_handle(),
+                    ),
+                    Err(e) => warn!("serving the DNS socket of {}: {e}", wl.label),
                 }
             }
             handles
@@ -310,8 +341,10 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         })
     };
     let port = args.agent.outbound_port;
+    let dns_port = args.agent.dns_port;
     let listen = workloads::Listen {
         port: (!args.external_proxy).then_some(port),
+        dns: (dns_port != 0).then_some(dns_port),
     };
     let state = args.node.then(|| args.state_file.clone());
     let mut wls = workloads::Workloads::new(state, listen, serve, forget);
@@ -448,7 +481,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         created.keep();
         health.ready();
         info!(
-            "ready: intercepting {what}, attached at {}; outbound listener 127.0.0.1:{port} [::1]:{port}{}; admin {admin} and {}",
+            "ready: intercepting {what}, attached at {}; outbound listener 127.0.0.1:{port} [::1]:{port}{}; admin {admin} and {}; {}",
             attach.at.display(),
             if args.external_proxy {
                 " (external proxy)"
@@ -456,6 +489,11 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
                 ""
             },
             args.admin_socket.display(),
+            if dns_port == 0 {
+                "DNS not captured".to_owned()
+            } else {
+                format!("DNS on port {dns_port} (UDP, and TCP on 127.0.0.1 and [::1])")
+            },
         );
         wait_for_signals(&tx).await?;
         let live = px.live.load(std::sync::atomic::Ordering::Relaxed);

@@ -1,5 +1,5 @@
-//! Access log: one line per redirected connection and one per HTTP request, on standard output,
-//! as JSON (default) or `key=value` text (`--access-log json|text|off`).
+//! Access log: one line per redirected connection, one per HTTP request and one per DNS query,
+//! on standard output, as JSON (default) or `key=value` text (`--access-log json|text|off`).
 
 use std::{
     collections::HashMap,
@@ -34,7 +34,7 @@ pub struct Record {
     /// UTC, RFC 3339 with milliseconds: when the connection or request started.
     #[serde(serialize_with = "time_rfc3339")]
     pub time: SystemTime,
-    /// `connection` or `request`.
+    /// `connection`, `request` or `dns`.
     pub kind: &'static str,
     /// The enrolled workload, `NAMESPACE/NAME`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,6 +85,16 @@ pub struct Record {
     /// The HTTP status sent to the client.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// A DNS query's name (presentation form), type (`A`, `AAAA`, ... or `TYPE65534`), the
+    /// response's code (`NOERROR`, `NXDOMAIN`, ...) and who answered: `agent` or `nameserver`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered_by: Option<&'static str>,
     /// Upstream attempts made for a request (1 without retries).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
@@ -137,6 +147,10 @@ impl Default for Record {
             method: None,
             path: None,
             status: None,
+            query_name: None,
+            query_type: None,
+            rcode: None,
+            answered_by: None,
             attempts: None,
             bytes_up: 0,
             bytes_down: 0,

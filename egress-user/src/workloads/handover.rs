@@ -7,8 +7,8 @@
 //!
 //! 1. new → old: `handover 1\n`;
 //! 2. old → new: the workloads as a JSON list (a 4-byte big-endian length first), each with
-//!    how many listening sockets follow for it; then the sockets themselves, duplicated, as
-//!    `SCM_RIGHTS` in messages of one byte and at most 250 descriptors;
+//!    how many outbound listeners and DNS sockets follow for it; then the sockets themselves,
+//!    duplicated, as `SCM_RIGHTS` in messages of one byte and at most 250 descriptors;
 //! 3. the new agent enrols each workload with the sockets it was given (the same sockets:
 //!    connections queued on them wait for whichever agent accepts first) and serves them;
 //! 4. new → old: `taken\n`. The old agent stops accepting, refuses enrolments from then on
@@ -55,14 +55,18 @@ pub struct Handed {
     pub name: String,
     pub uid: String,
     pub container_id: Option<String>,
-    /// How many listening sockets follow for it.
+    /// How many outbound listeners follow for it.
     pub listeners: usize,
+    /// How many DNS sockets (UDP and TCP) follow its outbound listeners; none from an agent
+    /// without DNS capture, and the new agent then opens them itself.
+    #[serde(default)]
+    pub dns: usize,
 }
 
 /// What a starting agent was handed, until it confirms that it serves it.
 pub struct Taken {
     stream: UnixStream,
-    pub workloads: Vec<(Handed, Vec<std::net::TcpListener>)>,
+    pub workloads: Vec<(Handed, super::Sockets)>,
 }
 
 /// Ask the agent running at `path` for its workloads; `None` when none answers there.
@@ -92,7 +96,7 @@ pub fn take(path: &Path) -> Result<Option<Taken>> {
     let mut list = vec![0u8; u32::from_be_bytes(len) as usize];
     stream.read_exact(&mut list).with_context(what)?;
     let handed: Vec<Handed> = serde_json::from_slice(&list).with_context(what)?;
-    let total: usize = handed.iter().map(|h| h.listeners).sum();
+    let total: usize = handed.iter().map(|h| h.listeners + h.dns).sum();
     let mut fds: Vec<OwnedFd> = Vec::with_capacity(total);
     while fds.len() < total {
         let got = recv_fds(&stream).with_context(what)?;
@@ -108,20 +112,30 @@ pub fn take(path: &Path) -> Result<Option<Taken>> {
     let workloads = handed
         .into_iter()
         .map(|h| {
-            let ls = fds
-                .by_ref()
-                .take(h.listeners)
-                .map(std::net::TcpListener::from)
-                .collect();
-            (h, ls)
+            let mut s = super::Sockets {
+                outbound: fds
+                    .by_ref()
+                    .take(h.listeners)
+                    .map(std::net::TcpListener::from)
+                    .collect(),
+                ..super::Sockets::default()
+            };
+            for fd in fds.by_ref().take(h.dns) {
+                if socket2::SockRef::from(&fd).r#type().ok() == Some(socket2::Type::DGRAM) {
+                    s.dns_udp = Some(std::net::UdpSocket::from(fd));
+                } else {
+                    s.dns_tcp.push(std::net::TcpListener::from(fd));
+                }
+            }
+            (h, s)
         })
         .collect();
     Ok(Some(Taken { stream, workloads }))
 }
 
 impl Taken {
-    /// The listeners of the agent's own namespace, when the old agent had them.
-    pub fn own(&mut self) -> Option<Vec<std::net::TcpListener>> {
+    /// The sockets of the agent's own namespace, when the old agent had them.
+    pub fn own(&mut self) -> Option<super::Sockets> {
         let i = self.workloads.iter().position(|(h, _)| h.netns.is_none())?;
         Some(self.workloads.swap_remove(i).1)
     }
@@ -314,18 +328,34 @@ mod tests {
             uid: String::new(),
             container_id: None,
             listeners: n,
+            dns: 0,
         };
         let dups: Vec<OwnedFd> = listeners
             .iter()
             .map(|l| OwnedFd::from(l.try_clone().unwrap()))
             .collect();
-        let hand = std::sync::Mutex::new(Some(dups));
+        // The agent's own namespace also hands its DNS sockets over: UDP and TCP.
+        let dns_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dns_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dns_dups = vec![
+            OwnedFd::from(dns_udp.try_clone().unwrap()),
+            OwnedFd::from(dns_tcp.try_clone().unwrap()),
+        ];
+        let hand = std::sync::Mutex::new(Some((dups, dns_dups)));
         let (tx, rx) = std::sync::mpsc::channel();
         serve(
             l,
             move || {
-                let mut fds = hand.lock().unwrap().take()?.into_iter();
-                let mut out = vec![(handed(0, 2), fds.by_ref().take(2).collect())];
+                let (fds, dns) = hand.lock().unwrap().take()?;
+                let mut fds = fds.into_iter();
+                let own: Vec<OwnedFd> = fds.by_ref().take(2).chain(dns).collect();
+                let mut out = vec![(
+                    Handed {
+                        dns: 2,
+                        ..handed(0, 2)
+                    },
+                    own,
+                )];
                 for i in 1..130 {
                     out.push((handed(i, 2), fds.by_ref().take(2).collect()));
                 }
@@ -337,15 +367,24 @@ mod tests {
         let mut taken = take(&path).unwrap().expect("an agent answers");
         assert_eq!(taken.workloads.len(), 130);
         let own = taken.own().expect("the agent's own listeners");
-        assert_eq!(own[1].local_addr().unwrap(), addrs[1]);
-        for (h, ls) in &taken.workloads {
+        assert_eq!(own.outbound[1].local_addr().unwrap(), addrs[1]);
+        let udp = own.dns_udp.as_ref().expect("the DNS socket");
+        assert_eq!(udp.local_addr().unwrap(), dns_udp.local_addr().unwrap());
+        assert_eq!(own.dns_tcp.len(), 1);
+        assert_eq!(
+            own.dns_tcp[0].local_addr().unwrap(),
+            dns_tcp.local_addr().unwrap()
+        );
+        for (h, s) in &taken.workloads {
             let i = h.id.unwrap().1 as usize;
             assert_eq!(h, &handed(i, 2));
+            let ls = &s.outbound;
             assert_eq!(ls[0].local_addr().unwrap(), addrs[2 * i]);
             assert_eq!(ls[1].local_addr().unwrap(), addrs[2 * i + 1]);
         }
         // The same sockets: a connection queued on one is accepted through the other.
-        let (h, ls) = &taken.workloads[0];
+        let (h, s) = &taken.workloads[0];
+        let ls = &s.outbound;
         let i = h.id.unwrap().1 as usize;
         let c = std::net::TcpStream::connect(addrs[2 * i]).unwrap();
         let (s, peer) = ls[0].accept().unwrap();

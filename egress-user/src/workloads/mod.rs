@@ -63,13 +63,32 @@ impl Workload {
     /// A TCP socket in the workload's namespace, so that what it connects to sees the pod's own
     /// address.
     pub fn socket(&self, v6: bool) -> io::Result<tokio::net::TcpSocket> {
-        let make = || {
+        self.inside(|| {
             if v6 {
                 tokio::net::TcpSocket::new_v6()
             } else {
                 tokio::net::TcpSocket::new_v4()
             }
-        };
+        })
+    }
+
+    /// A UDP socket in the workload's namespace on an ephemeral port, for a DNS query
+    /// forwarded as the pod.
+    pub fn udp_socket(&self, v6: bool) -> io::Result<std::net::UdpSocket> {
+        self.inside(|| {
+            let any = if v6 {
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+            } else {
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+            };
+            let s = std::net::UdpSocket::bind(any)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    }
+
+    /// `make` a socket in the workload's namespace (the agent's own: here).
+    fn inside<T>(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         match &self.netns {
             None => make(),
             Some(ns) => ns.run(make).map_err(io::Error::other)?,
@@ -77,14 +96,43 @@ impl Workload {
     }
 }
 
+/// A workload's listening sockets: the outbound listeners, and the DNS server's UDP socket and
+/// TCP listeners.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    pub outbound: Vec<std::net::TcpListener>,
+    pub dns_udp: Option<std::net::UdpSocket>,
+    pub dns_tcp: Vec<std::net::TcpListener>,
+}
+
+impl Sockets {
+    /// Duplicates of every socket, the outbound listeners first, for a new agent to take
+    /// over; and how many of them are DNS sockets.
+    fn duplicates(&self) -> io::Result<(Vec<std::os::fd::OwnedFd>, usize)> {
+        use std::os::fd::AsFd as _;
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = self
+            .outbound
+            .iter()
+            .map(|l| l.as_fd())
+            .chain(self.dns_udp.iter().map(|u| u.as_fd()))
+            .chain(self.dns_tcp.iter().map(|l| l.as_fd()))
+            .collect();
+        let dns = fds.len() - self.outbound.len();
+        let dups = fds
+            .into_iter()
+            .map(|f| f.try_clone_to_owned())
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok((dups, dns))
+    }
+}
+
 /// Enrolled workloads by namespace cookie, for whoever needs a name for a cookie (the direct
 /// connections' records).
 pub type Table = Arc<RwLock<HashMap<u64, Arc<Workload>>>>;
 
-/// Hands a workload's listeners to the runtime; the handles stop them and every connection
-/// they accepted.
-pub type Serve =
-    Box<dyn Fn(Arc<Workload>, Vec<std::net::TcpListener>) -> Vec<tokio::task::AbortHandle> + Send>;
+/// Hands a workload's sockets to the runtime; the handles stop them and every connection
+/// and query they took.
+pub type Serve = Box<dyn Fn(Arc<Workload>, Sockets) -> Vec<tokio::task::AbortHandle> + Send>;
 
 /// Drops whatever the agent keeps for a released workload between connections (idle upstream
 /// connections opened in its namespace, its metric series).
@@ -104,8 +152,10 @@ struct Enrolled {
     own: Own,
     policy: Policy,
     serving: Vec<tokio::task::AbortHandle>,
-    /// Duplicates of its listening sockets, for a new agent to take over.
+    /// Duplicates of its listening sockets, for a new agent to take over: the outbound
+    /// listeners, then the last `dns` ones, its DNS sockets.
     listeners: Vec<std::os::fd::OwnedFd>,
+    dns: usize,
     since: SystemTime,
 }
 
@@ -140,6 +190,8 @@ struct Saved {
 pub struct Listen {
     /// The outbound port on 127.0.0.1 and ::1; `None` when another proxy serves it.
     pub port: Option<u16>,
+    /// The DNS port: UDP on 0.0.0.0, TCP on 127.0.0.1 and ::1; `None` without DNS capture.
+    pub dns: Option<u16>,
 }
 
 pub struct Workloads {
@@ -177,26 +229,33 @@ impl Workloads {
             .with_context(|| format!("{} workloads are enrolled: no room for more", self.max))
     }
 
-    /// Open the listeners in the current thread's namespace (the workload's, or the agent's).
-    fn bind(&self, in_pod: bool) -> Result<Vec<std::net::TcpListener>> {
-        let Some(port) = self.listen.port else {
-            return Ok(Vec::new());
-        };
+    /// Open the sockets in the current thread's namespace (the workload's, or the agent's);
+    /// `given` ones (handed over) are kept. DNS sockets are opened when none were given (an
+    /// agent of a version without them handed its listeners over).
+    fn bind(&self, in_pod: bool, given: Option<Sockets>) -> Result<Sockets> {
+        let mut s = given.unwrap_or_default();
+        let outbound = self.listen.port.filter(|_| s.outbound.is_empty());
+        let dns = self
+            .listen
+            .dns
+            .filter(|_| s.dns_udp.is_none() && s.dns_tcp.is_empty());
+        if outbound.is_none() && dns.is_none() {
+            return Ok(s);
+        }
         if in_pod {
             netns::loopback_up().context("bringing the namespace's loopback up")?;
         }
-        let mut out = vec![
-            listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-                .with_context(|| format!("listening on 127.0.0.1:{port}"))?,
-        ];
-        match listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
-            Ok(l) => out.push(l),
-            // A namespace without IPv6 has no IPv6 connections to redirect either.
-            Err(e) if in_pod && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
-            Err(e) if in_pod && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
-            Err(e) => return Err(e).with_context(|| format!("listening on [::1]:{port}")),
+        if let Some(port) = outbound {
+            s.outbound = loopback_listeners(port, in_pod)?;
         }
-        Ok(out)
+        if let Some(port) = dns {
+            s.dns_tcp = loopback_listeners(port, in_pod)?;
+            s.dns_udp = Some(
+                crate::dns::server::udp_socket(port)
+                    .with_context(|| format!("binding UDP 0.0.0.0:{port} for DNS"))?,
+            );
+        }
+        Ok(s)
     }
 
     /// Enrol the agent's own namespace: its processes in `cgroup` ((id, level); (0, 0) when
@@ -207,13 +266,10 @@ impl Workloads {
         policies: &Policies,
         (namespace, name): (String, String),
         cgroup: (u64, u32),
-        given: Option<Vec<std::net::TcpListener>>,
+        given: Option<Sockets>,
     ) -> Result<()> {
         let cookie = crate::datapath::sys::netns_cookie()?;
-        let listeners = match given {
-            Some(l) => l,
-            None => self.bind(false)?,
-        };
+        let listeners = self.bind(false, given)?;
         let wl = Arc::new(Workload {
             label: format!("{namespace}/{name}").into(),
             namespace,
@@ -235,16 +291,12 @@ impl Workloads {
         wl: Arc<Workload>,
         (path, uid, container_id): (Option<PathBuf>, String, Option<String>),
         (cgroup, own): ((u64, u32), Own),
-        listeners: Vec<std::net::TcpListener>,
+        listeners: Sockets,
     ) -> Result<String> {
         let slot = self.free_slot()?;
         let policy = policies.of(&wl.namespace);
         maps.zero_workload_counters(slot)?;
-        let dups = listeners
-            .iter()
-            .map(|l| l.try_clone().map(std::os::fd::OwnedFd::from))
-            .collect::<io::Result<Vec<_>>>()
-            .context("duplicating a listener")?;
+        let (dups, dns) = listeners.duplicates().context("duplicating a listener")?;
         // The listeners are listening already: a connect redirected from now on is queued.
         let serving = (self.serve)(wl.clone(), listeners);
         let entry = kernel_entry(slot, policy, cgroup, own);
@@ -281,6 +333,7 @@ impl Workloads {
                 policy,
                 serving,
                 listeners: dups,
+                dns,
                 since: SystemTime::now(),
             },
         );
@@ -304,7 +357,7 @@ impl Workloads {
         &mut self,
         maps: &mut Maps,
         policies: &Policies,
-        taken: Vec<(handover::Handed, Vec<std::net::TcpListener>)>,
+        taken: Vec<(handover::Handed, Sockets)>,
     ) -> usize {
         let mut n = 0;
         for (h, listeners) in taken {
@@ -351,7 +404,8 @@ impl Workloads {
                     name: e.wl.name.clone(),
                     uid: e.uid.clone(),
                     container_id: e.container_id.clone(),
-                    listeners: fds.len(),
+                    listeners: fds.len() - e.dns,
+                    dns: e.dns,
                 };
                 Some((h, fds))
             })
@@ -363,7 +417,7 @@ impl Workloads {
         maps: &mut Maps,
         policies: &Policies,
         req: EnrollRequest,
-        given: Option<Vec<std::net::TcpListener>>,
+        given: Option<Sockets>,
     ) -> Result<String> {
         check_name("namespace", &req.namespace)?;
         check_name("name", &req.name)?;
@@ -394,10 +448,7 @@ impl Workloads {
         let (listeners, own) = ns
             .run(|| -> Result<_> {
                 let own = netns::own_addresses().context("listing its addresses")?;
-                let listeners = match given {
-                    Some(l) => l,
-                    None => self.bind(true)?,
-                };
+                let listeners = self.bind(true, given)?;
                 Ok((listeners, own))
             })?
             .with_context(|| format!("in network namespace {}", req.netns.display()))?;
@@ -699,6 +750,22 @@ fn kernel_entry(
 /// (`handover`) rather than binding beside it.
 fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     crate::datapath::sys::tcp_listener(addr, false, crate::proxy::LISTEN_BACKLOG as i32)
+}
+
+/// Listeners on 127.0.0.1 and [::1] port `port`. A pod's namespace without IPv6 has no IPv6
+/// connections to redirect either.
+fn loopback_listeners(port: u16, in_pod: bool) -> Result<Vec<std::net::TcpListener>> {
+    let mut out = vec![
+        listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .with_context(|| format!("listening on 127.0.0.1:{port}"))?,
+    ];
+    match listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+        Ok(l) => out.push(l),
+        Err(e) if in_pod && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+        Err(e) if in_pod && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+        Err(e) => return Err(e).with_context(|| format!("listening on [::1]:{port}")),
+    }
+    Ok(out)
 }
 
 /// Kubernetes names: DNS labels (RFC 1123), which keeps them safe in logs and lines.

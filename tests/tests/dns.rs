@@ -1,0 +1,273 @@
+//! DNS capture on a node: a pod's queries (UDP and TCP to port 53) reach the agent's DNS server
+//! in the pod's own network namespace, which forwards them to the nameserver the client asked,
+//! from the pod's namespace. The nameserver is Debian's dnsmasq in the node's ext namespace
+//! (198.19.0.2) serving stand-in names; the clients are dig (connected UDP, TCP), glibc's
+//! resolver through `getent ahosts` (connected UDP) and Python's socket module for
+//! unconnected UDP (sendto/recvfrom), which checks where the reply came from.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Stdio},
+};
+
+use egress_tests::{
+    Agent, ConnLine, NodeOpts, TempDir, checked, egress_bin, eventually,
+    node::{EXT_V4, Node, Pod},
+    privileged,
+};
+use serde_json::json;
+
+const MESH: &str = "apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: node}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  interception: {includeOutboundIPRanges: \"*\"}
+";
+
+/// The stand-in names dnsmasq serves.
+const NAME: &str = "httpbin.org";
+const NAME_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 80);
+
+/// dnsmasq serving `NAME` on 198.19.0.2:53 in the ext namespace, logging every query with its
+/// source to a file; stopped on drop.
+struct Upstream {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Upstream {
+    fn start(node: &Node, dir: &TempDir) -> Upstream {
+        let log = dir.path().join("dnsmasq.log");
+        let child = node
+            .ext()
+            .command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--user=root",
+                "--pid-file=",
+                "--port=53",
+                "--log-queries",
+            ])
+            .arg(format!("--listen-address={EXT_V4}"))
+            .arg(format!("--host-record={NAME},{NAME_V4}"))
+            .arg(format!("--log-facility={}", log.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting dnsmasq (Debian's dnsmasq-base: cargo xtask setup)");
+        let up = Upstream { child, log };
+        assert!(
+            eventually(10, || up.log().contains("started")),
+            "dnsmasq did not start: {}",
+            up.log()
+        );
+        up
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether dnsmasq logged a query of `qtype` for `NAME` from `from`.
+    fn saw(&self, qtype: &str, from: IpAddr) -> bool {
+        self.log()
+            .lines()
+            .any(|l| l.contains(&format!("query[{qtype}] {NAME} from {from}")))
+    }
+
+    /// How many queries it logged so far.
+    fn queries(&self) -> usize {
+        self.log().lines().filter(|l| l.contains("query[")).count()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node agent with egress-cni chained, one pod, and the upstream nameserver. Dropped pods
+/// first, then the agent and the nameserver.
+struct World {
+    pod: Pod,
+    /// Kept for its pods and namespaces, which go with it.
+    _node: Node,
+    agent: Agent,
+    upstream: Upstream,
+    dir: TempDir,
+}
+
+fn world(tag: &str) -> World {
+    let dir = TempDir::new(tag);
+    let agent = Agent::start_node(NodeOpts {
+        config: MESH,
+        state_file: &dir.path().join("workloads.json"),
+        admin_socket: &dir.path().join("admin.sock"),
+        extra: vec![],
+    });
+    let bin = egress_bin().parent().unwrap().to_path_buf();
+    let node = Node::builder(tag)
+        .cni_dir(bin)
+        .chain(json!({"type": "egress-cni", "adminSocket": dir.path().join("admin.sock")}))
+        .build();
+    let pod = node.add_pod("team-a", "client");
+    let upstream = Upstream::start(&node, &dir);
+    World {
+        pod,
+        _node: node,
+        agent,
+        upstream,
+        dir,
+    }
+}
+
+impl World {
+    /// `program ARGS` in the pod, with /etc/resolv.conf naming the upstream only (a mount
+    /// namespace of its own with the file bind-mounted); its standard output.
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        let resolv = self.dir.path().join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            format!("nameserver {EXT_V4}\noptions timeout:2 attempts:1\n"),
+        )
+        .unwrap();
+        checked(
+            self.pod
+                .command("unshare")
+                .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
+                .arg(&resolv)
+                .arg(program)
+                .args(args),
+        )
+    }
+
+    fn dig(&self, extra: &[&str]) -> String {
+        let mut args = vec!["+time=3", "+tries=1", "+short", NAME, "A"];
+        args.extend_from_slice(extra);
+        self.run("dig", &args)
+    }
+
+    /// The access record of a `protocol` query for `NAME` of `qtype`.
+    fn record(&self, protocol: &str, qtype: &str) -> ConnLine {
+        self.agent
+            .wait_record("dns", &format!("{protocol} {qtype} {NAME}"), |r| {
+                r.get("protocol") == protocol
+                    && r.get("query_type") == qtype
+                    && r.get("query_name") == format!("{NAME}.")
+            })
+    }
+}
+
+/// Sends a query for NAME with sendto() on an unconnected socket (IPv4, or IPv6 to the
+/// nameserver's IPv4-mapped address), then prints where recvfrom() says the reply came from,
+/// its ID matching, and its answer's address.
+const UNCONNECTED: &str = r#"
+import socket, struct, sys
+family, ns = (socket.AF_INET6, "::ffff:" + sys.argv[1]) if sys.argv[2] == "6" else (socket.AF_INET, sys.argv[1])
+name = b"".join(bytes([len(l)]) + l for l in sys.argv[3].encode().split(b".")) + b"\0"
+q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1)
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(q, (ns, 53))
+r, src = s.recvfrom(4096)
+print(src[0], src[1], r[:2] == q[:2], socket.inet_ntoa(r[-4:]))
+"#;
+
+#[test]
+fn pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open() {
+    if !privileged("pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open") {
+        return;
+    }
+    let mut w = world("dns");
+    let pod_ip = IpAddr::V4(w.pod.ipv4);
+    let ns: SocketAddr = (EXT_V4, 53).into();
+
+    // dig over UDP (connected), with EDNS and without: the answer, checked by dig against the
+    // nameserver it asked.
+    assert_eq!(w.dig(&[]).trim(), NAME_V4.to_string());
+    assert_eq!(w.dig(&["+noedns"]).trim(), NAME_V4.to_string());
+    let rec = w.record("udp", "A");
+    assert_eq!(rec.get("orig_dst"), ns.to_string(), "{rec:?}");
+    assert_eq!(rec.get("answered_by"), "nameserver", "{rec:?}");
+    assert_eq!(rec.get("rcode"), "NOERROR", "{rec:?}");
+    assert_eq!(rec.get("workload"), "team-a/client", "{rec:?}");
+    assert_eq!(rec.get("reason"), "dns", "{rec:?}");
+    // Forwarded from the pod's own namespace: the nameserver saw the pod's address.
+    let up: SocketAddr = rec.get("upstream_local").parse().unwrap();
+    assert_eq!(up.ip(), pod_ip, "{rec:?}");
+    assert!(w.upstream.saw("A", pod_ip), "{}", w.upstream.log());
+
+    // dig over TCP: redirected to the agent's DNS listener, forwarded over TCP.
+    assert_eq!(w.dig(&["+tcp"]).trim(), NAME_V4.to_string());
+    let rec = w.record("tcp", "A");
+    assert_eq!(rec.get("orig_dst"), ns.to_string(), "{rec:?}");
+    assert_eq!(rec.get("answered_by"), "nameserver", "{rec:?}");
+
+    // Several queries on one TCP connection (dig keeps it open across its names).
+    let out = w.run(
+        "dig",
+        &[
+            "+time=3",
+            "+tries=1",
+            "+short",
+            "+tcp",
+            "+keepopen",
+            NAME,
+            "A",
+            NAME,
+            "TXT",
+        ],
+    );
+    assert_eq!(out.trim(), NAME_V4.to_string(), "{out}");
+    w.record("tcp", "TXT");
+
+    // glibc: getent ahosts asks for A and AAAA over one connected UDP socket.
+    let out = w.run("getent", &["ahosts", NAME]);
+    assert!(out.contains(&NAME_V4.to_string()), "{out}");
+    w.record("udp", "AAAA");
+    assert!(w.upstream.saw("AAAA", pod_ip), "{}", w.upstream.log());
+
+    // Unconnected UDP, IPv4 and IPv4-mapped on an IPv6 socket: recvfrom() names the
+    // nameserver, port 53.
+    for family in ["4", "6"] {
+        let out = w.run(
+            "/usr/bin/python3",
+            &["-c", UNCONNECTED, &EXT_V4.to_string(), family, NAME],
+        );
+        let src = if family == "6" {
+            format!("::ffff:{EXT_V4}")
+        } else {
+            EXT_V4.to_string()
+        };
+        assert_eq!(
+            out.trim(),
+            format!("{src} 53 True {NAME_V4}"),
+            "IPv{family}"
+        );
+    }
+    let counted = w.agent.workload_stats("team-a/client");
+    assert!(counted.get("dns").copied().unwrap_or(0) >= 6, "{counted:?}");
+
+    // Agent down: the queries go straight to the nameserver (DNS fails open), even under
+    // REGISTRY_ONLY, over UDP and TCP.
+    let records = w.agent.records("dns").len();
+    let before = w.upstream.queries();
+    w.agent.kill();
+    assert_eq!(w.dig(&[]).trim(), NAME_V4.to_string());
+    assert_eq!(w.dig(&["+tcp"]).trim(), NAME_V4.to_string());
+    let out = w.run(
+        "/usr/bin/python3",
+        &["-c", UNCONNECTED, &EXT_V4.to_string(), "4", NAME],
+    );
+    assert_eq!(out.trim(), format!("{EXT_V4} 53 True {NAME_V4}"));
+    assert_eq!(w.upstream.queries(), before + 3, "{}", w.upstream.log());
+    assert_eq!(w.agent.records("dns").len(), records);
+}
