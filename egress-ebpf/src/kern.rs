@@ -440,11 +440,17 @@ fn agent_listening(ctx: &SockAddrContext, fam: Family, cfg: &Config, port: u16) 
     let sk = unsafe {
         if fam == Family::V6 {
             let mut t = Tuple6 {
-                saddr: [0; 4],
+                saddr: [1; 4],
                 daddr: bytes_to_words(cfg.listener_v6),
                 sport: 0,
                 dport,
             };
+            // Zeroed word by word: LLVM may make a zeroed 16-byte field a call to memset, a
+            // function whose frame verifiers before Linux 6.x count as 32 bytes on top of
+            // connect6's 488 (over the 512 allowed).
+            for w in 0..4 {
+                write_volatile(addr_of_mut!(t.saddr[w]), 0);
+            }
             bpf_sk_lookup_tcp(
                 ctx.as_ptr(),
                 addr_of_mut!(t).cast::<bpf_sock_tuple>(),
@@ -547,22 +553,6 @@ fn join(hi: u64, lo: u64) -> [u8; 16] {
     ]
 }
 
-/// connect6's TCP path, a function of its own so that its stack and `udp_dns`'s are never
-/// on top of each other (the verifier counts the stack of a chain of calls: 512 bytes, and
-/// this one needs most of it).
-#[inline(never)]
-fn connect6_tcp(sa: *mut bpf_sock_addr) -> i32 {
-    let ctx = SockAddrContext::new(sa);
-    let ip = user_ip6(&ctx);
-    // An IPv4 destination on an IPv6 socket follows the IPv4 rules.
-    let fam = if v4_unmapped(&ip).is_some() {
-        Family::Mapped
-    } else {
-        Family::V6
-    };
-    connect(&ctx, fam, ip, user_port(&ctx))
-}
-
 /// `udp_dns` for the hooks, which rewrite the destination when it says so: the write stays
 /// in the hook, where the family is a constant (through a family chosen at run time, LLVM
 /// merges the stores into one through a selected context pointer, which the verifier
@@ -593,8 +583,8 @@ fn clear_record(ctx: &SockAddrContext) {
 /// nameserver for getpeername(). Anything else (not captured, IPv6 nameservers, nobody
 /// serving DNS in the namespace) goes where it was sent: -1.
 ///
-/// A function of its own (a BPF-to-BPF call), so that its stack is not added to the TCP
-/// path's in connect4/6. The nameserver comes as two words: five scalar arguments at most.
+/// A function of its own (a BPF-to-BPF call) with a frame of its own; the nameserver comes
+/// as two words: five scalar arguments at most.
 #[inline(never)]
 fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
     let ctx = &SockAddrContext::new(sa);
@@ -699,16 +689,26 @@ fn user_ip4(ctx: &SockAddrContext) -> [u8; 4] {
 
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
-    let ip = user_ip4(&ctx);
-    if is_tcp(&ctx) {
-        return connect(&ctx, Family::V4, v4_mapped(ip), user_port(&ctx));
+    if !is_tcp(&ctx) {
+        return 1;
     }
-    if is_udp(&ctx) {
-        if user_port(&ctx) == DNS_PORT {
-            return dns_datagram(&ctx, Family::V4, v4_mapped(ip), true);
-        }
-        clear_record(&ctx);
+    connect(&ctx, Family::V4, v4_mapped(user_ip4(&ctx)), user_port(&ctx))
+}
+
+/// UDP connects (glibc's resolver, dig): a program of its own beside `egress_connect4`, both
+/// attached to the same hook (cgroup links run side by side). Together in one program, the
+/// TCP path and this one make LLVM spill values on one path and reload them on another, which
+/// verifiers before Linux 6.3 reject as reads of uninitialised stack, and their stacks add up
+/// past 512 bytes as functions of their own.
+#[cgroup_sock_addr(connect4)]
+pub fn egress_dns_connect4(ctx: SockAddrContext) -> i32 {
+    if !is_udp(&ctx) {
+        return 1;
     }
+    if user_port(&ctx) == DNS_PORT {
+        return dns_datagram(&ctx, Family::V4, v4_mapped(user_ip4(&ctx)), true);
+    }
+    clear_record(&ctx);
     1
 }
 
@@ -779,8 +779,29 @@ fn user_ip6(ctx: &SockAddrContext) -> [u8; 16] {
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
-    if is_tcp(&ctx) {
-        return connect6_tcp(ctx.sock_addr);
+    if !is_tcp(&ctx) {
+        return 1;
+    }
+    let ip = user_ip6(&ctx);
+    // An IPv4 destination on an IPv6 socket follows the IPv4 rules.
+    let fam = if v4_unmapped(&ip).is_some() {
+        Family::Mapped
+    } else {
+        Family::V6
+    };
+    connect(&ctx, fam, ip, user_port(&ctx))
+}
+
+/// UDP connects on IPv6 sockets, beside `egress_connect6` as `egress_dns_connect4` is beside
+/// `egress_connect4`.
+#[cgroup_sock_addr(connect6)]
+pub fn egress_dns_connect6(ctx: SockAddrContext) -> i32 {
+    if !is_udp(&ctx) {
+        return 1;
+    }
+    if user_port(&ctx) != DNS_PORT {
+        clear_record(&ctx);
+        return 1;
     }
     let ip = user_ip6(&ctx);
     let fam = if v4_unmapped(&ip).is_some() {
@@ -788,13 +809,7 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     } else {
         Family::V6
     };
-    if is_udp(&ctx) {
-        if user_port(&ctx) == DNS_PORT {
-            return dns_datagram(&ctx, fam, ip, true);
-        }
-        clear_record(&ctx);
-    }
-    1
+    dns_datagram(&ctx, fam, ip, true)
 }
 
 /// What a translated or redirected socket dialled.

@@ -995,7 +995,7 @@ fn a_stopped_node_agent_keeps_the_pods_policy_until_egress_uninstall_removes_eve
             .arg("--admin-socket")
             .arg(c.socket()),
     );
-    assert!(out.contains("detached 8 programs"), "{out}");
+    assert!(out.contains("detached 10 programs"), "{out}");
     assert!(!pin.exists(), "{out}");
     assert!(!state.exists(), "{out}");
     assert!(!handover.exists(), "{out}");

@@ -174,6 +174,8 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
         [
             "egress_connect4",
             "egress_connect6",
+            "egress_dns_connect4",
+            "egress_dns_connect6",
             "egress_getpeername4",
             "egress_getpeername6",
             "egress_recvmsg4",
@@ -243,7 +245,7 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("detached 8 programs"), "{out}");
+    assert!(out.contains("detached 10 programs"), "{out}");
     assert!(!f.agent.pin.exists(), "{out}");
     // Nothing decides for the cgroup any more: what was denied or redirected goes out as is.
     let client = f.echo(f.unlisted).expect("not intercepted after uninstall");
