@@ -470,6 +470,8 @@ impl Agent {
             .arg(health_port.to_string())
             .arg("--admin-socket")
             .arg(&admin_socket)
+            .arg("--allocations-file")
+            .arg(config.with_extension("addresses"))
             .args(&extra);
         let argv: Vec<std::ffi::OsString> = std::iter::once(c.get_program().to_owned())
             .chain(c.get_args().map(ToOwned::to_owned))
@@ -831,7 +833,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
-        for ext in ["yaml", "hosts", "resolv"] {
+        for ext in ["yaml", "hosts", "resolv", "addresses"] {
             let _ = std::fs::remove_file(self.config.with_extension(ext));
         }
         // If the agent died without cleaning up, do it for it.

@@ -14,7 +14,7 @@ use log::{info, warn};
 
 use super::{AgentArgs, DEFAULT_CGROUP, RunArgs};
 use crate::{
-    config::{self, FailureMode, MeshConfig},
+    config::{self, FailureMode, MeshConfig, alloc::Allocator},
     datapath::{self, Capacity, Datapath, Maps, OrigMaps, Pinned, reload, sys},
     plan,
     proxy::{self, Proxy, upstream},
@@ -167,7 +167,9 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         health::serve(l, health.clone()).context("starting the health thread")?;
     }
     health.pending("loading the configuration");
-    let mesh = load_config(args.config.as_deref())?;
+    let mut mesh = load_config(args.config.as_deref())?;
+    let mut alloc = Allocator::load(Some(&args.allocations_file));
+    alloc.assign(&mut mesh)?;
     let failure = mesh.failure_mode;
     let plan = plan::compile(&mesh);
     let reg = registry::Registry::compile(&mesh)?;
@@ -340,10 +342,13 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     }
     health.pending("starting the admin endpoints and attaching the programs");
     let table = wls.table();
+    if let Err(e) = alloc.save() {
+        warn!("keeping the address allocations: {e:#}");
+    }
     let reloader = reload::Reloader::new(
         args.config.clone(),
         maps,
-        (mesh, plan),
+        (mesh, plan, alloc),
         cap,
         shared_registry.clone(),
         (wls, args.node),

@@ -199,7 +199,13 @@ fn split(nets: &[IpNet]) -> (BTreeSet<Ipv4Net>, BTreeSet<Ipv6Net>) {
 
 pub fn compile(c: &MeshConfig) -> Plan {
     let i = &c.interception;
-    let (include_v4, include_v6) = split(&i.include_ranges);
+    let (mut include_v4, mut include_v6) = split(&i.include_ranges);
+    // Addresses allocated to ServiceEntries are the agent's to serve, whatever the included
+    // ranges say (their exclusions still win).
+    if c.service_entries.iter().any(|se| !se.allocated.is_empty()) {
+        include_v4.insert(c.auto_allocate.v4);
+        include_v6.insert(c.auto_allocate.v6);
+    }
     let (exclude_v4, exclude_v6) = split(&i.exclude_ranges);
     let mut ports = BTreeMap::new();
     for p in &i.include_ports {

@@ -83,6 +83,8 @@ pub struct Entry {
     pub id: String,
     hosts: Vec<String>,
     addresses: Vec<IpNet>,
+    /// Addresses allocated to it (`config::alloc`): connections to them are its own.
+    allocated: Vec<IpAddr>,
     ports: Vec<Port>,
     resolution: Resolution,
     endpoints: Vec<EntryEndpoint>,
@@ -482,9 +484,7 @@ impl<'a> View<'a> {
     pub fn by_address(&self, dst: SocketAddr) -> Option<Match<'a>> {
         self.entries().find_map(|e| {
             let port = e.port(dst.port())?;
-            e.addresses
-                .iter()
-                .any(|n| n.contains(&dst.ip()))
+            (e.addresses.iter().any(|n| n.contains(&dst.ip())) || e.allocated.contains(&dst.ip()))
                 .then_some(Match { entry: e, port })
         })
     }
@@ -596,6 +596,7 @@ fn entry(se: &ServiceEntry) -> Entry {
         id: format!("ServiceEntry {}/{}", se.namespace, se.name),
         hosts: s.hosts.clone(),
         addresses: se.addresses.clone(),
+        allocated: se.allocated.clone(),
         ports: s
             .ports
             .iter()
