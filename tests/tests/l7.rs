@@ -866,3 +866,70 @@ fn a_tcp_entry_by_host_gets_an_address_that_reloads_and_restarts_keep() {
     let r = probe(Some(&cg), &["echo", &vip.to_string(), "1000"]);
     assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
 }
+
+/// Istio's "Kubernetes Services for Egress Traffic" task: an ExternalName Service and the
+/// DestinationRule it writes for that name.
+const MY_HTTPBIN: &str = "---
+kind: Service
+apiVersion: v1
+metadata:
+  name: my-httpbin
+spec:
+  type: ExternalName
+  externalName: httpbin.org
+  ports:
+  - name: http
+    protocol: TCP
+    port: 80
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: my-httpbin
+spec:
+  host: my-httpbin.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: DISABLE
+";
+
+#[test]
+fn an_external_name_service_reaches_its_target_with_the_clients_host() {
+    if !privileged("an_external_name_service_reaches_its_target_with_the_clients_host") {
+        return;
+    }
+    let cg = Cgroup::new("l7-extname");
+    let stand = StandIns::new();
+    let httpbin = stand.http(sa("127.50.8.10:80"));
+    for mode in ["ALLOW_ANY", "REGISTRY_ONLY"] {
+        // Only the Service names httpbin.org here: no ServiceEntry for it.
+        let mesh = format!("{}{MY_HTTPBIN}", HEAD.replace("MODE", mode));
+        let agent = start(&mesh, &cg, "127.50.8.10 httpbin.org\n", &[]);
+        let path = format!("/headers-{mode}");
+        // The client reached the name somewhere in the intercepted range.
+        let c = curl(
+            &cg,
+            &[
+                "--resolve",
+                "my-httpbin.default.svc.cluster.local:80:127.50.8.99",
+                &format!("http://my-httpbin.default.svc.cluster.local{path}"),
+            ],
+        );
+        assert_ok(&c, &format!("{mode}: GET my-httpbin"));
+        let hit = &stand.hits_for(&path)[0];
+        assert_eq!(
+            (hit.local, hit.host.as_str()),
+            (httpbin, "my-httpbin.default.svc.cluster.local"),
+            "{mode}: the stand-in saw the client's Host"
+        );
+        let r = request(&agent, &path);
+        for (k, v) in [
+            ("status", "200"),
+            ("policy", "registered"),
+            ("matched", "Service default/my-httpbin"),
+            ("upstream", "127.50.8.10:80"),
+        ] {
+            assert_eq!(r.get(k), v, "{mode}: {k} in {:?}", r.fields);
+        }
+    }
+}

@@ -964,11 +964,13 @@ impl Cx {
             return None;
         }
         if external {
-            self.warn(
-                origin,
-                "spec.externalName",
-                "kept for DNS (a CNAME to the external name), which is not applied yet",
-            );
+            if spec.ports.is_empty() {
+                self.warn(
+                    origin,
+                    "spec.ports",
+                    "no ports: no connection is mediated by this name",
+                );
+            }
         } else if spec.selector.is_some() {
             self.warn(origin, "spec.selector", "a Service with a selector is served in-cluster by kube-proxy; egress translates only selector-less Services");
         } else if cluster_ips.is_empty() {
