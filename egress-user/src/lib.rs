@@ -8,6 +8,9 @@ pub mod config;
 /// The kernel side from user space: load, pin, program and attach; reload; cgroup2, bpffs and
 /// netns facts.
 pub mod datapath;
+/// DNS messages for the workloads: answers from the registry, forwards, CNAME chases and UDP
+/// truncation. Pure; fuzzed.
+pub mod dns;
 /// The model → what the maps must hold, and the steps from one plan to the next. Pure.
 pub mod plan;
 /// The outbound listener and how it mediates streams: TCP, TLS by SNI, HTTP/1.1 with hyper.
