@@ -1996,6 +1996,11 @@ struct Restart {
     gap_ms: f64,
     /// From starting the new agent (once the old one is reaped) to its ready line, ms.
     startup_ms: f64,
+    /// From the kill to the old agent reaped (when the new one is started), ms.
+    reap_ms: f64,
+    /// From the new agent's ready line (as the run read it) to the answer of its first
+    /// relayed connection, ms (negative when that came first).
+    after_ready_ms: f64,
     /// How the attempts between the kill and the first relayed one ended (that one not
     /// counted).
     gap: BTreeMap<String, usize>,
@@ -2031,6 +2036,8 @@ fn restart_round(agent: &mut Agent, cg: &Cgroup, dst: SocketAddr, reason: &str) 
     Restart {
         gap_ms: first.map_or(f64::NAN, |f| ms_between(killed, f.end)),
         startup_ms: ms_between(started, ready),
+        reap_ms: ms_between(killed, started),
+        after_ready_ms: first.map_or(f64::NAN, |f| ms_between(ready, f.end)),
         gap,
         straight: attempts.iter().filter(|a| a.what == "straight").count(),
         kernel,
@@ -2249,6 +2256,26 @@ fn restarts_section(s: &Settings, ports: Ports, goals: &mut Goals) -> String {
         .flatten()
         .filter(|r| r.gap_ms.is_nan())
         .count();
+    let all = || restarts.iter().flatten();
+    // Over the rounds that saw a relayed connection.
+    let ms1 = |v: Vec<f64>| {
+        let v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
+        if v.is_empty() {
+            return "–".to_owned();
+        }
+        let s = spread(v);
+        format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max)
+    };
+    writeln!(
+        md,
+        "- The gap is the new agent's start-up: from the kill to the old agent reaped (when the \
+         new one starts) {} ms, from the new agent's ready line (as the run read it, through a \
+         pipe) to the answer of its first relayed connection {} ms (negative: the answer came \
+         first); both modes' rounds together.",
+        ms1(all().map(|r| r.reap_ms).collect()),
+        ms1(all().map(|r| r.after_ready_ms).collect()),
+    )
+    .unwrap();
     writeln!(
         md,
         "- Under failureMode closed, connects that reached the stand-in unmediated in all {} \
