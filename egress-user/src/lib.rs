@@ -8,7 +8,8 @@ pub mod config;
 /// The kernel side from user space: load, pin, program and attach; reload; cgroup2, bpffs and
 /// netns facts.
 pub mod datapath;
-/// The workloads' DNS queries, captured by the datapath: answered or forwarded.
+/// The workloads' DNS queries, captured by the datapath: answered from the registry (pure,
+/// fuzzed message handling) or forwarded to the nameserver the client asked.
 pub mod dns;
 /// The model → what the maps must hold, and the steps from one plan to the next. Pure.
 pub mod plan;

@@ -435,7 +435,19 @@ impl Agent {
         let port = free_port();
         let dns_port = free_dns_port();
         let admin_port = free_port();
-        let metrics_port = free_port();
+        // `--metrics-port` (0: the metrics off) and `--admin-socket` in `extra` replace the
+        // harness's own.
+        let given = |flag: &str| {
+            let i = extra.iter().position(|a| a == flag)?;
+            Some(
+                extra
+                    .get(i + 1)
+                    .unwrap_or_else(|| panic!("{flag} without a value")),
+            )
+        };
+        let metrics_port = given("--metrics-port")
+            .map_or_else(free_port, |v| v.parse().expect("--metrics-port PORT"));
+        let admin_socket = given("--admin-socket").map(Path::new).or(admin_socket);
         let health_port = free_port();
         let admin_socket = admin_socket.map_or_else(
             || std::env::temp_dir().join(format!("{name}.sock")),
@@ -481,12 +493,22 @@ impl Agent {
             .arg(dns_port.to_string())
             .arg("--admin-port")
             .arg(admin_port.to_string())
-            .arg("--metrics-port")
-            .arg(metrics_port.to_string())
+            .args(
+                (!extra.iter().any(|a| a == "--metrics-port"))
+                    .then(|| ["--metrics-port".to_owned(), metrics_port.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--health-port")
             .arg(health_port.to_string())
-            .arg("--admin-socket")
-            .arg(&admin_socket)
+            .args(
+                (given("--admin-socket").is_none())
+                    .then(|| ["--admin-socket".as_ref(), admin_socket.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
+            .arg("--allocations-file")
+            .arg(config.with_extension("addresses"))
             .args(&extra);
         let argv: Vec<std::ffi::OsString> = std::iter::once(c.get_program().to_owned())
             .chain(c.get_args().map(ToOwned::to_owned))
@@ -829,8 +851,13 @@ impl Agent {
         self.logs()
     }
 
-    /// SIGTERM, and wait until it is gone (killed after 10 s).
+    /// SIGTERM, and wait until it is gone (killed after 10 s). Nothing is sent to an agent
+    /// already reaped (stopped, killed, or handed over and terminated): its pid may be another
+    /// process's by now.
     pub fn terminate(&mut self) {
+        if self.exited() {
+            return;
+        }
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -850,7 +877,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
-        for ext in ["yaml", "hosts", "resolv"] {
+        for ext in ["yaml", "hosts", "resolv", "addresses"] {
             let _ = std::fs::remove_file(self.config.with_extension(ext));
         }
         // If the agent died without cleaning up, do it for it.
@@ -1058,6 +1085,26 @@ impl Servers {
     /// Write the address the client reached (our local address), then echo like `echo`.
     pub fn whoami(&self, addr: SocketAddr) -> SocketAddr {
         self.whoami_on(bind(addr))
+    }
+
+    /// Write the address the connection came from (`PEER\n`), then wait (at most 5 s) for
+    /// the client to close: the client tells by it whether it reached the server itself or
+    /// through a proxy's upstream socket.
+    pub fn peer(&self, addr: SocketAddr) -> SocketAddr {
+        self.serve(bind(addr), |mut s, peer| async move {
+            if s.write_all(format!("{peer}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 64];
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        })
     }
 
     /// `whoami` on a listener bound elsewhere.

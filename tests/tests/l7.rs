@@ -775,3 +775,161 @@ spec:
     assert_eq!(c.code, Some(7), "{c:?}");
     assert_eq!(stand.hits_for("/wiki/Main_Page").len(), 1);
 }
+
+/// A TCP entry by host and its allocated address, with the allocation ranges in loopback.
+const DB_BY_HOST: &str = "apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: default}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  interception: {includeOutboundIPRanges: \"127.50.0.0/16\"}
+  autoAllocate: {ipv4Range: 127.240.0.0/16, ipv6Range: \"2001:db8:240::/48\"}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.example]
+  ports: [{number: PORT, name: tcp, protocol: TCP}]
+  resolution: DNS
+";
+
+#[test]
+fn a_tcp_entry_by_host_gets_an_address_that_reloads_and_restarts_keep() {
+    if !privileged("a_tcp_entry_by_host_gets_an_address_that_reloads_and_restarts_keep") {
+        return;
+    }
+    let cg = Cgroup::new("l7-alloc");
+    let servers = Servers::new();
+    let port = egress_tests::free_port();
+    let db = servers.echo(sa(&format!("127.50.6.6:{port}")));
+    let config = DB_BY_HOST.replace("PORT", &port.to_string());
+    let mut agent = start(&config, &cg, "127.50.6.6 db.example\n", &[]);
+    let allocated = |agent: &Agent| -> Vec<String> {
+        let dump = agent.config_dump();
+        dump["allocated"]["ServiceEntry default/db"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no allocation for default/db: {dump}"))
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = allocated(&agent);
+    let v4: std::net::Ipv4Addr = first[0].parse().unwrap();
+    assert_eq!(&v4.octets()[..2], &[127, 240], "{first:?}");
+    assert!(first[1].starts_with("2001:db8:240:"), "{first:?}");
+
+    // A connection to the allocated address reaches the host's own address, through the agent,
+    // which knows the entry by it.
+    let vip = SocketAddr::from((v4, port));
+    let r = probe(Some(&cg), &["echo", &vip.to_string(), "1000"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    let rec = agent.wait_conn("the connection to the allocated address", |c| {
+        c.get("peer") == r.local().to_string()
+    });
+    assert_eq!(
+        (rec.get("matched"), rec.get("upstream")),
+        ("ServiceEntry default/db", db.to_string().as_str()),
+        "{:?}",
+        rec.fields
+    );
+    assert_eq!(rec.get("orig_dst"), vip.to_string());
+    // A port the entry does not declare: refused at connect under REGISTRY_ONLY.
+    let other = SocketAddr::from((v4, egress_tests::free_port()));
+    let r = probe(Some(&cg), &["echo", &other.to_string(), "10"]);
+    assert_eq!(r.get("errno").as_deref(), Some("1"), "{r:?}");
+
+    // Fifty more entries by host: the first keeps its addresses.
+    let mut more = config.clone();
+    for i in 0..50 {
+        more.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: more{i}, namespace: default}}\n\
+             spec: {{hosts: [more{i}.example], ports: [{{number: 5432, name: tcp, protocol: TCP}}], \
+             resolution: DNS}}\n"
+        ));
+    }
+    let n = agent.logs().len();
+    agent.write_config(&more);
+    agent.wait_log(n, "applied configuration generation 2");
+    assert_eq!(allocated(&agent), first, "after a reload");
+    // Kept on disk (`--allocations-file`), for the next agent.
+    let kept = std::fs::read_to_string(agent.config_path().with_extension("addresses")).unwrap();
+    assert!(
+        kept.contains(&first[0]) && kept.contains("default/more49"),
+        "{kept}"
+    );
+    // And a restart.
+    agent.terminate();
+    agent.start_again();
+    assert_eq!(allocated(&agent), first, "after a restart");
+    let r = probe(Some(&cg), &["echo", &vip.to_string(), "1000"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+}
+
+/// Istio's "Kubernetes Services for Egress Traffic" task: an ExternalName Service and the
+/// DestinationRule it writes for that name.
+const MY_HTTPBIN: &str = "---
+kind: Service
+apiVersion: v1
+metadata:
+  name: my-httpbin
+spec:
+  type: ExternalName
+  externalName: httpbin.org
+  ports:
+  - name: http
+    protocol: TCP
+    port: 80
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: my-httpbin
+spec:
+  host: my-httpbin.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: DISABLE
+";
+
+#[test]
+fn an_external_name_service_reaches_its_target_with_the_clients_host() {
+    if !privileged("an_external_name_service_reaches_its_target_with_the_clients_host") {
+        return;
+    }
+    let cg = Cgroup::new("l7-extname");
+    let stand = StandIns::new();
+    let httpbin = stand.http(sa("127.50.8.10:80"));
+    for mode in ["ALLOW_ANY", "REGISTRY_ONLY"] {
+        // Only the Service names httpbin.org here: no ServiceEntry for it.
+        let mesh = format!("{}{MY_HTTPBIN}", HEAD.replace("MODE", mode));
+        let agent = start(&mesh, &cg, "127.50.8.10 httpbin.org\n", &[]);
+        let path = format!("/headers-{mode}");
+        // The client reached the name somewhere in the intercepted range.
+        let c = curl(
+            &cg,
+            &[
+                "--resolve",
+                "my-httpbin.default.svc.cluster.local:80:127.50.8.99",
+                &format!("http://my-httpbin.default.svc.cluster.local{path}"),
+            ],
+        );
+        assert_ok(&c, &format!("{mode}: GET my-httpbin"));
+        let hit = &stand.hits_for(&path)[0];
+        assert_eq!(
+            (hit.local, hit.host.as_str()),
+            (httpbin, "my-httpbin.default.svc.cluster.local"),
+            "{mode}: the stand-in saw the client's Host"
+        );
+        let r = request(&agent, &path);
+        for (k, v) in [
+            ("status", "200"),
+            ("policy", "registered"),
+            ("matched", "Service default/my-httpbin"),
+            ("upstream", "127.50.8.10:80"),
+        ] {
+            assert_eq!(r.get(k), v, "{mode}: {k} in {:?}", r.fields);
+        }
+    }
+}

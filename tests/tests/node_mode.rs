@@ -959,8 +959,28 @@ fn a_rolling_restart_hands_the_pods_over_without_a_failed_connect() {
     record(&c, &pod, r.local(), echo);
     let list = egress(&c, &["workloads"]);
     assert!(list.starts_with("team-a/steady "), "{list}");
-    // The old agent's guard removes the pins and sockets both shared: it goes last.
+    // The stopped agent left the new one's sockets alone: the next upgrade works as well.
+    let Cluster {
+        node,
+        agent: mut second,
+        dir,
+    } = c;
+    let third = second.start_beside();
+    third.wait_log(0, "took over 1 workloads and their listeners");
+    second.terminate();
+    let c = Cluster {
+        node,
+        agent: third,
+        dir,
+    };
+    let r = pod.probe(&["echo", &dst, "1000"]);
+    assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
+    record(&c, &pod, r.local(), echo);
+    let list = egress(&c, &["workloads"]);
+    assert!(list.starts_with("team-a/steady "), "{list}");
+    // The stopped agents' guards remove the pins and sockets all shared: they go last.
     drop(c);
+    drop(second);
     drop(old);
 }
 

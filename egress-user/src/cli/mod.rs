@@ -132,7 +132,8 @@ enum Cmd {
     /// Check a configuration (file or directory) and print every problem.
     Validate { path: PathBuf },
     /// Remove what agents leave on the node when they stop: detach the programs, remove the
-    /// pinned links and maps, the enrolment state file, the admin and handover sockets, the
+    /// pinned links and maps, the enrolment state and address allocation files, the admin and
+    /// handover sockets, the
     /// cgroup `egress run` made and (with the CNI directories) `egress-cni` from the node's
     /// network configuration and its binary. A stopped agent (SIGTERM, a crash) leaves them on
     /// purpose: the policy stays in force until the next agent takes it over. Refused while an
@@ -142,6 +143,8 @@ enum Cmd {
         pin_path: PathBuf,
         #[arg(long, default_value = crate::workloads::api::DEFAULT_STATE_FILE)]
         state_file: PathBuf,
+        #[arg(long, default_value = DEFAULT_ALLOCATIONS_FILE)]
+        allocations_file: PathBuf,
         #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
         /// The CNI configuration directory `egress cni install` chained the plugin in.
@@ -160,6 +163,7 @@ enum Cmd {
 }
 
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/egress";
+const DEFAULT_ALLOCATIONS_FILE: &str = "/var/run/egress/addresses.json";
 const DEFAULT_CGROUP: &str = "egress";
 const DEFAULT_ADMIN_PORT: u16 = 15000;
 
@@ -200,6 +204,10 @@ struct RunArgs {
     /// Where enrolments are kept across restarts (with --node).
     #[arg(long, default_value = crate::workloads::api::DEFAULT_STATE_FILE)]
     state_file: PathBuf,
+    /// Where the addresses allocated to ServiceEntries without any are kept across restarts
+    /// (`spec.autoAllocate`).
+    #[arg(long, default_value = DEFAULT_ALLOCATIONS_FILE)]
+    allocations_file: PathBuf,
     /// SO_MARK the agent puts on its upstream sockets, for iptables rules that exempt them
     /// (the datapath recognises the agent by its cgroup, which a workload cannot forge).
     #[arg(long, default_value_t = 1337, value_parser = clap::value_parser!(u32).range(1..))]
@@ -344,12 +352,14 @@ pub fn main() -> ExitCode {
         Cmd::Uninstall {
             pin_path,
             state_file,
+            allocations_file,
             admin_socket,
             cni_conf_dir,
             cni_bin_dir,
         } => uninstall::uninstall(&uninstall::Uninstall {
             pin_path: &pin_path,
             state_file: &state_file,
+            allocations_file: &allocations_file,
             admin_socket: &admin_socket,
             cni: cni_conf_dir.as_deref().zip(cni_bin_dir.as_deref()),
         }),

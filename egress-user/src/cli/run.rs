@@ -14,7 +14,7 @@ use log::{info, warn};
 
 use super::{AgentArgs, DEFAULT_CGROUP, RunArgs};
 use crate::{
-    config::{self, FailureMode, MeshConfig},
+    config::{self, FailureMode, MeshConfig, alloc::Allocator},
     datapath::{self, Capacity, Datapath, Maps, OrigMaps, Pinned, reload, sys},
     dns, plan,
     proxy::{self, Proxy, upstream},
@@ -168,7 +168,9 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         health::serve(l, health.clone()).context("starting the health thread")?;
     }
     health.pending("loading the configuration");
-    let mesh = load_config(args.config.as_deref())?;
+    let mut mesh = load_config(args.config.as_deref())?;
+    let mut alloc = Allocator::load(Some(&args.allocations_file));
+    alloc.assign(&mut mesh)?;
     let failure = mesh.failure_mode;
     let plan = plan::compile(&mesh);
     let reg = registry::Registry::compile(&mesh)?;
@@ -374,10 +376,13 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     }
     health.pending("starting the admin endpoints and attaching the programs");
     let table = wls.table();
+    if let Err(e) = alloc.save() {
+        warn!("keeping the address allocations: {e:#}");
+    }
     let reloader = reload::Reloader::new(
         args.config.clone(),
         maps,
-        (mesh, plan),
+        (mesh, plan, alloc),
         cap,
         shared_registry.clone(),
         (wls, args.node),
@@ -429,8 +434,8 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             Err(e) if args.node => return Err(e.context("--admin-socket")),
             Err(e) => warn!("no admin socket: {e:#}"),
         }
+        let gave_over = serve_handover(&handover_path, &tx, &px)?;
         let ours = Ours::new(&[&args.admin_socket, &handover_path]);
-        serve_handover(&handover_path, &tx, &px)?;
         // Opened before `commit` moves staged maps to where the next agent looks.
         let closes = direct::Closes::open(&maps_dir)?;
         dp.attach_interception(&attach.at)?;
@@ -507,7 +512,10 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         if cut > 0 {
             warn!("{cut} connections were still open after {:?}: they are cut", args.drain_timeout);
         }
-        ours.remove();
+        // After a handover the paths are the new agent's.
+        if !gave_over.load(std::sync::atomic::Ordering::Relaxed) {
+            ours.remove();
+        }
         info!(
             "stopping: the programs stay attached at {} and decide from the maps pinned in {} \
              (failureMode {}) until an agent takes them over; `egress uninstall` removes them",
@@ -524,24 +532,34 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Sockets this agent bound, removed when it stops unless a new agent took their paths over.
-struct Ours(Vec<(PathBuf, Option<u64>)>);
+/// Sockets this agent bound, removed when it stops unless another agent bound their paths
+/// since. A file is known by its inode and change time together: a file system may give a new
+/// file the inode of one just removed.
+struct Ours(Vec<(PathBuf, Option<FileId>)>);
+
+/// (inode, change time in seconds and nanoseconds).
+type FileId = (u64, i64, i64);
+
+fn file_id(p: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+}
 
 impl Ours {
     fn new(paths: &[&Path]) -> Ours {
-        use std::os::unix::fs::MetadataExt as _;
         Ours(
             paths
                 .iter()
-                .map(|p| (p.to_path_buf(), std::fs::metadata(p).ok().map(|m| m.ino())))
+                .map(|p| (p.to_path_buf(), file_id(p)))
                 .collect(),
         )
     }
 
     fn remove(&self) {
-        use std::os::unix::fs::MetadataExt as _;
-        for (p, ino) in &self.0 {
-            if ino.is_some() && std::fs::metadata(p).ok().map(|m| m.ino()) == *ino {
+        for (p, id) in &self.0 {
+            if id.is_some() && file_id(p) == *id {
                 let _ = std::fs::remove_file(p);
             }
         }
@@ -550,11 +568,13 @@ impl Ours {
 
 /// Hand the workloads to a new agent that asks on `path`: the control thread lists them and
 /// refuses enrolments from then on; once the new agent serves them, this one stops accepting.
+/// The flag returned is set then.
 fn serve_handover(
     path: &Path,
     tx: &std::sync::mpsc::Sender<reload::Msg>,
     px: &Arc<Proxy>,
-) -> Result<()> {
+) -> Result<Arc<std::sync::atomic::AtomicBool>> {
+    let gave_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listener = handover::bind(path)?;
     let ask = std::sync::Mutex::new(tx.clone());
     let hand = move || {
@@ -568,12 +588,17 @@ fn serve_handover(
         }
         rx.recv_timeout(Duration::from_secs(30)).ok()
     };
-    let (tell, px) = (std::sync::Mutex::new(tx.clone()), px.clone());
+    let (tell, px, flag) = (
+        std::sync::Mutex::new(tx.clone()),
+        px.clone(),
+        gave_over.clone(),
+    );
     let done = move |taken: bool| {
         if let Ok(tx) = tell.lock() {
             let _ = tx.send(reload::Msg::HandedOver(taken));
         }
         if taken {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = px.stop.send(true);
             info!(
                 "handed over to a new agent: no longer accepting; draining {} connections \
@@ -582,7 +607,8 @@ fn serve_handover(
             );
         }
     };
-    handover::serve(listener, hand, done)
+    handover::serve(listener, hand, done)?;
+    Ok(gave_over)
 }
 
 /// Until SIGINT or SIGTERM; SIGHUP asks for a reload.

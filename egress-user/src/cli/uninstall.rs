@@ -15,6 +15,7 @@ use crate::{
 pub struct Uninstall<'a> {
     pub pin_path: &'a Path,
     pub state_file: &'a Path,
+    pub allocations_file: &'a Path,
     pub admin_socket: &'a Path,
     /// The CNI configuration and binary directories, when the plugin was installed.
     pub cni: Option<(&'a Path, &'a Path)>,
@@ -57,7 +58,7 @@ pub fn uninstall(u: &Uninstall<'_>) -> Result<()> {
         }
     }
     let handover = handover::socket_path(u.admin_socket);
-    for f in [u.state_file, u.admin_socket, &handover] {
+    for f in [u.state_file, u.allocations_file, u.admin_socket, &handover] {
         if std::fs::remove_file(f).is_ok() {
             println!("removed {}", f.display());
         }

@@ -149,6 +149,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// An ExternalName Service: a name for another, resolved by the agent.
+    pub fn external_name(&self) -> bool {
+        self.spec.type_.as_deref() == Some("ExternalName") && self.spec.external_name.is_some()
+    }
+
     /// Translated in the kernel: selector-less, not ExternalName, with a cluster IP.
     pub fn translated(&self) -> bool {
         self.spec.selector.is_none()

@@ -56,6 +56,26 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Addresses for ServiceEntry hosts that have none (`spec.autoAllocate`), as Istio's DNS proxy
+/// allocates them: what DNS answers for such a host, and what the agent knows it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AutoAllocate {
+    pub enabled: bool,
+    pub v4: ipnet::Ipv4Net,
+    pub v6: ipnet::Ipv6Net,
+}
+
+impl Default for AutoAllocate {
+    /// Istio's ranges: 240.240.0.0/16 and 2001:2::/48.
+    fn default() -> Self {
+        AutoAllocate {
+            enabled: true,
+            v4: "240.240.0.0/16".parse().expect("a valid range"),
+            v6: "2001:2::/48".parse().expect("a valid range"),
+        }
+    }
+}
+
 /// The interception knobs, with Istio's names and meanings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interception {
@@ -165,6 +185,8 @@ pub struct MeshConfig {
     pub mode: Mode,
     /// What would-be redirects do while no agent listens (`spec.failureMode`).
     pub failure_mode: super::FailureMode,
+    /// Addresses for ServiceEntry hosts without any (`spec.autoAllocate`).
+    pub auto_allocate: AutoAllocate,
     /// The namespace whose Sidecar sets the default for every other (Istio's
     /// `meshConfig.rootNamespace`); `None`: `istio-system`.
     pub root_namespace: Option<String>,
@@ -382,6 +404,19 @@ struct EgressConfigSpec {
     interception: Option<InterceptionSpec>,
     #[serde(default)]
     failure_mode: Option<super::FailureMode>,
+    #[serde(default)]
+    auto_allocate: Option<AutoAllocateSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AutoAllocateSpec {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    ipv4_range: Option<String>,
+    #[serde(default)]
+    ipv6_range: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -929,11 +964,13 @@ impl Cx {
             return None;
         }
         if external {
-            self.warn(
-                origin,
-                "spec.externalName",
-                "kept for DNS (a CNAME to the external name), which is not applied yet",
-            );
+            if spec.ports.is_empty() {
+                self.warn(
+                    origin,
+                    "spec.ports",
+                    "no ports: no connection is mediated by this name",
+                );
+            }
         } else if spec.selector.is_some() {
             self.warn(origin, "spec.selector", "a Service with a selector is served in-cluster by kube-proxy; egress translates only selector-less Services");
         } else if cluster_ips.is_empty() {
@@ -1079,6 +1116,9 @@ impl Cx {
         if let Some(f) = spec.failure_mode {
             config.failure_mode = f;
         }
+        if let Some(a) = spec.auto_allocate {
+            self.auto_allocate(origin, a, &mut config.auto_allocate);
+        }
         if let Some(ns) = spec.root_namespace {
             if ns.is_empty() {
                 self.error(origin, "spec.rootNamespace", "must not be empty");
@@ -1157,6 +1197,34 @@ impl Cx {
             }
         }
         out
+    }
+
+    fn auto_allocate(&mut self, origin: &Origin, a: AutoAllocateSpec, out: &mut AutoAllocate) {
+        let f = "spec.autoAllocate";
+        if let Some(e) = a.enabled {
+            out.enabled = e;
+        }
+        // Room for at least a few hosts, past the network and broadcast addresses.
+        if let Some(r) = a.ipv4_range {
+            match r.parse::<ipnet::Ipv4Net>() {
+                Ok(n) if n.prefix_len() <= 28 => out.v4 = n.trunc(),
+                _ => self.error(
+                    origin,
+                    &format!("{f}.ipv4Range"),
+                    format!("{r:?} is not an IPv4 CIDR of /28 or wider"),
+                ),
+            }
+        }
+        if let Some(r) = a.ipv6_range {
+            match r.parse::<ipnet::Ipv6Net>() {
+                Ok(n) if n.prefix_len() <= 124 => out.v6 = n.trunc(),
+                _ => self.error(
+                    origin,
+                    &format!("{f}.ipv6Range"),
+                    format!("{r:?} is not an IPv6 CIDR of /124 or wider"),
+                ),
+            }
+        }
     }
 
     /// Istio 0.7's `ExternalService` as the ServiceEntry it became (0.8): `hosts` that are

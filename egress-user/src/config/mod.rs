@@ -1,3 +1,4 @@
+pub mod alloc;
 pub mod istio;
 pub mod k8s;
 pub mod load;
@@ -7,8 +8,8 @@ use serde::Deserialize;
 #[cfg(test)]
 pub use load::parse_str;
 pub use load::{
-    Interception, Invalid, Loaded, MeshConfig, ServiceEntry, ServiceEntrySpec, ServicePort,
-    is_yaml, load,
+    AutoAllocate, Interception, Invalid, Loaded, MeshConfig, ServiceEntry, ServiceEntrySpec,
+    ServicePort, is_yaml, load,
 };
 
 /// `outboundTrafficPolicy.mode`.

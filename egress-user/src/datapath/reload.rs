@@ -23,7 +23,7 @@ use egress_common::{
 use log::{debug, error, info, warn};
 
 use crate::{
-    config::{self, MeshConfig},
+    config::{self, MeshConfig, alloc::Allocator},
     datapath::{Capacity, Maps},
     plan::{Op, Plan, compile, diff},
     registry::{self, Registry},
@@ -208,6 +208,8 @@ pub struct Reloader {
     /// The configuration in force and the plan the maps hold.
     mesh: MeshConfig,
     applied: Plan,
+    /// The addresses allocated to its ServiceEntries.
+    alloc: Allocator,
     cap: Capacity,
     status: Arc<Mutex<Status>>,
     /// What the stream mediation uses; replaced whole after the maps.
@@ -223,7 +225,7 @@ impl Reloader {
     pub fn new(
         path: Option<PathBuf>,
         maps: Maps,
-        (mesh, applied): (MeshConfig, Plan),
+        (mesh, applied, alloc): (MeshConfig, Plan, Allocator),
         cap: Capacity,
         registry: registry::Shared,
         (workloads, node): (Workloads, bool),
@@ -243,6 +245,7 @@ impl Reloader {
             maps,
             mesh,
             applied,
+            alloc,
             cap,
             status: Arc::new(Mutex::new(status)),
             registry,
@@ -388,6 +391,13 @@ impl Reloader {
             "generation": s.generation,
             "mode": crate::plan::mode_name(self.applied.policies.default.mode),
             "failure_mode": self.mesh.failure_mode.name(),
+            "allocated": self
+                .mesh
+                .service_entries
+                .iter()
+                .filter(|se| !se.allocated.is_empty())
+                .map(|se| (format!("ServiceEntry {}/{}", se.namespace, se.name), &se.allocated))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "views": self.applied.policies.views(),
             "resources": resources,
             "maps": maps,
@@ -434,6 +444,11 @@ impl Reloader {
                 return self.reject(e.to_string());
             }
         };
+        let mut mesh = mesh;
+        let mut alloc = self.alloc.clone();
+        if let Err(e) = alloc.assign(&mut mesh) {
+            return self.reject(format!("{}: {e:#}", path.display()));
+        }
         let plan = compile(&mesh);
         if let Err(e) = check_capacity(&plan, &self.cap) {
             return self.reject(format!("{}: {e}", path.display()));
@@ -474,6 +489,10 @@ impl Reloader {
         }
         self.applied = plan;
         self.mesh = mesh;
+        self.alloc = alloc;
+        if let Err(e) = self.alloc.save() {
+            warn!("keeping the address allocations: {e:#}");
+        }
         registry::store(&self.registry, reg);
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.generation += 1;

@@ -199,7 +199,13 @@ fn split(nets: &[IpNet]) -> (BTreeSet<Ipv4Net>, BTreeSet<Ipv6Net>) {
 
 pub fn compile(c: &MeshConfig) -> Plan {
     let i = &c.interception;
-    let (include_v4, include_v6) = split(&i.include_ranges);
+    let (mut include_v4, mut include_v6) = split(&i.include_ranges);
+    // Addresses allocated to ServiceEntries are the agent's to serve, whatever the included
+    // ranges say (their exclusions still win).
+    if c.service_entries.iter().any(|se| !se.allocated.is_empty()) {
+        include_v4.insert(c.auto_allocate.v4);
+        include_v6.insert(c.auto_allocate.v6);
+    }
     let (exclude_v4, exclude_v6) = split(&i.exclude_ranges);
     let mut ports = BTreeMap::new();
     for p in &i.include_ports {
@@ -240,6 +246,21 @@ pub fn compile(c: &MeshConfig) -> Plan {
         let (d4, d6) = direct(entries());
         direct_v4.extend(d4.into_iter().map(|(p, n)| (view, p, n)));
         direct_v6.extend(d6.into_iter().map(|(p, n)| (view, p, n)));
+        // ExternalName Services are matched by Host or SNI too, in every namespace.
+        for port in c
+            .services
+            .iter()
+            .filter(|s| s.external_name())
+            .flat_map(|s| &s.spec.ports)
+        {
+            let Ok(p) = u16::try_from(port.port) else {
+                continue;
+            };
+            if port.protocol.as_deref().unwrap_or("TCP") == "TCP" {
+                allow_v4.insert((view, p, Ipv4Net::default()));
+                allow_v6.insert((view, p, Ipv6Net::default()));
+            }
+        }
     }
     let mut services: BTreeMap<SocketAddr, Vec<SocketAddr>> = BTreeMap::new();
     for svc in c.services.iter().filter(|s| s.translated()) {
@@ -878,8 +899,9 @@ subsets:
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.endpoints.len(), 1);
         let p = compile(&l.config);
-        // The TCP entry is decided by address; the HTTP and HTTPS entries without addresses
-        // open their ports to the agent, which matches Host and SNI.
+        // The TCP entry is decided by address; the HTTP and HTTPS entries without addresses,
+        // and my-httpbin's ExternalName on 80, open their ports to the agent, which matches
+        // Host and SNI.
         assert_eq!(
             p.allow_v4,
             BTreeSet::from([
@@ -904,11 +926,8 @@ subsets:
             has("doc 5 Service default/my-wikipedia: spec.clusterIP: no cluster IP"),
             "{warnings:?}"
         );
-        assert!(
-            has("doc 4 Service default/my-httpbin: spec.externalName: kept for DNS"),
-            "{warnings:?}"
-        );
         assert!(!has("ServiceEntry"), "{warnings:?}");
+        assert!(!has("my-httpbin"), "{warnings:?}");
 
         // With the address the cluster assigned, connects to it go to either endpoint.
         let assigned = SEEDS.replace(

@@ -83,6 +83,8 @@ pub struct Entry {
     pub id: String,
     hosts: Vec<String>,
     addresses: Vec<IpNet>,
+    /// Addresses allocated to it (`config::alloc`): connections to them are its own.
+    allocated: Vec<IpAddr>,
     ports: Vec<Port>,
     resolution: Resolution,
     endpoints: Vec<EntryEndpoint>,
@@ -316,6 +318,13 @@ impl Registry {
                 entries[*i].views.push(view as u16);
             }
         }
+        // ExternalName Services: names every namespace sees (as Kubernetes Services are).
+        let all_views: Vec<u16> = (0..views.len().max(1) as u16).collect();
+        entries.extend(
+            c.services
+                .iter()
+                .filter_map(|svc| external_name_entry(svc, &all_views)),
+        );
         let routes = c
             .virtual_services
             .iter()
@@ -482,9 +491,7 @@ impl<'a> View<'a> {
     pub fn by_address(&self, dst: SocketAddr) -> Option<Match<'a>> {
         self.entries().find_map(|e| {
             let port = e.port(dst.port())?;
-            e.addresses
-                .iter()
-                .any(|n| n.contains(&dst.ip()))
+            (e.addresses.iter().any(|n| n.contains(&dst.ip())) || e.allocated.contains(&dst.ip()))
                 .then_some(Match { entry: e, port })
         })
     }
@@ -585,6 +592,52 @@ pub fn relayed_ports(se: &ServiceEntry) -> Vec<u16> {
         .collect()
 }
 
+/// The names a Kubernetes Service answers to in a Host header or SNI: its cluster-domain
+/// forms (the bare name depends on the client's namespace, and is not one of them).
+pub fn service_names(namespace: &str, name: &str) -> [String; 3] {
+    [
+        format!("{name}.{namespace}.svc.cluster.local"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}"),
+    ]
+}
+
+/// An ExternalName Service as the registry sees it (as Istio registers one): its names on its
+/// ports, the protocol by port name or `appProtocol`, resolved to its external name by the
+/// agent, with the client's Host kept.
+fn external_name_entry(svc: &crate::config::k8s::Service, views: &[u16]) -> Option<Entry> {
+    let target = svc.spec.external_name.as_ref()?;
+    if svc.spec.type_.as_deref() != Some("ExternalName") {
+        return None;
+    }
+    Some(Entry {
+        id: format!("Service {}/{}", svc.namespace, svc.name),
+        hosts: service_names(&svc.namespace, &svc.name).into(),
+        addresses: Vec::new(),
+        allocated: Vec::new(),
+        ports: svc
+            .spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                Some(Port {
+                    number: u16::try_from(p.port).ok()?,
+                    name: p.name.clone().unwrap_or_default(),
+                    proto: Proto::of(p.app_protocol.as_deref(), p.name.as_deref()),
+                    target: None,
+                })
+            })
+            .collect(),
+        resolution: Resolution::Dns,
+        views: views.to_vec(),
+        endpoints: vec![EntryEndpoint {
+            address: target.clone(),
+            ports: Vec::new(),
+        }],
+    })
+}
+
 fn entry(se: &ServiceEntry) -> Entry {
     let s = &se.spec;
     let resolution = match s.resolution.as_deref() {
@@ -596,6 +649,7 @@ fn entry(se: &ServiceEntry) -> Entry {
         id: format!("ServiceEntry {}/{}", se.namespace, se.name),
         hosts: s.hosts.clone(),
         addresses: se.addresses.clone(),
+        allocated: se.allocated.clone(),
         ports: s
             .ports
             .iter()
@@ -762,6 +816,34 @@ spec:
                 ]
                 .contains(&t),
                 "{t:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_external_name_service_is_a_name_every_namespace_sees_resolved_to_its_target() {
+        let text = format!(
+            "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: my-httpbin, namespace: default}}\n\
+             spec: {{type: ExternalName, externalName: httpbin.org, ports: [{{name: http, port: 80}}]}}\n"
+        );
+        let reg = Registry::compile(&parse_str("m.yaml", &text).unwrap().config).unwrap();
+        let dialled: SocketAddr = "198.18.0.9:80".parse().unwrap();
+        for ns in ["default", "other"] {
+            let v = reg.view(ns);
+            for host in service_names("default", "my-httpbin") {
+                let m = v
+                    .by_host(&host, 80)
+                    .unwrap_or_else(|| panic!("{host} from {ns}"));
+                assert_eq!(m.entry.id, "Service default/my-httpbin");
+                assert_eq!(m.port.proto, Proto::Http);
+                assert_eq!(
+                    m.entry.target(m.port, Some(&host), dialled),
+                    Some(Target::Name("httpbin.org".into(), 80))
+                );
+            }
+            assert!(
+                v.by_host("my-httpbin.default.svc.cluster.local", 81)
+                    .is_none()
             );
         }
     }

@@ -10,6 +10,9 @@
 //!                                                   response (SIZE from the server), close
 //! egress-bench client stream ADDR BYTES             one connection, BYTES out, count back
 //! egress-bench client hold ADDR COUNT               COUNT idle connections until stdin closes
+//! egress-bench client gap ADDR EVERY_US MAX_SECS     a connect attempt every EVERY_US µs to a
+//!                                                   `peer` stand-in until stdin closes, then
+//!                                                   each attempt's times and how it ended
 
 use std::{
     collections::BTreeMap,
@@ -207,12 +210,112 @@ fn client(a: &[&str]) -> ExitCode {
             std::io::stdout().flush().unwrap();
             let _ = std::io::stdin().read_to_end(&mut Vec::new());
         }
+        ["gap", dst, every, secs] => {
+            let limit = Duration::from_secs(num(secs));
+            assert!(limit < CLIENT_LIMIT, "at most {CLIENT_LIMIT:?}");
+            gap_client(addr(dst), Duration::from_micros(num(every).max(1)), limit);
+        }
         _ => {
             eprintln!("unknown client arguments {a:?}");
             return ExitCode::from(64);
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Nanoseconds on CLOCK_MONOTONIC, which every process of the machine shares: a client's
+/// attempts and the run's kill and restart of an agent are put on one time line.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How long one attempt of `client gap` may wait to connect, and then for its answer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One connect to a `peer` stand-in (which writes the address the connection came from) and
+/// how it ended: `agent` (the stand-in saw another socket than ours: a proxy's upstream
+/// socket), `straight` (it saw ours: unmediated), `refused` (ECONNREFUSED), `reset`, `closed`
+/// (connected, then closed without an answer), `timeout`, `error`.
+fn attempt(dst: SocketAddr) -> &'static str {
+    use std::io::ErrorKind::{ConnectionRefused, ConnectionReset, TimedOut, WouldBlock};
+    let mut s = match TcpStream::connect_timeout(&dst, ATTEMPT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ConnectionRefused => return "refused",
+        Err(e) if matches!(e.kind(), TimedOut | WouldBlock) => return "timeout",
+        Err(_) => return "error",
+    };
+    let local = s.local_addr().ok();
+    let _ = s.set_read_timeout(Some(ATTEMPT_TIMEOUT));
+    let mut buf = [0u8; 128];
+    let mut got = 0;
+    let what = loop {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => break None,
+            Ok(n) => {
+                got += n;
+                if buf[..got].contains(&b'\n') || got == buf.len() {
+                    break None;
+                }
+            }
+            Err(e) if e.kind() == ConnectionReset => break Some("reset"),
+            Err(e) if matches!(e.kind(), TimedOut | WouldBlock) => break Some("timeout"),
+            Err(_) => break Some("error"),
+        }
+    };
+    close_now(s);
+    if let Some(w) = what {
+        return w;
+    }
+    let seen = std::str::from_utf8(&buf[..got])
+        .ok()
+        .and_then(|t| t.trim().parse::<SocketAddr>().ok());
+    match seen {
+        Some(p) if Some(p) == local => "straight",
+        Some(_) => "agent",
+        None if got == 0 => "closed",
+        None => "error",
+    }
+}
+
+/// `client gap`: a connect attempt every `every` (one after another: a slow one delays the
+/// next), until standard input closes or `limit` has passed. Prints `up` once an attempt has
+/// gone through a proxy, and at the end one line per attempt: `a START_NS END_NS OUTCOME`.
+fn gap_client(dst: SocketAddr, every: Duration, limit: Duration) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        STOP.store(true, Ordering::Relaxed);
+    });
+    let most = (limit.as_nanos() / every.as_nanos()) as usize + 1;
+    let mut done: Vec<(u64, u64, &str)> = Vec::with_capacity(most.min(1 << 20));
+    let start = Instant::now();
+    let mut up = false;
+    while !STOP.load(Ordering::Relaxed) && start.elapsed() < limit && done.len() < most {
+        let t0 = mono_ns();
+        let what = attempt(dst);
+        done.push((t0, mono_ns(), what));
+        if !up && what == "agent" {
+            println!("up");
+            std::io::stdout().flush().unwrap();
+            up = true;
+        }
+        let next = every * done.len() as u32;
+        if let Some(wait) = next.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (t0, t1, what) in &done {
+        writeln!(out, "a {t0} {t1} {what}").unwrap();
+    }
+    writeln!(out, "attempts={}", done.len()).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,9 +440,20 @@ fn rr_rounds(
     runs: &[(At<'_>, SocketAddr)],
     agent: Option<u32>,
 ) -> Vec<Samples> {
+    rr_rounds_each(rounds, ops, runs, &vec![agent; runs.len()])
+}
+
+/// `rr_rounds` with the CPU time per connection of `agents[k]` (if any) for run `k`.
+fn rr_rounds_each(
+    rounds: usize,
+    ops: u64,
+    runs: &[(At<'_>, SocketAddr)],
+    agents: &[Option<u32>],
+) -> Vec<Samples> {
     let mut samples: Vec<Samples> = runs.iter().map(|_| Samples::default()).collect();
     for _ in 0..rounds {
         for (k, (at, dst)) in runs.iter().enumerate() {
+            let agent = agents[k];
             let cpu0 = agent.map(cpu_seconds);
             let r = run_client(
                 *at,
@@ -933,10 +1047,12 @@ fn run(a: &[&str]) -> ExitCode {
     writeln!(md).unwrap();
 
     md += &node_section(&s, &mut plots);
+    let restarts = restarts_section(&s, ports, &mut goals);
 
     if let Some(dir) = &criterion {
         md += &pipeline_section(std::path::Path::new(dir));
     }
+    md += &restarts;
 
     let report = header(&s, quick) + &goals.render() + MISSES + &md + &plots.write(&out);
     std::fs::write(&out, report).expect("writing the report");
@@ -1449,6 +1565,11 @@ impl Goals {
         self.0.push((what, format!("{v:.2} {unit}"), met(v)));
     }
 
+    /// A goal shown as `shown`.
+    fn add_shown(&mut self, what: String, shown: String, met: bool) {
+        self.0.push((what, shown, met));
+    }
+
     fn render(&self) -> String {
         let mut md = String::from("## Goals\n\n| goal | this run | met |\n|---|---:|:---:|\n");
         for (what, got, met) in &self.0 {
@@ -1766,4 +1887,627 @@ impl Plots {
          each side's baseline](tests/benchmarks/node-mode.svg)\n"
             .to_owned()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section 8: restarts and metrics.
+
+/// The restart rounds' stand-in: in 127.67/16, which their agents redirect.
+const RESTART_DST: [u8; 4] = [127, 67, 0, 1];
+/// How often `client gap` tries to connect.
+const GAP_EVERY: Duration = Duration::from_millis(1);
+/// The longest a `client gap` runs (a round takes a few seconds).
+const GAP_LIMIT_SECS: u64 = 60;
+/// Steady traffic through the agent before it is killed or replaced, and after.
+const STEADY: Duration = Duration::from_millis(300);
+/// How long a restart round goes on after the new agent is ready: its first relayed
+/// connection falls within it.
+const AFTER_READY: Duration = Duration::from_secs(1);
+
+/// The restart rounds' configuration: 127.67/16 redirected (on a port no ServiceEntry
+/// declares: relayed as TCP), and what a redirect does while no agent listens.
+fn restart_config(failure_mode: &str) -> String {
+    format!(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: bench-restart}}\nspec:\n  \
+         failureMode: {failure_mode}\n  interception:\n    includeOutboundIPRanges: [127.67.0.0/16]\n"
+    )
+}
+
+/// A `client gap` running inside an intercepted cgroup.
+struct GapClient {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+/// One attempt of a `client gap`: when it started and ended (CLOCK_MONOTONIC ns), how it
+/// ended.
+struct Attempt {
+    start: u64,
+    end: u64,
+    what: String,
+}
+
+impl GapClient {
+    /// Start it in `cg` against `dst`; returns once a connection has gone through the agent.
+    fn start(cg: &Cgroup, dst: SocketAddr) -> GapClient {
+        let mut child = Command::new(egress_bin())
+            .args(["exec", "--cgroup", cg.path.to_str().unwrap(), "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "client",
+                "gap",
+                &dst.to_string(),
+                &GAP_EVERY.as_micros().to_string(),
+                &GAP_LIMIT_SECS.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting client gap");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        if line.trim() != "up" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("client gap never got through the agent to {dst}: {line:?}");
+        }
+        GapClient { child, out }
+    }
+
+    /// Stop it (its standard input closes); its attempts.
+    fn finish(mut self) -> Vec<Attempt> {
+        drop(self.child.stdin.take());
+        let mut text = String::new();
+        self.out
+            .read_to_string(&mut text)
+            .expect("client gap's attempts");
+        let status = self.child.wait().expect("client gap");
+        assert!(status.success(), "client gap: {status}");
+        text.lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("a ")?.split_whitespace();
+                Some(Attempt {
+                    start: w.next()?.parse().ok()?,
+                    end: w.next()?.parse().ok()?,
+                    what: w.next()?.to_owned(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn ms_between(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
+}
+
+/// How the attempts ended: outcome → count.
+fn outcomes<'a>(attempts: impl Iterator<Item = &'a Attempt>) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for a in attempts {
+        *m.entry(a.what.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// What one kill-and-restart round measured.
+struct Restart {
+    /// From `kill -9` to the answer of the first connection the new agent relayed, ms.
+    gap_ms: f64,
+    /// From starting the new agent (once the old one is reaped) to its ready line, ms.
+    startup_ms: f64,
+    /// From the kill to the old agent reaped (when the new one is started), ms.
+    reap_ms: f64,
+    /// From the new agent's ready line (as the run read it) to the answer of its first
+    /// relayed connection, ms (negative when that came first).
+    after_ready_ms: f64,
+    /// How the attempts between the kill and the first relayed one ended (that one not
+    /// counted).
+    gap: BTreeMap<String, usize>,
+    /// Attempts that reached the stand-in unmediated, over the whole round.
+    straight: usize,
+    /// What the kernel counted under `reason` during the round.
+    kernel: u64,
+}
+
+/// `kill -9` the agent while `client gap` connects through it from `cg`, and start it again at
+/// once with the same arguments, as a supervisor would.
+fn restart_round(agent: &mut Agent, cg: &Cgroup, dst: SocketAddr, reason: &str) -> Restart {
+    let counted = |a: &Agent| a.stats().get(reason).copied().unwrap_or(0);
+    let before = counted(agent);
+    let client = GapClient::start(cg, dst);
+    std::thread::sleep(STEADY);
+    let killed = mono_ns();
+    agent.kill();
+    let started = mono_ns();
+    agent.start_again();
+    let ready = mono_ns();
+    std::thread::sleep(AFTER_READY);
+    let attempts = client.finish();
+    let kernel = counted(agent).saturating_sub(before);
+    let first = attempts
+        .iter()
+        .find(|a| a.start >= started && a.what == "agent");
+    let gap = outcomes(
+        attempts
+            .iter()
+            .filter(|a| a.end > killed && first.is_none_or(|f| a.start < f.start)),
+    );
+    Restart {
+        gap_ms: first.map_or(f64::NAN, |f| ms_between(killed, f.end)),
+        startup_ms: ms_between(started, ready),
+        reap_ms: ms_between(killed, started),
+        after_ready_ms: first.map_or(f64::NAN, |f| ms_between(ready, f.end)),
+        gap,
+        straight: attempts.iter().filter(|a| a.what == "straight").count(),
+        kernel,
+    }
+}
+
+/// What one handover round measured.
+struct Handover {
+    /// How the attempts from starting the new agent until the old one exited ended.
+    during: BTreeMap<String, usize>,
+    /// From starting the new agent to the old one's "handed over" line, ms.
+    handed_ms: f64,
+    /// From starting the new agent to its ready line, ms.
+    ready_ms: f64,
+    /// From SIGTERM to the old agent's exit (it drains first), ms.
+    stop_ms: f64,
+    /// Whether the old agent cut connections when it stopped.
+    cut: bool,
+}
+
+/// A second agent started beside `current` with the same arguments, then `current` stopped
+/// (SIGTERM), as a rolling update does, while `client gap` connects from `cg`. The new agent
+/// becomes `current`; the old one joins `retired` (its guard would remove the pins and files
+/// both share, so it is dropped after the last one).
+fn handover_round(
+    current: &mut Agent,
+    retired: &mut Vec<Agent>,
+    cg: &Cgroup,
+    dst: SocketAddr,
+) -> Handover {
+    let client = GapClient::start(cg, dst);
+    std::thread::sleep(STEADY);
+    let from = current.logs().len();
+    let started = mono_ns();
+    let old: &Agent = current;
+    let (new, ready, handed) = std::thread::scope(|t| {
+        let beside = t.spawn(|| {
+            let a = old.start_beside();
+            (a, mono_ns())
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut handed = None;
+        while handed.is_none() && Instant::now() < deadline {
+            let logs = old.logs();
+            if logs
+                .iter()
+                .skip(from)
+                .any(|l| l.contains("handed over to a new agent"))
+            {
+                handed = Some(mono_ns());
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let (a, ready) = beside.join().expect("the new agent");
+        (a, ready, handed)
+    });
+    let stopping = mono_ns();
+    current.terminate();
+    let stopped = mono_ns();
+    std::thread::sleep(STEADY);
+    let attempts = client.finish();
+    let during = outcomes(
+        attempts
+            .iter()
+            .filter(|a| a.end > started && a.start < stopped),
+    );
+    let cut = current.logs().iter().any(|l| l.contains("they are cut"));
+    retired.push(std::mem::replace(current, new));
+    Handover {
+        during,
+        handed_ms: handed.map_or(f64::NAN, |h| ms_between(started, h)),
+        ready_ms: ms_between(started, ready),
+        stop_ms: ms_between(stopping, stopped),
+        cut,
+    }
+}
+
+/// A directory of the run's own on a tmpfs (/dev/shm), removed on drop.
+struct ShmDir(std::path::PathBuf);
+
+impl ShmDir {
+    fn new() -> ShmDir {
+        let dir = std::path::PathBuf::from(format!("/dev/shm/egress-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory in /dev/shm");
+        ShmDir(dir)
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// "median (min–max)" of counts.
+fn count_spread(v: impl IntoIterator<Item = usize>) -> String {
+    let s = spread(v.into_iter().map(|n| n as f64).collect());
+    if s.min == s.max {
+        format!("{:.0}", s.median)
+    } else {
+        format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max)
+    }
+}
+
+/// Milliseconds "median (min–max)".
+fn ms_spread(v: impl IntoIterator<Item = f64>) -> String {
+    let s = spread(v.into_iter().collect());
+    format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max)
+}
+
+/// Section 8: the agent killed and started again, and replaced by a new one beside it, while
+/// a client connects through it every millisecond; then what recording metrics costs the
+/// short connections of section 2.
+fn restarts_section(s: &Settings, ports: Ports, goals: &mut Goals) -> String {
+    let servers = Servers::new();
+    let stand_in = servers.peer(SocketAddr::from((RESTART_DST, ports.tcp[0])));
+    let modes = [
+        ("closed", "agent-down", Cgroup::new("bench-closed")),
+        ("open", "agent-down-open", Cgroup::new("bench-open")),
+    ];
+    // The admin sockets (and the handover sockets beside them) on a tmpfs, as /var/run is
+    // on a node. On ext4 a file made after one is removed gets the removed one's inode number,
+    // and an agent that has handed over tells its own socket files from its successor's by
+    // inode number: stopping, it removes the successor's handover socket, and the next
+    // handover finds nobody to take over from.
+    let sockets = ShmDir::new();
+    // Dropped after the agents that replaced them.
+    let mut retired = Vec::new();
+    let mut agents: Vec<Agent> = modes
+        .iter()
+        .map(|(mode, _, cg)| {
+            let admin = sockets.0.join(format!("{mode}.sock"));
+            Agent::start(AgentOpts {
+                config: &restart_config(mode),
+                cgroup: cg,
+                inside: false,
+                extra: vec!["--admin-socket".into(), admin.display().to_string()],
+            })
+        })
+        .collect();
+    let mut restarts: [Vec<Restart>; 2] = Default::default();
+    for _ in 0..s.rounds {
+        for (k, (_, reason, cg)) in modes.iter().enumerate() {
+            restarts[k].push(restart_round(&mut agents[k], cg, stand_in, reason));
+        }
+    }
+    let mut handovers = Vec::new();
+    for _ in 0..s.rounds {
+        handovers.push(handover_round(
+            &mut agents[0],
+            &mut retired,
+            &modes[0].2,
+            stand_in,
+        ));
+    }
+    drop(agents);
+    drop(retired);
+
+    let mut md = String::from("## 8. Restarts and metrics\n\n");
+    writeln!(
+        md,
+        "### The agent killed and started again\n\n\
+         An agent intercepts a cgroup (as section 2's **egress redirect**: 127.67.0.0/16 \
+         redirected, a port no ServiceEntry declares) and a client in the cgroup tries a \
+         connection every {GAP_EVERY:?} to a stand-in on loopback, which answers with the \
+         address the connection came from: the agent's upstream socket (**relayed**) or the \
+         client's own (**straight out**, unmediated). After {STEADY:?} of that, `kill -9` the \
+         agent and, once it is reaped, start it again at once with the same arguments, as a \
+         supervisor or the kubelet would: it takes the maps pinned in its `--pin-path` over and \
+         binds its listener again. **gap** is from the kill to the answer of the first \
+         connection the new agent relayed (the attempts are {GAP_EVERY:?} apart, so the gap is \
+         known to about that); **start-up** from starting the new process to its `ready` log \
+         line as read by the run. The connects in the gap are those that ended after the kill, \
+         up to the first relayed one; **cut by the kill** were accepted by the old agent (or \
+         queued on its listener) when it died. {} rounds, the two modes alternating; every \
+         figure is a median with the (min–max) over rounds.\n",
+        s.rounds
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| failureMode | gap ms | start-up to ready ms | connects in the gap | refused | straight out | cut by the kill | other | kernel counted (reason) |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    for (k, (mode, reason, _)) in modes.iter().enumerate() {
+        let rs = &restarts[k];
+        let of = |r: &Restart, w: &[&str]| {
+            w.iter()
+                .map(|w| r.gap.get(*w).copied().unwrap_or(0))
+                .sum::<usize>()
+        };
+        let known = ["refused", "straight", "reset", "closed"];
+        writeln!(
+            md,
+            "| {mode} | {} | {} | {} | {} | {} | {} | {} | {} ({reason}) |",
+            ms_spread(rs.iter().map(|r| r.gap_ms)),
+            ms_spread(rs.iter().map(|r| r.startup_ms)),
+            count_spread(rs.iter().map(|r| r.gap.values().sum())),
+            count_spread(rs.iter().map(|r| of(r, &["refused"]))),
+            count_spread(rs.iter().map(|r| of(r, &["straight"]))),
+            count_spread(rs.iter().map(|r| of(r, &["reset", "closed"]))),
+            count_spread(
+                rs.iter()
+                    .map(|r| r.gap.values().sum::<usize>() - of(r, &known))
+            ),
+            count_spread(rs.iter().map(|r| r.kernel as usize)),
+        )
+        .unwrap();
+    }
+    writeln!(md).unwrap();
+    let escaped: usize = restarts[0].iter().map(|r| r.straight).sum();
+    let never: usize = restarts
+        .iter()
+        .flatten()
+        .filter(|r| r.gap_ms.is_nan())
+        .count();
+    let all = || restarts.iter().flatten();
+    // Over the rounds that saw a relayed connection.
+    let ms1 = |v: Vec<f64>| {
+        let v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
+        if v.is_empty() {
+            return "–".to_owned();
+        }
+        let s = spread(v);
+        format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max)
+    };
+    writeln!(
+        md,
+        "- The gap is the new agent's start-up: from the kill to the old agent reaped (when the \
+         new one starts) {} ms, from the new agent's ready line (as the run read it, through a \
+         pipe) to the answer of its first relayed connection {} ms (negative: the answer came \
+         first); both modes' rounds together.",
+        ms1(all().map(|r| r.reap_ms).collect()),
+        ms1(all().map(|r| r.after_ready_ms).collect()),
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "- Under failureMode closed, connects that reached the stand-in unmediated in all {} \
+         rounds (not only in the gap): {escaped}. The kernel counts a would-be redirect with \
+         no listener behind it as `agent-down` (closed: refused) or `agent-down-open` (open: \
+         sent straight out).{}\n",
+        s.rounds,
+        if never > 0 {
+            format!(
+                " **{never} rounds saw no connection relayed by the new agent within \
+                 {AFTER_READY:?} of its ready line** (their gap is left out)."
+            )
+        } else {
+            String::new()
+        }
+    )
+    .unwrap();
+    let gaps: Vec<f64> = restarts[0]
+        .iter()
+        .map(|r| r.gap_ms)
+        .filter(|g| !g.is_nan())
+        .collect();
+    let closed_gap = if gaps.is_empty() {
+        f64::NAN
+    } else {
+        spread(gaps).median
+    };
+    goals.add_value(
+        "restart gap (kill -9 to the first connection the restarted agent relays, failureMode closed) ≤ 1 s"
+            .into(),
+        closed_gap / 1000.0,
+        "s",
+        |v| v <= 1.0,
+    );
+    goals.add_shown(
+        "connects unmediated while the agent is down under failureMode closed: 0".into(),
+        escaped.to_string(),
+        escaped == 0,
+    );
+
+    writeln!(
+        md,
+        "### A new agent beside the running one\n\n\
+         The same client against the failureMode closed agent; a second agent is started with \
+         the same arguments while the first runs (as a rolling update starts the new version), \
+         takes its workload and listener over through `<admin-socket>.handover`, and the first \
+         stops accepting; then the first gets SIGTERM and drains. The connects counted are \
+         those from starting the new agent until the old one exited. {} rounds, each replacing \
+         the agent the round before started.\n",
+        s.rounds
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| connects during the switch | relayed | failed | new agent started → the old one logs the handover ms | → the new one ready ms | old agent's stop (SIGTERM → exit) ms |"
+    )
+    .unwrap();
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|").unwrap();
+    let relayed = |h: &Handover| h.during.get("agent").copied().unwrap_or(0);
+    let total = |h: &Handover| h.during.values().sum::<usize>();
+    writeln!(
+        md,
+        "| {} | {} | {} | {} | {} | {} |",
+        count_spread(handovers.iter().map(total)),
+        count_spread(handovers.iter().map(relayed)),
+        count_spread(handovers.iter().map(|h| total(h) - relayed(h))),
+        ms_spread(handovers.iter().map(|h| h.handed_ms)),
+        ms_spread(handovers.iter().map(|h| h.ready_ms)),
+        ms_spread(handovers.iter().map(|h| h.stop_ms)),
+    )
+    .unwrap();
+    let failed: usize = handovers.iter().map(|h| total(h) - relayed(h)).sum();
+    let how = outcomes_sum(handovers.iter().map(|h| &h.during));
+    writeln!(
+        md,
+        "\n- In all {} handovers: {failed} connects failed or went out unmediated ({}); the old \
+         agent cut connections when it stopped in {} of them.\n",
+        s.rounds,
+        how,
+        handovers.iter().filter(|h| h.cut).count()
+    )
+    .unwrap();
+    goals.add_shown(
+        "connects failed while a new agent takes over from the running one: 0".into(),
+        failed.to_string(),
+        failed == 0,
+    );
+
+    md += &metrics_rounds(s, ports, &servers, goals);
+    md
+}
+
+/// "N outcome, ..." over several rounds' outcome counts.
+fn outcomes_sum<'a>(rounds: impl Iterator<Item = &'a BTreeMap<String, usize>>) -> String {
+    let mut all: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rounds {
+        for (k, v) in r {
+            *all.entry(k.as_str()).or_default() += v;
+        }
+    }
+    all.iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What recording metrics costs: section 2's short connections through an agent with the
+/// metrics on (its page scraped every second) and through one with `--metrics-port 0`,
+/// alternating run by run.
+fn metrics_rounds(s: &Settings, ports: Ports, servers: &Servers, goals: &mut Goals) -> String {
+    let raw = servers.http_sized(SocketAddr::from(([127, 59, 0, 2], ports.tcp[0])), RR_SIZE);
+    let http = servers.http_sized(SocketAddr::from(([127, 62, 0, 2], ports.http)), RR_SIZE);
+    let (cg_on, cg_off) = (Cgroup::new("bench-metrics"), Cgroup::new("bench-nometrics"));
+    let config = agent_config(10, ports);
+    let on = Agent::start(AgentOpts {
+        config: &config,
+        cgroup: &cg_on,
+        inside: false,
+        extra: vec![],
+    });
+    let off = Agent::start(AgentOpts {
+        config: &config,
+        cgroup: &cg_off,
+        inside: false,
+        extra: vec!["--metrics-port".into(), "0".into()],
+    });
+    let runs = [
+        (At::Cgroup(&cg_off), raw),
+        (At::Cgroup(&cg_on), raw),
+        (At::Cgroup(&cg_off), http),
+        (At::Cgroup(&cg_on), http),
+    ];
+    let pids = [off.pid(), on.pid(), off.pid(), on.pid()].map(Some);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (samples, (scrapes, page)) = std::thread::scope(|t| {
+        let scraper = t.spawn(|| {
+            let (mut n, mut page) = (0usize, 0usize);
+            let start = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < CLIENT_LIMIT
+            {
+                if let Ok((200, body)) = egress_tests::http_get(on.metrics_port, "/metrics") {
+                    n += 1;
+                    page = body.len();
+                }
+                let next = Duration::from_secs(n as u64 + 1);
+                while start.elapsed() < next && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            (n, page)
+        });
+        let samples = rr_rounds_each(s.rounds, s.rr_ops, &runs, &pids);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (samples, scraper.join().expect("the scraper"))
+    });
+    let last = on.metrics();
+    let counted = egress_tests::metric(&last, "istio_tcp_connections_closed_total", &[]);
+    let requests = egress_tests::metric(&last, "istio_requests_total", &[]);
+    drop(on);
+    drop(off);
+
+    let mut md = String::from("### What metrics cost\n\n");
+    writeln!(
+        md,
+        "Section 2's short connections ({} per run over 4 threads, {RR_SIZE} bytes each way) \
+         through two agents, each intercepting a cgroup of its own: one with the metrics on (the \
+         default; its page is scraped once a second during the rounds, as Prometheus would, \
+         {scrapes} scrapes of {} KB) and one with `--metrics-port 0`, which turns their \
+         recording off. Both paths through the agent: relayed TCP (section 2's **egress \
+         redirect**) and HTTP by Host (**egress, HTTP ServiceEntry**). {} rounds, the four runs \
+         alternating. **on ÷ off** compares medians; **off's spread** is the metrics-off \
+         rounds' (min–max) over their median, the run-to-run noise the ratio is read against.\n",
+        s.rr_ops,
+        page / 1024,
+        s.rounds
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| path | metrics | connections/s | p50 µs | p99 µs | agent CPU µs per connection | on ÷ off, connections/s | p50 | p99 | CPU | off's spread, connections/s |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    for (path, k) in [("relayed TCP", 0), ("HTTP ServiceEntry", 2)] {
+        let (off, on) = (&samples[k], &samples[k + 1]);
+        let vs = |m: &str| on.get(m).median / off.get(m).median;
+        let rate = off.get("rate");
+        for (what, x) in [("off (`--metrics-port 0`)", off), ("on, scraped", on)] {
+            let ratios = if std::ptr::eq(x, on) {
+                format!(
+                    "{:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}–{:.2}×",
+                    vs("rate"),
+                    vs("p50"),
+                    vs("p99"),
+                    vs("agent_cpu_us"),
+                    rate.min / rate.median,
+                    rate.max / rate.median
+                )
+            } else {
+                "– | – | – | – | –".to_owned()
+            };
+            writeln!(
+                md,
+                "| {path} | {what} | {} | {} | {} | {} | {ratios} |",
+                x.get("rate"),
+                x.get("p50"),
+                x.get("p99"),
+                x.get("agent_cpu_us"),
+            )
+            .unwrap();
+        }
+        let within = (rate.min..=rate.max).contains(&on.get("rate").median);
+        goals.add_shown(
+            format!(
+                "{path} short connections/s with metrics on within the metrics-off rounds' (min–max)"
+            ),
+            format!(
+                "{:.2}× ({:.2}–{:.2}×)",
+                vs("rate"),
+                rate.min / rate.median,
+                rate.max / rate.median
+            ),
+            within,
+        );
+    }
+    writeln!(
+        md,
+        "\n- The agent with the metrics on counted {counted:.0} TCP connections closed and \
+         {requests:.0} HTTP requests on its page at the end ({} connections were made through \
+         it per path).\n",
+        s.rounds as u64 * s.rr_ops
+    )
+    .unwrap();
+    md
 }
