@@ -105,9 +105,13 @@ struct World {
 }
 
 fn world(tag: &str) -> World {
+    world_with(tag, MESH)
+}
+
+fn world_with(tag: &str, config: &str) -> World {
     let dir = TempDir::new(tag);
     let agent = Agent::start_node(NodeOpts {
-        config: MESH,
+        config,
         state_file: &dir.path().join("workloads.json"),
         admin_socket: &dir.path().join("admin.sock"),
         extra: vec![],
@@ -270,4 +274,87 @@ fn pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open() {
     assert_eq!(out.trim(), format!("{EXT_V4} 53 True {NAME_V4}"));
     assert_eq!(w.upstream.queries(), before + 3, "{}", w.upstream.log());
     assert_eq!(w.agent.records("dns").len(), records);
+}
+
+/// Names the registry owns: a TCP entry by host (an address allocated for it, in a range of the
+/// test's own), an HTTP entry with its address.
+const REGISTRY: &str = "apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: node}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  interception: {includeOutboundIPRanges: \"*\"}
+  autoAllocate: {ipv4Range: 198.18.200.0/24, ipv6Range: \"2001:db8:240::/48\"}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: team-a}
+spec:
+  hosts: [db.example]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: team-a}
+spec:
+  hosts: [api.example]
+  addresses: [198.19.0.81]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+";
+
+#[test]
+fn names_the_registry_owns_are_answered_by_the_agent() {
+    if !privileged("names_the_registry_owns_are_answered_by_the_agent") {
+        return;
+    }
+    let w = world_with("dnsreg", REGISTRY);
+    let dump = w.agent.config_dump();
+    let allocated = dump["allocated"]["ServiceEntry team-a/db"].clone();
+    let v4 = allocated[0]
+        .as_str()
+        .unwrap_or_else(|| panic!("{dump}"))
+        .to_owned();
+    let before = w.upstream.queries();
+    let short = |args: &[&str]| {
+        let mut a = vec!["+time=3", "+tries=1", "+short"];
+        a.extend_from_slice(args);
+        w.run("dig", &a).trim().to_owned()
+    };
+    // The allocated address, from the agent, over UDP with and without EDNS and over TCP.
+    assert_eq!(short(&["db.example", "A"]), v4);
+    assert_eq!(short(&["+noedns", "db.example", "A"]), v4);
+    assert_eq!(short(&["+tcp", "db.example", "A"]), v4);
+    // An entry's own address.
+    assert_eq!(short(&["api.example", "A"]), "198.19.0.81");
+    // glibc.
+    let getent = w.run("getent", &["ahostsv4", "db.example"]);
+    assert!(getent.starts_with(&v4), "{getent}");
+    // A type the name has no record of: NOERROR, no answer, an SOA (never NXDOMAIN).
+    let aaaa = w.run(
+        "dig",
+        &[
+            "+time=3",
+            "+tries=1",
+            "+noall",
+            "+comments",
+            "+authority",
+            "api.example",
+            "AAAA",
+        ],
+    );
+    assert!(aaaa.contains("status: NOERROR"), "{aaaa}");
+    assert!(aaaa.contains("SOA"), "{aaaa}");
+    assert!(aaaa.contains("ANSWER: 0"), "{aaaa}");
+    // None of it reached the nameserver; a name the registry does not own still does.
+    assert_eq!(w.upstream.queries(), before, "{}", w.upstream.log());
+    assert_eq!(short(&[NAME, "A"]), NAME_V4.to_string());
+    assert!(w.upstream.queries() > before);
+    let rec = w
+        .agent
+        .wait_record("dns", "the agent's answer for db.example", |r| {
+            r.get("query_name") == "db.example." && r.get("protocol") == "udp"
+        });
+    assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
 }

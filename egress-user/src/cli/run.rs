@@ -286,10 +286,24 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         stop: tokio::sync::watch::channel(false).0,
         live: Arc::default(),
     });
-    // Every query is forwarded to the nameserver the client asked, its response unchanged.
+    // Names the registry owns are answered by the agent, the rest forwarded to the nameserver
+    // the client asked; a response for a UDP client fits its size. The names follow reloads.
+    let names: Arc<std::sync::RwLock<Arc<dns::Names>>> =
+        Arc::new(std::sync::RwLock::new(Arc::new(dns::Names::build(&mesh))));
     let dns = Arc::new(dns::server::Dns {
-        answer: Box::new(|_query, _namespace| None),
-        limit: Box::new(|_query, response| response),
+        answer: {
+            let names = names.clone();
+            Box::new(move |query, namespace| {
+                let names = names.read().map(|n| n.clone()).ok()?;
+                match names.handle(query, namespace) {
+                    dns::Action::Answer(a) | dns::Action::Refuse(a) => Some(a),
+                    // An ExternalName whose target the registry does not own: the cluster's
+                    // nameserver knows the Service, and answers the same CNAME.
+                    dns::Action::Chase(_) | dns::Action::Forward | dns::Action::Ignore => None,
+                }
+            })
+        },
+        limit: Box::new(dns::fit_udp),
         nameservers: dns::server::Nameservers::open(&maps_dir)?,
         orig: orig.clone(),
         log: log.clone(),
@@ -379,7 +393,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     if let Err(e) = alloc.save() {
         warn!("keeping the address allocations: {e:#}");
     }
-    let reloader = reload::Reloader::new(
+    let mut reloader = reload::Reloader::new(
         args.config.clone(),
         maps,
         (mesh, plan, alloc),
@@ -387,6 +401,11 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         shared_registry.clone(),
         (wls, args.node),
     );
+    reloader.on_applied(Box::new(move |mesh| {
+        if let Ok(mut n) = names.write() {
+            *n = Arc::new(dns::Names::build(mesh));
+        }
+    }));
     let status = reloader.status();
     health.control(status.clone());
     if let Some(m) = &metrics {

@@ -77,6 +77,9 @@ pub enum Msg {
 /// CNI plugin says try again, and the next attempt reaches the new agent).
 pub const HANDING_OVER: &str = "the agent is handing its workloads over to a new one: try again";
 
+/// Told each configuration the reloader puts in force.
+pub type AppliedHook = Box<dyn Fn(&MeshConfig) + Send>;
+
 /// Where the agent is in a handover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Handover {
@@ -218,6 +221,8 @@ pub struct Reloader {
     /// Node mode: namespaces may be enrolled.
     node: bool,
     handover: Handover,
+    /// Told each configuration put in force, after the registry (what DNS answers from it).
+    applied_hook: Option<AppliedHook>,
 }
 
 impl Reloader {
@@ -252,7 +257,13 @@ impl Reloader {
             workloads,
             node,
             handover: Handover::No,
+            applied_hook: None,
         }
+    }
+
+    /// Call `hook` with each configuration put in force from now on.
+    pub fn on_applied(&mut self, hook: AppliedHook) {
+        self.applied_hook = Some(hook);
     }
 
     pub fn status(&self) -> Arc<Mutex<Status>> {
@@ -494,6 +505,9 @@ impl Reloader {
             warn!("keeping the address allocations: {e:#}");
         }
         registry::store(&self.registry, reg);
+        if let Some(hook) = &self.applied_hook {
+            hook(&self.mesh);
+        }
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.generation += 1;
         s.summary = summary(&self.applied);
