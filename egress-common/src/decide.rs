@@ -7,9 +7,10 @@
 //! (longest prefix), included port, included CIDR, else bypass. A connection that would be
 //! redirected to an address and port that only TCP ServiceEntries relaying to the dialled
 //! address declare goes straight out, accounted in the kernel (`Direct`): the agent would only
-//! have copied its bytes. Among the other redirected connections, `REGISTRY_ONLY` (the
-//! workload's mode) with no allowed L4 entry in the workload's view for the address and port
-//! is denied.
+//! have copied its bytes; so does one to an address and port the workload learnt from a DNS
+//! answer for a host of a TCP ServiceEntry without addresses (`DnsLearned`). Among the other
+//! redirected connections, `REGISTRY_ONLY` (the workload's mode) with no allowed L4 entry in
+//! the workload's view for the address and port is denied.
 
 use crate::maps::{Config, DNS_PORT, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Workload};
 
@@ -94,10 +95,14 @@ pub enum Reason {
     /// kernel's nameserver table is full): it goes to the nameserver the client asked. DNS
     /// fails open, whatever `failureMode` says.
     DnsOpen = 19,
+    /// To an address the workload learnt from a DNS answer for a host of a TCP ServiceEntry
+    /// without addresses, on one of its ports, before the answer ran out: straight out, as a
+    /// TCP entry by address.
+    DnsLearned = 20,
 }
 
 /// Number of reason codes: the size of the counters map, and of a workload's counters.
-pub const REASON_COUNT: u32 = 20;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -121,6 +126,7 @@ impl Reason {
         Reason::AgentDownOpen,
         Reason::Dns,
         Reason::DnsOpen,
+        Reason::DnsLearned,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
@@ -146,6 +152,7 @@ impl Reason {
             Reason::AgentDownOpen => "agent-down-open",
             Reason::Dns => "dns",
             Reason::DnsOpen => "dns-open",
+            Reason::DnsLearned => "dns-learned",
         }
     }
 
@@ -386,6 +393,27 @@ pub fn decide<T: Tables, A: Addr>(
         };
     }
     redirect
+}
+
+/// What a decision becomes when the workload learnt its destination (address and port) from a
+/// DNS answer for a host of a TCP ServiceEntry without addresses: a connection the agent would
+/// have taken (redirected by an included port or range, or denied under `REGISTRY_ONLY`) goes
+/// straight out (`DnsLearned`), as one to a TCP entry by address; exclusions, DNS, Services
+/// and TCP entries by address decided before. `learnt` (a map lookup) is asked only then.
+/// Apart from `decide` so that the connect programs' stack, which `decide` fills, is not
+/// outgrown.
+#[inline(always)]
+pub fn with_learned(cfg: &Config, d: Decision, learnt: impl FnOnce() -> bool) -> Decision {
+    use Reason::*;
+    let taken = matches!(
+        d.reason,
+        IncludedPort | IncludedCidr | RegistryAllowed | RegistryDenied
+    );
+    if cfg.direct != 0 && taken && learnt() {
+        Decision::new(Verdict::Direct, DnsLearned, 0)
+    } else {
+        d
+    }
 }
 
 /// What a redirect becomes when no agent listens in the caller's namespace (the kernel
@@ -900,6 +928,50 @@ mod tests {
             Reason::RegistryService,
             0,
         );
+    }
+
+    #[test]
+    fn addresses_learnt_from_dns_go_straight_out_where_the_agent_would_have_taken_them() {
+        use Reason::*;
+        use Verdict::*;
+        let t = tables();
+        let learnt = [198, 18, 7, 7];
+        let learnt6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+        let after = |c: &Config, d: Decision, learnt: bool| with_learned(c, d, || learnt);
+        let at = |mode, q: &Query<[u8; 4]>| decide(&t, &cfg(), Some(&wl(mode)), q);
+        for mode in [MODE_ALLOW_ANY, MODE_REGISTRY_ONLY] {
+            // Redirected (ALLOW_ANY) or denied (REGISTRY_ONLY): straight out once learnt.
+            let d = at(mode, &q(learnt, 5432));
+            assert_eq!(
+                d.verdict,
+                if mode == MODE_ALLOW_ANY {
+                    Redirect
+                } else {
+                    Deny
+                }
+            );
+            let l = after(&cfg(), d, true);
+            assert_eq!(l, Decision::new(Direct, DnsLearned, 0));
+            assert_eq!(after(&cfg(), d, false), d);
+            let d6 = decide(&t, &cfg(), Some(&wl(mode)), &q(learnt6, 5432));
+            assert_eq!(after(&cfg(), d6, true).reason, DnsLearned);
+            // What was decided before stays: exclusions, TCP entries by address.
+            for q in [q([127, 20, 9, 1], 5432), q([127, 20, 1, 7], 5432)] {
+                let d = at(mode, &q);
+                assert_eq!(after(&cfg(), d, true), d, "{q:?}");
+            }
+        }
+        // A Service's endpoint stays with the agent, which names it.
+        let via_service = Query {
+            service: true,
+            ..q(learnt, 5432)
+        };
+        let d = decide(&t, &cfg(), Some(&wl(MODE_REGISTRY_ONLY)), &via_service);
+        assert_eq!(after(&cfg(), d, true), d);
+        // With an external proxy, nothing goes straight out.
+        let external = Config { direct: 0, ..cfg() };
+        let d = at(MODE_ALLOW_ANY, &q(learnt, 5432));
+        assert_eq!(after(&external, d, true), d);
     }
 
     #[test]

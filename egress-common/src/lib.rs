@@ -7,5 +7,5 @@
 pub mod decide;
 pub mod maps;
 
-pub use decide::{Decision, Query, Reason, Tables, Verdict, decide, without_agent};
+pub use decide::{Decision, Query, Reason, Tables, Verdict, decide, with_learned, without_agent};
 pub use maps::*;

@@ -41,6 +41,10 @@ pub const MAP_WL_COUNTERS: &str = "WL_COUNTERS";
 /// The nameservers captured UDP queries were sent to, by the index the kernel gave each
 /// (`dns_stub_v4`): index → nameserver address (IPv4-mapped).
 pub const MAP_DNS_NAMESERVERS: &str = "DNS_NAMESERVERS";
+/// Addresses workloads learnt from DNS answers for hosts of TCP ServiceEntries without
+/// addresses: (namespace, address, port) → when it runs out (`bpf_ktime_get_ns`). A connect
+/// that matches one before then goes straight out (`Reason::DnsLearned`).
+pub const MAP_LEARNED: &str = "LEARNED";
 /// Network namespace cookies learnt by probe, on kernels without `SO_NETNS_COOKIE` (before
 /// 5.14): a socket's cookie → the cookie of the namespace it was made in. Not pinned: only the
 /// agent that made it reads it.
@@ -51,7 +55,7 @@ pub const MAP_NETNS_PROBE: &str = "NETNS_PROBE";
 pub const NETNS_PROBE_V4: [u8; 4] = [127, 0, 0, 1];
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
-pub const ALL_MAPS: [&str; 23] = [
+pub const ALL_MAPS: [&str; 24] = [
     MAP_CONFIG,
     MAP_INCLUDE_V4,
     MAP_INCLUDE_V6,
@@ -75,6 +79,7 @@ pub const ALL_MAPS: [&str; 23] = [
     MAP_WORKLOADS,
     MAP_WL_COUNTERS,
     MAP_DNS_NAMESERVERS,
+    MAP_LEARNED,
 ];
 
 /// Default capacities; the agent may override them at load time.
@@ -88,6 +93,9 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 /// Enrolled workloads (network namespaces) a node's datapath decides for.
 pub const DEFAULT_MAX_WORKLOADS: u32 = 1_024;
+/// Learned (namespace, address, port) entries of the whole node; the least recently used go
+/// first when it is full.
+pub const DEFAULT_MAX_LEARNED: u32 = 65_536;
 /// Bytes of the ring that carries closed direct connections to the agent: 7,710 records.
 pub const DIRECT_CLOSED_BYTES: u32 = 1 << 20;
 /// Records (128 bytes each and an 8-byte header in the ring) that wake the agent: 64. Fewer
@@ -288,6 +296,10 @@ pub struct PeerKey {
     pub port: u16,
     pub _pad: [u8; 6],
 }
+/// Key of `LEARNED`: the workload's network namespace, the address it learnt (IPv4-mapped)
+/// and a port of the host it learnt it for. Laid out as `PeerKey`.
+pub type LearnedKey = PeerKey;
+
 /// One endpoint of a Kubernetes Service.
 pub type Backend = SockAddr16;
 

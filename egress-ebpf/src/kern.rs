@@ -23,13 +23,14 @@ use aya_ebpf::{
 use egress_common::{
     AF_INET, AF_INET6, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
     DEFAULT_MAX_ALLOWED, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS,
-    DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES, DEFAULT_MAX_WORKLOADS, DIRECT_CLOSED_BYTES,
-    DIRECT_WAKEUP_BYTES, DNS_NAMESERVER_SLOTS, DNS_PORT, DNS_PROBES, DirectClosed, DirectOpen,
-    NETNS_PROBE_V4, OrigDst, PeerKey, Query, Reason, SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT,
-    SOCK_REDIRECTED, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2,
-    Tables, Verdict, Workload, allow_key_v4, allow_key_v6, decide,
+    DEFAULT_MAX_LEARNED, DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES, DEFAULT_MAX_WORKLOADS,
+    DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, DNS_NAMESERVER_SLOTS, DNS_PORT, DNS_PROBES,
+    DirectClosed, DirectOpen, LearnedKey, NETNS_PROBE_V4, OrigDst, PeerKey, Query, Reason,
+    SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT, SOCK_REDIRECTED, Service, ServiceKeyV4,
+    ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4,
+    allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
-    dns_slot, dns_stub_index, dns_stub_v4, v4_mapped, v4_unmapped, without_agent,
+    dns_slot, dns_stub_index, dns_stub_v4, v4_mapped, v4_unmapped, with_learned, without_agent,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -101,6 +102,12 @@ static WL_COUNTERS: PerCpuArray<u64> =
 #[map]
 static DNS_NAMESERVERS: HashMap<u32, [u8; 16]> = HashMap::with_max_entries(DNS_NAMESERVER_SLOTS, 0);
 
+/// Addresses workloads learnt from the DNS answers the agent relayed, for hosts of TCP
+/// ServiceEntries without addresses: (namespace, address, port) → when the answer runs out
+/// (`bpf_ktime_get_ns`). Written by the agent before it passes the answer on.
+#[map]
+static LEARNED: LruHashMap<LearnedKey, u64> = LruHashMap::with_max_entries(DEFAULT_MAX_LEARNED, 0);
+
 /// Socket cookie → network namespace cookie, written by `egress_netns_probe`.
 #[map]
 static NETNS_PROBE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(64, 0);
@@ -166,6 +173,18 @@ impl Tables for Maps {
     fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
         prefix(DIRECT_V6.get(Key::new(ALLOW_BITS_V6, allow_key_v6(view, port, a))))
     }
+}
+
+/// Whether `LEARNED` holds (netns, addr, port) and it has not run out.
+#[inline(always)]
+fn learned(netns: u64, addr: &[u8; 16], port: u16) -> bool {
+    let key = LearnedKey {
+        netns,
+        addr: *addr,
+        port,
+        _pad: [0; 6],
+    };
+    unsafe { LEARNED.get(&key) }.is_some_and(|until| *until > unsafe { bpf_ktime_get_ns() })
 }
 
 /// Count a decision: in the totals, and in the workload's counters when it is enrolled.
@@ -321,7 +340,8 @@ fn handle<A: Addr>(
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         service,
     };
-    let mut d = decide(&Maps, cfg, wl, &q);
+    let d = decide(&Maps, cfg, wl, &q);
+    let mut d = with_learned(cfg, d, || learned(netns, &dst16, port));
     // A DNS query over TCP goes to the agent's DNS listener, any other redirect to its
     // outbound listener; both record the original destination alike.
     let to_port = if d.reason == Reason::Dns {

@@ -12,7 +12,8 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, ConnLine, NodeOpts, TempDir, checked, egress_bin, eventually,
+    Agent, ConnLine, NodeOpts, Servers, TempDir, checked, egress_bin, eventually,
+    l7::StandIns,
     node::{EXT_V4, Node, Pod},
     privileged,
 };
@@ -38,7 +39,8 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn start(node: &Node, dir: &TempDir) -> Upstream {
+    /// With `extra` arguments too (more records).
+    fn start(node: &Node, dir: &TempDir, extra: &[String]) -> Upstream {
         let log = dir.path().join("dnsmasq.log");
         let child = node
             .ext()
@@ -56,6 +58,7 @@ impl Upstream {
             .arg(format!("--listen-address={EXT_V4}"))
             .arg(format!("--host-record={NAME},{NAME_V4}"))
             .arg(format!("--log-facility={}", log.display()))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -102,6 +105,8 @@ struct World {
     agent: Agent,
     upstream: Upstream,
     dir: TempDir,
+    /// More lines for the pod's resolv.conf (`search`).
+    resolv_extra: std::cell::RefCell<String>,
 }
 
 fn world(tag: &str) -> World {
@@ -109,26 +114,39 @@ fn world(tag: &str) -> World {
 }
 
 fn world_with(tag: &str, config: &str) -> World {
+    world_full(tag, config, "team-a", &[], &[])
+}
+
+/// A world whose pod is in Kubernetes namespace `namespace`, whose agent gets `agent_args`
+/// and whose nameserver `dnsmasq_args` too.
+fn world_full(
+    tag: &str,
+    config: &str,
+    namespace: &str,
+    agent_args: &[&str],
+    dnsmasq_args: &[String],
+) -> World {
     let dir = TempDir::new(tag);
     let agent = Agent::start_node(NodeOpts {
         config,
         state_file: &dir.path().join("workloads.json"),
         admin_socket: &dir.path().join("admin.sock"),
-        extra: vec![],
+        extra: agent_args.iter().map(|a| a.to_string()).collect(),
     });
     let bin = egress_bin().parent().unwrap().to_path_buf();
     let node = Node::builder(tag)
         .cni_dir(bin)
         .chain(json!({"type": "egress-cni", "adminSocket": dir.path().join("admin.sock")}))
         .build();
-    let pod = node.add_pod("team-a", "client");
-    let upstream = Upstream::start(&node, &dir);
+    let pod = node.add_pod(namespace, "client");
+    let upstream = Upstream::start(&node, &dir, dnsmasq_args);
     World {
         pod,
         _node: node,
         agent,
         upstream,
         dir,
+        resolv_extra: Default::default(),
     }
 }
 
@@ -139,7 +157,10 @@ impl World {
         let resolv = self.dir.path().join("resolv.conf");
         std::fs::write(
             &resolv,
-            format!("nameserver {EXT_V4}\noptions timeout:2 attempts:1\n"),
+            format!(
+                "nameserver {EXT_V4}\n{}options timeout:2 attempts:1\n",
+                self.resolv_extra.borrow()
+            ),
         )
         .unwrap();
         checked(
@@ -151,6 +172,17 @@ impl World {
                 .arg(program)
                 .args(args),
         )
+    }
+
+    /// Add `lines` to the pod's resolv.conf.
+    fn write_resolv(&self, lines: &str) {
+        self.resolv_extra.borrow_mut().push_str(lines);
+    }
+
+    /// The DNS access record of the first query for `name` (with the trailing dot).
+    fn record_for(&self, name: &str) -> ConnLine {
+        self.agent
+            .wait_record("dns", name, |r| r.get("query_name") == name)
     }
 
     fn dig(&self, extra: &[&str]) -> String {
@@ -276,8 +308,9 @@ fn pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open() {
     assert_eq!(w.agent.records("dns").len(), records);
 }
 
-/// Names the registry owns: a TCP entry by host (an address allocated for it, in a range of the
-/// test's own), an HTTP entry with its address.
+/// Names the registry owns: an HTTP entry by host (an address allocated for it, in a range of
+/// the test's own), an HTTP entry with its address. (A TCP entry by host gets none: its
+/// addresses are learnt from the nameserver's answers.)
 const REGISTRY: &str = "apiVersion: egress/v1alpha1
 kind: EgressConfig
 metadata: {name: node}
@@ -291,7 +324,7 @@ kind: ServiceEntry
 metadata: {name: db, namespace: team-a}
 spec:
   hosts: [db.example]
-  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
   resolution: DNS
 ---
 apiVersion: networking.istio.io/v1
@@ -357,4 +390,178 @@ fn names_the_registry_owns_are_answered_by_the_agent() {
             r.get("query_name") == "db.example." && r.get("protocol") == "udp"
         });
     assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
+}
+
+/// A TCP ServiceEntry by host, resolved by DNS: no address is allocated for it, and no address
+/// on its port is allowed but those the workload was answered for it.
+const TCP_HOST: &str = "apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: node}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  interception: {includeOutboundIPRanges: \"*\"}
+  autoAllocate: {ipv4Range: 198.18.200.0/24, ipv6Range: \"2001:db8:240::/48\"}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: team-a}
+spec:
+  hosts: [db.example]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: DNS
+";
+
+/// Connects to `argv[1]` port `argv[2]` (a name, resolved by glibc, or an address), at once,
+/// sends a line and prints the address connected to and what came back, or the errno.
+const CONNECT: &str = r#"
+import errno, socket, sys
+try:
+    addr = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), socket.AF_INET, socket.SOCK_STREAM)[0][4]
+    s = socket.create_connection(addr, timeout=5)
+    s.sendall(b"ping\n")
+    print(addr[0], s.recv(100).decode().strip())
+except OSError as e:
+    print("errno", errno.errorcode.get(e.errno, e.errno))
+"#;
+
+#[test]
+fn a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out() {
+    if !privileged("a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out") {
+        return;
+    }
+    // dnsmasq answers db.example with TTL 1; the agent keeps learnt addresses 2 s past it.
+    let records = [
+        format!("--host-record=db.example,{EXT_V4}"),
+        "--local-ttl=1".to_owned(),
+    ];
+    let w = world_full(
+        "dnslearn",
+        TCP_HOST,
+        "team-a",
+        &["--dns-grace", "2s"],
+        &records,
+    );
+    let servers = Servers::new();
+    let echo = servers.echo_on(w._node.ext().listen((EXT_V4, 5432).into()));
+    let connect = |to: &str| {
+        w.run("/usr/bin/python3", &["-c", CONNECT, to, "5432"])
+            .trim()
+            .to_owned()
+    };
+    // Not learnt: the address is no ServiceEntry's, so REGISTRY_ONLY refuses it in the kernel.
+    assert_eq!(connect(&EXT_V4.to_string()), "errno EPERM");
+    let denied = w.agent.workload_stats("team-a/client");
+    assert!(
+        denied.get("registry-denied").copied().unwrap_or(0) >= 1,
+        "{denied:?}"
+    );
+    // No address was allocated: the name is the nameserver's to answer.
+    let dump = w.agent.config_dump();
+    assert!(
+        dump["allocated"].get("ServiceEntry team-a/db").is_none(),
+        "{dump}"
+    );
+    // Resolved, then connected at once: straight out, to the echo stand-in.
+    assert_eq!(connect("db.example"), format!("{EXT_V4} ping"));
+    let rec = w.record_for("db.example.");
+    assert_eq!(rec.get("answered_by"), "nameserver", "{rec:?}");
+    let counted = w.agent.workload_stats("team-a/client");
+    assert_eq!(counted.get("dns-learned").copied(), Some(1), "{counted:?}");
+    let direct = w
+        .agent
+        .wait_record("connection", "the learnt connection's close", |r| {
+            r.get("orig_dst") == format!("{EXT_V4}:5432")
+        });
+    assert_eq!(direct.get("reason"), "dns-learned", "{direct:?}");
+    // The same address, from the same workload, after the TTL and the grace: refused again.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert_eq!(connect(&EXT_V4.to_string()), "errno EPERM");
+    let metrics = w.agent.metrics();
+    assert!(metrics.contains("egress_dns_learned_entries"), "{metrics}");
+    let _ = echo;
+}
+
+/// Istio's "Kubernetes Services for Egress Traffic": an ExternalName Service for httpbin.org,
+/// with a DestinationRule that sends plain HTTP.
+const MY_HTTPBIN: &str = "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-httpbin
+  namespace: default
+spec:
+  type: ExternalName
+  externalName: httpbin.org
+  ports:
+  - name: http
+    protocol: TCP
+    port: 80
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: my-httpbin
+  namespace: default
+spec:
+  host: my-httpbin.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: DISABLE
+";
+
+#[test]
+fn the_external_name_seed_task_resolves_and_reaches_httpbin_through_dns() {
+    if !privileged("the_external_name_seed_task_resolves_and_reaches_httpbin_through_dns") {
+        return;
+    }
+    for mode in ["ALLOW_ANY", "REGISTRY_ONLY"] {
+        let config = format!("{}{MY_HTTPBIN}", MESH.replace("REGISTRY_ONLY", mode));
+        // httpbin.org is the ext namespace's own address: its stand-in listens there.
+        let records = [format!("--host-record=httpbin.org,{EXT_V4}")];
+        let w = world_full(
+            &format!("dnsxn{}", &mode[..1]),
+            &config,
+            "default",
+            &[],
+            &records,
+        );
+        let stand = StandIns::new();
+        let httpbin = stand.http_on(w._node.ext().listen((EXT_V4, 80).into()));
+        // The short name through the pod's search domains, as getent asks.
+        w.write_resolv("search default.svc.cluster.local svc.cluster.local cluster.local\n");
+        let out = w.run("getent", &["ahostsv4", "my-httpbin"]);
+        assert!(out.contains(&EXT_V4.to_string()), "{mode}: {out}");
+        let path = format!("/headers-{mode}");
+        let out = w.run(
+            "curl",
+            &[
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+                &format!("http://my-httpbin.default.svc.cluster.local{path}"),
+            ],
+        );
+        assert_eq!(out.trim(), "200", "{mode}");
+        let hit = &stand.hits_for(&path)[0];
+        assert_eq!(
+            (hit.local, hit.host.as_str()),
+            (httpbin, "my-httpbin.default.svc.cluster.local"),
+            "{mode}: the stand-in saw the client's Host"
+        );
+        let rec = w.record_for("my-httpbin.default.svc.cluster.local.");
+        assert_eq!(rec.get("answered_by"), "agent+nameserver", "{rec:?}");
+        let r = w
+            .agent
+            .wait_record("request", &path, |r| r.get("path") == path);
+        assert_eq!(
+            r.get("matched"),
+            "Service default/my-httpbin",
+            "{mode}: {r:?}"
+        );
+        assert_eq!(r.get("upstream"), format!("{EXT_V4}:80"), "{mode}: {r:?}");
+    }
 }

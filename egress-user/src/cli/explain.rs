@@ -186,6 +186,10 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
             "TCP ServiceEntry address {net} port {port}: nothing in the stream to decide, so it \
              goes straight out, accounted by the kernel"
         ),
+        Reason::DnsLearned => format!(
+            "the workload was answered {ip} for the host of a TCP ServiceEntry with port {port} \
+             and the answer has not run out: it goes straight out, accounted by the kernel"
+        ),
     };
     format!("{} ({rule}) [{}]", d.verdict.name(), d.reason.name())
 }

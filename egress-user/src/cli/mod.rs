@@ -270,6 +270,10 @@ struct RunArgs {
     /// terminationGracePeriodSeconds.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// How long an address a workload was answered for the host of a TCP ServiceEntry stays
+    /// open to it after the answer's TTL ran out (clients keep addresses a while past it).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    dns_grace: Duration,
     /// With --external-proxy: the cgroup that proxy runs in [default: the agent's own].
     #[arg(long, requires = "external_proxy")]
     proxy_cgroup: Option<PathBuf>,
@@ -508,7 +512,7 @@ pub fn reason_verdict(r: egress_common::Reason) -> &'static str {
             "redirect"
         }
         RegistryDenied | ServiceNoEndpoints => "deny",
-        TcpEntry => "direct",
+        TcpEntry | DnsLearned => "direct",
         Agent | NotEnrolled | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
         | ExcludedCidr | NotIncluded | Loopback | AgentDownOpen | DnsOpen => "bypass",
     }

@@ -169,7 +169,8 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     }
     health.pending("loading the configuration");
     let mut mesh = load_config(args.config.as_deref())?;
-    let mut alloc = Allocator::load(Some(&args.allocations_file));
+    let mut alloc =
+        Allocator::load(Some(&args.allocations_file)).learning(args.agent.dns_port != 0);
     alloc.assign(&mut mesh)?;
     let failure = mesh.failure_mode;
     let plan = plan::compile(&mesh);
@@ -272,6 +273,10 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     let log = accesslog::Log::new(args.access_log, metrics.clone())
         .context("starting the access-log writer")?;
     let upstreams = Arc::new(upstream::Pool::new(args.upstream_idle_timeout));
+    let learner = Arc::new(dns::Learner::new(
+        datapath::LearnedMap::open(&maps_dir)?,
+        args.dns_grace,
+    ));
     let px = Arc::new(Proxy {
         orig: orig.clone(),
         mark: args.mark,
@@ -285,6 +290,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         upstreams: upstreams.clone(),
         stop: tokio::sync::watch::channel(false).0,
         live: Arc::default(),
+        learner: learner.clone(),
     });
     // Names the registry owns are answered by the agent, the rest forwarded to the nameserver
     // the client asked; a response for a UDP client fits its size. The names follow reloads.
@@ -293,13 +299,18 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     let dns = Arc::new(dns::server::Dns {
         answer: {
             let names = names.clone();
-            Box::new(move |query, namespace| {
-                let names = names.read().map(|n| n.clone()).ok()?;
-                match names.handle(query, namespace) {
-                    dns::Action::Answer(a) | dns::Action::Refuse(a) => Some(a),
-                    // An ExternalName whose target the registry does not own: the cluster's
-                    // nameserver knows the Service, and answers the same CNAME.
-                    dns::Action::Chase(_) | dns::Action::Forward | dns::Action::Ignore => None,
+            Box::new(move |query, namespace| match names.read() {
+                Ok(names) => names.clone().handle(query, namespace),
+                // Poisoned: nothing the registry says can be trusted; the nameserver answers.
+                Err(_) => dns::Action::Forward,
+            })
+        },
+        learn: {
+            let (names, learner) = (names.clone(), learner.clone());
+            Box::new(move |wl, response| {
+                if let Ok(names) = names.read() {
+                    let now = datapath::monotonic_ns();
+                    learner.observe(wl.cookie, &wl.namespace, &names, response, now);
                 }
             })
         },
@@ -390,6 +401,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     }
     health.pending("starting the admin endpoints and attaching the programs");
     let table = wls.table();
+    let sweep_table = table.clone();
     if let Err(e) = alloc.save() {
         warn!("keeping the address allocations: {e:#}");
     }
@@ -401,11 +413,16 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         shared_registry.clone(),
         (wls, args.node),
     );
-    reloader.on_applied(Box::new(move |mesh| {
-        if let Ok(mut n) = names.write() {
-            *n = Arc::new(dns::Names::build(mesh));
-        }
-    }));
+    {
+        let learner = learner.clone();
+        reloader.on_applied(Box::new(move |mesh| {
+            let built = Arc::new(dns::Names::build(mesh));
+            learner.retarget(&built);
+            if let Ok(mut n) = names.write() {
+                *n = built;
+            }
+        }));
+    }
     let status = reloader.status();
     health.control(status.clone());
     if let Some(m) = &metrics {
@@ -414,6 +431,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
             status: status.clone(),
             workloads: table.clone(),
             log: log.clone(),
+            learner: learner.clone(),
         }));
     }
     let (tx, rx) = std::sync::mpsc::channel();
@@ -479,6 +497,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(upstreams.clone().sweep());
         let max_age = args.orig_max_age;
         let sweeper = tx.clone();
+        let (learner, sweep_table) = (learner.clone(), sweep_table);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5).min(max_age));
             loop {
@@ -487,6 +506,8 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
                 if n > 0 {
                     info!("removed {n} original-destination records older than {max_age:?}");
                 }
+                let enrolled = |netns| sweep_table.read().is_ok_and(|t| t.contains_key(&netns));
+                learner.sweep(datapath::monotonic_ns(), enrolled);
                 // Pods deleted without a DEL: release what the agent holds of them.
                 let _ = sweeper.send(reload::Msg::Sweep);
                 // What a wave of connections freed goes back to the system.
@@ -654,6 +675,7 @@ struct AgentState {
     status: Arc<Mutex<reload::Status>>,
     workloads: workloads::Table,
     log: accesslog::Log,
+    learner: Arc<dns::Learner>,
 }
 
 impl AgentState {
@@ -693,5 +715,9 @@ impl metrics::State for AgentState {
 
     fn maps(&self) -> Vec<(&'static str, u64, u64)> {
         self.status().maps.clone()
+    }
+
+    fn dns_learned(&self) -> dns::learn::Counts {
+        self.learner.counts()
     }
 }

@@ -50,6 +50,8 @@ struct Pair {
 pub struct Allocator {
     path: Option<PathBuf>,
     held: Allocations,
+    /// The agent captures DNS: TCP hosts are learnt from the answers, not allocated.
+    learn: bool,
 }
 
 fn now() -> u64 {
@@ -59,8 +61,13 @@ fn now() -> u64 {
 }
 
 /// The entries that get addresses: hosts, no addresses, a resolution other than NONE, no
-/// wildcard host.
-fn wants_addresses(se: &ServiceEntry) -> bool {
+/// wildcard host; with `learn`, not those whose every port a learnt address serves
+/// (`registry::learned_ports`).
+fn wants_addresses(se: &ServiceEntry, learn: bool) -> bool {
+    let learned = crate::registry::learned_ports(se);
+    if learn && !learned.is_empty() && learned.len() == se.spec.ports.len() {
+        return false;
+    }
     se.addresses.is_empty()
         && !se.spec.hosts.is_empty()
         && se.spec.hosts.iter().all(|h| !h.contains('*'))
@@ -104,13 +111,23 @@ impl Allocator {
         Allocator {
             path: path.map(Path::to_path_buf),
             held,
+            learn: false,
         }
+    }
+
+    /// When the agent captures DNS: the entries `assign` is given then learn the addresses of
+    /// their TCP hosts from DNS answers (`MeshConfig::learn_from_dns`), and those whose every
+    /// port is served so get no allocation.
+    pub fn learning(mut self, on: bool) -> Allocator {
+        self.learn = on;
+        self
     }
 
     /// Give every entry of `c` that wants addresses its own (kept, or new), in
     /// `ServiceEntry::allocated`; free those of entries that are gone. Nothing is written to
     /// disk: `save` does, once the configuration is in force.
     pub fn assign(&mut self, c: &mut MeshConfig) -> Result<()> {
+        c.learn_from_dns = self.learn;
         let range = &c.auto_allocate;
         if !range.enabled {
             return Ok(());
@@ -122,7 +139,7 @@ impl Allocator {
         let wanted: Vec<String> = c
             .service_entries
             .iter()
-            .filter(|se| wants_addresses(se))
+            .filter(|se| wants_addresses(se, self.learn))
             .map(|se| format!("{}/{}", se.namespace, se.name))
             .collect();
         // Gone, or outside the ranges now: freed first, so that their addresses wait.

@@ -200,6 +200,10 @@ pub struct MeshConfig {
     pub sidecars: Vec<Named<istio::SidecarSpec>>,
     pub virtual_services: Vec<Named<istio::VirtualServiceSpec>>,
     pub destination_rules: Vec<Named<istio::DestinationRuleSpec>>,
+    /// Set by the agent when it captures DNS (not read from the files): the addresses of TCP
+    /// ServiceEntry hosts are then learnt from the answers each workload gets
+    /// (`registry::learned_ports`), rather than allocated or let through on their ports.
+    pub learn_from_dns: bool,
 }
 
 impl MeshConfig {

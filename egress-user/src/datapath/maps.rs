@@ -18,13 +18,13 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps, links::FdLink},
 };
 use egress_common::{
-    ALL_MAPS, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
+    ALL_MAPS, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, LearnedKey,
     MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_V4,
     MAP_DIRECT_V6, MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6,
-    MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_NETNS_PROBE, MAP_ORIG_BY_PEER, MAP_PORTS, MAP_SERVICES_V4,
-    MAP_SERVICES_V6, MAP_WL_COUNTERS, MAP_WORKLOADS, OrigDst, PeerKey, Service, ServiceKeyV4,
-    ServiceKeyV6, SockAddr16, Tables, Workload, allow_key_v4, allow_key_v6, decide::REASON_COUNT,
-    v4_mapped, v4_unmapped,
+    MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_LEARNED, MAP_NETNS_PROBE, MAP_ORIG_BY_PEER, MAP_PORTS,
+    MAP_SERVICES_V4, MAP_SERVICES_V6, MAP_WL_COUNTERS, MAP_WORKLOADS, OrigDst, PeerKey, Service,
+    ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, Workload, allow_key_v4, allow_key_v6,
+    decide::REASON_COUNT, v4_mapped, v4_unmapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
@@ -91,6 +91,59 @@ impl OrigMaps {
             let _ = self.by_peer.remove(&k);
         }
         n
+    }
+}
+
+/// The pinned `LEARNED` map: what workloads learnt from DNS answers (`dns::Learner`).
+pub struct LearnedMap(std::sync::Mutex<HashMap<MapData, LearnedKey, u64>>);
+
+impl LearnedMap {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        Ok(LearnedMap(std::sync::Mutex::new(open(
+            pin_dir,
+            MAP_LEARNED,
+        )?)))
+    }
+}
+
+fn learned_key(netns: u64, addr: IpAddr, port: u16) -> LearnedKey {
+    let a = sock_addr16(SocketAddr::new(addr, port));
+    LearnedKey {
+        netns,
+        addr: a.addr,
+        port,
+        _pad: [0; 6],
+    }
+}
+
+impl crate::dns::learn::Kernel for LearnedMap {
+    fn set(&self, netns: u64, addr: IpAddr, port: u16, until: Option<u64>) {
+        let Ok(mut m) = self.0.lock() else {
+            return;
+        };
+        let key = learned_key(netns, addr, port);
+        let r = match until {
+            Some(u) => m.insert(key, u, 0),
+            None => m.remove(&key),
+        };
+        if let Err(e) = r
+            && until.is_some()
+        {
+            log::warn!("writing {addr} port {port} to {MAP_LEARNED}: {e}");
+        }
+    }
+
+    fn sweep(&self, now: u64) -> u64 {
+        let Ok(mut m) = self.0.lock() else {
+            return 0;
+        };
+        let gone: Vec<LearnedKey> = m
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, until)| *until <= now)
+            .map(|(k, _)| k)
+            .collect();
+        gone.iter().filter(|k| m.remove(k).is_ok()).count() as u64
     }
 }
 

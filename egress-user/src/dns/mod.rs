@@ -21,6 +21,9 @@
 //! - a query whose header reads but whose body does not is refused with FORMERR; shorter than a
 //!   header, or a response, it gets nothing.
 //!
+//! The answers the agent forwards or chases teach the workload the addresses of TCP
+//! ServiceEntry hosts ([`Learner`]): the kernel lets it connect to those straight out.
+//!
 //! A response for a UDP client, answered or forwarded, goes through [`fit_udp`]: at most the
 //! payload size of the query's EDNS, 512 bytes without EDNS; a longer one becomes its header
 //! with TC set, its question and its OPT, and the client asks again over TCP, where messages
@@ -35,13 +38,16 @@
 //! [`TTL`]: crate::dns::TTL
 //! [`fit_udp`]: crate::dns::fit_udp
 //! [`question`]: crate::dns::question
+//! [`Learner`]: crate::dns::Learner
 
 mod answer;
+pub mod learn;
 mod names;
 pub mod server;
 mod wire;
 
 pub use answer::{Action, Chase, EDNS_PAYLOAD, TTL};
+pub use learn::Learner;
 pub use names::{CLUSTER_DOMAIN, Names};
 pub use wire::{UDP_MIN, fit_udp, question, udp_limit};
 

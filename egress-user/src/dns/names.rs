@@ -36,6 +36,10 @@ struct Claim {
     seen_by: Option<BTreeSet<String>>,
 }
 
+/// The ports one TCP entry by host opens for the addresses its host is answered, and the
+/// namespaces that see it (`None`: every one).
+type Learnt = (Vec<u16>, Option<BTreeSet<String>>);
+
 impl Claim {
     fn seen_from(&self, namespace: &str) -> bool {
         self.seen_by.as_ref().is_none_or(|s| s.contains(namespace))
@@ -59,12 +63,21 @@ impl Claim {
 /// Where several resources claim one name, a ServiceEntry comes before a Service, and the
 /// addresses of all the claims of the first kind are merged; an exact name comes before a
 /// wildcard, a longer wildcard before a shorter one.
+///
+/// It also knows which names' answers teach a workload something (`learned_ports`,
+/// `is_alias_target`), for the answers the agent forwards.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     /// Lower-case names without the trailing dot.
     exact: HashMap<String, Vec<Claim>>,
     /// By the suffix after `*.`, lower case.
     wildcards: HashMap<String, Vec<Claim>>,
+    /// Hosts of TCP entries whose addresses are learnt from DNS answers: the ports each
+    /// entry opens, and who sees it. Exact names, then wildcards by suffix.
+    learnt: HashMap<String, Vec<Learnt>>,
+    learnt_wildcards: HashMap<String, Vec<Learnt>>,
+    /// The targets of ExternalName Services.
+    alias_targets: BTreeSet<String>,
 }
 
 impl Names {
@@ -72,6 +85,23 @@ impl Names {
     pub fn build(config: &MeshConfig) -> Names {
         let mut names = Names::default();
         for se in &config.service_entries {
+            let ports = if config.learn_from_dns {
+                crate::registry::learned_ports(se)
+            } else {
+                Vec::new()
+            };
+            if !ports.is_empty() {
+                for host in &se.spec.hosts {
+                    let host = host.to_ascii_lowercase();
+                    let table = match host.strip_prefix("*.") {
+                        Some(suffix) => names.learnt_wildcards.entry(suffix.to_owned()),
+                        None => names.learnt.entry(host),
+                    };
+                    table
+                        .or_default()
+                        .push((ports.clone(), plan::exported_to(se)));
+                }
+            }
             let Some(addrs) = entry_addresses(se) else {
                 continue;
             };
@@ -94,6 +124,12 @@ impl Names {
             let Some(data) = service_data(svc, &config.endpoints) else {
                 continue;
             };
+            if let Data::Alias(target) = &data {
+                let t = target.to_ascii().to_ascii_lowercase();
+                names
+                    .alias_targets
+                    .insert(t.trim_end_matches('.').to_owned());
+            }
             let name = format!(
                 "{}.{}.svc.{CLUSTER_DOMAIN}",
                 svc.name.to_ascii_lowercase(),
@@ -140,6 +176,35 @@ impl Names {
             .filter_map(|(i, _)| self.wildcards.get(&name[i + 1..]))
             .find_map(|claims| merge(claims, namespace))
             .map(|d| (name.to_owned(), d))
+    }
+
+    /// The ports an address in an answer for `name` (lower case, no trailing dot) opens for a
+    /// workload in `namespace`: those of the TCP entries by host it sees that claim the name,
+    /// exactly or by the longest wildcard; none for any other name.
+    pub fn learned_ports(&self, name: &str, namespace: &str) -> Vec<u16> {
+        let seen = |claims: &Vec<Learnt>| {
+            let mut ports: Vec<u16> = claims
+                .iter()
+                .filter(|(_, by)| by.as_ref().is_none_or(|s| s.contains(namespace)))
+                .flat_map(|(p, _)| p.iter().copied())
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            (!ports.is_empty()).then_some(ports)
+        };
+        if let Some(p) = self.learnt.get(name).and_then(seen) {
+            return p;
+        }
+        name.match_indices('.')
+            .filter_map(|(i, _)| self.learnt_wildcards.get(&name[i + 1..]))
+            .find_map(seen)
+            .unwrap_or_default()
+    }
+
+    /// Whether an ExternalName Service names `name` (lower case, no trailing dot): the agent
+    /// then connects to the address the client was answered for it.
+    pub fn is_alias_target(&self, name: &str) -> bool {
+        self.alias_targets.contains(name)
     }
 
     fn exact_data(&self, name: &str, namespace: &str) -> Option<Data> {

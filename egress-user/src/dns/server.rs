@@ -9,10 +9,12 @@
 //! - TCP, at connect, to the listener on 127.0.0.1 or ::1, with the original destination
 //!   recorded as for the outbound listener (`ORIG_BY_PEER`).
 //!
-//! Each query is first offered to `Dns::answer` (the registry's names); what it does not answer
-//! is forwarded over the same transport, from a socket made in the workload's namespace (which
+//! Each query is first offered to `Dns::answer` (the registry's names), which may also send an
+//! alias's target upstream (a chase); what it does not answer is forwarded over the same
+//! transport, from a socket made in the workload's namespace (which
 //! the datapath lets through: it is the agent's), to the nameserver the client asked. UDP
-//! responses go through `Dns::limit` (the client's UDP size). One access record per query.
+//! responses go through `Dns::limit` (the client's UDP size). What the nameserver answered is
+//! shown to `Dns::learn` before the client gets it. One access record per query.
 
 use std::{
     borrow::Cow,
@@ -34,15 +36,18 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
+use super::{Action, Chase};
 use crate::{
     datapath::{OrigMaps, orig_addr},
     telemetry::accesslog::{self, Record},
     workloads::Workload,
 };
 
-/// Decides a query: `Some(response)` answers it, `None` forwards it. Given the query and the
-/// Kubernetes namespace of the workload that asked.
-pub type Answer = Box<dyn Fn(&[u8], &str) -> Option<Vec<u8>> + Send + Sync>;
+/// Decides a query (given the query and the Kubernetes namespace of the workload that asked):
+/// answer it, forward it, chase an alias's target upstream, or drop it.
+pub type Answer = Box<dyn Fn(&[u8], &str) -> Action + Send + Sync>;
+/// Learns from a response relayed to a workload (forwarded or chased), before it is sent on.
+pub type Learn = Box<dyn Fn(&Workload, &[u8]) + Send + Sync>;
 /// What a UDP response becomes before it is sent to the client (given the query): within the
 /// size the client can take.
 pub type Limit = Box<dyn Fn(&[u8], Vec<u8>) -> Vec<u8> + Send + Sync>;
@@ -120,6 +125,7 @@ impl Nameservers {
 /// The DNS server, shared by every namespace's sockets.
 pub struct Dns {
     pub answer: Answer,
+    pub learn: Learn,
     pub limit: Limit,
     pub nameservers: Nameservers,
     /// Original destinations of the TCP queries.
@@ -190,15 +196,23 @@ impl Dns {
         };
         let ns = SocketAddr::new(ns, DNS_PORT);
         let mut q = Query::new(&wl, SocketAddr::V4(d.from), ns, "udp", &query);
-        let response = match (self.answer)(&query, &wl.namespace) {
-            Some(a) => Some(q.answered(a)),
-            None => {
-                let got = tokio::time::timeout(FORWARD_TIMEOUT, self.forward_udp(&wl, ns, &query))
-                    .await
-                    .unwrap_or_else(|_| Err(Failed::timeout()));
-                q.forwarded(got)
-            }
+        let asked = async |upstream: Vec<u8>| {
+            tokio::time::timeout(FORWARD_TIMEOUT, self.forward_udp(&wl, ns, &upstream))
+                .await
+                .unwrap_or_else(|_| Err(Failed::timeout()))
         };
+        let response = match (self.answer)(&query, &wl.namespace) {
+            Action::Answer(a) | Action::Refuse(a) => Some(q.answered(a)),
+            Action::Forward => q
+                .forwarded(asked(query.clone()).await)
+                .inspect(|r| (self.learn)(&wl, r)),
+            Action::Chase(c) => {
+                let got = asked(c.query(message_id(&query))).await;
+                q.chased(&c, got).inspect(|r| (self.learn)(&wl, r))
+            }
+            Action::Ignore => None,
+        };
+
         if let Some(r) = response {
             let r = (self.limit)(&query, r);
             q.rec.bytes_down = r.len() as u64;
@@ -280,7 +294,7 @@ impl Dns {
             return;
         };
         let ns = orig_addr(&rec);
-        let mut upstream: Option<TcpStream> = None;
+        let mut upstream_conn: Option<TcpStream> = None;
         loop {
             let query = match tokio::time::timeout(TCP_IDLE, read_message(&mut client)).await {
                 Ok(Ok(Some(q))) => q,
@@ -288,18 +302,29 @@ impl Dns {
             };
             let mut q = Query::new(&wl, peer, ns, "tcp", &query);
             (q.rec.pid, q.rec.uid, q.rec.gid) = (Some(rec.pid), Some(rec.uid), Some(rec.gid));
-            let response = match (self.answer)(&query, &wl.namespace) {
-                Some(a) => Some(q.answered(a)),
-                None => {
-                    let got = tokio::time::timeout(
-                        FORWARD_TIMEOUT,
-                        self.forward_tcp(&mut upstream, &wl, ns, &query),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err(Failed::timeout()));
-                    q.forwarded(got)
-                }
+            let action = (self.answer)(&query, &wl.namespace);
+            let chase = match &action {
+                Action::Chase(c) => Some(c.query(message_id(&query))),
+                _ => None,
             };
+            let mut asked = async |upstream: &[u8]| {
+                tokio::time::timeout(
+                    FORWARD_TIMEOUT,
+                    self.forward_tcp(&mut upstream_conn, &wl, ns, upstream),
+                )
+                .await
+                .unwrap_or_else(|_| Err(Failed::timeout()))
+            };
+            let response = match action {
+                Action::Answer(a) | Action::Refuse(a) => Some(q.answered(a)),
+                Action::Forward => q.forwarded(asked(&query).await),
+                Action::Chase(c) => {
+                    let got = asked(chase.as_deref().unwrap_or_default()).await;
+                    q.chased(&c, got)
+                }
+                Action::Ignore => None,
+            };
+
             let Some(r) = response else {
                 // The client sees its connection close, and retries.
                 self.log.write(&q.done());
@@ -428,6 +453,20 @@ impl Query {
                 None
             }
         }
+    }
+
+    /// The response to a chased alias: the upstream's answer for the target, spliced behind
+    /// the registry's CNAMEs (SERVFAIL when the upstream's is not an answer to the chase).
+    fn chased(
+        &mut self,
+        chase: &Chase,
+        got: Result<(Vec<u8>, SocketAddr), Failed>,
+    ) -> Option<Vec<u8>> {
+        let upstream = self.forwarded(got)?;
+        self.rec.answered_by = Some("agent+nameserver");
+        let r = chase.splice(&upstream);
+        self.rec.rcode = rcode(&r).map(|c| rcode_name(c).into_owned());
+        Some(r)
     }
 
     fn failed(&mut self, result: &'static str, error: String) {
@@ -599,6 +638,12 @@ fn question(msg: &[u8]) -> Option<(String, u16)> {
     }
     let qtype = u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]);
     Some((name, qtype))
+}
+
+/// A message's ID.
+fn message_id(msg: &[u8]) -> u16 {
+    msg.first_chunk::<2>()
+        .map_or(0, |id| u16::from_be_bytes(*id))
 }
 
 /// A response's RCODE (the header's four bits).

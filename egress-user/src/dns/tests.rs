@@ -803,3 +803,227 @@ fn the_question_reads_for_the_access_log() {
     assert_eq!(question(&q[..14]), None);
     assert_eq!(question(b""), None);
 }
+
+/// (netns, address, port) → until.
+type Entries = std::collections::BTreeMap<(u64, IpAddr, u16), u64>;
+
+/// The kernel's `LEARNED` map in memory.
+#[derive(Clone, Default)]
+struct FakeKernel(std::sync::Arc<std::sync::Mutex<Entries>>);
+
+impl learn::Kernel for FakeKernel {
+    fn set(&self, netns: u64, addr: IpAddr, port: u16, until: Option<u64>) {
+        let mut m = self.0.lock().unwrap();
+        match until {
+            Some(u) => m.insert((netns, addr, port), u),
+            None => m.remove(&(netns, addr, port)),
+        };
+    }
+    fn sweep(&self, now: u64) -> u64 {
+        let mut m = self.0.lock().unwrap();
+        let before = m.len();
+        m.retain(|_, u| *u > now);
+        (before - m.len()) as u64
+    }
+}
+
+impl FakeKernel {
+    fn entries(&self) -> Vec<(u64, IpAddr, u16, u64)> {
+        let m = self.0.lock().unwrap();
+        m.iter().map(|((n, a, p), u)| (*n, *a, *p, *u)).collect()
+    }
+}
+
+const TCP_HOSTS: &str = r#"
+kind: ServiceEntry
+apiVersion: networking.istio.io/v1
+metadata: {name: db, namespace: team-a}
+spec:
+  hosts: [db.example, "*.pg.example"]
+  ports: [{number: 5432, name: pg, protocol: TCP}, {number: 5433, name: pg2, protocol: TCP}]
+  resolution: DNS
+  exportTo: ["."]
+---
+kind: ServiceEntry
+apiVersion: networking.istio.io/v1
+metadata: {name: web, namespace: team-a}
+spec:
+  hosts: [web.example]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 5432, name: pg, protocol: TCP}]
+  resolution: DNS
+---
+kind: Service
+apiVersion: v1
+metadata: {name: my-httpbin, namespace: default}
+spec:
+  type: ExternalName
+  externalName: httpbin.org
+  ports: [{port: 80, protocol: TCP}]
+"#;
+
+const SEC: u64 = 1_000_000_000;
+
+fn learning_names(yaml: &str) -> Names {
+    let mut c = config::parse_str("mesh.yaml", yaml).expect("valid").config;
+    let mut alloc = crate::config::alloc::Allocator::load(None).learning(true);
+    alloc.assign(&mut c).unwrap();
+    Names::build(&c)
+}
+
+/// The upstream's answer to `name`'s A query: a CNAME chain (owner, target, ttl) then A records.
+fn answered(name: &str, cnames: &[(&str, &str, u32)], addrs: &[(&str, &str, u32)]) -> Vec<u8> {
+    let q = query(name, RecordType::A);
+    let mut records: Vec<Record> = cnames
+        .iter()
+        .map(|(owner, target, ttl)| {
+            let t = RData::CNAME(hickory_proto::rr::rdata::CNAME(
+                Name::from_ascii(target).unwrap(),
+            ));
+            Record::from_rdata(Name::from_ascii(owner).unwrap(), *ttl, t)
+        })
+        .collect();
+    records.extend(addrs.iter().map(|(owner, ip, ttl)| a(owner, *ttl, ip)));
+    upstream(&q, ResponseCode::NoError, records, false)
+}
+
+#[test]
+fn tcp_hosts_are_learnt_per_workload_on_their_ports_until_ttl_and_grace() {
+    let names = learning_names(TCP_HOSTS);
+    // A TCP-only entry by host is not allocated an address: its queries are forwarded.
+    assert!(matches!(
+        names.handle(&query("db.example", RecordType::A), "team-a"),
+        Action::Forward
+    ));
+    let kernel = FakeKernel::default();
+    let learner = Learner::new(kernel.clone(), std::time::Duration::from_secs(5));
+    let now = 1000 * SEC;
+    let ip: IpAddr = "198.18.7.7".parse().unwrap();
+    learner.observe(
+        1,
+        "team-a",
+        &names,
+        &answered("db.example", &[], &[("db.example", "198.18.7.7", 30)]),
+        now,
+    );
+    let until = now + 35 * SEC;
+    assert_eq!(
+        kernel.entries(),
+        vec![(1, ip, 5432, until), (1, ip, 5433, until)]
+    );
+    // Another namespace does not see the entry (exportTo "."): nothing learnt.
+    learner.observe(
+        2,
+        "team-b",
+        &names,
+        &answered("db.example", &[], &[("db.example", "198.18.7.8", 30)]),
+        now,
+    );
+    assert_eq!(kernel.entries().len(), 2);
+    // Through a CNAME to a wildcard host, the least TTL of the chain counts.
+    learner.observe(
+        1,
+        "team-a",
+        &names,
+        &answered(
+            "alias.example",
+            &[("alias.example", "x.pg.example", 10)],
+            &[("x.pg.example", "198.18.7.9", 300)],
+        ),
+        now,
+    );
+    let wild: IpAddr = "198.18.7.9".parse().unwrap();
+    assert!(kernel.entries().contains(&(1, wild, 5432, now + 15 * SEC)));
+    // A host of a mixed entry (HTTP too) is allocated instead, and opens nothing; nor does
+    // a name no entry declares.
+    learner.observe(
+        1,
+        "team-a",
+        &names,
+        &answered(
+            "other.example",
+            &[],
+            &[("other.example", "198.18.7.10", 30)],
+        ),
+        now,
+    );
+    assert_eq!(kernel.entries().len(), 4);
+    assert_eq!(learner.counts().entries, 4);
+    // The workload was answered these; a proxy may connect to them for the name.
+    assert!(learner.answered(1, "db.example", ip, now));
+    assert!(!learner.answered(2, "db.example", ip, now));
+    // Past the TTL and grace: gone from the kernel and the books.
+    learner.sweep(now + 16 * SEC, |_| true);
+    assert_eq!(
+        kernel.entries(),
+        vec![(1, ip, 5432, until), (1, ip, 5433, until)]
+    );
+    learner.sweep(until, |_| true);
+    assert!(kernel.entries().is_empty());
+    assert!(!learner.answered(1, "db.example", ip, until));
+    assert_eq!(learner.counts().expired, 4);
+}
+
+#[test]
+fn learning_is_capped_per_host_and_per_address_and_follows_reloads() {
+    let names = learning_names(TCP_HOSTS);
+    let kernel = FakeKernel::default();
+    let learner = Learner::new(kernel.clone(), std::time::Duration::ZERO);
+    // S3-like churn: each answer a new address; the one refreshed longest ago goes first.
+    for i in 0..(learn::MAX_PER_HOST + 10) {
+        let ip = format!("198.18.{}.{}", 100 + i / 250, i % 250 + 1);
+        let now = (i as u64 + 1) * SEC;
+        learner.observe(
+            1,
+            "team-a",
+            &names,
+            &answered("db.example", &[], &[("db.example", &ip, 60)]),
+            now,
+        );
+    }
+    let c = learner.counts();
+    assert_eq!(c.host_cap, 10);
+    assert_eq!(c.entries, 2 * learn::MAX_PER_HOST as u64);
+    assert!(!learner.answered(1, "db.example", "198.18.100.1".parse().unwrap(), 0));
+    // Many hosts behind one address: only the first few are recorded.
+    let shared = "198.18.200.1";
+    for i in 0..(learn::MAX_NAMES_PER_ADDRESS + 3) {
+        let host = format!("h{i}.pg.example");
+        learner.observe(
+            1,
+            "team-a",
+            &names,
+            &answered(&host, &[], &[(&host, shared, 60)]),
+            SEC,
+        );
+    }
+    assert_eq!(learner.counts().address_cap, 3);
+    // A reload that drops the entry closes what it opened; a workload that left loses its own.
+    learner.retarget(&learning_names(""));
+    assert!(kernel.entries().is_empty(), "{:?}", kernel.entries());
+    learner.observe(
+        3,
+        "team-a",
+        &names,
+        &answered("db.example", &[], &[("db.example", "198.18.9.9", 60)]),
+        SEC,
+    );
+    assert_eq!(kernel.entries().len(), 2);
+    learner.sweep(2 * SEC, |netns| netns != 3);
+    assert!(kernel.entries().is_empty());
+}
+
+#[test]
+fn external_name_targets_are_remembered_without_opening_anything() {
+    let names = learning_names(TCP_HOSTS);
+    let kernel = FakeKernel::default();
+    let learner = Learner::new(kernel.clone(), std::time::Duration::ZERO);
+    let chased = answered(
+        "my-httpbin.default.svc.cluster.local",
+        &[("my-httpbin.default.svc.cluster.local", "httpbin.org", 30)],
+        &[("httpbin.org", "198.19.0.80", 60)],
+    );
+    learner.observe(1, "default", &names, &chased, SEC);
+    assert!(learner.answered(1, "httpbin.org", "198.19.0.80".parse().unwrap(), 2 * SEC));
+    assert!(!learner.answered(1, "httpbin.org", "198.19.0.81".parse().unwrap(), 2 * SEC));
+    assert!(kernel.entries().is_empty());
+}

@@ -223,10 +223,19 @@ pub fn compile(c: &MeshConfig) -> Plan {
         let view = view as u16;
         let entries = || seen.iter().map(|i| &c.service_entries[*i]);
         for se in entries() {
+            // Learnt per workload from DNS answers instead (`DnsLearned`).
+            let learned = if c.learn_from_dns {
+                crate::registry::learned_ports(se)
+            } else {
+                Vec::new()
+            };
             for port in &se.spec.ports {
                 let Ok(port) = u16::try_from(port.number) else {
                     continue;
                 };
+                if learned.contains(&port) {
+                    continue;
+                }
                 // Entries without addresses are matched by Host or SNI in the agent: the kernel
                 // lets every address on their ports through to it.
                 let any = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];

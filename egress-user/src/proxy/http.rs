@@ -364,7 +364,7 @@ impl State {
             }
             let tcp = self
                 .px
-                .connect_target(&self.conn.workload, target)
+                .connect_target(&self.conn, target)
                 .await
                 .map_err(|e| Failure::Connect(e.to_string()))?;
             let addrs = (

@@ -56,6 +56,8 @@ pub struct Proxy {
     pub stop: tokio::sync::watch::Sender<bool>,
     /// Connections being served, across workloads.
     pub live: Arc<std::sync::atomic::AtomicUsize>,
+    /// What the workloads were answered through the agent's DNS.
+    pub learner: Arc<crate::dns::Learner>,
 }
 
 /// One served connection, counted in `Proxy::live` while it lasts.
@@ -221,9 +223,7 @@ impl Proxy {
             let mut rec = conn.record("connection", "tcp");
             rec.matched = Some("Kubernetes Service".into());
             rec.service = reg.kubernetes_service(conn.dst.ip()).map(str::to_owned);
-            return self
-                .stream(&conn.workload, Some(Target::Addr(conn.dst)), rec)
-                .await;
+            return self.stream(&conn, Some(Target::Addr(conn.dst)), rec).await;
         }
         match reg.protocol(conn.dst) {
             Some(Proto::Http) => {
@@ -243,7 +243,7 @@ impl Proxy {
                 let mut rec = conn.record("connection", "http2");
                 let m = reg.by_address(conn.dst);
                 let target = self.policy(&reg, &mut rec, m, None, conn.dst);
-                self.stream(&conn.workload, target, rec).await
+                self.stream(&conn, target, rec).await
             }
             Some(Proto::Tls) => self.tls(&conn, client, &reg).await,
             Some(Proto::Tcp) => {
@@ -253,16 +253,16 @@ impl Proxy {
                     .by_address(conn.dst)
                     .or_else(|| reg.by_port(conn.dst.port()));
                 let target = self.policy(&reg, &mut rec, m, None, conn.dst);
-                self.stream(&conn.workload, target, rec).await
+                self.stream(&conn, target, rec).await
             }
             None => self.passthrough(&conn, client, &reg).await,
         }
     }
 
     /// Connect a decided stream to its target (if it has one), from the workload's namespace.
-    async fn stream(&self, wl: &Workload, target: Option<Target>, rec: Box<Record>) -> Decided {
+    async fn stream(&self, conn: &Conn, target: Option<Target>, rec: Box<Record>) -> Decided {
         let up = match target {
-            Some(t) => Some(self.connect_target(wl, &t).await),
+            Some(t) => Some(self.connect_target(conn, &t).await),
             None => None,
         };
         Decided::Stream(up, rec)
@@ -383,7 +383,7 @@ impl Proxy {
                 None => "no SNI to match (REGISTRY_ONLY)".into(),
             });
         }
-        self.stream(&conn.workload, target, rec).await
+        self.stream(conn, target, rec).await
     }
 
     /// A port no entry declares: look at the first bytes to log the host, and pass through.
@@ -417,7 +417,7 @@ impl Proxy {
             // Refused: the first bytes only tell the log what was asked for.
             None => (sniff.await.got(), None),
             Some(t) => {
-                let connect = self.connect_target(&conn.workload, &t);
+                let connect = self.connect_target(conn, &t);
                 tokio::pin!(sniff, connect);
                 let (sniffed, up) = tokio::select! {
                     s = &mut sniff => (s.got(), connect.await),
@@ -498,13 +498,26 @@ impl Proxy {
     }
 
     /// Connect to an upstream: an address, or a name resolved now (every address is tried in
-    /// turn), within `connect_timeout` in all.
-    /// Connect to an upstream from the workload's network namespace, so that the upstream
-    /// sees the pod's own address.
-    pub async fn connect_target(&self, wl: &Workload, target: &Target) -> io::Result<TcpStream> {
+    /// turn), within `connect_timeout` in all, from the workload's network namespace, so that
+    /// the upstream sees the pod's own address. A name the workload was answered the address
+    /// it dialled for (an ExternalName's target, through the agent's DNS) is not resolved
+    /// again: that address is the upstream, as the client meant.
+    pub async fn connect_target(&self, conn: &Conn, target: &Target) -> io::Result<TcpStream> {
+        let wl = &conn.workload;
         let work = async {
             match target {
                 Target::Addr(a) => self.connect_one(wl, *a).await,
+                Target::Name(name, port)
+                    if self.learner.answered(
+                        wl.cookie,
+                        &name.to_ascii_lowercase(),
+                        conn.dst.ip(),
+                        crate::datapath::monotonic_ns(),
+                    ) =>
+                {
+                    self.connect_one(wl, SocketAddr::new(conn.dst.ip(), *port))
+                        .await
+                }
                 Target::Name(name, port) => {
                     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), *port))
                         .await

@@ -592,6 +592,27 @@ pub fn relayed_ports(se: &ServiceEntry) -> Vec<u16> {
         .collect()
 }
 
+/// The ports of an entry by host whose connections can go straight to the address the client
+/// resolved: TCP, no target port, `resolution: DNS` (or `DNS_ROUND_ROBIN`), no addresses of
+/// its own nor allocated. The agent would resolve the same host and connect to the same port;
+/// when it captures DNS, the addresses each workload is answered for such a host open those
+/// ports for it in the kernel (`dns::Learner`).
+pub fn learned_ports(se: &ServiceEntry) -> Vec<u16> {
+    if !se.addresses.is_empty() || !se.allocated.is_empty() || se.spec.hosts.is_empty() {
+        return Vec::new();
+    }
+    let e = entry(se);
+    if e.resolution != Resolution::Dns {
+        return Vec::new();
+    }
+    e.ports
+        .iter()
+        .filter_map(|p| e.port(p.number))
+        .filter(|p| p.proto == Proto::Tcp && p.target.is_none_or(|t| t == p.number))
+        .map(|p| p.number)
+        .collect()
+}
+
 /// The names a Kubernetes Service answers to in a Host header or SNI: its cluster-domain
 /// forms (the bare name depends on the client's namespace, and is not one of them).
 pub fn service_names(namespace: &str, name: &str) -> [String; 3] {

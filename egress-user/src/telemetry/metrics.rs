@@ -78,6 +78,8 @@ pub trait State: Send + Sync + 'static {
     fn generation(&self) -> u64;
     fn reload_failures(&self) -> u64;
     fn log_dropped(&self) -> u64;
+    /// What the workloads learnt from DNS answers (`dns::Learner`).
+    fn dns_learned(&self) -> crate::dns::learn::Counts;
     /// (map, entries, capacity) of the maps the configuration fills.
     fn maps(&self) -> Vec<(&'static str, u64, u64)>;
 }
@@ -370,6 +372,33 @@ impl Collector for Own {
         ] {
             let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(m)?;
+        }
+        let learned = s.dns_learned();
+        let m = enc.encode_descriptor(
+            "egress_dns_learned_entries",
+            "(workload, address, port) entries learnt from DNS answers in the kernel",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(learned.entries as i64).encode(m)?;
+        let m = enc.encode_descriptor(
+            "egress_dns_learned_expired",
+            "Learnt entries that ran out (TTL and grace)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(learned.expired).encode(m)?;
+        let mut m = enc.encode_descriptor(
+            "egress_dns_learned_dropped",
+            "Learnt addresses dropped for a cap: a host's addresses, an address's hosts",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cap, n) in [
+            ("per-host", learned.host_cap),
+            ("per-address", learned.address_cap),
+        ] {
+            ConstCounter::new(n).encode(m.encode_family(&[("cap", cap)])?)?;
         }
         let maps = s.maps();
         let mut m = enc.encode_descriptor(
