@@ -483,6 +483,14 @@ impl Node {
         &self.ext.netns
     }
 
+    /// Give the ext namespace `v4` too, beside `EXT_V4` on its link to the node: an address in
+    /// 198.19.0.0/24, which the node and its pods reach already, for a second stand-in.
+    pub fn add_ext_address(&self, v4: Ipv4Addr) {
+        self.ext
+            .netns
+            .ip(&["addr", "add", &format!("{v4}/24"), "dev", "node0"]);
+    }
+
     /// host-local's `dataDir`.
     pub fn ipam_dir(&self) -> &Path {
         self.ipam.path()

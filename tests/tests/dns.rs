@@ -1,20 +1,31 @@
 //! DNS capture on a node: a pod's queries (UDP and TCP to port 53) reach the agent's DNS server
-//! in the pod's own network namespace, which forwards them to the nameserver the client asked,
-//! from the pod's namespace. The nameserver is Debian's dnsmasq in the node's ext namespace
-//! (198.19.0.2) serving stand-in names; the clients are dig (connected UDP, TCP), glibc's
-//! resolver through `getent ahosts` (connected UDP) and Python's socket module for
-//! unconnected UDP (sendto/recvfrom), which checks where the reply came from.
+//! in the pod's own network namespace, which answers the names the registry owns and forwards
+//! the rest to the nameserver the client asked, from the pod's namespace. The nameserver is
+//! Debian's dnsmasq in the node's ext namespace (198.19.0.2, and 198.19.0.3 as a second one)
+//! serving stand-in names, among them one with 200 addresses and a TXT record over 512 bytes,
+//! or another dnsmasq on the pod's own loopback at 127.0.0.53 (as systemd-resolved's stub). The
+//! clients, real resolvers all:
+//!
+//! - dig: connected UDP with and without EDNS, TCP, truncated answers (`+ignore`);
+//! - glibc's resolver through `getent ahosts`: connected UDP, and TCP again after a truncated
+//!   answer;
+//! - musl's resolver (`getaddrinfo` in a program built with `musl-gcc -static`): unconnected UDP
+//!   (sendto) to every nameserver at once, taking a reply only from a nameserver it asked;
+//! - Python's socket module: unconnected UDP (sendto/recvfrom) on IPv4 and IPv4-mapped
+//!   sockets, printing where the reply came from.
 
 use std::{
+    collections::BTreeSet,
+    ffi::OsStr,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    process::{Child, Stdio},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
 };
 
 use egress_tests::{
     Agent, ConnLine, NodeOpts, Servers, TempDir, checked, egress_bin, eventually,
     l7::StandIns,
-    node::{EXT_V4, Node, Pod},
+    node::{EXT_V4, Netns, Node, Pod},
     privileged,
 };
 use serde_json::json;
@@ -30,20 +41,45 @@ spec:
 /// The stand-in names dnsmasq serves.
 const NAME: &str = "httpbin.org";
 const NAME_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 80);
+/// A name with `MANY_COUNT` addresses (198.19.1.1 onwards): 3,238 bytes over TCP, more than a
+/// UDP client takes with or without EDNS.
+const MANY: &str = "many.test";
+const MANY_COUNT: u8 = 200;
+/// A name whose TXT record is three strings of `TXT_LEN` bytes: 652 bytes with EDNS, more than
+/// a client without EDNS takes, less than one with it.
+const BIG_TXT: &str = "txt.test";
+const TXT_LEN: usize = 200;
+/// The ext namespace's second address, where the same dnsmasq listens too: a second nameserver.
+const EXT2_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 3);
 
-/// dnsmasq serving `NAME` on 198.19.0.2:53 in the ext namespace, logging every query with its
-/// source to a file; stopped on drop.
-struct Upstream {
+/// dig's options for every query: one try, 3 s at most.
+const DIG: [&str; 2] = ["+time=3", "+tries=1"];
+
+/// `MANY_COUNT` addresses in 198.19.`third`.0/24, from .1.
+fn many(third: u8) -> BTreeSet<IpAddr> {
+    (1..=MANY_COUNT)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(198, 19, third, i)))
+        .collect()
+}
+
+/// The strings of `BIG_TXT`'s record: a's, b's and c's.
+fn txt_strings() -> Vec<String> {
+    ["a", "b", "c"].map(|c| c.repeat(TXT_LEN)).to_vec()
+}
+
+/// Debian's dnsmasq serving names of its own (no upstream) on port 53 of the addresses it is
+/// given, in a namespace of the test's, logging every query with its source to a file; stopped
+/// on drop.
+struct Dnsmasq {
     child: Child,
     log: PathBuf,
 }
 
-impl Upstream {
-    /// With `extra` arguments too (more records).
-    fn start(node: &Node, dir: &TempDir, extra: &[String]) -> Upstream {
-        let log = dir.path().join("dnsmasq.log");
-        let child = node
-            .ext()
+impl Dnsmasq {
+    /// dnsmasq in `netns`, on port 53 of `listen`, its log at `log`, `records` (its options
+    /// that give names their records) besides.
+    fn start(netns: &Netns, listen: &[Ipv4Addr], log: PathBuf, records: &[String]) -> Dnsmasq {
+        let child = netns
             .command("dnsmasq")
             .args([
                 "--keep-in-foreground",
@@ -54,22 +90,46 @@ impl Upstream {
                 "--pid-file=",
                 "--port=53",
                 "--log-queries",
+                // Every name is its own: a type a name lacks gets NOERROR and no answer
+                // (REFUSED otherwise, with no upstream, which musl takes for a failure).
+                "--local=/#/",
             ])
-            .arg(format!("--listen-address={EXT_V4}"))
-            .arg(format!("--host-record={NAME},{NAME_V4}"))
+            .args(listen.iter().map(|a| format!("--listen-address={a}")))
+            .args(records)
             .arg(format!("--log-facility={}", log.display()))
-            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting dnsmasq (Debian's dnsmasq-base: cargo xtask setup)");
-        let up = Upstream { child, log };
+        let up = Dnsmasq { child, log };
         assert!(
             eventually(10, || up.log().contains("started")),
             "dnsmasq did not start: {}",
             up.log()
         );
         up
+    }
+
+    /// The pods' nameserver in the ext namespace, on `EXT_V4` and `EXT2_V4`: `NAME`, `MANY`
+    /// (from a hosts file) and `BIG_TXT`, and what `extra` gives.
+    fn upstream(node: &Node, dir: &TempDir, extra: &[String]) -> Dnsmasq {
+        node.add_ext_address(EXT2_V4);
+        let hosts = dir.path().join("many.hosts");
+        let lines: String = many(1).iter().map(|a| format!("{a} {MANY}\n")).collect();
+        std::fs::write(&hosts, lines).unwrap();
+        Dnsmasq::start(
+            node.ext(),
+            &[EXT_V4, EXT2_V4],
+            dir.path().join("dnsmasq.log"),
+            &[
+                format!("--host-record={NAME},{NAME_V4}"),
+                format!("--addn-hosts={}", hosts.display()),
+                format!("--txt-record={BIG_TXT},{}", txt_strings().join(",")),
+            ]
+            .into_iter()
+            .chain(extra.iter().cloned())
+            .collect::<Vec<_>>(),
+        )
     }
 
     fn log(&self) -> String {
@@ -89,7 +149,7 @@ impl Upstream {
     }
 }
 
-impl Drop for Upstream {
+impl Drop for Dnsmasq {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -103,7 +163,7 @@ struct World {
     /// Kept for its pods and namespaces, which go with it.
     _node: Node,
     agent: Agent,
-    upstream: Upstream,
+    upstream: Dnsmasq,
     dir: TempDir,
     /// More lines for the pod's resolv.conf (`search`).
     resolv_extra: std::cell::RefCell<String>,
@@ -118,13 +178,13 @@ fn world_with(tag: &str, config: &str) -> World {
 }
 
 /// A world whose pod is in Kubernetes namespace `namespace`, whose agent gets `agent_args`
-/// and whose nameserver `dnsmasq_args` too.
+/// and whose nameserver `records` too.
 fn world_full(
     tag: &str,
     config: &str,
     namespace: &str,
     agent_args: &[&str],
-    dnsmasq_args: &[String],
+    records: &[String],
 ) -> World {
     let dir = TempDir::new(tag);
     let agent = Agent::start_node(NodeOpts {
@@ -139,7 +199,7 @@ fn world_full(
         .chain(json!({"type": "egress-cni", "adminSocket": dir.path().join("admin.sock")}))
         .build();
     let pod = node.add_pod(namespace, "client");
-    let upstream = Upstream::start(&node, &dir, dnsmasq_args);
+    let upstream = Dnsmasq::upstream(&node, &dir, records);
     World {
         pod,
         _node: node,
@@ -150,17 +210,78 @@ fn world_full(
     }
 }
 
+/// What dig printed for one query.
+#[derive(Debug)]
+struct Dug {
+    /// The header's flags (`qr`, `aa`, `tc`, ...).
+    flags: Vec<String>,
+    /// The answer section's records, their data only (`198.19.0.80`, `"abc" "def"`).
+    answers: Vec<String>,
+    /// The response's size in bytes ("MSG SIZE rcvd").
+    size: usize,
+}
+
+impl Dug {
+    fn parse(out: &str) -> Dug {
+        let flags = out
+            .lines()
+            .find_map(|l| l.strip_prefix(";; flags:"))
+            .and_then(|f| f.split(';').next())
+            .unwrap_or_else(|| panic!("no flags in dig's output:\n{out}"));
+        let size = out
+            .lines()
+            .find_map(|l| l.strip_prefix(";; MSG SIZE  rcvd:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no message size in dig's output:\n{out}"));
+        let answers = out
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with(';'))
+            .map(|l| l.split_whitespace().skip(4).collect::<Vec<_>>().join(" "))
+            .collect();
+        Dug {
+            flags: flags.split_whitespace().map(str::to_owned).collect(),
+            answers,
+            size,
+        }
+    }
+
+    fn truncated(&self) -> bool {
+        self.flags.iter().any(|f| f == "tc")
+    }
+
+    /// The answer's addresses.
+    fn addresses(&self) -> BTreeSet<IpAddr> {
+        self.answers
+            .iter()
+            .map(|a| a.parse().unwrap_or_else(|e| panic!("{a}: {e} ({self:?})")))
+            .collect()
+    }
+}
+
 impl World {
-    /// `program ARGS` in the pod, with /etc/resolv.conf naming the upstream only (a mount
+    /// `program ARGS` in the pod, with /etc/resolv.conf naming the upstream only; its
+    /// standard output.
+    fn run(&self, program: impl AsRef<OsStr>, args: &[&str]) -> String {
+        self.run_with(&[EXT_V4], program, args)
+    }
+
+    /// `program ARGS` in the pod, with /etc/resolv.conf naming `nameservers` (a mount
     /// namespace of its own with the file bind-mounted); its standard output.
-    fn run(&self, program: &str, args: &[&str]) -> String {
+    fn run_with(
+        &self,
+        nameservers: &[Ipv4Addr],
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+    ) -> String {
         let resolv = self.dir.path().join("resolv.conf");
+        let listed: String = nameservers
+            .iter()
+            .map(|ns| format!("nameserver {ns}\n"))
+            .collect();
+        let extra = self.resolv_extra.borrow();
         std::fs::write(
             &resolv,
-            format!(
-                "nameserver {EXT_V4}\n{}options timeout:2 attempts:1\n",
-                self.resolv_extra.borrow()
-            ),
+            format!("{listed}{extra}options timeout:2 attempts:1\n"),
         )
         .unwrap();
         checked(
@@ -185,19 +306,48 @@ impl World {
             .wait_record("dns", name, |r| r.get("query_name") == name)
     }
 
+    /// `dig +short ARGS` (one try) asking `nameservers`; its output, trimmed.
+    fn short_with(&self, nameservers: &[Ipv4Addr], args: &[&str]) -> String {
+        let all = [&DIG[..], &["+short"], args].concat();
+        self.run_with(nameservers, "dig", &all).trim().to_owned()
+    }
+
+    fn short(&self, args: &[&str]) -> String {
+        self.short_with(&[EXT_V4], args)
+    }
+
     fn dig(&self, extra: &[&str]) -> String {
-        let mut args = vec!["+time=3", "+tries=1", "+short", NAME, "A"];
-        args.extend_from_slice(extra);
-        self.run("dig", &args)
+        self.short(&[&[NAME, "A"], extra].concat())
+    }
+
+    /// `dig ARGS` (one try) asking the upstream: the header, the answer and the size.
+    fn dig_full(&self, args: &[&str]) -> Dug {
+        let shown = ["+noall", "+comments", "+answer", "+stats"];
+        Dug::parse(&self.run("dig", &[&DIG[..], &shown, args].concat()))
+    }
+
+    /// `getent ahosts NAME` in the pod, asking `nameservers`: the addresses.
+    fn getent_with(&self, nameservers: &[Ipv4Addr], name: &str) -> BTreeSet<IpAddr> {
+        let out = self.run_with(nameservers, "getent", &["ahosts", name]);
+        out.lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
     }
 
     /// The access record of a `protocol` query for `NAME` of `qtype`.
     fn record(&self, protocol: &str, qtype: &str) -> ConnLine {
+        self.record_of(NAME, protocol, qtype, EXT_V4)
+    }
+
+    /// The access record of a `protocol` query for `name` of `qtype` sent to nameserver `ns`.
+    fn record_of(&self, name: &str, protocol: &str, qtype: &str, ns: Ipv4Addr) -> ConnLine {
+        let ns = SocketAddr::from((ns, 53)).to_string();
         self.agent
-            .wait_record("dns", &format!("{protocol} {qtype} {NAME}"), |r| {
+            .wait_record("dns", &format!("{protocol} {qtype} {name} to {ns}"), |r| {
                 r.get("protocol") == protocol
                     && r.get("query_type") == qtype
-                    && r.get("query_name") == format!("{NAME}.")
+                    && r.get("query_name") == format!("{name}.")
+                    && r.get("orig_dst") == ns
             })
     }
 }
@@ -309,8 +459,8 @@ fn pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open() {
 }
 
 /// Names the registry owns: an HTTP entry by host (an address allocated for it, in a range of
-/// the test's own), an HTTP entry with its address. (A TCP entry by host gets none: its
-/// addresses are learnt from the nameserver's answers.)
+/// the test's own), an HTTP entry with its address. (A TCP entry by host is the nameserver's
+/// to answer: its addresses are learnt from the answers.)
 const REGISTRY: &str = "apiVersion: egress/v1alpha1
 kind: EgressConfig
 metadata: {name: node}
@@ -350,17 +500,12 @@ fn names_the_registry_owns_are_answered_by_the_agent() {
         .unwrap_or_else(|| panic!("{dump}"))
         .to_owned();
     let before = w.upstream.queries();
-    let short = |args: &[&str]| {
-        let mut a = vec!["+time=3", "+tries=1", "+short"];
-        a.extend_from_slice(args);
-        w.run("dig", &a).trim().to_owned()
-    };
     // The allocated address, from the agent, over UDP with and without EDNS and over TCP.
-    assert_eq!(short(&["db.example", "A"]), v4);
-    assert_eq!(short(&["+noedns", "db.example", "A"]), v4);
-    assert_eq!(short(&["+tcp", "db.example", "A"]), v4);
+    assert_eq!(w.short(&["db.example", "A"]), v4);
+    assert_eq!(w.short(&["+noedns", "db.example", "A"]), v4);
+    assert_eq!(w.short(&["+tcp", "db.example", "A"]), v4);
     // An entry's own address.
-    assert_eq!(short(&["api.example", "A"]), "198.19.0.81");
+    assert_eq!(w.short(&["api.example", "A"]), "198.19.0.81");
     // glibc.
     let getent = w.run("getent", &["ahostsv4", "db.example"]);
     assert!(getent.starts_with(&v4), "{getent}");
@@ -382,7 +527,7 @@ fn names_the_registry_owns_are_answered_by_the_agent() {
     assert!(aaaa.contains("ANSWER: 0"), "{aaaa}");
     // None of it reached the nameserver; a name the registry does not own still does.
     assert_eq!(w.upstream.queries(), before, "{}", w.upstream.log());
-    assert_eq!(short(&[NAME, "A"]), NAME_V4.to_string());
+    assert_eq!(w.short(&[NAME, "A"]), NAME_V4.to_string());
     assert!(w.upstream.queries() > before);
     let rec = w
         .agent
@@ -392,8 +537,202 @@ fn names_the_registry_owns_are_answered_by_the_agent() {
     assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
 }
 
-/// A TCP ServiceEntry by host, resolved by DNS: no address is allocated for it, and no address
-/// on its port is allowed but those the workload was answered for it.
+/// `getaddrinfo()` for `argv[1]`, any family: its addresses, one a line. Linked statically
+/// against musl, whose resolver sends every query with `sendto()` on one unconnected socket to
+/// every nameserver at once and takes a reply only from an address and port it sent to.
+const GETADDRINFO: &str = r#"
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <string.h>
+
+int main(int argc, char **argv) {
+    struct addrinfo hints, *res, *ai;
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s NAME\n", argv[0]);
+        return 2;
+    }
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    int err = getaddrinfo(argv[1], NULL, &hints, &res);
+    if (err != 0) {
+        fprintf(stderr, "%s: %s\n", argv[1], gai_strerror(err));
+        return 1;
+    }
+    for (ai = res; ai != NULL; ai = ai->ai_next) {
+        char text[INET6_ADDRSTRLEN];
+        const void *addr = ai->ai_family == AF_INET6
+            ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+            : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+        puts(inet_ntop(ai->ai_family, addr, text, sizeof text));
+    }
+    freeaddrinfo(res);
+    return 0;
+}
+"#;
+
+/// `GETADDRINFO` built with `musl-gcc -static` in `dir`: the program.
+fn musl_getaddrinfo(dir: &TempDir) -> PathBuf {
+    assert!(
+        Path::new("/usr/bin/musl-gcc").exists(),
+        "musl-gcc is missing (Debian's musl-tools: cargo xtask setup)"
+    );
+    let src = dir.path().join("getaddrinfo.c");
+    let exe = dir.path().join("getaddrinfo");
+    std::fs::write(&src, GETADDRINFO).unwrap();
+    checked(
+        Command::new("musl-gcc")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(&exe)
+            .arg(&src),
+    );
+    exe
+}
+
+#[test]
+fn musls_resolver_asks_every_nameserver_and_takes_their_replies() {
+    if !privileged("musls_resolver_asks_every_nameserver_and_takes_their_replies") {
+        return;
+    }
+    let w = world_with("dnsmusl", REGISTRY);
+    let getaddrinfo = musl_getaddrinfo(&w.dir);
+    let both = [EXT_V4, EXT2_V4];
+    let resolve = |name: &str| -> BTreeSet<IpAddr> {
+        let out = w.run_with(&both, &getaddrinfo, &[name]);
+        out.lines()
+            .map(|l| l.parse().unwrap_or_else(|e| panic!("{l}: {e}\n{out}")))
+            .collect()
+    };
+    // A name the nameservers have: the replies reached musl, which took them as coming from
+    // the nameservers it asked, port 53.
+    assert_eq!(resolve(NAME), BTreeSet::from([IpAddr::V4(NAME_V4)]));
+    for ns in both {
+        for qtype in ["A", "AAAA"] {
+            let rec = w.record_of(NAME, "udp", qtype, ns);
+            assert_eq!(rec.get("answered_by"), "nameserver", "{rec:?}");
+            assert_eq!(rec.get("rcode"), "NOERROR", "{rec:?}");
+        }
+    }
+    // A name the registry owns: the agent's addresses, both families, whichever nameserver
+    // musl asked.
+    let dump = w.agent.config_dump();
+    let allocated: BTreeSet<IpAddr> = dump["allocated"]["ServiceEntry team-a/db"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{dump}"))
+        .iter()
+        .filter_map(|a| a.as_str()?.parse().ok())
+        .collect();
+    assert_eq!(allocated.len(), 2, "{dump}");
+    assert_eq!(resolve("db.example"), allocated);
+    for ns in both {
+        for qtype in ["A", "AAAA"] {
+            let rec = w.record_of("db.example", "udp", qtype, ns);
+            assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
+        }
+    }
+}
+
+/// A ServiceEntry whose host has `MANY_COUNT` addresses of its own (198.19.2.1 onwards), which
+/// the agent answers with: as long an answer as `MANY`'s.
+const POOL: &str = "pool.example";
+
+fn pool_entry() -> String {
+    let addresses: Vec<String> = many(2).iter().map(IpAddr::to_string).collect();
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pool, namespace: team-a}}
+spec:
+  hosts: [{POOL}]
+  addresses: [{}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: NONE
+",
+        addresses.join(", ")
+    )
+}
+
+#[test]
+fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
+    if !privileged("large_answers_are_truncated_over_udp_and_whole_over_tcp") {
+        return;
+    }
+    let w = world_with("dnsbig", &format!("{REGISTRY}{}", pool_entry()));
+    // 200 addresses, from the nameserver and from the agent.
+    for (name, addresses, by) in [(MANY, many(1), "nameserver"), (POOL, many(2), "agent")] {
+        // Over UDP, more than the client takes without EDNS and with dig's 1,232 bytes: a
+        // response within that size, with TC set (dig told not to retry over TCP).
+        for (edns, limit) in [(&["+noedns"][..], 512), (&[][..], 1232)] {
+            let d = w.dig_full(&[edns, &["+ignore", name, "A"]].concat());
+            assert!(d.truncated(), "{name} {edns:?}: {d:?}");
+            assert!(d.size <= limit, "{name} {edns:?}: {d:?}");
+        }
+        // glibc takes TC as its cue to ask again over TCP, where the answer comes whole.
+        assert_eq!(w.getent_with(&[EXT_V4], name), addresses, "{name}");
+        let rec = w.record_of(name, "tcp", "A", EXT_V4);
+        assert_eq!(rec.get("answered_by"), by, "{rec:?}");
+        assert_eq!(rec.get("rcode"), "NOERROR", "{rec:?}");
+        let d = w.dig_full(&["+tcp", name, "A"]);
+        assert!(!d.truncated(), "{d:?}");
+        assert_eq!(d.addresses(), addresses, "{name}");
+    }
+    // A TXT record of 652 bytes: cut for a client without EDNS, whole with EDNS over UDP and
+    // over TCP.
+    let whole: Vec<String> = txt_strings().iter().map(|s| format!("\"{s}\"")).collect();
+    let whole = whole.join(" ");
+    let d = w.dig_full(&["+noedns", "+ignore", BIG_TXT, "TXT"]);
+    assert!(d.truncated() && d.size <= 512, "{d:?}");
+    for transport in [&[][..], &["+tcp"]] {
+        let d = w.dig_full(&[transport, &[BIG_TXT, "TXT"]].concat());
+        assert!(!d.truncated() && d.size > 512, "{transport:?}: {d:?}");
+        assert_eq!(d.answers, std::slice::from_ref(&whole), "{transport:?}");
+    }
+    w.record_of(BIG_TXT, "udp", "TXT", EXT_V4);
+    w.record_of(BIG_TXT, "tcp", "TXT", EXT_V4);
+}
+
+/// A nameserver on the pod's loopback, as systemd-resolved's stub listener, serving a name of
+/// its own.
+const LOOPBACK_NS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
+const LOCAL: &str = "local.test";
+const LOCAL_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 53, 53);
+
+#[test]
+fn a_nameserver_on_the_pods_loopback_is_asked_through_the_agent() {
+    if !privileged("a_nameserver_on_the_pods_loopback_is_asked_through_the_agent") {
+        return;
+    }
+    let w = world("dnslo");
+    // Declared after the world, so stopped before the pod's namespace goes.
+    let local = Dnsmasq::start(
+        &w.pod.sandbox.netns,
+        &[LOOPBACK_NS],
+        w.dir.path().join("loopback.log"),
+        &[format!("--host-record={LOCAL},{LOCAL_V4}")],
+    );
+    for (transport, protocol) in [(&[][..], "udp"), (&["+tcp"][..], "tcp")] {
+        let out = w.short_with(&[LOOPBACK_NS], &[transport, &[LOCAL, "A"]].concat());
+        assert_eq!(out, LOCAL_V4.to_string(), "{protocol}");
+        let rec = w.record_of(LOCAL, protocol, "A", LOOPBACK_NS);
+        assert_eq!(rec.get("answered_by"), "nameserver", "{rec:?}");
+        assert_eq!(rec.get("rcode"), "NOERROR", "{rec:?}");
+        // Forwarded inside the pod's namespace, over its loopback.
+        let up: SocketAddr = rec.get("upstream_local").parse().unwrap();
+        assert!(up.ip().is_loopback(), "{rec:?}");
+    }
+    assert_eq!(
+        w.getent_with(&[LOOPBACK_NS], LOCAL),
+        BTreeSet::from([IpAddr::V4(LOCAL_V4)])
+    );
+    w.record_of(LOCAL, "udp", "AAAA", LOOPBACK_NS);
+    assert!(local.queries() >= 4, "{}", local.log());
+    assert_eq!(w.upstream.queries(), 0, "{}", w.upstream.log());
+}
+
+/// A TCP ServiceEntry by host, resolved by DNS: its name is the nameserver's to answer (the
+/// address allocated for it is not), and no address on its port is allowed but those the
+/// workload was answered for it (and the allocated one, which leads to the agent).
 const TCP_HOST: &str = "apiVersion: egress/v1alpha1
 kind: EgressConfig
 metadata: {name: node}
@@ -455,10 +794,10 @@ fn a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out() 
         denied.get("registry-denied").copied().unwrap_or(0) >= 1,
         "{denied:?}"
     );
-    // No address was allocated: the name is the nameserver's to answer.
+    // The entry has an allocated address, but its name is the nameserver's to answer.
     let dump = w.agent.config_dump();
     assert!(
-        dump["allocated"].get("ServiceEntry team-a/db").is_none(),
+        dump["allocated"]["ServiceEntry team-a/db"].is_array(),
         "{dump}"
     );
     // Resolved, then connected at once: straight out, to the echo stand-in.

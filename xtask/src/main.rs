@@ -25,8 +25,8 @@ const FUZZ_SECONDS: u64 = 30;
 /// parse the metrics page, for the kernels step qemu and a static busybox (the guests'
 /// shell and tools), for the agent's image and the container tests Docker and debootstrap
 /// (which makes the base image, since none can be pulled), and for the DNS tests dnsmasq (the
-/// binary only, no service) as the upstream nameserver, dig as a client and Python for a
-/// client of unconnected UDP.
+/// binary only, no service) as the nameservers, dig as a client, Python for a client of
+/// unconnected UDP and musl-gcc to build a client on musl's resolver.
 const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iptables", "/usr/sbin/iptables"),
@@ -40,6 +40,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("dnsmasq-base", "/usr/sbin/dnsmasq"),
     ("bind9-dnsutils", "/usr/bin/dig"),
     ("python3", "/usr/bin/python3"),
+    ("musl-tools", "/usr/bin/musl-gcc"),
 ];
 /// The PyPI package whose Kubernetes API schemas the deploy tests validate the manifests
 /// against (offline).
@@ -57,7 +58,8 @@ enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
     /// iptables, curl, containernetworking-plugins, prometheus (promtool), qemu-system-x86,
-    /// busybox-static, docker.io and debootstrap, and (with pip) kubernetes-validate.
+    /// busybox-static, docker.io, debootstrap, dnsmasq-base, bind9-dnsutils (dig), python3 and
+    /// musl-tools, and (with pip) kubernetes-validate.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,

@@ -50,7 +50,7 @@ struct Pair {
 pub struct Allocator {
     path: Option<PathBuf>,
     held: Allocations,
-    /// The agent captures DNS: TCP hosts are learnt from the answers, not allocated.
+    /// The agent captures DNS: TCP hosts are learnt from the answers.
     learn: bool,
 }
 
@@ -61,13 +61,8 @@ fn now() -> u64 {
 }
 
 /// The entries that get addresses: hosts, no addresses, a resolution other than NONE, no
-/// wildcard host; with `learn`, not those whose every port a learnt address serves
-/// (`registry::learned_ports`).
-fn wants_addresses(se: &ServiceEntry, learn: bool) -> bool {
-    let learned = crate::registry::learned_ports(se);
-    if learn && !learned.is_empty() && learned.len() == se.spec.ports.len() {
-        return false;
-    }
+/// wildcard host.
+fn wants_addresses(se: &ServiceEntry) -> bool {
     se.addresses.is_empty()
         && !se.spec.hosts.is_empty()
         && se.spec.hosts.iter().all(|h| !h.contains('*'))
@@ -115,9 +110,8 @@ impl Allocator {
         }
     }
 
-    /// When the agent captures DNS: the entries `assign` is given then learn the addresses of
-    /// their TCP hosts from DNS answers (`MeshConfig::learn_from_dns`), and those whose every
-    /// port is served so get no allocation.
+    /// When the agent captures DNS: the configurations `assign` is given then learn the
+    /// addresses of their TCP hosts from DNS answers (`MeshConfig::learn_from_dns`).
     pub fn learning(mut self, on: bool) -> Allocator {
         self.learn = on;
         self
@@ -139,7 +133,7 @@ impl Allocator {
         let wanted: Vec<String> = c
             .service_entries
             .iter()
-            .filter(|se| wants_addresses(se, self.learn))
+            .filter(|se| wants_addresses(se))
             .map(|se| format!("{}/{}", se.namespace, se.name))
             .collect();
         // Gone, or outside the ranges now: freed first, so that their addresses wait.

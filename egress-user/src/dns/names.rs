@@ -52,7 +52,8 @@ impl Claim {
 ///
 /// - A ServiceEntry host answers with the entry's addresses that are single IPs (/32, /128),
 ///   else with the addresses the agent allocated for the entry; an entry with neither claims
-///   no name. A lone `*` host claims nothing. Entries are seen from the namespaces they are
+///   no name, nor does a TCP entry by host whose addresses are learnt from the nameserver's
+///   answers (`registry::learned_ports`). A lone `*` host claims nothing. Entries are seen from the namespaces they are
 ///   exported to (`exportTo`).
 /// - A selector-less Kubernetes Service answers with its cluster IPs, or, without one (headless,
 ///   or not written in the configuration), with its ready endpoints' addresses; an
@@ -90,6 +91,9 @@ impl Names {
             } else {
                 Vec::new()
             };
+            // Every port learnt: the nameserver's answers are the ones the workload uses (and
+            // learns from), not the allocated addresses.
+            let all_learnt = !ports.is_empty() && ports.len() == se.spec.ports.len();
             if !ports.is_empty() {
                 for host in &se.spec.hosts {
                     let host = host.to_ascii_lowercase();
@@ -102,7 +106,7 @@ impl Names {
                         .push((ports.clone(), plan::exported_to(se)));
                 }
             }
-            let Some(addrs) = entry_addresses(se) else {
+            let Some(addrs) = entry_addresses(se).filter(|_| !all_learnt) else {
                 continue;
             };
             let seen_by = plan::exported_to(se);

@@ -889,7 +889,7 @@ fn answered(name: &str, cnames: &[(&str, &str, u32)], addrs: &[(&str, &str, u32)
 #[test]
 fn tcp_hosts_are_learnt_per_workload_on_their_ports_until_ttl_and_grace() {
     let names = learning_names(TCP_HOSTS);
-    // A TCP-only entry by host is not allocated an address: its queries are forwarded.
+    // A TCP-only entry by host is answered by its nameserver, not with its allocated address.
     assert!(matches!(
         names.handle(&query("db.example", RecordType::A), "team-a"),
         Action::Forward

@@ -233,16 +233,18 @@ pub fn compile(c: &MeshConfig) -> Plan {
                 let Ok(port) = u16::try_from(port.number) else {
                     continue;
                 };
-                if learned.contains(&port) {
-                    continue;
-                }
                 // Entries without addresses are matched by Host or SNI in the agent: the kernel
-                // lets every address on their ports through to it.
+                // lets every address on their ports through to it. Ports learnt from DNS let
+                // through only the entry's allocated addresses (to the agent, which knows the
+                // entry by them); the learnt ones go straight out.
                 let any = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
-                let nets = if se.addresses.is_empty() {
-                    &any[..]
-                } else {
+                let allocated: Vec<IpNet> = se.allocated.iter().map(|a| IpNet::from(*a)).collect();
+                let nets = if !se.addresses.is_empty() {
                     &se.addresses[..]
+                } else if learned.contains(&port) {
+                    &allocated[..]
+                } else {
+                    &any[..]
                 };
                 for a in nets {
                     match a.trunc() {

@@ -593,12 +593,12 @@ pub fn relayed_ports(se: &ServiceEntry) -> Vec<u16> {
 }
 
 /// The ports of an entry by host whose connections can go straight to the address the client
-/// resolved: TCP, no target port, `resolution: DNS` (or `DNS_ROUND_ROBIN`), no addresses of
-/// its own nor allocated. The agent would resolve the same host and connect to the same port;
-/// when it captures DNS, the addresses each workload is answered for such a host open those
-/// ports for it in the kernel (`dns::Learner`).
+/// resolved: TCP, no target port, `resolution: DNS` (or `DNS_ROUND_ROBIN`), no `addresses`.
+/// The agent would resolve the same host and connect to the same port; when it captures DNS,
+/// the addresses each workload is answered for such a host open those ports for it in the
+/// kernel (`dns::Learner`).
 pub fn learned_ports(se: &ServiceEntry) -> Vec<u16> {
-    if !se.addresses.is_empty() || !se.allocated.is_empty() || se.spec.hosts.is_empty() {
+    if !se.addresses.is_empty() || se.spec.hosts.is_empty() {
         return Vec::new();
     }
     let e = entry(se);
