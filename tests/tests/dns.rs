@@ -663,11 +663,18 @@ fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
     for (name, addresses, by) in [(MANY, many(1), "nameserver"), (POOL, many(2), "agent")] {
         // Over UDP, more than the client takes without EDNS and with dig's 1,232 bytes: a
         // response within that size, with TC set (dig told not to retry over TCP).
+        // The cut keeps the first addresses that fit whole, for clients that never ask over
+        // TCP (musl before 1.2.4).
         for (edns, limit) in [(&["+noedns"][..], 512), (&[][..], 1232)] {
             let d = w.dig_full(&[edns, &["+ignore", name, "A"]].concat());
             assert!(d.truncated(), "{name} {edns:?}: {d:?}");
             assert!(d.size <= limit, "{name} {edns:?}: {d:?}");
+            let kept = d.addresses();
+            assert!(kept.len() > 20 && kept.is_subset(&addresses), "{name}: {d:?}");
         }
+        let musl = musl_getaddrinfo(&w.dir);
+        let out = w.run(&musl, &[name]);
+        assert!(out.lines().count() > 20, "musl, {name}: {out}");
         // glibc takes TC as its cue to ask again over TCP, where the answer comes whole.
         assert_eq!(w.getent_with(&[EXT_V4], name), addresses, "{name}");
         let rec = w.record_of(name, "tcp", "A", EXT_V4);
@@ -815,9 +822,43 @@ fn a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out() 
     // The same address, from the same workload, after the TTL and the grace: refused again.
     std::thread::sleep(std::time::Duration::from_millis(3500));
     assert_eq!(connect(&EXT_V4.to_string()), "errno EPERM");
+    // An answer over TCP teaches it as well.
+    assert_eq!(w.short(&["+tcp", "db.example", "A"]), EXT_V4.to_string());
+    assert_eq!(connect(&EXT_V4.to_string()), format!("{EXT_V4} ping"));
     let metrics = w.agent.metrics();
-    assert!(metrics.contains("egress_dns_learned_entries"), "{metrics}");
+    assert!(
+        metrics.contains("egress_dns_learned_entries 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("egress_dns_learned_expired_total"),
+        "{metrics}"
+    );
     let _ = echo;
+}
+
+#[test]
+fn a_nameserver_that_refuses_gets_the_client_servfail_at_once() {
+    if !privileged("a_nameserver_that_refuses_gets_the_client_servfail_at_once") {
+        return;
+    }
+    let w = world("dnsfail");
+    // The node's end of the link to ext: a host with nothing on port 53, which answers the
+    // forwarded query with an ICMP port unreachable.
+    let refusing = Ipv4Addr::new(198, 19, 0, 1);
+    let out = w.run_with(
+        &[refusing],
+        "dig",
+        &["+time=3", "+tries=1", &format!("@{refusing}"), NAME, "A"],
+    );
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    let rec = w.record_of(NAME, "udp", "A", refusing);
+    assert_eq!(rec.get("rcode"), "SERVFAIL", "{rec:?}");
+    assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
+    assert_ne!(rec.get("result"), "ok", "{rec:?}");
+    // glibc goes on to the next nameserver and resolves.
+    let out = w.run_with(&[refusing, EXT_V4], "getent", &["ahostsv4", NAME]);
+    assert!(out.contains(&NAME_V4.to_string()), "{out}");
 }
 
 /// Istio's "Kubernetes Services for Egress Traffic": an ExternalName Service for httpbin.org,

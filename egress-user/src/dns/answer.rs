@@ -267,6 +267,22 @@ pub(super) fn encode(m: &Message) -> Vec<u8> {
     })
 }
 
+/// SERVFAIL for `query`, which was forwarded and got no response (the nameserver refused it,
+/// or did not answer in time): its ID, question, RD and CD, and an OPT when it had one; a
+/// header alone when it does not parse. The client tries its next nameserver at once rather
+/// than waiting out its timeout.
+pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let header = query.first_chunk::<12>()?;
+    Some(match Message::from_vec(query) {
+        Ok(q) => encode(&response(&q, ResponseCode::ServFail)),
+        Err(_) => header_only(
+            u16::from_be_bytes([header[0], header[1]]),
+            0x80 | (header[2] & 0x79),
+            ResponseCode::ServFail.low(),
+        ),
+    })
+}
+
 /// FORMERR for a query whose header reads: its ID, opcode and RD, no records.
 fn formerr(header: &[u8; 12]) -> Vec<u8> {
     let rcode = ResponseCode::FormErr.low();

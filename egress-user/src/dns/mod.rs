@@ -17,7 +17,8 @@
 //!   [`Chase::splice`] of the upstream's response, CNAME and addresses together;
 //! - every other query is forwarded as it arrived (ID, flags, EDNS and all sections; messages
 //!   that are forwarded are never decoded and encoded again), and so is the upstream's
-//!   response;
+//!   response; when the nameserver refuses it or does not answer, the client gets
+//!   [`servfail`] and tries its next nameserver at once;
 //! - a query whose header reads but whose body does not is refused with FORMERR; shorter than a
 //!   header, or a response, it gets nothing.
 //!
@@ -38,6 +39,7 @@
 //! [`TTL`]: crate::dns::TTL
 //! [`fit_udp`]: crate::dns::fit_udp
 //! [`question`]: crate::dns::question
+//! [`servfail`]: crate::dns::servfail
 //! [`Learner`]: crate::dns::Learner
 
 mod answer;
@@ -46,7 +48,7 @@ mod names;
 pub mod server;
 mod wire;
 
-pub use answer::{Action, Chase, EDNS_PAYLOAD, TTL};
+pub use answer::{Action, Chase, EDNS_PAYLOAD, TTL, servfail};
 pub use learn::Learner;
 pub use names::{CLUSTER_DOMAIN, Names};
 pub use wire::{UDP_MIN, fit_udp, question, udp_limit};

@@ -204,11 +204,11 @@ impl Dns {
         let response = match (self.answer)(&query, &wl.namespace) {
             Action::Answer(a) | Action::Refuse(a) => Some(q.answered(a)),
             Action::Forward => q
-                .forwarded(asked(query.clone()).await)
+                .forwarded(&query, asked(query.clone()).await)
                 .inspect(|r| (self.learn)(&wl, r)),
             Action::Chase(c) => {
                 let got = asked(c.query(message_id(&query))).await;
-                q.chased(&c, got).inspect(|r| (self.learn)(&wl, r))
+                q.chased(&query, &c, got).inspect(|r| (self.learn)(&wl, r))
             }
             Action::Ignore => None,
         };
@@ -317,10 +317,12 @@ impl Dns {
             };
             let response = match action {
                 Action::Answer(a) | Action::Refuse(a) => Some(q.answered(a)),
-                Action::Forward => q.forwarded(asked(&query).await),
+                Action::Forward => q
+                    .forwarded(&query, asked(&query).await)
+                    .inspect(|r| (self.learn)(&wl, r)),
                 Action::Chase(c) => {
                     let got = asked(chase.as_deref().unwrap_or_default()).await;
-                    q.chased(&c, got)
+                    q.chased(&query, &c, got).inspect(|r| (self.learn)(&wl, r))
                 }
                 Action::Ignore => None,
             };
@@ -438,7 +440,12 @@ impl Query {
         response
     }
 
-    fn forwarded(&mut self, got: Result<(Vec<u8>, SocketAddr), Failed>) -> Option<Vec<u8>> {
+    /// The nameserver's response to `query`, or, when it sent none, SERVFAIL from the agent.
+    fn forwarded(
+        &mut self,
+        query: &[u8],
+        got: Result<(Vec<u8>, SocketAddr), Failed>,
+    ) -> Option<Vec<u8>> {
         self.rec.answered_by = Some("nameserver");
         self.rec.upstream = Some(self.rec.orig_dst);
         match got {
@@ -450,19 +457,28 @@ impl Query {
             }
             Err(Failed(result, error)) => {
                 self.failed(result, error);
-                None
+                self.rec.answered_by = Some("agent");
+                let r = super::servfail(query)?;
+                self.rec.rcode = rcode(&r).map(|c| rcode_name(c).into_owned());
+                Some(r)
             }
         }
     }
 
-    /// The response to a chased alias: the upstream's answer for the target, spliced behind
-    /// the registry's CNAMEs (SERVFAIL when the upstream's is not an answer to the chase).
+    /// The response to `query`, a chased alias: the upstream's answer for the target, spliced
+    /// behind the registry's CNAMEs (SERVFAIL when the upstream's is not an answer to the chase,
+    /// or when it sent none).
     fn chased(
         &mut self,
+        query: &[u8],
         chase: &Chase,
         got: Result<(Vec<u8>, SocketAddr), Failed>,
     ) -> Option<Vec<u8>> {
-        let upstream = self.forwarded(got)?;
+        let failed = got.is_err();
+        let upstream = self.forwarded(query, got)?;
+        if failed {
+            return Some(upstream);
+        }
         self.rec.answered_by = Some("agent+nameserver");
         let r = chase.splice(&upstream);
         self.rec.rcode = rcode(&r).map(|c| rcode_name(c).into_owned());

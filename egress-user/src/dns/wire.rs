@@ -23,22 +23,27 @@ pub fn udp_limit(query: &[u8]) -> usize {
 
 /// `response` as a UDP client sending `query` may receive it: as it is when it fits
 /// [`udp_limit`]; else its header with TC set, its question (the query's when the response
-/// does not parse) and, when both the query and the response have one, the response's OPT
-/// without options (its payload size, extended response code and flags kept). The client then
-/// asks again over TCP.
+/// does not parse), as many of its answer records, whole and in order, as fit (RFC 2181 §9:
+/// clients that never ask over TCP, such as older musl, still get addresses), and, when both
+/// the query and the response have one, the response's OPT without options (its payload size,
+/// extended response code and flags kept). Other clients ask again over TCP.
 pub fn fit_udp(query: &[u8], response: Vec<u8>) -> Vec<u8> {
-    if response.len() <= udp_limit(query) {
+    let limit = udp_limit(query);
+    if response.len() <= limit {
         return response;
     }
-    truncated(query, &response).unwrap_or(response)
+    truncated(query, &response, limit).unwrap_or(response)
 }
 
-/// `response` (longer than a header) cut to its header with TC set, question and OPT, as
-/// [`fit_udp`] says.
-fn truncated(query: &[u8], response: &[u8]) -> Option<Vec<u8>> {
+/// `response` (longer than a header) cut to `limit` bytes as [`fit_udp`] says.
+fn truncated(query: &[u8], response: &[u8], limit: usize) -> Option<Vec<u8>> {
     let asked = Message::from_vec(query).ok();
+    let mut answers = Vec::new();
     let mut m = match Message::from_vec(response) {
-        Ok(r) => r.truncate(),
+        Ok(r) => {
+            answers.clone_from(&r.answers);
+            r.truncate()
+        }
         Err(_) => {
             let header = Header::read(&mut BinDecoder::new(response)).ok()?;
             let mut m = Message::new(header.id, header.message_type, header.op_code);
@@ -56,7 +61,21 @@ fn truncated(query: &[u8], response: &[u8]) -> Option<Vec<u8>> {
         (Some(q), Some(opt)) if q.edns.is_some() => opt.options_mut().as_mut().clear(),
         _ => m.edns = None,
     }
-    Some(encode(&m))
+    // The most answers that fit: fewer always fit when more do.
+    let with = |m: &mut Message, n: usize| {
+        m.answers = answers[..n].to_vec();
+        encode(m)
+    };
+    let (mut fits, mut over) = (0, answers.len() + 1);
+    while over - fits > 1 {
+        let mid = (fits + over) / 2;
+        if with(&mut m, mid).len() <= limit {
+            fits = mid;
+        } else {
+            over = mid;
+        }
+    }
+    Some(with(&mut m, fits))
 }
 
 /// A message's first question: the name in lower case without the trailing dot (`.` for the
