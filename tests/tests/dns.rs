@@ -670,7 +670,10 @@ fn large_answers_are_truncated_over_udp_and_whole_over_tcp() {
             assert!(d.truncated(), "{name} {edns:?}: {d:?}");
             assert!(d.size <= limit, "{name} {edns:?}: {d:?}");
             let kept = d.addresses();
-            assert!(kept.len() > 20 && kept.is_subset(&addresses), "{name}: {d:?}");
+            assert!(
+                kept.len() > 20 && kept.is_subset(&addresses),
+                "{name}: {d:?}"
+            );
         }
         let musl = musl_getaddrinfo(&w.dir);
         let out = w.run(&musl, &[name]);
@@ -775,7 +778,7 @@ fn a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out() 
     if !privileged("a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out") {
         return;
     }
-    // dnsmasq answers db.example with TTL 1; the agent keeps learnt addresses 2 s past it.
+    // dnsmasq answers db.example with TTL 1; the agent keeps learnt addresses 4 s past it.
     let records = [
         format!("--host-record=db.example,{EXT_V4}"),
         "--local-ttl=1".to_owned(),
@@ -784,7 +787,7 @@ fn a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out() 
         "dnslearn",
         TCP_HOST,
         "team-a",
-        &["--dns-grace", "2s"],
+        &["--dns-grace", "4s"],
         &records,
     );
     let servers = Servers::new();
@@ -819,8 +822,14 @@ fn a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out() 
             r.get("orig_dst") == format!("{EXT_V4}:5432")
         });
     assert_eq!(direct.get("reason"), "dns-learned", "{direct:?}");
+    // `egress explain` for the workload says so while it lasts.
+    let admin = w.dir.path().join("admin.sock");
+    let workload = ["--workload", "team-a/client", "--admin-socket"];
+    let args = [&workload[..], &[admin.to_str().unwrap()]].concat();
+    let said = w.agent.explain(&format!("{EXT_V4}:5432"), &args);
+    assert!(said.ends_with("[dns-learned]"), "{said}");
     // The same address, from the same workload, after the TTL and the grace: refused again.
-    std::thread::sleep(std::time::Duration::from_millis(3500));
+    std::thread::sleep(std::time::Duration::from_millis(5500));
     assert_eq!(connect(&EXT_V4.to_string()), "errno EPERM");
     // An answer over TCP teaches it as well.
     assert_eq!(w.short(&["+tcp", "db.example", "A"]), EXT_V4.to_string());

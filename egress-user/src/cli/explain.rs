@@ -16,6 +16,9 @@ pub struct Caller {
     pub gid: u32,
     /// The workload's name and its enrolment (`None`: a namespace that is not enrolled).
     pub workload: Option<(String, Workload)>,
+    /// Whether the workload learnt the destination from a DNS answer that has not run out
+    /// (`LEARNED`).
+    pub learned: bool,
 }
 
 /// The Kubernetes Services the datapath translates.
@@ -103,10 +106,11 @@ fn decide_one<T: Tables>(
     };
     let base = q(caller);
     let wl = caller.workload.as_ref().map(|(_, w)| w);
-    match dst.ip() {
+    let d = match dst.ip() {
         IpAddr::V4(a) => decide(t, cfg, wl, &with_dst(base, a.octets())),
         IpAddr::V6(a) => decide(t, cfg, wl, &with_dst(base, a.octets())),
-    }
+    };
+    egress_common::with_learned(cfg, d, || caller.learned)
 }
 
 fn with_dst<A>(q: Query<()>, dst: A) -> Query<A> {
@@ -216,6 +220,7 @@ mod tests {
                     ..Workload::default()
                 },
             )),
+            learned: false,
         }
     }
 
@@ -292,6 +297,14 @@ mod tests {
         assert_eq!(
             explain(&p, &cfg, "198.18.0.1:81".parse().unwrap(), &c).join("\n"),
             "deny (REGISTRY_ONLY: no ServiceEntry address allows 198.18.0.1 port 81) [registry-denied]"
+        );
+        // The same destination, learnt from a DNS answer the workload got.
+        let learnt = Caller { learned: true, ..c };
+        assert_eq!(
+            explain(&p, &cfg, "198.18.0.1:81".parse().unwrap(), &learnt).join("\n"),
+            "direct (the workload was answered 198.18.0.1 for the host of a TCP ServiceEntry \
+             with port 81 and the answer has not run out: it goes straight out, accounted by \
+             the kernel) [dns-learned]"
         );
         // A TCP entry by address needs nothing from the stream.
         let l = config::parse_str(

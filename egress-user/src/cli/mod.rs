@@ -452,27 +452,25 @@ fn explain_cmd(
                 uid,
                 gid,
                 workload: Some((label.to_owned(), wl)),
+                learned: false,
             };
             explain::explain(&plan, &cfg, dst, &caller).join("\n")
         }
         None => {
             let maps = Maps::open(pin_path)?;
             let cfg = maps.config()?;
-            let (label, wl) = match workload {
-                Some(label) => {
-                    let (cookie, _) = lookup(socket, label)?;
-                    (label.to_owned(), maps.workload(cookie))
-                }
+            let (label, cookie) = match workload {
+                Some(label) => (label.to_owned(), lookup(socket, label)?.0),
                 // The agent's own namespace, when it intercepts there.
-                None => (
-                    "the agent's namespace".to_owned(),
-                    maps.workload(cfg.agent_netns),
-                ),
+                None => ("the agent's namespace".to_owned(), cfg.agent_netns),
             };
+            let learned =
+                crate::datapath::LearnedMap::open(pin_path).is_ok_and(|l| l.holds(cookie, dst));
             let caller = explain::Caller {
                 uid,
                 gid,
-                workload: wl.map(|w| (label, w)),
+                workload: maps.workload(cookie).map(|w| (label, w)),
+                learned,
             };
             explain::explain(&maps, &cfg, dst, &caller).join("\n")
         }

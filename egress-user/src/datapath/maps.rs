@@ -104,6 +104,17 @@ impl LearnedMap {
             MAP_LEARNED,
         )?)))
     }
+
+    /// Whether the workload of `netns` learnt `dst` and it has not run out: what the connect
+    /// hook checks.
+    pub fn holds(&self, netns: u64, dst: SocketAddr) -> bool {
+        let key = learned_key(netns, dst.ip(), dst.port());
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key, 0).ok())
+            .is_some_and(|until| until > monotonic_ns())
+    }
 }
 
 fn learned_key(netns: u64, addr: IpAddr, port: u16) -> LearnedKey {
