@@ -102,6 +102,9 @@ impl Learner {
     /// Learn from `response`, an answer relayed to the workload of network namespace `netns`
     /// in Kubernetes namespace `namespace`, at `now` (CLOCK_MONOTONIC ns).
     pub fn observe(&self, netns: u64, namespace: &str, names: &Names, response: &[u8], now: u64) {
+        if !names.learns() {
+            return;
+        }
         let Some((chain, addrs)) = chain(response) else {
             return;
         };

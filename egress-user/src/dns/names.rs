@@ -205,6 +205,14 @@ impl Names {
             .unwrap_or_default()
     }
 
+    /// Whether any answer can teach a workload something: a TCP entry by host or an
+    /// ExternalName Service is configured. Otherwise answers need not be read at all.
+    pub fn learns(&self) -> bool {
+        !self.learnt.is_empty()
+            || !self.learnt_wildcards.is_empty()
+            || !self.alias_targets.is_empty()
+    }
+
     /// Whether an ExternalName Service names `name` (lower case, no trailing dot): the agent
     /// then connects to the address the client was answered for it.
     pub fn is_alias_target(&self, name: &str) -> bool {
