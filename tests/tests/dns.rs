@@ -954,3 +954,44 @@ fn the_external_name_seed_task_resolves_and_reaches_httpbin_through_dns() {
         assert_eq!(r.get("upstream"), format!("{EXT_V4}:80"), "{mode}: {r:?}");
     }
 }
+
+#[test]
+fn an_upgrade_hands_the_dns_sockets_and_what_was_learnt_over() {
+    if !privileged("an_upgrade_hands_the_dns_sockets_and_what_was_learnt_over") {
+        return;
+    }
+    let records = [format!("--host-record=db.example,{EXT_V4}")];
+    let mut w = world_full(
+        "dnsup",
+        TCP_HOST,
+        "team-a",
+        &["--dns-grace", "5m"],
+        &records,
+    );
+    let servers = Servers::new();
+    let _echo = servers.echo_on(w._node.ext().listen((EXT_V4, 5432).into()));
+    assert_eq!(w.short(&["db.example", "A"]), EXT_V4.to_string());
+    // A new agent beside the running one (a DaemonSet's rolling update) takes the workload
+    // and its sockets over; the old one stops.
+    let new = w.agent.start_beside();
+    new.wait_log(0, "took over 1 workloads and their listeners");
+    let mut old = std::mem::replace(&mut w.agent, new);
+    old.terminate();
+    assert!(old.exited());
+    // Queries over UDP and TCP reach the new agent on the sockets handed over.
+    assert_eq!(w.dig(&[]), NAME_V4.to_string());
+    assert_eq!(w.dig(&["+tcp"]), NAME_V4.to_string());
+    w.record("udp", "A");
+    w.record("tcp", "A");
+    // What the workload learnt before stays in the kernel: it still goes straight out.
+    let out = w.run(
+        "/usr/bin/python3",
+        &["-c", CONNECT, &EXT_V4.to_string(), "5432"],
+    );
+    assert_eq!(out.trim(), format!("{EXT_V4} ping"));
+    let counted = w.agent.workload_stats("team-a/client");
+    assert!(
+        counted.get("dns-learned").copied().unwrap_or(0) >= 1,
+        "{counted:?}"
+    );
+}
