@@ -843,6 +843,18 @@ fn a_tcp_host_goes_direct_to_what_the_workload_was_answered_until_it_runs_out() 
         metrics.contains("egress_dns_learned_expired_total"),
         "{metrics}"
     );
+    // Learnt only from the nameservers `spec.dns.learnFrom` names: once what was learnt ran
+    // out, the same answer from another nameserver opens nothing.
+    let n = w.agent.logs().len();
+    let only_ext2 = TCP_HOST.replace(
+        "  autoAllocate:",
+        "  dns: {learnFrom: [198.19.0.3]}\n  autoAllocate:",
+    );
+    w.agent.write_config(&only_ext2);
+    w.agent.wait_log(n, "applied configuration generation 2");
+    std::thread::sleep(std::time::Duration::from_millis(5500));
+    assert_eq!(w.short(&["db.example", "A"]), EXT_V4.to_string());
+    assert_eq!(connect(&EXT_V4.to_string()), "errno EPERM");
     let _ = echo;
 }
 

@@ -307,10 +307,11 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         },
         learn: {
             let (names, learner) = (names.clone(), learner.clone());
-            Box::new(move |wl, response| {
+            Box::new(move |wl, ns, response| {
                 if let Ok(names) = names.read() {
                     let now = datapath::monotonic_ns();
-                    learner.observe(wl.cookie, &wl.namespace, &names, response, now);
+                    let who = (wl.cookie, wl.namespace.as_str());
+                    learner.observe(who, &names, ns, response, now);
                 }
             })
         },

@@ -200,6 +200,9 @@ pub struct MeshConfig {
     pub sidecars: Vec<Named<istio::SidecarSpec>>,
     pub virtual_services: Vec<Named<istio::VirtualServiceSpec>>,
     pub destination_rules: Vec<Named<istio::DestinationRuleSpec>>,
+    /// The nameservers whose answers teach workloads the addresses of TCP hosts
+    /// (`spec.dns.learnFrom`); empty: every nameserver.
+    pub dns_learn_from: Vec<IpNet>,
     /// Set by the agent when it captures DNS (not read from the files): the addresses of TCP
     /// ServiceEntry hosts are then learnt from the answers each workload gets
     /// (`registry::learned_ports`), rather than allocated or let through on their ports.
@@ -410,6 +413,15 @@ struct EgressConfigSpec {
     failure_mode: Option<super::FailureMode>,
     #[serde(default)]
     auto_allocate: Option<AutoAllocateSpec>,
+    #[serde(default)]
+    dns: Option<DnsSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DnsSpec {
+    #[serde(default)]
+    learn_from: Option<ListOrCsv>,
 }
 
 #[derive(Deserialize)]
@@ -1122,6 +1134,9 @@ impl Cx {
         }
         if let Some(a) = spec.auto_allocate {
             self.auto_allocate(origin, a, &mut config.auto_allocate);
+        }
+        if let Some(list) = spec.dns.and_then(|d| d.learn_from) {
+            config.dns_learn_from = self.ranges(origin, "spec.dns.learnFrom", &list, true);
         }
         if let Some(ns) = spec.root_namespace {
             if ns.is_empty() {

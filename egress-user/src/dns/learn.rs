@@ -99,10 +99,18 @@ impl Learner {
         }
     }
 
-    /// Learn from `response`, an answer relayed to the workload of network namespace `netns`
-    /// in Kubernetes namespace `namespace`, at `now` (CLOCK_MONOTONIC ns).
-    pub fn observe(&self, netns: u64, namespace: &str, names: &Names, response: &[u8], now: u64) {
-        if !names.learns() {
+    /// Learn from `response`, an answer of nameserver `ns` relayed to the workload of network
+    /// namespace `netns` in Kubernetes namespace `namespace`, at `now` (CLOCK_MONOTONIC ns).
+    /// Nothing is learnt from a nameserver `spec.dns.learnFrom` does not name.
+    pub fn observe(
+        &self,
+        (netns, namespace): (u64, &str),
+        names: &Names,
+        ns: IpAddr,
+        response: &[u8],
+        now: u64,
+    ) {
+        if !names.learns() || !names.learns_from(ns) {
             return;
         }
         let Some((chain, addrs)) = chain(response) else {

@@ -79,12 +79,17 @@ pub struct Names {
     learnt_wildcards: HashMap<String, Vec<Learnt>>,
     /// The targets of ExternalName Services.
     alias_targets: BTreeSet<String>,
+    /// The nameservers learnt from (`spec.dns.learnFrom`); empty: every one.
+    learn_from: Vec<ipnet::IpNet>,
 }
 
 impl Names {
     /// The names of a mesh configuration.
     pub fn build(config: &MeshConfig) -> Names {
-        let mut names = Names::default();
+        let mut names = Names {
+            learn_from: config.dns_learn_from.clone(),
+            ..Names::default()
+        };
         for se in &config.service_entries {
             let ports = if config.learn_from_dns {
                 crate::registry::learned_ports(se)
@@ -211,6 +216,12 @@ impl Names {
         !self.learnt.is_empty()
             || !self.learnt_wildcards.is_empty()
             || !self.alias_targets.is_empty()
+    }
+
+    /// Whether the answers of nameserver `ns` may teach workloads addresses: every one, unless
+    /// `spec.dns.learnFrom` names some.
+    pub fn learns_from(&self, ns: IpAddr) -> bool {
+        self.learn_from.is_empty() || self.learn_from.iter().any(|n| n.contains(&ns))
     }
 
     /// Whether an ExternalName Service names `name` (lower case, no trailing dot): the agent

@@ -46,8 +46,9 @@ use crate::{
 /// Decides a query (given the query and the Kubernetes namespace of the workload that asked):
 /// answer it, forward it, chase an alias's target upstream, or drop it.
 pub type Answer = Box<dyn Fn(&[u8], &str) -> Action + Send + Sync>;
-/// Learns from a response relayed to a workload (forwarded or chased), before it is sent on.
-pub type Learn = Box<dyn Fn(&Workload, &[u8]) + Send + Sync>;
+/// Learns from a response of a nameserver relayed to a workload (forwarded or chased), before
+/// it is sent on.
+pub type Learn = Box<dyn Fn(&Workload, IpAddr, &[u8]) + Send + Sync>;
 /// What a UDP response becomes before it is sent to the client (given the query): within the
 /// size the client can take.
 pub type Limit = Box<dyn Fn(&[u8], Vec<u8>) -> Vec<u8> + Send + Sync>;
@@ -205,10 +206,11 @@ impl Dns {
             Action::Answer(a) | Action::Refuse(a) => Some(q.answered(a)),
             Action::Forward => q
                 .forwarded(&query, asked(query.clone()).await)
-                .inspect(|r| (self.learn)(&wl, r)),
+                .inspect(|r| (self.learn)(&wl, ns.ip(), r)),
             Action::Chase(c) => {
                 let got = asked(c.query(message_id(&query))).await;
-                q.chased(&query, &c, got).inspect(|r| (self.learn)(&wl, r))
+                q.chased(&query, &c, got)
+                    .inspect(|r| (self.learn)(&wl, ns.ip(), r))
             }
             Action::Ignore => None,
         };
@@ -319,10 +321,11 @@ impl Dns {
                 Action::Answer(a) | Action::Refuse(a) => Some(q.answered(a)),
                 Action::Forward => q
                     .forwarded(&query, asked(&query).await)
-                    .inspect(|r| (self.learn)(&wl, r)),
+                    .inspect(|r| (self.learn)(&wl, ns.ip(), r)),
                 Action::Chase(c) => {
                     let got = asked(chase.as_deref().unwrap_or_default()).await;
-                    q.chased(&query, &c, got).inspect(|r| (self.learn)(&wl, r))
+                    q.chased(&query, &c, got)
+                        .inspect(|r| (self.learn)(&wl, ns.ip(), r))
                 }
                 Action::Ignore => None,
             };

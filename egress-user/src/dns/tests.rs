@@ -873,6 +873,9 @@ spec:
 
 const SEC: u64 = 1_000_000_000;
 
+/// The nameserver the answers come from.
+const NS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 53));
+
 fn learning_names(yaml: &str) -> Names {
     let mut c = config::parse_str("mesh.yaml", yaml).expect("valid").config;
     let mut alloc = crate::config::alloc::Allocator::load(None).learning(true);
@@ -909,9 +912,9 @@ fn tcp_hosts_are_learnt_per_workload_on_their_ports_until_ttl_and_grace() {
     let now = 1000 * SEC;
     let ip: IpAddr = "198.18.7.7".parse().unwrap();
     learner.observe(
-        1,
-        "team-a",
+        (1, "team-a"),
         &names,
+        NS,
         &answered("db.example", &[], &[("db.example", "198.18.7.7", 30)]),
         now,
     );
@@ -922,18 +925,18 @@ fn tcp_hosts_are_learnt_per_workload_on_their_ports_until_ttl_and_grace() {
     );
     // Another namespace does not see the entry (exportTo "."): nothing learnt.
     learner.observe(
-        2,
-        "team-b",
+        (2, "team-b"),
         &names,
+        NS,
         &answered("db.example", &[], &[("db.example", "198.18.7.8", 30)]),
         now,
     );
     assert_eq!(kernel.entries().len(), 2);
     // Through a CNAME to a wildcard host, the least TTL of the chain counts.
     learner.observe(
-        1,
-        "team-a",
+        (1, "team-a"),
         &names,
+        NS,
         &answered(
             "alias.example",
             &[("alias.example", "x.pg.example", 10)],
@@ -946,9 +949,9 @@ fn tcp_hosts_are_learnt_per_workload_on_their_ports_until_ttl_and_grace() {
     // A host of a mixed entry (HTTP too) is allocated instead, and opens nothing; nor does
     // a name no entry declares.
     learner.observe(
-        1,
-        "team-a",
+        (1, "team-a"),
         &names,
+        NS,
         &answered(
             "other.example",
             &[],
@@ -983,9 +986,9 @@ fn learning_is_capped_per_host_and_per_address_and_follows_reloads() {
         let ip = format!("198.18.{}.{}", 100 + i / 250, i % 250 + 1);
         let now = (i as u64 + 1) * SEC;
         learner.observe(
-            1,
-            "team-a",
+            (1, "team-a"),
             &names,
+            NS,
             &answered("db.example", &[], &[("db.example", &ip, 60)]),
             now,
         );
@@ -999,9 +1002,9 @@ fn learning_is_capped_per_host_and_per_address_and_follows_reloads() {
     for i in 0..(learn::MAX_NAMES_PER_ADDRESS + 3) {
         let host = format!("h{i}.pg.example");
         learner.observe(
-            1,
-            "team-a",
+            (1, "team-a"),
             &names,
+            NS,
             &answered(&host, &[], &[(&host, shared, 60)]),
             SEC,
         );
@@ -1011,9 +1014,9 @@ fn learning_is_capped_per_host_and_per_address_and_follows_reloads() {
     learner.retarget(&learning_names(""));
     assert!(kernel.entries().is_empty(), "{:?}", kernel.entries());
     learner.observe(
-        3,
-        "team-a",
+        (3, "team-a"),
         &names,
+        NS,
         &answered("db.example", &[], &[("db.example", "198.18.9.9", 60)]),
         SEC,
     );
@@ -1032,8 +1035,38 @@ fn external_name_targets_are_remembered_without_opening_anything() {
         &[("my-httpbin.default.svc.cluster.local", "httpbin.org", 30)],
         &[("httpbin.org", "198.19.0.80", 60)],
     );
-    learner.observe(1, "default", &names, &chased, SEC);
+    learner.observe((1, "default"), &names, NS, &chased, SEC);
     assert!(learner.answered(1, "httpbin.org", "198.19.0.80".parse().unwrap(), 2 * SEC));
     assert!(!learner.answered(1, "httpbin.org", "198.19.0.81".parse().unwrap(), 2 * SEC));
     assert!(kernel.entries().is_empty());
+}
+
+#[test]
+fn only_the_nameservers_learn_from_names_teach_anything() {
+    let yaml = format!(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: m}}\n\
+         spec: {{dns: {{learnFrom: [198.18.0.53/32, \"2001:db8::53\"]}}}}\n---\n{TCP_HOSTS}"
+    );
+    let names = learning_names(&yaml);
+    let kernel = FakeKernel::default();
+    let learner = Learner::new(kernel.clone(), std::time::Duration::ZERO);
+    let answer = answered("db.example", &[], &[("db.example", "198.18.7.7", 30)]);
+    // A nameserver of the workload's own choosing (its loopback, one it runs elsewhere).
+    for other in ["127.0.0.53", "198.18.0.54"] {
+        learner.observe((1, "team-a"), &names, other.parse().unwrap(), &answer, SEC);
+        assert!(kernel.entries().is_empty(), "learnt from {other}");
+    }
+    learner.observe((1, "team-a"), &names, NS, &answer, SEC);
+    assert_eq!(kernel.entries().len(), 2);
+    // A list that does not read is an error naming the field.
+    let bad = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: m}\n\
+               spec: {dns: {learnFrom: [kube-dns]}}\n";
+    let e = config::parse_str("mesh.yaml", bad).unwrap_err().to_string();
+    assert!(e.contains("spec.dns.learnFrom[0]"), "{e}");
+    let unknown = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: m}\n\
+                   spec: {dns: {learnfrom: [10.96.0.10]}}\n";
+    let e = config::parse_str("mesh.yaml", unknown)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("learnfrom"), "{e}");
 }
