@@ -24,9 +24,9 @@ const FUZZ_SECONDS: u64 = 30;
 /// (bridge, host-local) that enroll the node fixture's pods, promtool (Debian's prometheus) to
 /// parse the metrics page, for the kernels step qemu and a static busybox (the guests'
 /// shell and tools), for the agent's image and the container tests Docker and debootstrap
-/// (which makes the base image, since none can be pulled), and for the DNS tests dnsmasq (the
+/// (which makes the base image, since none can be pulled), for the DNS tests dnsmasq (the
 /// binary only, no service) as the upstream nameserver, dig as a client and Python for a
-/// client of unconnected UDP.
+/// client of unconnected UDP, and for the DNS benchmark dnsperf as the load generator.
 const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iptables", "/usr/sbin/iptables"),
@@ -40,6 +40,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("dnsmasq-base", "/usr/sbin/dnsmasq"),
     ("bind9-dnsutils", "/usr/bin/dig"),
     ("python3", "/usr/bin/python3"),
+    ("dnsperf", "/usr/bin/dnsperf"),
 ];
 /// The PyPI package whose Kubernetes API schemas the deploy tests validate the manifests
 /// against (offline).
@@ -57,7 +58,8 @@ enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
     /// iptables, curl, containernetworking-plugins, prometheus (promtool), qemu-system-x86,
-    /// busybox-static, docker.io and debootstrap, and (with pip) kubernetes-validate.
+    /// busybox-static, docker.io, debootstrap, dnsmasq-base, bind9-dnsutils, python3 and
+    /// dnsperf, and (with pip) kubernetes-validate.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -71,6 +73,10 @@ enum Cmd {
         /// A short run that checks the machinery, not a measurement.
         #[arg(long)]
         quick: bool,
+        /// Only this section (`dns`), its report written to target/bench/SECTION.md (BENCHMARKS.md
+        /// is left alone); the criterion micro-benchmarks are skipped.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Set up, run the unit tests and the privileged integration tests, then each fuzz target
     /// for EGRESS_FUZZ_SECONDS (default 30, 0 skips them), then a privileged smoke suite in
@@ -122,7 +128,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(args),
         Cmd::Test { filter } => test(filter),
         Cmd::Kernels { filter } => kernels_only(filter),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, only } => bench(quick, only.as_deref()),
         Cmd::Image { tag } => {
             setup()?;
             docker::image(&root(), &tag)
@@ -270,7 +276,7 @@ fn run(args: Vec<String>) -> Result<()> {
     status(&mut c)
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     setup()?;
     let root = root();
     cargo(
@@ -285,9 +291,20 @@ fn bench(quick: bool) -> Result<()> {
             "--bins",
         ],
     )?;
+    let target = target_dir(&root);
+    if let Some(section) = only {
+        let mut c = Command::new(target.join("release/egress-bench"));
+        c.current_dir(&root)
+            .env("EGRESS_BIN", target.join("release/egress"))
+            .args(["run", "--only", section, "--out"])
+            .arg(target.join(format!("bench/{section}.md")));
+        if quick {
+            c.arg("--quick");
+        }
+        return status(&mut c);
+    }
     // The configuration pipeline's micro-benchmarks first (criterion, user space only); the
     // report reads their estimates.
-    let target = target_dir(&root);
     let estimates = target.join("criterion");
     let _ = std::fs::remove_dir_all(&estimates);
     let timing: &[&str] = if quick {
