@@ -2747,6 +2747,25 @@ fn dnsperf(ns: &Netns, file: &std::path::Path, queries: u64, pace: Option<u32>) 
     }
 }
 
+/// The UDP drop counters in `ns` (its /proc/net/snmp, read from inside).
+fn udp_drops(ns: &Netns) -> String {
+    let o = ns.command("cat").arg("/proc/net/snmp").output();
+    let text = o
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return "?".to_owned();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter(|(n, _)| ["NoPorts", "InErrors", "RcvbufErrors", "MemErrors"].contains(n))
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The machine's load averages (1, 5, 15 minutes), as /proc/loadavg has them.
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -2845,6 +2864,12 @@ fn dns_section(s: &Settings, run: &str) -> String {
         }
     }
     let load_after = loadavg();
+    // Where a lost query went: the UDP drops counted in each pod's namespace (the agent's DNS
+    // socket, dnsperf's and the forwarding sockets of the enrolled pod are all there).
+    let (drops_pod, drops_outsider) = (
+        udp_drops(&pod.sandbox.netns),
+        udp_drops(&outsider.sandbox.netns),
+    );
     // What the kernel and the agent counted: every query from the enrolled pod redirected
     // (reason `dns`), forwarded names answered by the nameserver, registry names by the agent.
     let label = format!("{POD_NS}/{}", pod.sandbox.name);
@@ -2998,7 +3023,9 @@ fn dns_section(s: &Settings, run: &str) -> String {
          The kernel counted {redirected} queries from the enrolled pod redirected to the agent \
          (reason `dns`; {sent:.0} were sent in the rounds, and {} before them); the agent's \
          access log has {fwd_ns} forwarded queries answered by the nameserver and {reg_agent} \
-         registry names answered by the agent, and none the other way round.\n",
+         registry names answered by the agent, and none the other way round. UDP datagrams \
+         the kernel dropped (its `Udp:` counters, /proc/net/snmp) in the enrolled pod's \
+         namespace: {drops_pod}; in the baseline pod's: {drops_outsider}.\n",
         2 * DNS_NAMES
     )
     .unwrap();
