@@ -724,6 +724,22 @@ impl Agent {
             .collect()
     }
 
+    /// How many access-log records of `kind` satisfy `pred`, parsed one at a time: a
+    /// benchmark leaves hundreds of thousands.
+    pub fn count_records(&self, kind: &str, pred: impl Fn(&ConnLine) -> bool) -> usize {
+        let lines = self.access.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| ConnLine::parse(l))
+            .filter(|r| r.get("kind") == kind && pred(r))
+            .count()
+    }
+
+    /// How many lines the access log has so far.
+    pub fn access_lines(&self) -> usize {
+        self.access.lock().unwrap().len()
+    }
+
     /// Wait until a connection record satisfies `pred`.
     pub fn wait_conn(&self, what: &str, pred: impl Fn(&ConnLine) -> bool) -> ConnLine {
         self.wait_record("connection", what, pred)

@@ -24,9 +24,10 @@ const FUZZ_SECONDS: u64 = 30;
 /// (bridge, host-local) that enroll the node fixture's pods, promtool (Debian's prometheus) to
 /// parse the metrics page, for the kernels step qemu and a static busybox (the guests'
 /// shell and tools), for the agent's image and the container tests Docker and debootstrap
-/// (which makes the base image, since none can be pulled), and for the DNS tests dnsmasq (the
+/// (which makes the base image, since none can be pulled), for the DNS tests dnsmasq (the
 /// binary only, no service) as the nameservers, dig as a client, Python for a client of
-/// unconnected UDP and musl-gcc to build a client on musl's resolver.
+/// unconnected UDP and musl-gcc to build a client on musl's resolver, and for the DNS
+/// benchmark dnsperf as the load generator.
 const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("iptables", "/usr/sbin/iptables"),
@@ -41,6 +42,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bind9-dnsutils", "/usr/bin/dig"),
     ("python3", "/usr/bin/python3"),
     ("musl-tools", "/usr/bin/musl-gcc"),
+    ("dnsperf", "/usr/bin/dnsperf"),
 ];
 /// The PyPI package whose Kubernetes API schemas the deploy tests validate the manifests
 /// against (offline).
@@ -58,8 +60,8 @@ enum Cmd {
     /// Install what building and testing need, when missing: rust-src for the nightly
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
     /// iptables, curl, containernetworking-plugins, prometheus (promtool), qemu-system-x86,
-    /// busybox-static, docker.io, debootstrap, dnsmasq-base, bind9-dnsutils (dig), python3 and
-    /// musl-tools, and (with pip) kubernetes-validate.
+    /// busybox-static, docker.io, debootstrap, dnsmasq-base, bind9-dnsutils (dig), python3,
+    /// musl-tools and dnsperf, and (with pip) kubernetes-validate.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,
@@ -73,6 +75,10 @@ enum Cmd {
         /// A short run that checks the machinery, not a measurement.
         #[arg(long)]
         quick: bool,
+        /// Only this section (`dns`), its report written to target/bench/SECTION.md (BENCHMARKS.md
+        /// is left alone); the criterion micro-benchmarks are skipped.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Set up, run the unit tests and the privileged integration tests, then each fuzz target
     /// for EGRESS_FUZZ_SECONDS (default 30, 0 skips them), then a privileged smoke suite in
@@ -124,7 +130,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(args),
         Cmd::Test { filter } => test(filter),
         Cmd::Kernels { filter } => kernels_only(filter),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, only } => bench(quick, only.as_deref()),
         Cmd::Image { tag } => {
             setup()?;
             docker::image(&root(), &tag)
@@ -272,7 +278,7 @@ fn run(args: Vec<String>) -> Result<()> {
     status(&mut c)
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     setup()?;
     let root = root();
     cargo(
@@ -287,9 +293,20 @@ fn bench(quick: bool) -> Result<()> {
             "--bins",
         ],
     )?;
+    let target = target_dir(&root);
+    if let Some(section) = only {
+        let mut c = Command::new(target.join("release/egress-bench"));
+        c.current_dir(&root)
+            .env("EGRESS_BIN", target.join("release/egress"))
+            .args(["run", "--only", section, "--out"])
+            .arg(target.join(format!("bench/{section}.md")));
+        if quick {
+            c.arg("--quick");
+        }
+        return status(&mut c);
+    }
     // The configuration pipeline's micro-benchmarks first (criterion, user space only); the
     // report reads their estimates.
-    let target = target_dir(&root);
     let estimates = target.join("criterion");
     let _ = std::fs::remove_dir_all(&estimates);
     let timing: &[&str] = if quick {

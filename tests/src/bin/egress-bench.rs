@@ -1,9 +1,10 @@
 //! `egress-bench`: the side-by-side benchmarks behind `cargo xtask bench`.
 //!
-//! egress-bench run [--quick] [--out BENCHMARKS.md]
+//! egress-bench run [--quick] [--out BENCHMARKS.md] [--only dns]
 //!     every contender, alternating round by round so the machine's drift cancels out, and the
 //!     report with ratios to the direct connection. Needs root; all traffic stays on loopback,
-//!     or between the network namespaces of the nodes it builds (tests/src/node.rs).
+//!     or between the network namespaces of the nodes it builds (tests/src/node.rs). `--only`
+//!     runs one section (of those that set up all they need: `dns`) and writes its report.
 //! egress-bench serve echo|sink|http ADDR            a server of the run's kind, until killed
 //! egress-bench client connect ADDR COUNT            connect + close, one after another
 //! egress-bench client rr ADDR COUNT SIZE THREADS    connect, an HTTP request of SIZE bytes, its
@@ -18,7 +19,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     os::fd::AsRawFd as _,
     process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: egress-bench run [--quick] [--out FILE] [--criterion DIR] | client connect|rr|stream|hold ..."
+                "usage: egress-bench run [--quick] [--out FILE] [--criterion DIR] [--only dns] | client connect|rr|stream|hold ..."
             );
             ExitCode::from(64)
         }
@@ -487,6 +488,9 @@ struct Settings {
     idle: usize,
     /// Pods enrolled at once for the node agent's footprint.
     pods: usize,
+    /// DNS queries per dnsperf run as fast as the path answers, and paced (section 9).
+    dns_flat: u64,
+    dns_paced: u64,
 }
 
 /// Request and response size of the short connections.
@@ -549,6 +553,17 @@ fn run(a: &[&str]) -> ExitCode {
         .iter()
         .position(|x| *x == "--criterion")
         .and_then(|i| a.get(i + 1));
+    // One section alone, its report without the others'.
+    let only = a
+        .iter()
+        .position(|x| *x == "--only")
+        .map(|i| *a.get(i + 1).expect("--only SECTION"));
+    if let Some(section) = only {
+        assert!(
+            ONLY.contains(&section),
+            "--only {section}: the sections that run alone are {ONLY:?}"
+        );
+    }
     let s = if quick {
         Settings {
             rounds: 2,
@@ -558,6 +573,8 @@ fn run(a: &[&str]) -> ExitCode {
             cidrs: vec![10, 1000],
             idle: 500,
             pods: 10,
+            dns_flat: 10_000,
+            dns_paced: 2_000,
         }
     } else {
         Settings {
@@ -568,6 +585,8 @@ fn run(a: &[&str]) -> ExitCode {
             cidrs: vec![10, 1000, 100_000],
             idle: 10_000,
             pods: 100,
+            dns_flat: 50_000,
+            dns_paced: 10_000,
         }
     };
 
@@ -576,6 +595,21 @@ fn run(a: &[&str]) -> ExitCode {
         .filter(|d| !d.as_os_str().is_empty())
     {
         std::fs::create_dir_all(dir).expect("creating the report directory");
+    }
+    let command = format!(
+        "`cargo xtask bench{}{}`",
+        if quick { " --quick" } else { "" },
+        only.map_or_else(String::new, |o| format!(" --only {o}"))
+    );
+    if only == Some("dns") {
+        let report = format!(
+            "# Benchmarks: one section\n\nMeasured alone by {command} (as root); machine: {}.\n\n{}",
+            machine(),
+            dns_section(&s, &format!("in a run of its own, {command}"))
+        );
+        std::fs::write(&out, report).expect("writing the report");
+        println!("wrote {out}");
+        return ExitCode::SUCCESS;
     }
     let servers = Servers::new();
     let port = free_port();
@@ -1048,11 +1082,13 @@ fn run(a: &[&str]) -> ExitCode {
 
     md += &node_section(&s, &mut plots);
     let restarts = restarts_section(&s, ports, &mut goals);
+    let dns = dns_section(&s, &format!("in the run of the sections above, {command}"));
 
     if let Some(dir) = &criterion {
         md += &pipeline_section(std::path::Path::new(dir));
     }
     md += &restarts;
+    md += &dns;
 
     let report = header(&s, quick) + &goals.render() + MISSES + &md + &plots.write(&out);
     std::fs::write(&out, report).expect("writing the report");
@@ -1778,7 +1814,8 @@ fn hook_time_since(before: &BTreeMap<String, (u64, u64)>) -> BTreeMap<String, (u
         .collect()
 }
 
-fn header(s: &Settings, quick: bool) -> String {
+/// Cores, CPU model, memory and kernel.
+fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -1796,11 +1833,19 @@ fn header(s: &Settings, quick: bool) -> String {
         .to_owned();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
+        "{cores} cores, {cpu}; {}; Linux {}",
+        mem.split_whitespace().collect::<Vec<_>>().join(" "),
+        kernel.trim()
+    )
+}
+
+fn header(s: &Settings, quick: bool) -> String {
+    format!(
         "# Benchmarks\n\nRegenerated by `cargo xtask bench`{} (as root). Every figure is measured in one run, contenders \
          alternating round by round ({} rounds) so that the machine's drift cancels out; all traffic is on loopback \
-         (127.0.0.0/8) or, in section 6, between the network namespaces of two nodes built for the run (198.18.0.0/15). \
+         (127.0.0.0/8) or, in sections 6 and 9, between the network namespaces of nodes built for the run (198.18.0.0/15). \
          Figures are medians with the (min–max) over rounds; ratios compare medians.\n\n\
-         - machine: {cores} cores, {cpu}; {}; Linux {}\n- contenders: **direct** (no hook, no proxy); **egress bypass** \
+         - machine: {}\n- contenders: **direct** (no hook, no proxy); **egress bypass** \
          (hooks attached, destination excluded); **egress redirect** (hooks, through the agent); **iptables REDIRECT → egress \
          agent** (the same agent behind classic interception, finding the destination through conntrack); **iptables REDIRECT \
          → HAProxy** (Debian's HAProxy, `server s 0.0.0.0:0`); **iptables exclude chain** (Istio's RETURN rule per excluded \
@@ -1811,8 +1856,7 @@ fn header(s: &Settings, quick: bool) -> String {
          an HTTP proxy, `http-reuse always`)\n\n",
         if quick { " --quick" } else { "" },
         s.rounds,
-        mem.split_whitespace().collect::<Vec<_>>().join(" "),
-        kernel.trim()
+        machine()
     )
 }
 
@@ -2507,6 +2551,482 @@ fn metrics_rounds(s: &Settings, ports: Ports, servers: &Servers, goals: &mut Goa
          {requests:.0} HTTP requests on its page at the end ({} connections were made through \
          it per path).\n",
         s.rounds as u64 * s.rr_ops
+    )
+    .unwrap();
+    md
+}
+
+// ---------------------------------------------------------------------------------------------
+// Section 9: DNS.
+
+/// The sections `--only` runs alone (those that set up all they need themselves).
+const ONLY: &[&str] = &["dns"];
+/// Names in each of dnsperf's query files.
+const DNS_NAMES: u8 = 4;
+/// dnsperf's timeout for a query's answer (`-t`): a lost query holds the run's end this long.
+const DNS_TIMEOUT_SECS: u64 = 2;
+/// The longest a dnsperf run may take (`-l`); `timeout` stops it 30 s after that.
+const DNS_LIMIT_SECS: u64 = 30;
+/// Queries dnsperf may have outstanding (`-q`, its default).
+const DNS_OUTSTANDING: u32 = 100;
+/// The paced runs' rate (`-Q`): a few hundred µs apart, so that queries seldom wait for each
+/// other. (`-q 1` does not give one query at a time: dnsperf's sender then waits tens of
+/// milliseconds between queries.)
+const DNS_PACE: u32 = 2000;
+
+/// `kind`'s names for dnsperf, `name<i>.<kind>.bench`, with their addresses from
+/// 198.19.0.`first` on (answers only: nothing connects to them).
+fn dns_names(kind: &str, first: u8) -> Vec<(String, Ipv4Addr)> {
+    (0..DNS_NAMES)
+        .map(|i| {
+            (
+                format!("name{i}.{kind}.bench"),
+                Ipv4Addr::new(198, 19, 0, first + i),
+            )
+        })
+        .collect()
+}
+
+/// The DNS section's node agent: ALLOW_ANY, and one ServiceEntry with an address per
+/// `registry` name, in the pods' namespace, whose names the agent answers itself.
+fn dns_config(registry: &[(String, Ipv4Addr)]) -> String {
+    let mut c = String::from(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: bench-dns}\nspec:\n  \
+         outboundTrafficPolicy: {mode: ALLOW_ANY}\n  interception: {includeOutboundIPRanges: \"*\"}\n",
+    );
+    for (i, (host, addr)) in registry.iter().enumerate() {
+        write!(
+            c,
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: dns-{i}, namespace: {POD_NS}}}\nspec:\n  hosts: [{host}]\n  \
+             addresses: [{addr}]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  \
+             resolution: NONE\n"
+        )
+        .unwrap();
+    }
+    c
+}
+
+/// Debian's dnsmasq in a node's ext namespace on `EXT_V4`:53, serving `names` as host
+/// records (no upstream of its own, no query log); stopped on drop.
+struct Dnsmasq {
+    child: std::process::Child,
+}
+
+impl Dnsmasq {
+    fn start(node: &Node, dir: &std::path::Path, names: &[(String, Ipv4Addr)]) -> Dnsmasq {
+        let log = dir.join(format!("{}-dnsmasq.log", node.ext().name()));
+        let mut c = node.ext().command("dnsmasq");
+        c.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--user=root",
+            "--pid-file=",
+            "--port=53",
+        ])
+        .arg(format!("--listen-address={EXT_V4}"))
+        .arg(format!("--log-facility={}", log.display()));
+        for (name, addr) in names {
+            c.arg(format!("--host-record={name},{addr}"));
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting dnsmasq (Debian's dnsmasq-base: cargo xtask setup)");
+        let d = Dnsmasq { child };
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            eventually(10, || read().contains("started")),
+            "dnsmasq did not start: {}",
+            read()
+        );
+        d
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One dnsperf run's figures.
+struct DnsRun {
+    completed: f64,
+    lost: f64,
+    qps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// dnsperf in `ns`, to `EXT_V4`:53: the queries of `file` (`DNS_NAMES` of them) `queries`
+/// in all (at most `DNS_LIMIT_SECS`), up to `DNS_OUTSTANDING` at a time, at most `pace` a
+/// second when given, each query's time printed (`-v`). Every answer must be NOERROR.
+fn dnsperf(ns: &Netns, file: &std::path::Path, queries: u64, pace: Option<u32>) -> DnsRun {
+    let o = ns
+        .command("timeout")
+        .arg("--kill-after=5")
+        .arg((DNS_LIMIT_SECS + 30).to_string())
+        .arg("dnsperf")
+        .args(["-s", &EXT_V4.to_string(), "-p", "53", "-v"])
+        .arg("-d")
+        .arg(file)
+        .args([
+            "-n",
+            &(queries / u64::from(DNS_NAMES)).max(1).to_string(),
+            "-l",
+            &DNS_LIMIT_SECS.to_string(),
+            "-q",
+            &DNS_OUTSTANDING.to_string(),
+            "-t",
+            &DNS_TIMEOUT_SECS.to_string(),
+        ])
+        .args(pace.map(|q| format!("-Q{q}")))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running dnsperf (Debian's dnsperf: cargo xtask setup)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let summary = || {
+        out.lines()
+            .filter(|l| !l.starts_with("> "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        o.status.success(),
+        "dnsperf in {} failed ({}): {}\n{}",
+        ns.name(),
+        o.status,
+        summary(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // `> RCODE NAME TYPE SECONDS`, one line per answer.
+    let mut lat = Vec::new();
+    let mut other = 0usize;
+    for l in out.lines().filter_map(|l| l.strip_prefix("> ")) {
+        if let [code, _, _, secs] = l.split_whitespace().collect::<Vec<_>>()[..]
+            && let Ok(secs) = secs.parse::<f64>()
+        {
+            lat.push((secs * 1e9) as u64);
+            if code != "NOERROR" {
+                other += 1;
+            }
+        }
+    }
+    assert!(
+        other == 0 && !lat.is_empty(),
+        "dnsperf in {}: {other} answers not NOERROR, {} in all: {}",
+        ns.name(),
+        lat.len(),
+        summary()
+    );
+    let stat = |key: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("dnsperf printed no {key:?}: {}", summary()))
+    };
+    let p = percentiles(lat);
+    DnsRun {
+        completed: stat("Queries completed:"),
+        lost: stat("Queries lost:"),
+        qps: stat("Queries per second:"),
+        p50: p[49],
+        p99: p[98],
+    }
+}
+
+/// The UDP drop counters in `ns` (its /proc/net/snmp, read from inside).
+fn udp_drops(ns: &Netns) -> String {
+    let o = ns.command("cat").arg("/proc/net/snmp").output();
+    let text = o
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return "?".to_owned();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter(|(n, _)| ["NoPorts", "InErrors", "RcvbufErrors", "MemErrors"].contains(n))
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The machine's load averages (1, 5, 15 minutes), as /proc/loadavg has them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Section 9: a pod's DNS queries. A node agent and a pod enrolled through egress-cni (as in
+/// section 6), dnsmasq as the nameserver in the node's ext namespace; dnsperf from the pod,
+/// for names dnsmasq serves (forwarded by the agent) and names of ServiceEntries (answered
+/// by the agent), against dnsmasq asked from a pod of a second node that is not enrolled.
+/// `run` says which run measured it.
+fn dns_section(s: &Settings, run: &str) -> String {
+    let load_before = loadavg();
+    let upstream_names = dns_names("upstream", 80);
+    let registry_names = dns_names("registry", 90);
+    // Dropped in reverse, also on a panic: the nameservers, both nodes (their pods get DEL
+    // while the agent still runs, then their namespaces go), the agent, the directory.
+    let dir = TempDir::new("bench-dns");
+    let write_queries = |kind: &str, names: &[(String, Ipv4Addr)]| {
+        let path = dir.path().join(format!("{kind}.queries"));
+        let text: String = names.iter().map(|(n, _)| format!("{n} A\n")).collect();
+        std::fs::write(&path, text).expect("writing a query file");
+        path
+    };
+    let upstream_file = write_queries("upstream", &upstream_names);
+    let registry_file = write_queries("registry", &registry_names);
+    let admin = dir.path().join("admin.sock");
+    let agent = Agent::start_node(NodeOpts {
+        config: &dns_config(&registry_names),
+        state_file: &dir.path().join("workloads.json"),
+        admin_socket: &admin,
+        extra: vec![],
+    });
+    let node = Node::builder("bench-dns")
+        .cni_dir(egress_bin().parent().expect("the binaries' directory"))
+        .chain(json!({"type": "egress-cni", "adminSocket": admin}))
+        .build();
+    let plain = Node::new("bench-dns-plain");
+    let outsider = plain.add_pod(POD_NS, "dns-outsider");
+    let pod = node.add_pod(POD_NS, "dns-client");
+    let ns_plain = Dnsmasq::start(&plain, dir.path(), &upstream_names);
+    let ns_node = Dnsmasq::start(&node, dir.path(), &upstream_names);
+
+    let contenders: [(&str, &Netns, &std::path::Path, &Dnsmasq); 3] = [
+        (
+            "baseline: dnsmasq asked directly (a pod that is not enrolled)",
+            &outsider.sandbox.netns,
+            &upstream_file,
+            &ns_plain,
+        ),
+        (
+            "forwarded through the agent (the same names)",
+            &pod.sandbox.netns,
+            &upstream_file,
+            &ns_node,
+        ),
+        (
+            "registry name answered by the agent (ServiceEntry with an address)",
+            &pod.sandbox.netns,
+            &registry_file,
+            &ns_node,
+        ),
+    ];
+    // As fast as the path answers, then paced.
+    let loads = [(None, s.dns_flat), (Some(DNS_PACE), s.dns_paced)];
+    // Every path answers before the rounds (and the agent's sockets are up).
+    for (_, ns, file, _) in &contenders {
+        dnsperf(ns, file, u64::from(DNS_NAMES), Some(DNS_PACE));
+    }
+    let mut samples: Vec<Vec<Samples>> = loads
+        .iter()
+        .map(|_| (0..contenders.len()).map(|_| Samples::default()).collect())
+        .collect();
+    let (mut sent, mut lost) = (0.0, 0.0);
+    for _ in 0..s.rounds {
+        for (l, (pace, queries)) in loads.iter().enumerate() {
+            for (k, (_, ns, file, dnsmasq)) in contenders.iter().enumerate() {
+                let (agent0, dnsmasq0) = (cpu_seconds(agent.pid()), cpu_seconds(dnsmasq.pid()));
+                let r = dnsperf(ns, file, *queries, *pace);
+                let per = |t0: f64, pid: u32| (cpu_seconds(pid) - t0) * 1e6 / r.completed;
+                let x = &mut samples[l][k];
+                x.push("agent_cpu_us", per(agent0, agent.pid()));
+                x.push("dnsmasq_cpu_us", per(dnsmasq0, dnsmasq.pid()));
+                x.push("rate", r.qps);
+                x.push("p50", r.p50);
+                x.push("p99", r.p99);
+                if k > 0 {
+                    sent += r.completed + r.lost;
+                }
+                lost += r.lost;
+            }
+        }
+    }
+    let load_after = loadavg();
+    // Where a lost query went: the UDP drops counted in each pod's namespace (the agent's DNS
+    // socket, dnsperf's and the forwarding sockets of the enrolled pod are all there).
+    let (drops_pod, drops_outsider) = (
+        udp_drops(&pod.sandbox.netns),
+        udp_drops(&outsider.sandbox.netns),
+    );
+    // What the kernel and the agent counted: every query from the enrolled pod redirected
+    // (reason `dns`), forwarded names answered by the nameserver, registry names by the agent.
+    let label = format!("{POD_NS}/{}", pod.sandbox.name);
+    let redirected = agent
+        .workload_stats(&label)
+        .get("dns")
+        .copied()
+        .unwrap_or(0);
+    // The access log is written from a queue: let it drain.
+    let mut lines = agent.access_lines();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = agent.access_lines();
+        if now == lines {
+            break;
+        }
+        lines = now;
+    }
+    let by = |kind: &str, who: &str| {
+        agent.count_records("dns", |r| {
+            r.get("query_name").ends_with(&format!(".{kind}.bench.")) && r.get("answered_by") == who
+        })
+    };
+    let (fwd_ns, fwd_agent) = (by("upstream", "nameserver"), by("upstream", "agent"));
+    let (reg_agent, reg_ns) = (by("registry", "agent"), by("registry", "nameserver"));
+    assert!(
+        fwd_agent == 0 && reg_ns == 0,
+        "forwarded names answered by the agent: {fwd_agent}; registry names answered by the \
+         nameserver: {reg_ns}"
+    );
+
+    let mut md =
+        String::from("## 9. DNS: a pod's queries, forwarded and answered by the agent\n\n");
+    writeln!(
+        md,
+        "Measured {run}; the machine's load average (1, 5, 15 min) was {load_before} \
+         before the section and {load_after} after it ({} cores; the benchmark's own processes \
+         count in it).\n\n\
+         A node as in section 6: one node agent, a pod enrolled through the node's chain \
+         (bridge with host-local, then egress-cni), Debian's dnsmasq as the nameserver in the \
+         node's ext namespace ({EXT_V4}:53) serving {DNS_NAMES} names as host records. Debian's \
+         dnsperf in the pod sends A queries for {DNS_NAMES} names in turn to {EXT_V4}:53 from \
+         **one unconnected UDP socket** (`sendto` to the nameserver, `recvfrom` without asking \
+         where the answer came from): the kernel's `sendmsg4` hook rewrites every datagram's \
+         destination to the agent's DNS socket in the pod's namespace, and `recvmsg4` (which \
+         restores the nameserver as the source for a client that asks) does not run. A \
+         connected socket, as glibc's resolver uses, takes the `connect4` hook once instead; \
+         it is not measured here. Three contenders:\n\n\
+         - **baseline**: a pod of a second node whose chain has no egress-cni asks its own \
+         dnsmasq (the same names, in that node's ext namespace) directly: the same path, not \
+         intercepted (`not-enrolled`).\n\
+         - **forwarded**: the same names from the enrolled pod. The agent finds no registry \
+         name, forwards the query to {EXT_V4}:53 from a UDP socket it makes in the pod's \
+         namespace, waits for the answer and sends it back to the client.\n\
+         - **registry**: {DNS_NAMES} names of ServiceEntries with an address (`resolution: \
+         NONE`, one name each) from the enrolled pod: the agent answers, dnsmasq is not asked.\n\n\
+         Each contender runs two ways: **flat out**, up to {DNS_OUTSTANDING} queries \
+         outstanding (dnsperf's default `-q`), sent as fast as the path answers: queries/s is \
+         its throughput, and the latency includes the wait in the queues; and **paced** at \
+         {DNS_PACE} queries/s (`-Q`): queries {:.0} µs apart, seldom waiting for each other, \
+         so the latency is a query's own (and queries/s the pace kept). {} queries per run \
+         flat out and {} paced (`-n`, and at most {DNS_LIMIT_SECS} s: `-l`), {} rounds, the \
+         six runs alternating; the latencies are \
+         dnsperf's own time for each query (`-v`, to the microsecond). **agent CPU** and \
+         **dnsmasq CPU** are the time their threads ran during a run, per query answered. The \
+         agent writes one access record (kind `dns`) per query it serves, part of its cost \
+         here.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        1e6 / f64::from(DNS_PACE),
+        s.dns_flat,
+        s.dns_paced,
+        s.rounds
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| load | contender | queries/s | p50 µs | p99 µs | rate vs baseline | p50 vs \
+         baseline | p99 vs baseline | agent CPU µs per query | dnsmasq CPU µs per query |"
+    )
+    .unwrap();
+    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    let load_name = |pace: &Option<u32>| {
+        pace.map_or_else(|| "flat out".to_owned(), |q| format!("paced, {q}/s"))
+    };
+    for (l, (pace, _)) in loads.iter().enumerate() {
+        let load = load_name(pace);
+        let rows = &samples[l];
+        for (k, (name, _, _, _)) in contenders.iter().enumerate() {
+            let r = &rows[k];
+            let vs = |m: &str| r.get(m).median / rows[0].get(m).median;
+            writeln!(
+                md,
+                "| {load} | {name} | {} | {} | {} | {:.2}× | {:.2}× | {:.2}× | {} | {} |",
+                r.get("rate"),
+                r.get("p50"),
+                r.get("p99"),
+                vs("rate"),
+                vs("p50"),
+                vs("p99"),
+                r.get("agent_cpu_us"),
+                r.get("dnsmasq_cpu_us"),
+            )
+            .unwrap();
+        }
+    }
+    writeln!(md).unwrap();
+    let med = |l: usize, k: usize, m: &str| samples[l][k].get(m).median;
+    // The baseline's own rounds: (min–max) over its median, the noise a ratio is read against.
+    let noise = |l: usize, m: &str| {
+        let b = samples[l][0].get(m);
+        format!("{:.2}–{:.2}×", b.min / b.median, b.max / b.median)
+    };
+    writeln!(
+        md,
+        "- Flat out, the agent forwards {:.0} queries/s, {:.2}× dnsmasq's {:.0} asked directly \
+         (whose rounds spread {}), and answers registry names at {:.0} queries/s ({:.2}×). \
+         The agent's CPU per query: {:.1} µs forwarded, {:.1} µs answered (dnsmasq's: {:.1} µs \
+         per query it answers). The flat-out latencies are mostly the queues': {} outstanding \
+         over the rate.",
+        med(0, 1, "rate"),
+        med(0, 1, "rate") / med(0, 0, "rate"),
+        med(0, 0, "rate"),
+        noise(0, "rate"),
+        med(0, 2, "rate"),
+        med(0, 2, "rate") / med(0, 0, "rate"),
+        med(0, 1, "agent_cpu_us"),
+        med(0, 2, "agent_cpu_us"),
+        med(0, 0, "dnsmasq_cpu_us"),
+        DNS_OUTSTANDING,
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "- Paced at {DNS_PACE} queries/s, a forwarded query takes {:+.0} µs at the median over \
+         dnsmasq asked directly ({:.2}×, p99 {:.2}×; the baseline's rounds spread {} at the \
+         median, {} at p99), a registry name answered by the agent {:+.0} µs ({:.2}×, p99 \
+         {:.2}×).",
+        med(1, 1, "p50") - med(1, 0, "p50"),
+        med(1, 1, "p50") / med(1, 0, "p50"),
+        med(1, 1, "p99") / med(1, 0, "p99"),
+        noise(1, "p50"),
+        noise(1, "p99"),
+        med(1, 2, "p50") - med(1, 0, "p50"),
+        med(1, 2, "p50") / med(1, 0, "p50"),
+        med(1, 2, "p99") / med(1, 0, "p99"),
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "- Lost (unanswered within {DNS_TIMEOUT_SECS} s) in all rounds: {lost:.0} queries. \
+         The kernel counted {redirected} queries from the enrolled pod redirected to the agent \
+         (reason `dns`; {sent:.0} were sent in the rounds, and {} before them); the agent's \
+         access log has {fwd_ns} forwarded queries answered by the nameserver and {reg_agent} \
+         registry names answered by the agent, and none the other way round. UDP datagrams \
+         the kernel dropped (its `Udp:` counters, /proc/net/snmp) in the enrolled pod's \
+         namespace: {drops_pod}; in the baseline pod's: {drops_outsider}.\n",
+        2 * DNS_NAMES
     )
     .unwrap();
     md
