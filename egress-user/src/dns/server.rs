@@ -159,7 +159,9 @@ impl Dns {
                 () = async { let _ = stop.wait_for(|s| *s).await; } => break,
                 got = sock.async_io(Interest::READABLE, || recv_pktinfo(sock.as_raw_fd(), &mut buf)) => match got {
                     Ok(Some(d)) => {
-                        // Only what the datapath sent to a stub address, and not too many.
+                        // Only what the datapath sent to a stub address, and not too many: the
+                        // queries answered already count no more.
+                        while queries.try_join_next().is_some() {}
                         if dns_stub_index(d.to.octets()).is_none()
                             || queries.len() >= MAX_UDP_IN_FLIGHT
                         {
