@@ -31,3 +31,31 @@ pub fn service_entries(n: usize, variant: u32) -> String {
     }
     s
 }
+
+/// Istio's "Kubernetes Services for Egress Traffic": an ExternalName Service for httpbin.org,
+/// with a DestinationRule that sends plain HTTP.
+pub const MY_HTTPBIN: &str = "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: my-httpbin
+  namespace: default
+spec:
+  type: ExternalName
+  externalName: httpbin.org
+  ports:
+  - name: http
+    protocol: TCP
+    port: 80
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: my-httpbin
+  namespace: default
+spec:
+  host: my-httpbin.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: DISABLE
+";

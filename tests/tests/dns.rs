@@ -23,7 +23,9 @@ use std::{
 };
 
 use egress_tests::{
-    Agent, ConnLine, NodeOpts, Servers, TempDir, checked, egress_bin, eventually,
+    Agent, ConnLine, NodeOpts, Servers, TempDir, checked,
+    configs::MY_HTTPBIN,
+    egress_bin, eventually,
     l7::StandIns,
     node::{EXT_V4, Netns, Node, Pod},
     privileged,
@@ -458,17 +460,27 @@ fn pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open() {
     assert_eq!(w.agent.records("dns").len(), records);
 }
 
-/// Names the registry owns: an HTTP entry by host (an address allocated for it, in a range of
-/// the test's own), an HTTP entry with its address. (A TCP entry by host is the nameserver's
-/// to answer: its addresses are learnt from the answers.)
-const REGISTRY: &str = "apiVersion: egress/v1alpha1
+/// The mesh of the registry tests: REGISTRY_ONLY, every destination intercepted, addresses
+/// allocated in a range of the test's own.
+macro_rules! registry_only {
+    () => {
+        "apiVersion: egress/v1alpha1
 kind: EgressConfig
 metadata: {name: node}
 spec:
   outboundTrafficPolicy: {mode: REGISTRY_ONLY}
   interception: {includeOutboundIPRanges: \"*\"}
   autoAllocate: {ipv4Range: 198.18.200.0/24, ipv6Range: \"2001:db8:240::/48\"}
----
+"
+    };
+}
+
+/// Names the registry owns: an HTTP entry by host (an address allocated for it, in a range of
+/// the test's own), an HTTP entry with its address. (A TCP entry by host is the nameserver's
+/// to answer: its addresses are learnt from the answers.)
+const REGISTRY: &str = concat!(
+    registry_only!(),
+    "---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: db, namespace: team-a}
@@ -485,7 +497,8 @@ spec:
   addresses: [198.19.0.81]
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: NONE
-";
+"
+);
 
 #[test]
 fn names_the_registry_owns_are_answered_by_the_agent() {
@@ -743,14 +756,9 @@ fn a_nameserver_on_the_pods_loopback_is_asked_through_the_agent() {
 /// A TCP ServiceEntry by host, resolved by DNS: its name is the nameserver's to answer (the
 /// address allocated for it is not), and no address on its port is allowed but those the
 /// workload was answered for it (and the allocated one, which leads to the agent).
-const TCP_HOST: &str = "apiVersion: egress/v1alpha1
-kind: EgressConfig
-metadata: {name: node}
-spec:
-  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
-  interception: {includeOutboundIPRanges: \"*\"}
-  autoAllocate: {ipv4Range: 198.18.200.0/24, ipv6Range: \"2001:db8:240::/48\"}
----
+const TCP_HOST: &str = concat!(
+    registry_only!(),
+    "---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: db, namespace: team-a}
@@ -758,7 +766,8 @@ spec:
   hosts: [db.example]
   ports: [{number: 5432, name: tcp, protocol: TCP}]
   resolution: DNS
-";
+"
+);
 
 /// Connects to `argv[1]` port `argv[2]` (a name, resolved by glibc, or an address), at once,
 /// sends a line and prints the address connected to and what came back, or the errno.
@@ -881,34 +890,6 @@ fn a_nameserver_that_refuses_gets_the_client_servfail_at_once() {
     let out = w.run_with(&[refusing, EXT_V4], "getent", &["ahostsv4", NAME]);
     assert!(out.contains(&NAME_V4.to_string()), "{out}");
 }
-
-/// Istio's "Kubernetes Services for Egress Traffic": an ExternalName Service for httpbin.org,
-/// with a DestinationRule that sends plain HTTP.
-const MY_HTTPBIN: &str = "---
-apiVersion: v1
-kind: Service
-metadata:
-  name: my-httpbin
-  namespace: default
-spec:
-  type: ExternalName
-  externalName: httpbin.org
-  ports:
-  - name: http
-    protocol: TCP
-    port: 80
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: my-httpbin
-  namespace: default
-spec:
-  host: my-httpbin.default.svc.cluster.local
-  trafficPolicy:
-    tls:
-      mode: DISABLE
-";
 
 #[test]
 fn the_external_name_seed_task_resolves_and_reaches_httpbin_through_dns() {

@@ -9,6 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use egress_tests::{
     Agent, AgentOpts, Cgroup, ConnLine, Servers,
+    configs::MY_HTTPBIN,
     l7::{Curl, StandIns, TestCa, curl},
     privileged, probe,
 };
@@ -866,32 +867,6 @@ fn a_tcp_entry_by_host_gets_an_address_that_reloads_and_restarts_keep() {
     let r = probe(Some(&cg), &["echo", &vip.to_string(), "1000"]);
     assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
 }
-
-/// Istio's "Kubernetes Services for Egress Traffic" task: an ExternalName Service and the
-/// DestinationRule it writes for that name.
-const MY_HTTPBIN: &str = "---
-kind: Service
-apiVersion: v1
-metadata:
-  name: my-httpbin
-spec:
-  type: ExternalName
-  externalName: httpbin.org
-  ports:
-  - name: http
-    protocol: TCP
-    port: 80
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: my-httpbin
-spec:
-  host: my-httpbin.default.svc.cluster.local
-  trafficPolicy:
-    tls:
-      mode: DISABLE
-";
 
 #[test]
 fn an_external_name_service_reaches_its_target_with_the_clients_host() {
