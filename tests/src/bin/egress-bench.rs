@@ -14,6 +14,9 @@
 //! egress-bench client gap ADDR EVERY_US MAX_SECS     a connect attempt every EVERY_US µs to a
 //!                                                   `peer` stand-in until stdin closes, then
 //!                                                   each attempt's times and how it ended
+//! egress-bench client resolve NAME PORT COUNT MAX_SECS   NAME through glibc's getaddrinfo,
+//!                                                   at once a connection to its address, a
+//!                                                   message to an echo stand-in and back
 
 use std::{
     collections::BTreeMap,
@@ -216,12 +219,92 @@ fn client(a: &[&str]) -> ExitCode {
             assert!(limit < CLIENT_LIMIT, "at most {CLIENT_LIMIT:?}");
             gap_client(addr(dst), Duration::from_micros(num(every).max(1)), limit);
         }
+        ["resolve", name, port, count, secs] => {
+            let limit = Duration::from_secs(num(secs));
+            assert!(limit < CLIENT_LIMIT, "at most {CLIENT_LIMIT:?}");
+            let port = u16::try_from(num(port)).expect("a port");
+            resolve_client(name, port, num(count) as usize, limit);
+        }
         _ => {
             eprintln!("unknown client arguments {a:?}");
             return ExitCode::from(64);
         }
     }
     ExitCode::SUCCESS
+}
+
+/// What `client resolve` sends and reads back: a small request, as a client's first.
+const ECHO_MESSAGE: usize = 64;
+
+/// `name`'s first IPv4 address from glibc's `getaddrinfo` (`AF_INET`, `SOCK_STREAM`: one A
+/// query, on a UDP socket glibc connects to the nameserver of /etc/resolv.conf).
+fn getaddrinfo_v4(name: &std::ffi::CStr) -> Ipv4Addr {
+    // SAFETY: an all-zero addrinfo is a valid hints value (no flags, no pointers).
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_family = libc::AF_INET;
+    hints.ai_socktype = libc::SOCK_STREAM;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated name, valid hints and out-pointer; the list is freed below.
+    let rc = unsafe { libc::getaddrinfo(name.as_ptr(), std::ptr::null(), &hints, &mut res) };
+    assert!(
+        rc == 0 && !res.is_null(),
+        "getaddrinfo {name:?}: {}",
+        // SAFETY: gai_strerror returns a static NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(libc::gai_strerror(rc)) }.to_string_lossy()
+    );
+    // SAFETY: an AF_INET result's ai_addr is a sockaddr_in; `res` is freed once, after it.
+    unsafe {
+        let sin = &*((*res).ai_addr as *const libc::sockaddr_in);
+        let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        libc::freeaddrinfo(res);
+        ip
+    }
+}
+
+/// `client resolve`: `count` times (stopping after `limit`), `name` through glibc, then at
+/// once a connection to the address it gave on `port`, `ECHO_MESSAGE` bytes out and their
+/// echo back, closed with a reset. Prints the address, and the percentiles of the resolve,
+/// of connect + echo and of the whole, each timed on the monotonic clock.
+fn resolve_client(name: &str, port: u16, count: usize, limit: Duration) {
+    let host = std::ffi::CString::new(name).expect("a name without NUL");
+    let (msg, mut back) = ([b'q'; ECHO_MESSAGE], [0u8; ECHO_MESSAGE]);
+    let mut times: [Vec<u64>; 3] = std::array::from_fn(|_| Vec::with_capacity(count));
+    let mut to = None;
+    let start = Instant::now();
+    while times[0].len() < count && start.elapsed() < limit {
+        let t0 = Instant::now();
+        let ip = getaddrinfo_v4(&host);
+        let t1 = Instant::now();
+        let dst = SocketAddr::from((ip, port));
+        let mut s = TcpStream::connect_timeout(&dst, ATTEMPT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to {dst}, {name}'s address: {e}"));
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(ATTEMPT_TIMEOUT)).unwrap();
+        s.write_all(&msg).expect("the message");
+        s.read_exact(&mut back).expect("its echo");
+        let t2 = Instant::now();
+        close_now(s);
+        assert!(to.is_none_or(|a| a == ip), "{name} was {to:?}, then {ip}");
+        to = Some(ip);
+        for (v, d) in times.iter_mut().zip([t1 - t0, t2 - t1, t2 - t0]) {
+            v.push(d.as_nanos() as u64);
+        }
+    }
+    let ops = times[0].len();
+    assert!(ops > 0, "no iteration within {limit:?}");
+    let secs = start.elapsed().as_secs_f64();
+    let [resolve, connect, total] = times.map(percentiles);
+    println!(
+        "ops={ops} secs={secs:.3} addr={} resolve_p50_us={:.1} resolve_p99_us={:.1} \
+         connect_p50_us={:.1} connect_p99_us={:.1} total_p50_us={:.1} total_p99_us={:.1}",
+        to.unwrap(),
+        resolve[49],
+        resolve[98],
+        connect[49],
+        connect[98],
+        total[49],
+        total[98],
+    );
 }
 
 /// Nanoseconds on CLOCK_MONOTONIC, which every process of the machine shares: a client's
@@ -236,7 +319,8 @@ fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// How long one attempt of `client gap` may wait to connect, and then for its answer.
+/// How long one attempt of `client gap` (or an iteration of `client resolve`) may wait to
+/// connect, and then for its answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One connect to a `peer` stand-in (which writes the address the connection came from) and
@@ -339,6 +423,9 @@ enum At<'a> {
     Cgroup(&'a Cgroup),
     /// In a pod's network namespace (the benchmark's own cgroup).
     Netns(&'a Netns),
+    /// In a pod's network namespace and a mount namespace of its own, where this file is
+    /// bind-mounted over /etc/resolv.conf (as a container runtime gives a pod its own).
+    Resolving(&'a Netns, &'a std::path::Path),
 }
 
 impl<'a> From<Option<&'a Cgroup>> for At<'a> {
@@ -358,6 +445,14 @@ fn run_client<'a>(at: impl Into<At<'a>>, args: &[String]) -> BTreeMap<String, St
             c
         }
         At::Netns(ns) => ns.command(&me),
+        At::Resolving(ns, resolv) => {
+            let mut c = ns.command("unshare");
+            c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
+                .arg(resolv)
+                .arg(&me);
+            c
+        }
         At::Here => Command::new(&me),
     };
     let o = c
@@ -491,6 +586,8 @@ struct Settings {
     /// DNS queries per dnsperf run as fast as the path answers, and paced (section 9).
     dns_flat: u64,
     dns_paced: u64,
+    /// Resolve-then-connect iterations per client run (section 9).
+    dns_connects: u64,
 }
 
 /// Request and response size of the short connections.
@@ -575,6 +672,7 @@ fn run(a: &[&str]) -> ExitCode {
             pods: 10,
             dns_flat: 10_000,
             dns_paced: 2_000,
+            dns_connects: 300,
         }
     } else {
         Settings {
@@ -587,6 +685,7 @@ fn run(a: &[&str]) -> ExitCode {
             pods: 100,
             dns_flat: 50_000,
             dns_paced: 10_000,
+            dns_connects: 2000,
         }
     };
 
@@ -2587,12 +2686,34 @@ fn dns_names(kind: &str, first: u8) -> Vec<(String, Ipv4Addr)> {
         .collect()
 }
 
+/// The Kubernetes namespace whose pods run under REGISTRY_ONLY and see `LEARN_HOST`'s entry.
+const LEARN_NS: &str = "bench-learn";
+/// A TCP ServiceEntry's host, resolved by DNS: the nameservers answer it with `EXT_V4`,
+/// where an echo stand-in listens on `LEARN_PORT`.
+const LEARN_HOST: &str = "db.learn.bench";
+const LEARN_PORT: u16 = 5432;
+/// At most this long for one resolve-then-connect client run.
+const LEARN_LIMIT_SECS: u64 = 60;
+/// The agent's `--dns-grace`: longer than the section runs, so that what a pod learnt never
+/// runs out in the middle of it (dnsmasq answers with TTL 0).
+const LEARN_GRACE: &str = "30m";
+
 /// The DNS section's node agent: ALLOW_ANY, and one ServiceEntry with an address per
-/// `registry` name, in the pods' namespace, whose names the agent answers itself.
+/// `registry` name, in the pods' namespace, whose names the agent answers itself. In
+/// `LEARN_NS` alone, REGISTRY_ONLY (its Sidecar) and `LEARN_HOST` as a TCP ServiceEntry by
+/// host (exported there only): what its pods are answered for it, they may connect to.
 fn dns_config(registry: &[(String, Ipv4Addr)]) -> String {
-    let mut c = String::from(
-        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: bench-dns}\nspec:\n  \
-         outboundTrafficPolicy: {mode: ALLOW_ANY}\n  interception: {includeOutboundIPRanges: \"*\"}\n",
+    let mut c = format!(
+        "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: bench-dns}}\nspec:\n  \
+         outboundTrafficPolicy: {{mode: ALLOW_ANY}}\n  interception: {{includeOutboundIPRanges: \"*\"}}\n  \
+         autoAllocate: {{ipv4Range: 198.18.200.0/24, ipv6Range: \"2001:db8:240::/48\"}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: Sidecar\n\
+         metadata: {{name: default, namespace: {LEARN_NS}}}\n\
+         spec: {{outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {{name: db, namespace: {LEARN_NS}}}\nspec:\n  hosts: [{LEARN_HOST}]\n  \
+         ports: [{{number: {LEARN_PORT}, name: tcp, protocol: TCP}}]\n  resolution: DNS\n  \
+         exportTo: [\".\"]\n",
     );
     for (i, (host, addr)) in registry.iter().enumerate() {
         write!(
@@ -2776,11 +2897,221 @@ fn loadavg() -> String {
         .join(" ")
 }
 
+/// Resolve-then-connect iterations each path runs before the rounds, to see that it works.
+const LEARN_WARMUP: u64 = 10;
+
+/// Section 9's resolve-then-connect contenders, in the order `ResolveConnect::rounds` takes
+/// their pods.
+const CONNECTERS: [&str; 3] = [
+    "baseline: a pod that is not enrolled, its own dnsmasq, the connect direct",
+    "learned: REGISTRY_ONLY, TCP ServiceEntry by host; resolve forwarded by the agent (and \
+     learnt), the connect direct (`dns-learned`)",
+    "through the agent: ALLOW_ANY, the name not declared; resolve forwarded, the connect \
+     relayed by the agent",
+];
+
+/// Section 9's resolve-then-connect figures: per contender, its samples over the rounds; and
+/// what the kernel counted, in words.
+struct ResolveConnect {
+    samples: Vec<Samples>,
+    counted: String,
+}
+
+impl ResolveConnect {
+    /// `LEARN_HOST` through glibc, then a connection to its address and an echo, from each
+    /// of `pods` (`CONNECTERS`), alternating run by run for `s.rounds` rounds: each node of
+    /// `nodes` gets an echo stand-in on `EXT_V4`:`LEARN_PORT` in its ext namespace, each pod
+    /// /etc/resolv.conf naming `EXT_V4` (its node's dnsmasq). Checks that the kernel let the
+    /// learner's connects go direct as `dns-learned`, and no one else's.
+    fn rounds(
+        s: &Settings,
+        agent: &Agent,
+        dir: &std::path::Path,
+        nodes: [&Node; 2],
+        pods: [&Pod; 3],
+    ) -> ResolveConnect {
+        let servers = Servers::new();
+        for n in nodes {
+            servers.echo_on(n.ext().listen(SocketAddr::from((EXT_V4, LEARN_PORT))));
+        }
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            format!("nameserver {EXT_V4}\noptions timeout:2 attempts:1\n"),
+        )
+        .expect("writing resolv.conf");
+        let run = |pod: &Pod, count: u64| {
+            let r = run_client(
+                At::Resolving(&pod.sandbox.netns, &resolv),
+                &[
+                    "resolve".into(),
+                    LEARN_HOST.into(),
+                    LEARN_PORT.to_string(),
+                    count.to_string(),
+                    LEARN_LIMIT_SECS.to_string(),
+                ],
+            );
+            assert_eq!(
+                r["addr"],
+                EXT_V4.to_string(),
+                "{LEARN_HOST} resolved: {r:?}"
+            );
+            r
+        };
+        for pod in pods {
+            run(pod, LEARN_WARMUP);
+        }
+        let mut samples: Vec<Samples> = pods.iter().map(|_| Samples::default()).collect();
+        let mut iterations = vec![LEARN_WARMUP; pods.len()];
+        for _ in 0..s.rounds {
+            for (k, pod) in pods.iter().enumerate() {
+                let cpu0 = cpu_seconds(agent.pid());
+                let r = run(pod, s.dns_connects);
+                let ops: u64 = r["ops"].parse().unwrap();
+                iterations[k] += ops;
+                let x = &mut samples[k];
+                x.push(
+                    "agent_cpu_us",
+                    (cpu_seconds(agent.pid()) - cpu0) * 1e6 / ops as f64,
+                );
+                for m in ["resolve_p50", "connect_p50", "total_p50", "total_p99"] {
+                    x.push(m, r[&format!("{m}_us")].parse().unwrap());
+                }
+            }
+        }
+        // The baseline pod is not enrolled: the agent keeps no counters for it, but the
+        // node's total of `dns-learned` is every enrolled pod's.
+        let of = |pod: &Pod, reason: &str| {
+            let label = format!("{}/{}", pod.sandbox.namespace, pod.sandbox.name);
+            agent
+                .workload_stats(&label)
+                .get(reason)
+                .copied()
+                .unwrap_or(0)
+        };
+        let (learnt, learnt_dns) = (of(pods[1], "dns-learned"), of(pods[1], "dns"));
+        let (relayed_learnt, relayed) = (of(pods[2], "dns-learned"), of(pods[2], "included-cidr"));
+        let all = agent.stats().get("dns-learned").copied().unwrap_or(0);
+        assert!(
+            learnt >= iterations[1]
+                && relayed_learnt == 0
+                && all == learnt
+                && relayed >= iterations[2],
+            "dns-learned: {learnt} for the learner ({} connects), {relayed_learnt} for the \
+             relayed pod, {all} on the node; included-cidr for the relayed pod: {relayed} ({} \
+             connects)",
+            iterations[1],
+            iterations[2]
+        );
+        let counted = format!(
+            "The kernel counted {learnt} of the learned pod's connects `dns-learned` ({} were \
+             made, {LEARN_WARMUP} of them before the rounds, and its {learnt_dns} queries \
+             `dns`); {relayed} of the relayed pod's `included-cidr`, redirected to the agent \
+             ({} made), and {relayed_learnt} `dns-learned`; {all} `dns-learned` on the node in \
+             all, so none of the baseline pod's {} connects (not enrolled: the agent keeps no \
+             counters of its own for it).",
+            iterations[1], iterations[2], iterations[0],
+        );
+        ResolveConnect { samples, counted }
+    }
+}
+
+impl ResolveConnect {
+    /// The subsection of section 9: how it is measured, the table, what it says.
+    fn report(&self, md: &mut String, s: &Settings) {
+        writeln!(
+            md,
+            "### Resolve, then connect: an address learnt from the answer\n\n\
+             The common client path: a program in the pod resolves `{LEARN_HOST}` through \
+             glibc (`getaddrinfo`, `AF_INET`: one A query from a UDP socket glibc connects to \
+             the nameserver of the pod's /etc/resolv.conf, {EXT_V4}, which its node's dnsmasq \
+             answers with {EXT_V4}) and at once connects over TCP to the address it got, port \
+             {LEARN_PORT}, sends {ECHO_MESSAGE} bytes and reads their echo from a stand-in in the \
+             node's ext namespace, then closes with a reset (`egress-bench client resolve`). \
+             Timed in the client on the monotonic clock, per iteration: **resolve** \
+             (`getaddrinfo`), **connect + echo** (connect to the first byte back) and the \
+             **total**. {} iterations per run (and at most {LEARN_LIMIT_SECS} s), {} rounds, \
+             the three contenders alternating; each figure is the median over the rounds of a \
+             run's median (or p99), with (min–max) over the rounds, and the ratios are to the \
+             baseline of the same run. Every pod runs under the same agent and configuration \
+             as above (dnsmasq's TTL is 0, `--dns-grace` {LEARN_GRACE}: what the learner learnt never \
+             runs out mid-run, and every answer writes it again):\n\n\
+             - **baseline**: the pod of the second node (no egress-cni) asks its own dnsmasq and \
+             connects directly, decided `not-enrolled`.\n\
+             - **learned**: an enrolled pod in `{LEARN_NS}`, whose Sidecar says REGISTRY_ONLY and \
+             which sees a TCP ServiceEntry by host for `{LEARN_HOST}` (port {LEARN_PORT}, \
+             `resolution: DNS`, no addresses). The agent forwards the query to dnsmasq and, \
+             before relaying the answer, writes (pod, {EXT_V4}, {LEARN_PORT}) into `LEARNED`; \
+             the connect goes straight out in the kernel (`dns-learned`). Without the answer \
+             it would be refused (`registry-denied`).\n\
+             - **through the agent**: an enrolled pod in `{POD_NS}` (ALLOW_ANY, the entry not \
+             exported there): the query forwarded the same way, the connect redirected to the \
+             agent (`included-cidr`), which relays it to {EXT_V4}:{LEARN_PORT} as plain TCP.\n",
+            s.dns_connects, s.rounds
+        )
+        .unwrap();
+        writeln!(
+            md,
+            "| contender | resolve p50 µs | connect + echo p50 µs | total p50 µs | total p99 µs \
+             | resolve vs baseline | connect + echo vs baseline | total vs baseline | total \
+             p99 vs baseline | agent CPU µs per iteration |"
+        )
+        .unwrap();
+        writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+        let (x, base) = (&self.samples, &self.samples[0]);
+        let vs = |k: usize, m: &str| x[k].get(m).median / base.get(m).median;
+        for (k, name) in CONNECTERS.iter().enumerate() {
+            writeln!(
+                md,
+                "| {name} | {} | {} | {} | {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {} |",
+                x[k].get("resolve_p50"),
+                x[k].get("connect_p50"),
+                x[k].get("total_p50"),
+                x[k].get("total_p99"),
+                vs(k, "resolve_p50"),
+                vs(k, "connect_p50"),
+                vs(k, "total_p50"),
+                vs(k, "total_p99"),
+                x[k].get("agent_cpu_us"),
+            )
+            .unwrap();
+        }
+        writeln!(md).unwrap();
+        let med = |k: usize, m: &str| x[k].get(m).median;
+        let plus = |k: usize, m: &str| med(k, m) - med(0, m);
+        let b = base.get("total_p50");
+        writeln!(
+            md,
+            "- At the median, the learned path takes {:+.0} µs in all over the baseline \
+             ({:.2}×; the baseline's rounds spread {:.2}–{:.2}×): {:+.0} µs to resolve (the \
+             forward through the agent) and {:+.0} µs to connect and get the echo. Through the \
+             agent it takes {:+.0} µs ({:.2}×): {:+.0} µs to resolve and {:+.0} µs to connect \
+             and get the echo: the connect sent straight out by the kernel takes {:.0} µs less \
+             than the relayed one.\n\
+             - {}\n",
+            plus(1, "total_p50"),
+            vs(1, "total_p50"),
+            b.min / b.median,
+            b.max / b.median,
+            plus(1, "resolve_p50"),
+            plus(1, "connect_p50"),
+            plus(2, "total_p50"),
+            vs(2, "total_p50"),
+            plus(2, "resolve_p50"),
+            plus(2, "connect_p50"),
+            med(2, "connect_p50") - med(1, "connect_p50"),
+            self.counted,
+        )
+        .unwrap();
+    }
+}
+
 /// Section 9: a pod's DNS queries. A node agent and a pod enrolled through egress-cni (as in
 /// section 6), dnsmasq as the nameserver in the node's ext namespace; dnsperf from the pod,
 /// for names dnsmasq serves (forwarded by the agent) and names of ServiceEntries (answered
-/// by the agent), against dnsmasq asked from a pod of a second node that is not enrolled.
-/// `run` says which run measured it.
+/// by the agent), against dnsmasq asked from a pod of a second node that is not enrolled; then
+/// glibc's resolve followed by a connect to the address (`ResolveConnect`). `run` says which
+/// run measured it.
 fn dns_section(s: &Settings, run: &str) -> String {
     let load_before = loadavg();
     let upstream_names = dns_names("upstream", 80);
@@ -2801,7 +3132,7 @@ fn dns_section(s: &Settings, run: &str) -> String {
         config: &dns_config(&registry_names),
         state_file: &dir.path().join("workloads.json"),
         admin_socket: &admin,
-        extra: vec![],
+        extra: vec!["--dns-grace".into(), LEARN_GRACE.into()],
     });
     let node = Node::builder("bench-dns")
         .cni_dir(egress_bin().parent().expect("the binaries' directory"))
@@ -2810,8 +3141,16 @@ fn dns_section(s: &Settings, run: &str) -> String {
     let plain = Node::new("bench-dns-plain");
     let outsider = plain.add_pod(POD_NS, "dns-outsider");
     let pod = node.add_pod(POD_NS, "dns-client");
-    let ns_plain = Dnsmasq::start(&plain, dir.path(), &upstream_names);
-    let ns_node = Dnsmasq::start(&node, dir.path(), &upstream_names);
+    // For resolve-then-connect: a pod that sees `LEARN_HOST`'s entry, and one that does not.
+    let learner = node.add_pod(LEARN_NS, "dns-learner");
+    let relayed = node.add_pod(POD_NS, "dns-relayed");
+    let served: Vec<(String, Ipv4Addr)> = upstream_names
+        .iter()
+        .cloned()
+        .chain([(LEARN_HOST.to_owned(), EXT_V4)])
+        .collect();
+    let ns_plain = Dnsmasq::start(&plain, dir.path(), &served);
+    let ns_node = Dnsmasq::start(&node, dir.path(), &served);
 
     let contenders: [(&str, &Netns, &std::path::Path, &Dnsmasq); 3] = [
         (
@@ -2863,6 +3202,13 @@ fn dns_section(s: &Settings, run: &str) -> String {
             }
         }
     }
+    let connects = ResolveConnect::rounds(
+        s,
+        &agent,
+        dir.path(),
+        [&plain, &node],
+        [&outsider, &learner, &relayed],
+    );
     let load_after = loadavg();
     // Where a lost query went: the UDP drops counted in each pod's namespace (the agent's DNS
     // socket, dnsperf's and the forwarding sockets of the enrolled pod are all there).
@@ -2916,8 +3262,8 @@ fn dns_section(s: &Settings, run: &str) -> String {
          where the answer came from): the kernel's `sendmsg4` hook rewrites every datagram's \
          destination to the agent's DNS socket in the pod's namespace, and `recvmsg4` (which \
          restores the nameserver as the source for a client that asks) does not run. A \
-         connected socket, as glibc's resolver uses, takes the `connect4` hook once instead; \
-         it is not measured here. Three contenders:\n\n\
+         connected socket, as glibc's resolver uses, takes the `connect4` hook once instead \
+         (the resolve-then-connect rows below go that way). Three contenders:\n\n\
          - **baseline**: a pod of a second node whose chain has no egress-cni asks its own \
          dnsmasq (the same names, in that node's ext namespace) directly: the same path, not \
          intercepted (`not-enrolled`).\n\
@@ -3029,5 +3375,6 @@ fn dns_section(s: &Settings, run: &str) -> String {
         2 * DNS_NAMES
     )
     .unwrap();
+    connects.report(&mut md, s);
     md
 }
