@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod configs;
 pub mod container;
+pub mod dnsmasq;
 pub mod l7;
 pub mod node;
 pub mod plot;

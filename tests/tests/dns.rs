@@ -19,15 +19,16 @@ use std::{
     ffi::OsStr,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
 };
 
 use egress_tests::{
     Agent, ConnLine, NodeOpts, Servers, TempDir, checked,
     configs::MY_HTTPBIN,
-    egress_bin, eventually,
+    dnsmasq::Dnsmasq,
+    egress_bin,
     l7::StandIns,
-    node::{EXT_V4, Netns, Node, Pod},
+    node::{EXT_V4, Node, Pod},
     privileged,
 };
 use serde_json::json;
@@ -69,93 +70,27 @@ fn txt_strings() -> Vec<String> {
     ["a", "b", "c"].map(|c| c.repeat(TXT_LEN)).to_vec()
 }
 
-/// Debian's dnsmasq serving names of its own (no upstream) on port 53 of the addresses it is
-/// given, in a namespace of the test's, logging every query with its source to a file; stopped
-/// on drop.
-struct Dnsmasq {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Dnsmasq {
-    /// dnsmasq in `netns`, on port 53 of `listen`, its log at `log`, `records` (its options
-    /// that give names their records) besides.
-    fn start(netns: &Netns, listen: &[Ipv4Addr], log: PathBuf, records: &[String]) -> Dnsmasq {
-        let child = netns
-            .command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--user=root",
-                "--pid-file=",
-                "--port=53",
-                "--log-queries",
-                // Every name is its own: a type a name lacks gets NOERROR and no answer
-                // (REFUSED otherwise, with no upstream, which musl takes for a failure).
-                "--local=/#/",
-            ])
-            .args(listen.iter().map(|a| format!("--listen-address={a}")))
-            .args(records)
-            .arg(format!("--log-facility={}", log.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting dnsmasq (Debian's dnsmasq-base: cargo xtask setup)");
-        let up = Dnsmasq { child, log };
-        assert!(
-            eventually(10, || up.log().contains("started")),
-            "dnsmasq did not start: {}",
-            up.log()
-        );
-        up
-    }
-
-    /// The pods' nameserver in the ext namespace, on `EXT_V4` and `EXT2_V4`: `NAME`, `MANY`
-    /// (from a hosts file) and `BIG_TXT`, and what `extra` gives.
-    fn upstream(node: &Node, dir: &TempDir, extra: &[String]) -> Dnsmasq {
-        node.add_ext_address(EXT2_V4);
-        let hosts = dir.path().join("many.hosts");
-        let lines: String = many(1).iter().map(|a| format!("{a} {MANY}\n")).collect();
-        std::fs::write(&hosts, lines).unwrap();
-        Dnsmasq::start(
-            node.ext(),
-            &[EXT_V4, EXT2_V4],
-            dir.path().join("dnsmasq.log"),
-            &[
-                format!("--host-record={NAME},{NAME_V4}"),
-                format!("--addn-hosts={}", hosts.display()),
-                format!("--txt-record={BIG_TXT},{}", txt_strings().join(",")),
-            ]
-            .into_iter()
-            .chain(extra.iter().cloned())
-            .collect::<Vec<_>>(),
-        )
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Whether dnsmasq logged a query of `qtype` for `NAME` from `from`.
-    fn saw(&self, qtype: &str, from: IpAddr) -> bool {
-        self.log()
-            .lines()
-            .any(|l| l.contains(&format!("query[{qtype}] {NAME} from {from}")))
-    }
-
-    /// How many queries it logged so far.
-    fn queries(&self) -> usize {
-        self.log().lines().filter(|l| l.contains("query[")).count()
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The pods' nameserver in the ext namespace, on `EXT_V4` and `EXT2_V4`, logging every query
+/// with its source: `NAME`, `MANY` (from a hosts file) and `BIG_TXT`, and what `extra` gives.
+fn upstream(node: &Node, dir: &TempDir, extra: &[String]) -> Dnsmasq {
+    node.add_ext_address(EXT2_V4);
+    let hosts = dir.path().join("many.hosts");
+    let lines: String = many(1).iter().map(|a| format!("{a} {MANY}\n")).collect();
+    std::fs::write(&hosts, lines).unwrap();
+    Dnsmasq::start(
+        node.ext(),
+        &[EXT_V4, EXT2_V4],
+        dir.path().join("dnsmasq.log"),
+        &[
+            "--log-queries".to_owned(),
+            format!("--host-record={NAME},{NAME_V4}"),
+            format!("--addn-hosts={}", hosts.display()),
+            format!("--txt-record={BIG_TXT},{}", txt_strings().join(",")),
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
+    )
 }
 
 /// A node agent with egress-cni chained, one pod, and the upstream nameserver. Dropped pods
@@ -201,7 +136,7 @@ fn world_full(
         .chain(json!({"type": "egress-cni", "adminSocket": dir.path().join("admin.sock")}))
         .build();
     let pod = node.add_pod(namespace, "client");
-    let upstream = Dnsmasq::upstream(&node, &dir, records);
+    let upstream = upstream(&node, &dir, records);
     World {
         pod,
         _node: node,
@@ -391,7 +326,7 @@ fn pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open() {
     // Forwarded from the pod's own namespace: the nameserver saw the pod's address.
     let up: SocketAddr = rec.get("upstream_local").parse().unwrap();
     assert_eq!(up.ip(), pod_ip, "{rec:?}");
-    assert!(w.upstream.saw("A", pod_ip), "{}", w.upstream.log());
+    assert!(w.upstream.saw("A", NAME, pod_ip), "{}", w.upstream.log());
 
     // dig over TCP: redirected to the agent's DNS listener, forwarded over TCP.
     assert_eq!(w.dig(&["+tcp"]).trim(), NAME_V4.to_string());
@@ -421,7 +356,7 @@ fn pods_dns_queries_are_forwarded_from_their_namespace_and_fail_open() {
     let out = w.run("getent", &["ahosts", NAME]);
     assert!(out.contains(&NAME_V4.to_string()), "{out}");
     w.record("udp", "AAAA");
-    assert!(w.upstream.saw("AAAA", pod_ip), "{}", w.upstream.log());
+    assert!(w.upstream.saw("AAAA", NAME, pod_ip), "{}", w.upstream.log());
 
     // Unconnected UDP, IPv4 and IPv4-mapped on an IPv6 socket: recvfrom() names the
     // nameserver, port 53.
@@ -732,7 +667,10 @@ fn a_nameserver_on_the_pods_loopback_is_asked_through_the_agent() {
         &w.pod.sandbox.netns,
         &[LOOPBACK_NS],
         w.dir.path().join("loopback.log"),
-        &[format!("--host-record={LOCAL},{LOCAL_V4}")],
+        &[
+            "--log-queries".to_owned(),
+            format!("--host-record={LOCAL},{LOCAL_V4}"),
+        ],
     );
     for (transport, protocol) in [(&[][..], "udp"), (&["+tcp"][..], "tcp")] {
         let out = w.short_with(&[LOOPBACK_NS], &[transport, &[LOCAL, "A"]].concat());

@@ -31,6 +31,7 @@ use std::{
 use egress_tests::{
     Agent, AgentOpts, Cgroup, IptablesRedirect, NodeOpts, Servers, TempDir,
     configs::{filler_cidrs, service_entries},
+    dnsmasq::Dnsmasq,
     egress_bin, eventually, free_port,
     node::{EXT_V4, Netns, Node, Pod},
     raise_nofile_limit,
@@ -2729,56 +2730,14 @@ fn dns_config(registry: &[(String, Ipv4Addr)]) -> String {
 }
 
 /// Debian's dnsmasq in a node's ext namespace on `EXT_V4`:53, serving `names` as host
-/// records (no upstream of its own, no query log); stopped on drop.
-struct Dnsmasq {
-    child: std::process::Child,
-}
-
-impl Dnsmasq {
-    fn start(node: &Node, dir: &std::path::Path, names: &[(String, Ipv4Addr)]) -> Dnsmasq {
-        let log = dir.join(format!("{}-dnsmasq.log", node.ext().name()));
-        let mut c = node.ext().command("dnsmasq");
-        c.args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--user=root",
-            "--pid-file=",
-            "--port=53",
-        ])
-        .arg(format!("--listen-address={EXT_V4}"))
-        .arg(format!("--log-facility={}", log.display()));
-        for (name, addr) in names {
-            c.arg(format!("--host-record={name},{addr}"));
-        }
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting dnsmasq (Debian's dnsmasq-base: cargo xtask setup)");
-        let d = Dnsmasq { child };
-        let read = || std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(
-            eventually(10, || read().contains("started")),
-            "dnsmasq did not start: {}",
-            read()
-        );
-        d
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// records (no query log: it would slow the baseline); stopped on drop.
+fn dnsmasq(node: &Node, dir: &std::path::Path, names: &[(String, Ipv4Addr)]) -> Dnsmasq {
+    let log = dir.join(format!("{}-dnsmasq.log", node.ext().name()));
+    let records: Vec<String> = names
+        .iter()
+        .map(|(name, addr)| format!("--host-record={name},{addr}"))
+        .collect();
+    Dnsmasq::start(node.ext(), &[EXT_V4], log, &records)
 }
 
 /// One dnsperf run's figures.
@@ -3149,8 +3108,8 @@ fn dns_section(s: &Settings, run: &str) -> String {
         .cloned()
         .chain([(LEARN_HOST.to_owned(), EXT_V4)])
         .collect();
-    let ns_plain = Dnsmasq::start(&plain, dir.path(), &served);
-    let ns_node = Dnsmasq::start(&node, dir.path(), &served);
+    let ns_plain = dnsmasq(&plain, dir.path(), &served);
+    let ns_node = dnsmasq(&node, dir.path(), &served);
 
     let contenders: [(&str, &Netns, &std::path::Path, &Dnsmasq); 3] = [
         (
