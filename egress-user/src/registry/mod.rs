@@ -583,7 +583,13 @@ pub fn relayed_ports(se: &ServiceEntry) -> Vec<u16> {
     if e.addresses.is_empty() || e.resolution != Resolution::None {
         return Vec::new();
     }
-    // A port declared twice is matched by its first declaration, as `Entry::port` does.
+    plain_tcp_ports(&e)
+}
+
+/// An entry's TCP ports without a target port of their own: what a client dials there is what
+/// the agent would connect to. A port declared twice is matched by its first declaration, as
+/// `Entry::port` does.
+fn plain_tcp_ports(e: &Entry) -> Vec<u16> {
     e.ports
         .iter()
         .filter_map(|p| e.port(p.number))
@@ -605,12 +611,7 @@ pub fn learned_ports(se: &ServiceEntry) -> Vec<u16> {
     if e.resolution != Resolution::Dns {
         return Vec::new();
     }
-    e.ports
-        .iter()
-        .filter_map(|p| e.port(p.number))
-        .filter(|p| p.proto == Proto::Tcp && p.target.is_none_or(|t| t == p.number))
-        .map(|p| p.number)
-        .collect()
+    plain_tcp_ports(&e)
 }
 
 /// The names a Kubernetes Service answers to in a Host header or SNI: its cluster-domain
