@@ -1193,6 +1193,22 @@ mod tests {
         }
         assert_eq!(crate::dns_stub_index([127, 0, 0, 53]), None);
         assert_eq!(crate::dns_stub_index([10, 53, 0, 1]), None);
+        // IPv6: 100::53:XY, inside the discard-only 100::/64.
+        for i in [0u16, 1, 0x0102, 0xffff] {
+            let a = crate::dns_stub_v6(i);
+            assert_eq!(
+                std::net::Ipv6Addr::from(a),
+                std::net::Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0x53, i)
+            );
+            assert_eq!(crate::dns_stub_v6_index(&a), Some(i));
+        }
+        let mut other = crate::dns_stub_v6(1);
+        other[13] = 0x54;
+        assert_eq!(crate::dns_stub_v6_index(&other), None);
+        assert_eq!(
+            crate::dns_stub_v6_index(&std::net::Ipv6Addr::LOCALHOST.octets()),
+            None
+        );
         // A nameserver's probes are consecutive slots, from the same start every time; other
         // nameservers start elsewhere.
         let ns = crate::v4_mapped([198, 18, 0, 53]);

@@ -367,6 +367,38 @@ pub const fn dns_stub_index(a: [u8; 4]) -> Option<u16> {
     }
 }
 
+/// The IPv6 stub addresses, `100::53:0/112` (inside RFC 6666's discard-only `100::/64`):
+/// IPv6 has no loopback range, so the agent routes this one to the loopback device in each
+/// namespace whose DNS it serves (a `local` route), and the last two bytes name a slot as the
+/// IPv4 stubs do.
+pub const DNS_STUB_V6_PREFIX: [u8; 14] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x53];
+/// Prefix length of `DNS_STUB_V6_PREFIX`.
+pub const DNS_STUB_V6_BITS: u8 = 112;
+
+/// The IPv6 stub address of nameserver slot `index`: `100::53:XY`, for IPv6 nameservers.
+#[inline(always)]
+pub const fn dns_stub_v6(index: u16) -> [u8; 16] {
+    let (p, b) = (DNS_STUB_V6_PREFIX, index.to_be_bytes());
+    [
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13],
+        b[0], b[1],
+    ]
+}
+
+/// The nameserver slot an IPv6 stub address names, if it is one.
+#[inline(always)]
+pub fn dns_stub_v6_index(a: &[u8; 16]) -> Option<u16> {
+    let p = DNS_STUB_V6_PREFIX;
+    let mut i = 0;
+    while i < 14 {
+        if a[i] != p[i] {
+            return None;
+        }
+        i += 1;
+    }
+    Some(u16::from_be_bytes([a[14], a[15]]))
+}
+
 /// The slot nameserver `ns` (IPv4-mapped) tries on attempt `probe` (0..`DNS_PROBES`): a hash
 /// of its address, then the slots after it. The table is open addressing over a hash map
 /// whose entries are only ever added with `BPF_NOEXIST`, so two CPUs giving a slot to two

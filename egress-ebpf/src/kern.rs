@@ -30,7 +30,8 @@ use egress_common::{
     ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4,
     allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
-    dns_slot, dns_stub_index, dns_stub_v4, v4_mapped, v4_unmapped, with_learned, without_agent,
+    dns_slot, dns_stub_index, dns_stub_v4, dns_stub_v6, dns_stub_v6_index, v4_mapped, v4_unmapped,
+    with_learned, without_agent,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -501,24 +502,44 @@ fn agent_listening(ctx: &SockAddrContext, fam: Family, cfg: &Config, port: u16) 
     true
 }
 
-/// Whether the agent's DNS socket (UDP, `cfg.dns_port` on every address) is there in the
-/// caller's namespace to take a query sent to `stub`.
+/// Whether the agent's DNS socket (UDP, `cfg.dns_port` on every address of the family) is
+/// there in the caller's namespace to take a query sent to `stub` (IPv4-mapped for IPv4).
 #[inline(always)]
-fn dns_listening(ctx: &SockAddrContext, stub: [u8; 4], port: u16) -> bool {
-    let mut t = Tuple4 {
-        saddr: 0,
-        daddr: u32::from_ne_bytes(stub),
-        sport: 0,
-        dport: port.to_be(),
-    };
+fn dns_listening(ctx: &SockAddrContext, stub: [u8; 16], port: u16) -> bool {
+    let dport = port.to_be();
     let sk = unsafe {
-        bpf_sk_lookup_udp(
-            ctx.as_ptr(),
-            addr_of_mut!(t).cast::<bpf_sock_tuple>(),
-            size_of::<Tuple4>() as u32,
-            CURRENT_NETNS,
-            0,
-        )
+        if let Some(v4) = v4_unmapped(&stub) {
+            let mut t = Tuple4 {
+                saddr: 0,
+                daddr: u32::from_ne_bytes(v4),
+                sport: 0,
+                dport,
+            };
+            bpf_sk_lookup_udp(
+                ctx.as_ptr(),
+                addr_of_mut!(t).cast::<bpf_sock_tuple>(),
+                size_of::<Tuple4>() as u32,
+                CURRENT_NETNS,
+                0,
+            )
+        } else {
+            let mut t = Tuple6 {
+                saddr: [1; 4],
+                daddr: bytes_to_words(stub),
+                sport: 0,
+                dport,
+            };
+            for w in 0..4 {
+                write_volatile(addr_of_mut!(t.saddr[w]), 0);
+            }
+            bpf_sk_lookup_udp(
+                ctx.as_ptr(),
+                addr_of_mut!(t).cast::<bpf_sock_tuple>(),
+                size_of::<Tuple6>() as u32,
+                CURRENT_NETNS,
+                0,
+            )
+        }
     };
     if sk.is_null() {
         return false;
@@ -583,7 +604,12 @@ fn dns_datagram(ctx: &SockAddrContext, fam: Family, ns: [u8; 16], connected: boo
     let to = udp_dns(ctx.sock_addr, hi, lo, connected);
     if to >= 0 {
         let (port, slot) = ((to >> 16) as u16, to as u16);
-        write_dst(ctx, fam, v4_mapped(dns_stub_v4(slot)), port);
+        let stub = if fam == Family::V6 {
+            dns_stub_v6(slot)
+        } else {
+            v4_mapped(dns_stub_v4(slot))
+        };
+        write_dst(ctx, fam, stub, port);
     }
     1
 }
@@ -599,9 +625,10 @@ fn clear_record(ctx: &SockAddrContext) {
 
 /// A UDP datagram to `ns` port 53, at connect (`connected`) or at sendmsg: decide it. When it
 /// is a DNS query the agent takes, it goes to the stub address of its nameserver's slot on
-/// the agent's DNS port instead: returns `port << 16 | slot`; a connected socket keeps the
-/// nameserver for getpeername(). Anything else (not captured, IPv6 nameservers, nobody
-/// serving DNS in the namespace) goes where it was sent: -1.
+/// the agent's DNS port instead (127.53.X.Y for IPv4 nameservers, 100::53:XY for IPv6 ones):
+/// returns `port << 16 | slot`; a connected socket keeps the nameserver for getpeername().
+/// Anything else (not captured, nobody serving DNS in the namespace) goes where it was sent:
+/// -1.
 ///
 /// A function of its own (a BPF-to-BPF call) with a frame of its own; the nameserver comes
 /// as two words: five scalar arguments at most.
@@ -609,29 +636,44 @@ fn clear_record(ctx: &SockAddrContext) {
 fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
     let ctx = &SockAddrContext::new(sa);
     let ns = join(hi, lo);
-    // IPv6 nameservers are left alone over UDP: IPv6 has no loopback range to name them in,
-    // and the kernel refuses a sendmsg6 rewritten to an IPv4-mapped address (ENOTSUPP).
-    let Some(ns4) = v4_unmapped(&ns) else {
-        if connected {
-            clear_record(ctx);
-        }
-        return -1;
-    };
+    let ns4 = v4_unmapped(&ns);
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let wl = unsafe { WORKLOADS.get(&netns) };
     let Some(cfg) = CONFIG.get(0) else {
         return -1;
     };
     let ids = bpf_get_current_uid_gid();
-    let q = Query {
-        dst: ns4,
-        port: DNS_PORT,
-        uid: ids as u32,
-        gid: (ids >> 32) as u32,
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        service: false,
+    let (uid, gid, cgroup) = (ids as u32, (ids >> 32) as u32, unsafe {
+        bpf_get_current_cgroup_id()
+    });
+    let mut d = match ns4 {
+        Some(dst) => decide(
+            &Maps,
+            cfg,
+            wl,
+            &Query {
+                dst,
+                port: DNS_PORT,
+                uid,
+                gid,
+                cgroup,
+                service: false,
+            },
+        ),
+        None => decide(
+            &Maps,
+            cfg,
+            wl,
+            &Query {
+                dst: ns,
+                port: DNS_PORT,
+                uid,
+                gid,
+                cgroup,
+                service: false,
+            },
+        ),
     };
-    let mut d = decide(&Maps, cfg, wl, &q);
     // UDP is captured for DNS only: every other verdict leaves it alone, uncounted.
     if d.reason != Reason::Dns {
         if connected {
@@ -640,7 +682,10 @@ fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
         return -1;
     }
     let slot = nameserver_slot(&ns);
-    let stub = dns_stub_v4(slot.unwrap_or(0));
+    let stub = match ns4 {
+        Some(_) => v4_mapped(dns_stub_v4(slot.unwrap_or(0))),
+        None => dns_stub_v6(slot.unwrap_or(0)),
+    };
     if slot.is_none() || !dns_listening(ctx, stub, cfg.dns_port) {
         d = without_agent(cfg, d);
     }
@@ -667,11 +712,11 @@ fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
     (i64::from(cfg.dns_port) << 16) | i64::from(slot.unwrap_or(0))
 }
 
-/// A reply from a stub address 127.53.X.Y on the agent's DNS port, received in an enrolled
-/// namespace: the nameserver of slot X.Y (IPv4-mapped) it stands for.
+/// A reply from a stub address (127.53.X.Y, or 100::53:XY) on the agent's DNS port, received
+/// in an enrolled namespace: the nameserver of slot X.Y (IPv4-mapped for IPv4) it stands for.
 #[inline(always)]
-fn stub_reply_source(ctx: &SockAddrContext, src: [u8; 4], port: u16) -> Option<[u8; 16]> {
-    let slot = dns_stub_index(src)?;
+fn stub_reply_source(ctx: &SockAddrContext, slot: Option<u16>, port: u16) -> Option<[u8; 16]> {
+    let slot = slot?;
     let cfg = CONFIG.get(0)?;
     if cfg.dns_port == 0 || port != cfg.dns_port {
         return None;
@@ -746,21 +791,37 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
 /// stub address shows the nameserver the query was sent to, port 53, as resolvers check.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
-    if let Some(ns) = stub_reply_source(&ctx, user_ip4(&ctx), user_port(&ctx)) {
+    let slot = dns_stub_index(user_ip4(&ctx));
+    if let Some(ns) = stub_reply_source(&ctx, slot, user_port(&ctx)) {
         write_dst(&ctx, Family::V4, ns, DNS_PORT);
     }
     1
 }
 
-/// The same on an IPv6 socket, where IPv4 replies come as IPv4-mapped addresses.
+/// The same on an IPv6 socket: IPv4 replies come as IPv4-mapped addresses, IPv6 ones from
+/// the IPv6 stub addresses.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if let Some(src) = v4_unmapped(&user_ip6(&ctx))
-        && let Some(ns) = stub_reply_source(&ctx, src, user_port(&ctx))
-    {
-        write_dst(&ctx, Family::Mapped, ns, DNS_PORT);
+    let src = user_ip6(&ctx);
+    let (slot, fam) = match v4_unmapped(&src) {
+        Some(v4) => (dns_stub_index(v4), Family::Mapped),
+        None => (dns_stub_v6_index(&src), Family::V6),
+    };
+    if let Some(ns) = stub_reply_source(&ctx, slot, user_port(&ctx)) {
+        write_dst(&ctx, fam, ns, DNS_PORT);
     }
     1
+}
+
+/// An unconnected UDP datagram on an IPv6 socket to an IPv6 address (IPv4-mapped ones take
+/// the IPv4 path and `egress_sendmsg4`).
+#[cgroup_sock_addr(sendmsg6)]
+pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let ip = user_ip6(&ctx);
+    if user_port(&ctx) != DNS_PORT || v4_unmapped(&ip).is_some() {
+        return 1;
+    }
+    dns_datagram(&ctx, Family::V6, ip, false)
 }
 
 /// How the agent learns a network namespace's cookie where `SO_NETNS_COOKIE` is missing

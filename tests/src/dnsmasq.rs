@@ -2,7 +2,7 @@
 //! (no upstream), in a namespace they made, stopped on drop.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::PathBuf,
     process::{Child, Stdio},
 };
@@ -19,7 +19,12 @@ impl Dnsmasq {
     /// (the records that give names their addresses, `--log-queries`). Every name is its own:
     /// a type a name lacks gets NOERROR and no answer (REFUSED otherwise, with no upstream,
     /// which musl takes for a failure). Returns once it has started.
-    pub fn start(netns: &Netns, listen: &[Ipv4Addr], log: PathBuf, options: &[String]) -> Dnsmasq {
+    pub fn start<A: Into<IpAddr> + Copy>(
+        netns: &Netns,
+        listen: &[A],
+        log: PathBuf,
+        options: &[String],
+    ) -> Dnsmasq {
         let child = netns
             .command("dnsmasq")
             .args([
@@ -33,7 +38,11 @@ impl Dnsmasq {
                 "--port=53",
                 "--local=/#/",
             ])
-            .args(listen.iter().map(|a| format!("--listen-address={a}")))
+            .args(
+                listen
+                    .iter()
+                    .map(|&a| format!("--listen-address={}", a.into())),
+            )
             .args(options)
             .arg(format!("--log-facility={}", log.display()))
             .stdin(Stdio::null())

@@ -986,6 +986,7 @@ fn connect4_is_verified_small_and_its_size_is_logged() {
         "egress_dns_connect4",
         "egress_dns_connect6",
         "egress_sendmsg4",
+        "egress_sendmsg6",
         "egress_recvmsg4",
         "egress_recvmsg6",
     ] {

@@ -11,8 +11,12 @@
 //!   answer;
 //! - musl's resolver (`getaddrinfo` in a program built with `musl-gcc -static`): unconnected UDP
 //!   (sendto) to every nameserver at once, taking a reply only from a nameserver it asked;
-//! - Python's socket module: unconnected UDP (sendto/recvfrom) on IPv4 and IPv4-mapped
+//! - Go's own resolver (a program built with Debian's Go, without cgo): connected UDP, A and
+//!   AAAA at once;
+//! - Python's socket module: unconnected UDP (sendto/recvfrom) on IPv4, IPv4-mapped and IPv6
 //!   sockets, printing where the reply came from.
+//!
+//! The nameservers are asked over IPv4 and IPv6 (dnsmasq on 2001:db8:2::2 too).
 
 use std::{
     collections::BTreeSet,
@@ -28,7 +32,7 @@ use egress_tests::{
     dnsmasq::Dnsmasq,
     egress_bin,
     l7::StandIns,
-    node::{EXT_V4, Node, Pod},
+    node::{EXT_V4, EXT_V6, Node, Pod},
     privileged,
 };
 use serde_json::json;
@@ -70,7 +74,7 @@ fn txt_strings() -> Vec<String> {
     ["a", "b", "c"].map(|c| c.repeat(TXT_LEN)).to_vec()
 }
 
-/// The pods' nameserver in the ext namespace, on `EXT_V4` and `EXT2_V4`, logging every query
+/// The pods' nameserver in the ext namespace, on `EXT_V4`, `EXT2_V4` and `EXT_V6`, logging every query
 /// with its source: `NAME`, `MANY` (from a hosts file) and `BIG_TXT`, and what `extra` gives.
 fn upstream(node: &Node, dir: &TempDir, extra: &[String]) -> Dnsmasq {
     node.add_ext_address(EXT2_V4);
@@ -79,7 +83,7 @@ fn upstream(node: &Node, dir: &TempDir, extra: &[String]) -> Dnsmasq {
     std::fs::write(&hosts, lines).unwrap();
     Dnsmasq::start(
         node.ext(),
-        &[EXT_V4, EXT2_V4],
+        &[IpAddr::V4(EXT_V4), IpAddr::V4(EXT2_V4), IpAddr::V6(EXT_V6)],
         dir.path().join("dnsmasq.log"),
         &[
             "--log-queries".to_owned(),
@@ -204,16 +208,16 @@ impl World {
 
     /// `program ARGS` in the pod, with /etc/resolv.conf naming `nameservers` (a mount
     /// namespace of its own with the file bind-mounted); its standard output.
-    fn run_with(
+    fn run_with<A: Into<IpAddr> + Copy>(
         &self,
-        nameservers: &[Ipv4Addr],
+        nameservers: &[A],
         program: impl AsRef<OsStr>,
         args: &[&str],
     ) -> String {
         let resolv = self.dir.path().join("resolv.conf");
         let listed: String = nameservers
             .iter()
-            .map(|ns| format!("nameserver {ns}\n"))
+            .map(|&ns| format!("nameserver {}\n", ns.into()))
             .collect();
         let extra = self.resolv_extra.borrow();
         std::fs::write(
@@ -244,7 +248,7 @@ impl World {
     }
 
     /// `dig +short ARGS` (one try) asking `nameservers`; its output, trimmed.
-    fn short_with(&self, nameservers: &[Ipv4Addr], args: &[&str]) -> String {
+    fn short_with<A: Into<IpAddr> + Copy>(&self, nameservers: &[A], args: &[&str]) -> String {
         let all = [&DIG[..], &["+short"], args].concat();
         self.run_with(nameservers, "dig", &all).trim().to_owned()
     }
@@ -264,7 +268,11 @@ impl World {
     }
 
     /// `getent ahosts NAME` in the pod, asking `nameservers`: the addresses.
-    fn getent_with(&self, nameservers: &[Ipv4Addr], name: &str) -> BTreeSet<IpAddr> {
+    fn getent_with<A: Into<IpAddr> + Copy>(
+        &self,
+        nameservers: &[A],
+        name: &str,
+    ) -> BTreeSet<IpAddr> {
         let out = self.run_with(nameservers, "getent", &["ahosts", name]);
         out.lines()
             .filter_map(|l| l.split_whitespace().next()?.parse().ok())
@@ -277,8 +285,14 @@ impl World {
     }
 
     /// The access record of a `protocol` query for `name` of `qtype` sent to nameserver `ns`.
-    fn record_of(&self, name: &str, protocol: &str, qtype: &str, ns: Ipv4Addr) -> ConnLine {
-        let ns = SocketAddr::from((ns, 53)).to_string();
+    fn record_of(
+        &self,
+        name: &str,
+        protocol: &str,
+        qtype: &str,
+        ns: impl Into<IpAddr>,
+    ) -> ConnLine {
+        let ns = SocketAddr::from((ns.into(), 53)).to_string();
         self.agent
             .wait_record("dns", &format!("{protocol} {qtype} {name} to {ns}"), |r| {
                 r.get("protocol") == protocol
@@ -290,11 +304,16 @@ impl World {
 }
 
 /// Sends a query for NAME with sendto() on an unconnected socket (IPv4, or IPv6 to the
-/// nameserver's IPv4-mapped address), then prints where recvfrom() says the reply came from,
-/// its ID matching, and its answer's address.
+/// nameserver's IPv4-mapped address, or to an IPv6 nameserver), then prints where recvfrom()
+/// says the reply came from, its ID matching, and its answer's address.
 const UNCONNECTED: &str = r#"
 import socket, struct, sys
-family, ns = (socket.AF_INET6, "::ffff:" + sys.argv[1]) if sys.argv[2] == "6" else (socket.AF_INET, sys.argv[1])
+if ":" in sys.argv[1]:
+    family, ns = socket.AF_INET6, sys.argv[1]
+elif sys.argv[2] == "6":
+    family, ns = socket.AF_INET6, "::ffff:" + sys.argv[1]
+else:
+    family, ns = socket.AF_INET, sys.argv[1]
 name = b"".join(bytes([len(l)]) + l for l in sys.argv[3].encode().split(b".")) + b"\0"
 q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1)
 s = socket.socket(family, socket.SOCK_DGRAM)
@@ -577,6 +596,175 @@ fn musls_resolver_asks_every_nameserver_and_takes_their_replies() {
             let rec = w.record_of("db.example", "udp", qtype, ns);
             assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
         }
+    }
+}
+
+#[test]
+fn an_ipv6_nameserver_is_asked_through_the_agent_over_udp_and_tcp() {
+    if !privileged("an_ipv6_nameserver_is_asked_through_the_agent_over_udp_and_tcp") {
+        return;
+    }
+    let mut w = world_with("dns6", REGISTRY);
+    let ns6 = IpAddr::V6(EXT_V6);
+    let pod_ip = IpAddr::V6(w.pod.ipv6);
+    // The pod's namespace routes the IPv6 stub addresses to its loopback, where the agent's
+    // DNS socket on [::] takes what the kernel sends there.
+    let local = || {
+        checked(
+            w.pod
+                .command("ip")
+                .args(["-6", "route", "show", "table", "local"]),
+        )
+    };
+    assert!(
+        local().contains("local 100::53:0/112 dev lo"),
+        "{}",
+        local()
+    );
+
+    // dig over UDP (connected, IPv6) and TCP: the nameserver's answer, forwarded from the
+    // pod's namespace (the nameserver saw the pod's IPv6 address); dig checks that the reply
+    // came from the nameserver it asked.
+    for (transport, protocol) in [("+notcp", "udp"), ("+tcp", "tcp")] {
+        let out = w.short_with(&[ns6], &[transport, NAME, "A"]);
+        assert_eq!(out, NAME_V4.to_string(), "{protocol}");
+        let rec = w.record_of(NAME, protocol, "A", ns6);
+        assert_eq!(rec.get("answered_by"), "nameserver", "{rec:?}");
+        assert_eq!(rec.get("reason"), "dns", "{rec:?}");
+        let up: SocketAddr = rec.get("upstream_local").parse().unwrap();
+        assert_eq!(up.ip(), pod_ip, "{rec:?}");
+    }
+    assert!(w.upstream.saw("A", NAME, pod_ip), "{}", w.upstream.log());
+
+    // glibc (connected UDP, A and AAAA on one socket) and musl (unconnected sendto, to the
+    // IPv6 and the IPv4 nameserver at once): each takes the replies as its nameservers'.
+    assert_eq!(
+        w.getent_with(&[ns6], NAME),
+        BTreeSet::from([IpAddr::V4(NAME_V4)])
+    );
+    w.record_of(NAME, "udp", "AAAA", ns6);
+    let getaddrinfo = musl_getaddrinfo(&w.dir);
+    let both = [ns6, IpAddr::V4(EXT_V4)];
+    let out = w.run_with(&both, &getaddrinfo, &["db.example"]);
+    let got: BTreeSet<IpAddr> = out.lines().map(|l| l.parse().unwrap()).collect();
+    // A name the registry owns, answered by the agent whichever nameserver was asked.
+    let dump = w.agent.config_dump();
+    let allocated: BTreeSet<IpAddr> = dump["allocated"]["ServiceEntry team-a/db"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{dump}"))
+        .iter()
+        .filter_map(|a| a.as_str()?.parse().ok())
+        .collect();
+    assert_eq!(got, allocated, "{out}");
+    for ns in both {
+        let rec = w.record_of("db.example", "udp", "AAAA", ns);
+        assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
+    }
+
+    // Python's sendto/recvfrom on an IPv6 socket: the reply comes from the nameserver, port 53.
+    let unconnected = |w: &World| {
+        w.run(
+            "/usr/bin/python3",
+            &["-c", UNCONNECTED, &EXT_V6.to_string(), "6", NAME],
+        )
+    };
+    assert_eq!(
+        unconnected(&w).trim(),
+        format!("{EXT_V6} 53 True {NAME_V4}")
+    );
+    let counted = w.agent.workload_stats("team-a/client");
+    assert!(counted.get("dns").copied().unwrap_or(0) >= 7, "{counted:?}");
+
+    // Agent down: straight to the nameserver (DNS fails open).
+    let records = w.agent.records("dns").len();
+    let before = w.upstream.queries();
+    w.agent.kill();
+    assert_eq!(w.short_with(&[ns6], &[NAME, "A"]), NAME_V4.to_string());
+    assert_eq!(
+        unconnected(&w).trim(),
+        format!("{EXT_V6} 53 True {NAME_V4}")
+    );
+    assert_eq!(w.upstream.queries(), before + 2, "{}", w.upstream.log());
+    assert_eq!(w.agent.records("dns").len(), records);
+}
+
+/// A program on Go's own resolver (`net.Resolver{PreferGo: true}`, as in a static Go binary):
+/// the addresses `LookupHost` gives for its argument, one a line.
+const GO_LOOKUP: &str = r#"package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+)
+
+func main() {
+	r := &net.Resolver{PreferGo: true}
+	addrs, err := r.LookupHost(context.Background(), os.Args[1])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	for _, a := range addrs {
+		fmt.Println(a)
+	}
+}
+"#;
+
+/// `GO_LOOKUP` built with Debian's Go (without cgo) in `dir`: the program.
+fn go_lookup(dir: &TempDir) -> PathBuf {
+    assert!(
+        Path::new("/usr/bin/go").exists(),
+        "go is missing (Debian's golang-go: cargo xtask setup)"
+    );
+    let src = dir.path().join("lookup.go");
+    let exe = dir.path().join("lookup");
+    std::fs::write(&src, GO_LOOKUP).unwrap();
+    checked(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .env("CGO_ENABLED", "0")
+            .env("GOCACHE", dir.path().join("go-cache"))
+            .env("GOPATH", dir.path().join("go"))
+            .env("GO111MODULE", "off"),
+    );
+    exe
+}
+
+#[test]
+fn gos_resolver_takes_the_agents_replies_from_ipv4_and_ipv6_nameservers() {
+    if !privileged("gos_resolver_takes_the_agents_replies_from_ipv4_and_ipv6_nameservers") {
+        return;
+    }
+    let w = world_with("dnsgo", REGISTRY);
+    let lookup = go_lookup(&w.dir);
+    let dump = w.agent.config_dump();
+    let allocated: BTreeSet<IpAddr> = dump["allocated"]["ServiceEntry team-a/db"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{dump}"))
+        .iter()
+        .filter_map(|a| a.as_str()?.parse().ok())
+        .collect();
+    for ns in [IpAddr::V4(EXT_V4), IpAddr::V6(EXT_V6)] {
+        let resolve = |name: &str| -> BTreeSet<IpAddr> {
+            let out = w.run_with(&[ns], &lookup, &[name]);
+            out.lines()
+                .map(|l| l.parse().unwrap_or_else(|e| panic!("{l}: {e}\n{out}")))
+                .collect()
+        };
+        // Go sends A and AAAA at once over connected UDP sockets and takes only a reply
+        // from the nameserver it asked with its question.
+        assert_eq!(resolve(NAME), BTreeSet::from([IpAddr::V4(NAME_V4)]), "{ns}");
+        for qtype in ["A", "AAAA"] {
+            let rec = w.record_of(NAME, "udp", qtype, ns);
+            assert_eq!(rec.get("answered_by"), "nameserver", "{rec:?}");
+        }
+        assert_eq!(resolve("db.example"), allocated, "{ns}");
+        let rec = w.record_of("db.example", "udp", "AAAA", ns);
+        assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
     }
 }
 
@@ -909,11 +1097,15 @@ fn an_upgrade_hands_the_dns_sockets_and_what_was_learnt_over() {
     let mut old = std::mem::replace(&mut w.agent, new);
     old.terminate();
     assert!(old.exited());
-    // Queries over UDP and TCP reach the new agent on the sockets handed over.
+    // Queries over UDP (to an IPv4 and an IPv6 nameserver) and TCP reach the new agent on
+    // the sockets handed over, and the old agent left the pod's IPv6 stub route in place.
     assert_eq!(w.dig(&[]), NAME_V4.to_string());
     assert_eq!(w.dig(&["+tcp"]), NAME_V4.to_string());
+    let ns6 = IpAddr::V6(EXT_V6);
+    assert_eq!(w.short_with(&[ns6], &[NAME, "A"]), NAME_V4.to_string());
     w.record("udp", "A");
     w.record("tcp", "A");
+    w.record_of(NAME, "udp", "A", ns6);
     // What the workload learnt before stays in the kernel: it still goes straight out.
     let out = w.run(
         "/usr/bin/python3",

@@ -1015,7 +1015,17 @@ fn a_stopped_node_agent_keeps_the_pods_policy_until_egress_uninstall_removes_eve
             .arg("--admin-socket")
             .arg(c.socket()),
     );
-    assert!(out.contains("detached 10 programs"), "{out}");
+    assert!(out.contains("detached 11 programs"), "{out}");
+    // The route the agent gave the pod's namespace for its IPv6 DNS stub addresses.
+    assert!(
+        out.contains("removed the DNS stub route of default/kept"),
+        "{out}"
+    );
+    let routes = checked(
+        pod.command("ip")
+            .args(["-6", "route", "show", "table", "local"]),
+    );
+    assert!(!routes.contains("100::53:0/112"), "{routes}");
     assert!(!pin.exists(), "{out}");
     assert!(!state.exists(), "{out}");
     assert!(!handover.exists(), "{out}");

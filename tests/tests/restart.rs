@@ -181,6 +181,7 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
             "egress_recvmsg4",
             "egress_recvmsg6",
             "egress_sendmsg4",
+            "egress_sendmsg6",
             "egress_sockops"
         ]
     );
@@ -209,6 +210,8 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
     f.agent.wait_log(n, "took over the maps pinned in");
     f.assert_relayed("after the restart");
     f.assert_denied("after the restart");
+    // The agent serves DNS to its cgroup: IPv6 stub addresses are routed to lo here.
+    assert!(stub_route(), "no route for the IPv6 DNS stub addresses");
 
     // `egress uninstall` refuses while an agent runs.
     let sock = f.agent.admin_socket.to_str().unwrap().to_owned();
@@ -232,9 +235,10 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
         "{err}"
     );
 
-    // SIGTERM is a stop, not an uninstall.
+    // SIGTERM is a stop, not an uninstall. The stub route goes with the agent's DNS socket.
     f.agent.terminate();
     assert_eq!(links(&f.agent.pin), attached, "the links outlive a stop");
+    assert!(!stub_route(), "the IPv6 DNS stub route outlived the agent");
     f.assert_denied("after a stop");
     assert_eq!(f.echo(f.relayed), Err("111".to_owned()), "after a stop");
 
@@ -245,13 +249,22 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("detached 10 programs"), "{out}");
+    assert!(out.contains("detached 11 programs"), "{out}");
     assert!(!f.agent.pin.exists(), "{out}");
     // Nothing decides for the cgroup any more: what was denied or redirected goes out as is.
     let client = f.echo(f.unlisted).expect("not intercepted after uninstall");
     assert_eq!(f.servers.wait_from(client).local, f.unlisted);
     let client = f.echo(f.relayed).expect("not intercepted after uninstall");
     assert_eq!(f.servers.wait_from(client).local, f.relayed);
+}
+
+/// Whether this namespace routes the IPv6 DNS stub addresses, `100::53:0/112`, to lo (read
+/// from /proc/net/ipv6_route: destination, then prefix length in hex).
+fn stub_route() -> bool {
+    std::fs::read_to_string("/proc/net/ipv6_route")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("01000000000000000000000000530000 70 ") && l.ends_with(" lo"))
 }
 
 #[test]

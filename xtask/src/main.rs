@@ -42,6 +42,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bind9-dnsutils", "/usr/bin/dig"),
     ("python3", "/usr/bin/python3"),
     ("musl-tools", "/usr/bin/musl-gcc"),
+    ("golang-go", "/usr/bin/go"),
     ("dnsperf", "/usr/bin/dnsperf"),
 ];
 /// The PyPI package whose Kubernetes API schemas the deploy tests validate the manifests
@@ -61,7 +62,7 @@ enum Cmd {
     /// toolchain, bpf-linker 0.10.4, cargo-fuzz, and (as root, with apt-get) Debian's haproxy,
     /// iptables, curl, containernetworking-plugins, prometheus (promtool), qemu-system-x86,
     /// busybox-static, docker.io, debootstrap, dnsmasq-base, bind9-dnsutils (dig), python3,
-    /// musl-tools and dnsperf, and (with pip) kubernetes-validate.
+    /// musl-tools, golang-go and dnsperf, and (with pip) kubernetes-validate.
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none).
     BuildEbpf,

@@ -346,7 +346,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
                     Err(e) => warn!("serving a DNS listener of {}: {e}", wl.label),
                 }
             }
-            if let Some(u) = sockets.dns_udp {
+            for u in sockets.dns_udp {
                 match tokio::net::UdpSocket::from_std(u) {
                     Ok(u) => handles.push(
                         handle
@@ -376,6 +376,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
     };
     let state = args.node.then(|| args.state_file.clone());
     let mut wls = workloads::Workloads::new(state, listen, serve, forget);
+    let own_dns = attach.own.is_some() && dns_port != 0;
     if let Some((cgroup, limit)) = &attach.own {
         let given = taken.as_mut().and_then(handover::Taken::own);
         wls.enroll_own(&mut maps, &plan.policies, own_label, *limit, given)
@@ -556,6 +557,13 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         // After a handover the paths are the new agent's.
         if !gave_over.load(std::sync::atomic::Ordering::Relaxed) {
             ours.remove();
+            // The IPv6 DNS stub route this agent's own namespace got for its cgroup: with
+            // the agent's socket gone, DNS there goes to the nameservers (it fails open).
+            if own_dns
+                && let Err(e) = workloads::netns::stub_route(workloads::netns::Route::Remove)
+            {
+                warn!("removing the IPv6 DNS stub route: {e}");
+            }
         }
         info!(
             "stopping: the programs stay attached at {} and decide from the maps pinned in {} \

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     datapath::{self, sys},
-    workloads::{api, cniconf, handover},
+    workloads::{self, api, cniconf, handover, netns},
 };
 
 /// What to remove.
@@ -56,6 +56,14 @@ pub fn uninstall(u: &Uninstall<'_>) -> Result<()> {
         if cniconf::remove_plugin(bin_dir)? {
             println!("removed {}", bin_dir.join(cniconf::PLUGIN).display());
         }
+    }
+    // The route that makes the IPv6 DNS stub range local: in the pods the state file lists,
+    // and here (the agent's own namespace, when it served DNS to its cgroup).
+    for w in workloads::remove_stub_routes(u.state_file) {
+        println!("removed the DNS stub route of {w}");
+    }
+    if netns::stub_route(netns::Route::Remove).is_ok_and(|r| r) {
+        println!("removed the DNS stub route of this network namespace");
     }
     let handover = handover::socket_path(u.admin_socket);
     for f in [u.state_file, u.allocations_file, u.admin_socket, &handover] {

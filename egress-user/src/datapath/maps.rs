@@ -273,9 +273,10 @@ const PROG_NETNS_PROBE: &str = "egress_netns_probe";
 const PROG_DNS_CONNECT4: &str = "egress_dns_connect4";
 const PROG_DNS_CONNECT6: &str = "egress_dns_connect6";
 const PROG_SENDMSG4: &str = "egress_sendmsg4";
+const PROG_SENDMSG6: &str = "egress_sendmsg6";
 const PROG_RECVMSG4: &str = "egress_recvmsg4";
 const PROG_RECVMSG6: &str = "egress_recvmsg6";
-const SOCK_ADDR_PROGRAMS: [&str; 9] = [
+const SOCK_ADDR_PROGRAMS: [&str; 10] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_DNS_CONNECT4,
@@ -283,6 +284,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 9] = [
     PROG_GETPEERNAME4,
     PROG_GETPEERNAME6,
     PROG_SENDMSG4,
+    PROG_SENDMSG6,
     PROG_RECVMSG4,
     PROG_RECVMSG6,
 ];
@@ -502,7 +504,7 @@ impl Datapath {
             .with_context(|| format!("program {name} missing from the object"))
     }
 
-    /// Attach connect4/6 (TCP, and UDP for DNS), sendmsg4, recvmsg4/6, getpeername4/6 and
+    /// Attach connect4/6 (TCP, and UDP for DNS), sendmsg4/6, recvmsg4/6, getpeername4/6 and
     /// sock_ops to the intercepted cgroup, through
     /// links pinned in `<pin dir>/links/`: they stay attached when the agent exits, so the
     /// maps keep deciding while it is down. Links an agent pinned before on the same cgroup

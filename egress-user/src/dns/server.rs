@@ -1,11 +1,13 @@
 //! The DNS server of every enrolled namespace. The datapath sends a workload's DNS queries here:
 //!
-//! - UDP, at connect or sendmsg, to a stub address 127.53.X.Y on the DNS port, where X.Y is the
-//!   slot the kernel gave the nameserver the client asked (`DNS_NAMESERVERS`). One socket per
-//!   namespace, bound to 0.0.0.0 with `IP_PKTINFO`, takes them; a datagram addressed to anything
-//!   else (a remote host sending to the pod's address) is dropped. The reply leaves from the
-//!   same stub address, which the kernel's recvmsg hook turns back into the nameserver's address
-//!   and port 53 for the client.
+//! - UDP, at connect or sendmsg, to a stub address 127.53.X.Y (IPv4 nameservers) or 100::53:XY
+//!   (IPv6 ones) on the DNS port, where X.Y is the slot the kernel gave the nameserver the client
+//!   asked (`DNS_NAMESERVERS`). Two sockets per namespace, bound to 0.0.0.0 and [::] with
+//!   packet info, take them (the IPv6 stub range is routed to the loopback device there:
+//!   `workloads::netns::stub_route`); a datagram addressed to anything else (a remote host
+//!   sending to the pod's address) is dropped. The reply leaves from the same stub address,
+//!   which the kernel's recvmsg hook turns back into the nameserver's address and port 53 for
+//!   the client.
 //! - TCP, at connect, to the listener on 127.0.0.1 or ::1, with the original destination
 //!   recorded as for the outbound listener (`ORIG_BY_PEER`).
 //!
@@ -20,7 +22,7 @@ use std::{
     borrow::Cow,
     collections::HashMap,
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsRawFd as _, RawFd},
     path::Path,
     sync::{Arc, Mutex, RwLock},
@@ -28,7 +30,7 @@ use std::{
 };
 
 use anyhow::Result;
-use egress_common::{DNS_PORT, MAP_DNS_NAMESERVERS, dns_stub_index};
+use egress_common::{DNS_PORT, MAP_DNS_NAMESERVERS, dns_stub_index, dns_stub_v6_index};
 use log::warn;
 use socket2::SockRef;
 use tokio::{
@@ -62,27 +64,60 @@ const MAX_UDP_IN_FLIGHT: usize = 1024;
 /// The largest DNS message over either transport.
 const MAX_MESSAGE: usize = 65_535;
 
-/// The UDP socket of a namespace's DNS server: every address, port `port`, with the
-/// destination of each datagram reported (`IP_PKTINFO`). Made in the caller's namespace.
-pub fn udp_socket(port: u16) -> io::Result<std::net::UdpSocket> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM.cloexec(), None)?;
-    s.set_nonblocking(true)?;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and an int option.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+/// A UDP socket of a namespace's DNS server: every address of the family, port `port`, with
+/// the destination of each datagram reported (`IP_PKTINFO`, `IPV6_RECVPKTINFO`). The IPv6 one
+/// is IPv6-only and may send from addresses the namespace does not have (`IPV6_FREEBIND`): its
+/// replies leave from a stub address, which is routed to it but assigned nowhere. Made in the
+/// caller's namespace.
+pub fn udp_socket(port: u16, v6: bool) -> io::Result<std::net::UdpSocket> {
+    let (domain, any) = if v6 {
+        (
+            socket2::Domain::IPV6,
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        )
+    } else {
+        (
+            socket2::Domain::IPV4,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
         )
     };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM.cloexec(), None)?;
+    s.set_nonblocking(true)?;
+    let opts: &[(libc::c_int, libc::c_int)] = if v6 {
+        s.set_only_v6(true)?;
+        &[
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+            (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND),
+        ]
+    } else {
+        &[(libc::IPPROTO_IP, libc::IP_PKTINFO)]
+    };
+    let on: libc::c_int = 1;
+    for &(level, name) in opts {
+        // SAFETY: a valid socket and an int option.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    s.bind(&any.into())?;
     Ok(s.into())
+}
+
+/// The nameserver slot of a stub address, if it is one (127.53.0.0/16 or 100::53:0/112).
+pub fn stub_slot(stub: IpAddr) -> Option<u16> {
+    match stub {
+        IpAddr::V4(a) => dns_stub_index(a.octets()),
+        IpAddr::V6(a) => dns_stub_v6_index(&a.octets()),
+    }
 }
 
 /// The nameservers behind the stub addresses, as the kernel gave them slots. A slot, once
@@ -112,8 +147,8 @@ impl Nameservers {
     }
 
     /// The nameserver a query sent to stub address `stub` was for.
-    pub fn of(&self, stub: Ipv4Addr) -> Option<IpAddr> {
-        let slot = dns_stub_index(stub.octets())?;
+    pub fn of(&self, stub: IpAddr) -> Option<IpAddr> {
+        let slot = stub_slot(stub)?;
         if let Some(ip) = self.known.read().ok()?.get(&slot) {
             return Some(*ip);
         }
@@ -142,9 +177,9 @@ pub struct Dns {
 #[derive(Clone, Copy, Debug)]
 struct Datagram {
     len: usize,
-    from: SocketAddrV4,
+    from: SocketAddr,
     /// The address it was sent to.
-    to: Ipv4Addr,
+    to: IpAddr,
 }
 
 impl Dns {
@@ -162,7 +197,7 @@ impl Dns {
                         // Only what the datapath sent to a stub address, and not too many: the
                         // queries answered already count no more.
                         while queries.try_join_next().is_some() {}
-                        if dns_stub_index(d.to.octets()).is_none()
+                        if stub_slot(d.to).is_none()
                             || queries.len() >= MAX_UDP_IN_FLIGHT
                         {
                             continue;
@@ -198,7 +233,7 @@ impl Dns {
             return;
         };
         let ns = SocketAddr::new(ns, DNS_PORT);
-        let mut q = Query::new(&wl, SocketAddr::V4(d.from), ns, "udp", &query);
+        let mut q = Query::new(&wl, d.from, ns, "udp", &query);
         let asked = async |upstream: Vec<u8>| {
             tokio::time::timeout(FORWARD_TIMEOUT, self.forward_udp(&wl, ns, &upstream))
                 .await
@@ -523,15 +558,75 @@ async fn write_message(s: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
     s.write_all(&out).await
 }
 
-/// Control buffer for one `in_pktinfo`, aligned for `cmsghdr`.
+/// Control buffer for one `in_pktinfo` or `in6_pktinfo`, aligned for `cmsghdr`.
 #[repr(C, align(8))]
 struct PktinfoControl([u8; 64]);
 
+/// A socket address as the kernel reads and writes it: `sockaddr_in` or `sockaddr_in6`.
+#[repr(C)]
+union RawAddr {
+    v4: libc::sockaddr_in,
+    v6: libc::sockaddr_in6,
+}
+
+impl RawAddr {
+    fn new(a: SocketAddr) -> (RawAddr, libc::socklen_t) {
+        match a {
+            SocketAddr::V4(a) => (
+                RawAddr {
+                    v4: libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: a.port().to_be(),
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from(*a.ip()).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    },
+                },
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ),
+            SocketAddr::V6(a) => (
+                RawAddr {
+                    v6: libc::sockaddr_in6 {
+                        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                        sin6_port: a.port().to_be(),
+                        sin6_flowinfo: 0,
+                        sin6_addr: libc::in6_addr {
+                            s6_addr: a.ip().octets(),
+                        },
+                        sin6_scope_id: a.scope_id(),
+                    },
+                },
+                size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            ),
+        }
+    }
+
+    fn get(&self) -> Option<SocketAddr> {
+        // SAFETY: every member starts with the family, which says which one the kernel wrote.
+        unsafe {
+            match i32::from(self.v4.sin_family) {
+                libc::AF_INET => Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(self.v4.sin_addr.s_addr)),
+                    u16::from_be(self.v4.sin_port),
+                ))),
+                libc::AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(self.v6.sin6_addr.s6_addr),
+                    u16::from_be(self.v6.sin6_port),
+                    0,
+                    self.v6.sin6_scope_id,
+                ))),
+                _ => None,
+            }
+        }
+    }
+}
+
 /// Receive one datagram with the address it was sent to; `None` when it was truncated or came
-/// without `IP_PKTINFO`.
+/// without packet info.
 fn recv_pktinfo(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
-    // SAFETY: plain data structures, filled in by recvmsg(2) below.
-    let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    // SAFETY: plain data, filled in by recvmsg(2) below.
+    let mut from: RawAddr = unsafe { std::mem::zeroed() };
     let mut control = PktinfoControl([0; 64]);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -540,7 +635,7 @@ fn recv_pktinfo(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
     // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = (&raw mut from).cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_namelen = size_of::<RawAddr>() as libc::socklen_t;
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
@@ -558,42 +653,37 @@ fn recv_pktinfo(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
-                let info = libc::CMSG_DATA(c)
-                    .cast::<libc::in_pktinfo>()
-                    .read_unaligned();
-                to = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = libc::CMSG_DATA(c)
+                        .cast::<libc::in_pktinfo>()
+                        .read_unaligned();
+                    to = Some(IpAddr::from(Ipv4Addr::from(u32::from_be(
+                        info.ipi_addr.s_addr,
+                    ))));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = libc::CMSG_DATA(c)
+                        .cast::<libc::in6_pktinfo>()
+                        .read_unaligned();
+                    to = Some(IpAddr::from(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                }
+                _ => {}
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Ok(to.map(|to| Datagram {
+    Ok(to.zip(from.get()).map(|(to, from)| Datagram {
         len: n as usize,
-        from: SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)),
-            u16::from_be(from.sin_port),
-        ),
+        from,
         to,
     }))
 }
 
-/// Send `data` to `to` from local address `from` (`IP_PKTINFO`).
-fn send_from(fd: RawFd, data: &[u8], to: SocketAddrV4, from: Ipv4Addr) -> io::Result<usize> {
-    let dst = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: to.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*to.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let info = libc::in_pktinfo {
-        ipi_ifindex: 0,
-        ipi_spec_dst: libc::in_addr {
-            s_addr: u32::from(from).to_be(),
-        },
-        ipi_addr: libc::in_addr { s_addr: 0 },
-    };
+/// Send `data` to `to` from local address `from` (`IP_PKTINFO`, `IPV6_PKTINFO`; the same
+/// family).
+fn send_from(fd: RawFd, data: &[u8], to: SocketAddr, from: IpAddr) -> io::Result<usize> {
+    let (dst, dst_len) = RawAddr::new(to);
     let mut control = PktinfoControl([0; 64]);
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
@@ -602,21 +692,46 @@ fn send_from(fd: RawFd, data: &[u8], to: SocketAddrV4, from: Ipv4Addr) -> io::Re
     // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = (&raw const dst).cast_mut().cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_namelen = dst_len;
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure computation; the buffer has room for it.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as _;
-    // SAFETY: one control message of `in_pktinfo` in a buffer with room for it.
+    // SAFETY: one control message of packet info in a buffer with room for either kind.
     unsafe {
+        let size = match from {
+            IpAddr::V4(_) => size_of::<libc::in_pktinfo>(),
+            IpAddr::V6(_) => size_of::<libc::in6_pktinfo>(),
+        } as u32;
+        msg.msg_controllen = libc::CMSG_SPACE(size) as _;
         let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::IPPROTO_IP;
-        (*c).cmsg_type = libc::IP_PKTINFO;
-        (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-        libc::CMSG_DATA(c)
-            .cast::<libc::in_pktinfo>()
-            .write_unaligned(info);
+        (*c).cmsg_len = libc::CMSG_LEN(size) as _;
+        match from {
+            IpAddr::V4(a) => {
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                libc::CMSG_DATA(c)
+                    .cast::<libc::in_pktinfo>()
+                    .write_unaligned(libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(a).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    });
+            }
+            IpAddr::V6(a) => {
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                libc::CMSG_DATA(c)
+                    .cast::<libc::in6_pktinfo>()
+                    .write_unaligned(libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: a.octets(),
+                        },
+                        ipi6_ifindex: 0,
+                    });
+            }
+        }
     }
     // SAFETY: a valid socket and message.
     let n = unsafe { libc::sendmsg(fd, &msg, 0) };
@@ -708,8 +823,8 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// The stub address of nameserver slot `slot`, where the datapath sends its UDP queries.
-    fn stub_address(slot: u16) -> Ipv4Addr {
-        Ipv4Addr::from(egress_common::dns_stub_v4(slot))
+    fn stub_address(slot: u16) -> IpAddr {
+        IpAddr::from(egress_common::dns_stub_v4(slot))
     }
 
     #[test]
@@ -726,10 +841,10 @@ mod tests {
                 table.lock().unwrap().get(&slot).copied()
             })
         };
-        assert_eq!(stub_address(1), Ipv4Addr::new(127, 53, 0, 1));
+        assert_eq!(stub_address(1), IpAddr::from([127, 53, 0, 1]));
         assert_eq!(ns.of(stub_address(1)), Some(IpAddr::from([198, 18, 0, 53])));
         assert_eq!(
-            ns.of(Ipv4Addr::new(127, 53, 1, 2)),
+            ns.of(IpAddr::from([127, 53, 1, 2])),
             Some(IpAddr::from([127, 0, 0, 53]))
         );
         // Read once: a slot keeps its nameserver.
@@ -737,7 +852,13 @@ mod tests {
         assert_eq!(reads.load(Ordering::Relaxed), 2);
         // Not a stub address: no lookup. A slot the kernel has not given yet: asked again
         // next time, and found once it is given.
-        assert_eq!(ns.of(Ipv4Addr::new(127, 0, 0, 1)), None);
+        assert_eq!(ns.of(IpAddr::from([127, 0, 0, 1])), None);
+        // The IPv6 stub of a slot names the same nameserver; ::1 is no stub.
+        let v6: Ipv6Addr = "100::53:102".parse().unwrap();
+        assert_eq!(IpAddr::from(egress_common::dns_stub_v6(0x0102)), v6);
+        assert_eq!(ns.of(v6.into()), Some(IpAddr::from([127, 0, 0, 53])));
+        assert_eq!(ns.of(Ipv6Addr::LOCALHOST.into()), None);
+        assert_eq!(ns.of("100::54:102".parse().unwrap()), None);
         assert_eq!(ns.of(stub_address(7)), None);
         table
             .lock()

@@ -122,7 +122,7 @@ pub fn take(path: &Path) -> Result<Option<Taken>> {
             };
             for fd in fds.by_ref().take(h.dns) {
                 if socket2::SockRef::from(&fd).r#type().ok() == Some(socket2::Type::DGRAM) {
-                    s.dns_udp = Some(std::net::UdpSocket::from(fd));
+                    s.dns_udp.push(std::net::UdpSocket::from(fd));
                 } else {
                     s.dns_tcp.push(std::net::TcpListener::from(fd));
                 }
@@ -368,7 +368,7 @@ mod tests {
         assert_eq!(taken.workloads.len(), 130);
         let own = taken.own().expect("the agent's own listeners");
         assert_eq!(own.outbound[1].local_addr().unwrap(), addrs[1]);
-        let udp = own.dns_udp.as_ref().expect("the DNS socket");
+        let udp = own.dns_udp.first().expect("the DNS socket");
         assert_eq!(udp.local_addr().unwrap(), dns_udp.local_addr().unwrap());
         assert_eq!(own.dns_tcp.len(), 1);
         assert_eq!(

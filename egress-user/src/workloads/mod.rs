@@ -25,7 +25,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -101,7 +101,8 @@ impl Workload {
 #[derive(Debug, Default)]
 pub struct Sockets {
     pub outbound: Vec<std::net::TcpListener>,
-    pub dns_udp: Option<std::net::UdpSocket>,
+    /// UDP on 0.0.0.0 and, where the namespace has IPv6, on [::].
+    pub dns_udp: Vec<std::net::UdpSocket>,
     pub dns_tcp: Vec<std::net::TcpListener>,
 }
 
@@ -238,8 +239,14 @@ impl Workloads {
         let dns = self
             .listen
             .dns
-            .filter(|_| s.dns_udp.is_none() && s.dns_tcp.is_empty());
-        if outbound.is_none() && dns.is_none() {
+            .filter(|_| s.dns_udp.is_empty() && s.dns_tcp.is_empty());
+        // An agent of a version without it handed over IPv4 DNS sockets only.
+        let udp6 = self.listen.dns.filter(|_| {
+            !s.dns_udp
+                .iter()
+                .any(|u| u.local_addr().is_ok_and(|a| a.is_ipv6()))
+        });
+        if outbound.is_none() && dns.is_none() && udp6.is_none() {
             return Ok(s);
         }
         if in_pod {
@@ -250,10 +257,27 @@ impl Workloads {
         }
         if let Some(port) = dns {
             s.dns_tcp = loopback_listeners(port, in_pod)?;
-            s.dns_udp = Some(
-                crate::dns::server::udp_socket(port)
+            s.dns_udp.push(
+                crate::dns::server::udp_socket(port, false)
                     .with_context(|| format!("binding UDP 0.0.0.0:{port} for DNS"))?,
             );
+        }
+        if let Some(port) = udp6 {
+            // Queries to IPv6 nameservers need the stub range routed here; without IPv6 in
+            // the namespace there are none to capture.
+            match netns::stub_route(netns::Route::Add)
+                .and_then(|_| crate::dns::server::udp_socket(port, true))
+            {
+                Ok(u) => s.dns_udp.push(u),
+                // Their queries go to them (DNS fails open): the kernel finds no socket.
+                Err(e) if in_pod => {
+                    debug!("no DNS capture for IPv6 nameservers in this namespace: {e}")
+                }
+                Err(e) => warn!(
+                    "no DNS capture for IPv6 nameservers (routing the stub range \
+                     100::53:0/112 to lo and binding UDP [::]:{port}): {e}"
+                ),
+            }
         }
         Ok(s)
     }
@@ -724,6 +748,31 @@ impl Workloads {
         }
         self.save();
     }
+}
+
+/// Remove the IPv6 DNS stub route (`netns::stub_route`) from the namespaces the state file at
+/// `path` lists that are still there: what `egress uninstall` does for the pods. Returns the
+/// workloads it was removed from.
+pub fn remove_stub_routes(path: &std::path::Path) -> Vec<String> {
+    let Ok(text) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let saved: Vec<Saved> = serde_json::from_slice(&text).unwrap_or_default();
+    if let Err(e) = netns::init_home() {
+        warn!("{e:#}");
+        return Vec::new();
+    }
+    saved
+        .into_iter()
+        .filter(|s| netns::path_id(&s.netns) == Some(s.id))
+        .filter_map(|s| {
+            let ns = NetNs::open(&s.netns).ok()?;
+            let removed = ns.run(|| netns::stub_route(netns::Route::Remove)).ok()?;
+            removed
+                .is_ok_and(|r| r)
+                .then(|| format!("{}/{}", s.namespace, s.name))
+        })
+        .collect()
 }
 
 /// The `WORKLOADS` value for a workload.

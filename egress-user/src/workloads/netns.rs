@@ -210,3 +210,104 @@ pub fn own_addresses() -> io::Result<super::Own> {
     }
     Ok((own4, own6))
 }
+
+/// What `stub_route` does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Route {
+    Add,
+    Remove,
+}
+
+/// Add (or replace) or remove, in the current thread's namespace, the route that makes the
+/// IPv6 DNS stub addresses (`100::53:0/112`) local: `local 100::53:0/112 dev lo table local`,
+/// as `ip -6 route add local ...` would. The datapath sends UDP queries for IPv6 nameservers
+/// there, and the agent's DNS socket on `[::]` takes them. Whether a route was added or
+/// removed: removing one that is not there is no error.
+pub fn stub_route(what: Route) -> io::Result<bool> {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_DELROUTE: u16 = 25;
+    const NLMSG_ERROR: u16 = 2;
+    const RT_TABLE_LOCAL: u8 = 255;
+    const RTPROT_STATIC: u8 = 4;
+    const RT_SCOPE_HOST: u8 = 254;
+    const RTN_LOCAL: u8 = 2;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    // SAFETY: a NUL-terminated name.
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    if lo == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (ty, flags) = match what {
+        Route::Add => (
+            RTM_NEWROUTE,
+            libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE,
+        ),
+        Route::Remove => (RTM_DELROUTE, libc::NLM_F_REQUEST | libc::NLM_F_ACK),
+    };
+    // nlmsghdr (16), rtmsg (12), RTA_DST (4 + 16), RTA_OIF (4 + 4).
+    let mut m = Vec::with_capacity(56);
+    m.extend_from_slice(&56u32.to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&(flags as u16).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[
+        libc::AF_INET6 as u8,
+        egress_common::DNS_STUB_V6_BITS,
+        0,
+        0,
+        RT_TABLE_LOCAL,
+        RTPROT_STATIC,
+        RT_SCOPE_HOST,
+        RTN_LOCAL,
+    ]);
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&20u16.to_ne_bytes());
+    m.extend_from_slice(&RTA_DST.to_ne_bytes());
+    m.extend_from_slice(&egress_common::dns_stub_v6(0));
+    m.extend_from_slice(&8u16.to_ne_bytes());
+    m.extend_from_slice(&RTA_OIF.to_ne_bytes());
+    m.extend_from_slice(&lo.to_ne_bytes());
+    debug_assert_eq!(m.len(), 56);
+
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned here.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a valid socket and buffer; the kernel is the destination of an unbound socket.
+    if unsafe { libc::send(s.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 512];
+    loop {
+        // SAFETY: a valid socket and buffer.
+        let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let got = &buf[..n as usize];
+        // nlmsghdr then, for NLMSG_ERROR, the error code (0: the acknowledgement).
+        if got.len() < 20 {
+            return Err(io::Error::other("short netlink answer"));
+        }
+        if u16::from_ne_bytes([got[4], got[5]]) != NLMSG_ERROR {
+            continue;
+        }
+        let code = i32::from_ne_bytes([got[16], got[17], got[18], got[19]]);
+        return match (code, what) {
+            (0, _) => Ok(true),
+            (e, Route::Remove) if -e == libc::ESRCH => Ok(false),
+            (e, _) => Err(io::Error::from_raw_os_error(-e)),
+        };
+    }
+}
