@@ -526,6 +526,85 @@ spec:
     assert!(r.get("error").contains("UnknownIssuer"), "{:?}", r.fields);
 }
 
+/// The second half of Istio's "Kubernetes Services for Egress Traffic" task: an ExternalName
+/// Service whose port 443 is named `http` and a DestinationRule for its name that originates
+/// TLS (`SIMPLE`, with the target's SNI): the application speaks plain HTTP to port 443.
+#[test]
+fn an_external_name_service_with_tls_origination_speaks_tls_to_its_target() {
+    if !privileged("an_external_name_service_with_tls_origination_speaks_tls_to_its_target") {
+        return;
+    }
+    let cg = Cgroup::new("l7-extname-tls");
+    let ca = TestCa::new("wikipedia");
+    let stand = StandIns::new();
+    let wikipedia = stand.https(
+        sa("127.50.8.11:443"),
+        ca.server_config(&["www.wikipedia.org"]),
+    );
+    let resources = format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata: {{name: my-wikipedia, namespace: default}}
+spec:
+  type: ExternalName
+  externalName: www.wikipedia.org
+  ports:
+  - name: http
+    port: 443
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: my-wikipedia, namespace: default}}
+spec:
+  host: my-wikipedia.default.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      sni: www.wikipedia.org
+      caCertificates: {}
+",
+        ca.path().display()
+    );
+    for mode in ["ALLOW_ANY", "REGISTRY_ONLY"] {
+        let agent = start(
+            &format!("{}{resources}", HEAD.replace("MODE", mode)),
+            &cg,
+            "127.50.8.11 www.wikipedia.org\n",
+            &[],
+        );
+        let path = format!("/wiki/Main_Page-{mode}");
+        let c = curl(
+            &cg,
+            &[
+                "--resolve",
+                "my-wikipedia.default.svc.cluster.local:443:127.50.8.98",
+                &format!("http://my-wikipedia.default.svc.cluster.local:443{path}"),
+            ],
+        );
+        assert_ok(&c, &format!("{mode}: GET my-wikipedia"));
+        let hit = &stand.hits_for(&path)[0];
+        assert_eq!(
+            (hit.local, hit.tls, hit.sni.as_deref()),
+            (wikipedia, true, Some("www.wikipedia.org")),
+            "{mode}: TLS with the DestinationRule's SNI at the target"
+        );
+        assert_eq!(
+            hit.host, "my-wikipedia.default.svc.cluster.local:443",
+            "{mode}: the client's Host"
+        );
+        let r = request(&agent, &path);
+        for (k, v) in [
+            ("status", "200"),
+            ("matched", "Service default/my-wikipedia"),
+            ("tls_origination", "DestinationRule default/my-wikipedia"),
+            ("upstream", "127.50.8.11:443"),
+        ] {
+            assert_eq!(r.get(k), v, "{mode}: {k} in {:?}", r.fields);
+        }
+    }
+}
+
 #[test]
 fn undeclared_ports_pass_and_are_logged_with_their_host() {
     if !privileged("undeclared_ports_pass_and_are_logged_with_their_host") {
