@@ -12,7 +12,9 @@
 //! redirected connections, `REGISTRY_ONLY` (the workload's mode) with no allowed L4 entry in
 //! the workload's view for the address and port is denied.
 
-use crate::maps::{Config, DNS_PORT, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Workload};
+use crate::maps::{
+    Config, DNS_PORT, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, VIEW_UDP, Workload,
+};
 
 /// What happens to a connect().
 #[repr(u8)]
@@ -99,10 +101,13 @@ pub enum Reason {
     /// without addresses, on one of its ports, before the answer ran out: straight out, as a
     /// TCP entry by address.
     DnsLearned = 20,
+    /// Not a connect: a bind() of the agent's outbound or DNS port by a workload in its
+    /// namespace, refused (EPERM) so that nobody but the agent listens there.
+    AgentPort = 21,
 }
 
 /// Number of reason codes: the size of the counters map, and of a workload's counters.
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 22;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -127,6 +132,7 @@ impl Reason {
         Reason::Dns,
         Reason::DnsOpen,
         Reason::DnsLearned,
+        Reason::AgentPort,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
@@ -153,6 +159,7 @@ impl Reason {
             Reason::Dns => "dns",
             Reason::DnsOpen => "dns-open",
             Reason::DnsLearned => "dns-learned",
+            Reason::AgentPort => "agent-port",
         }
     }
 
@@ -194,6 +201,9 @@ pub struct Query<A> {
     /// Dialled through a Kubernetes Service (the destination is one of its endpoints): the
     /// registry knows it.
     pub service: bool,
+    /// A UDP datagram (at connect or at sendmsg), not a TCP connect: allowed only by UDP
+    /// entries (keys of the view `view | VIEW_UDP`), never direct (nothing relays it).
+    pub udp: bool,
 }
 
 /// The lookups the decision needs. CIDR lookups are longest-prefix matches returning the
@@ -382,12 +392,14 @@ pub fn decide<T: Tables, A: Addr>(
         return Decision::new(Redirect, RegistryService, 0);
     }
     if cfg.direct != 0
+        && !q.udp
         && let Some(p) = q.dst.direct(t, wl.view, q.port)
     {
         return Decision::new(Direct, TcpEntry, p);
     }
     if wl.mode == MODE_REGISTRY_ONLY {
-        return match q.dst.allow(t, wl.view, q.port) {
+        let view = if q.udp { wl.view | VIEW_UDP } else { wl.view };
+        return match q.dst.allow(t, view, q.port) {
             Some(p) => Decision::new(Redirect, RegistryAllowed, p),
             None => Decision::new(Deny, RegistryDenied, 0),
         };
@@ -572,6 +584,7 @@ mod tests {
             gid: 1000,
             cgroup: POD_CGROUP,
             service: false,
+            udp: false,
         }
     }
 
@@ -655,6 +668,67 @@ mod tests {
         // An excluded CIDR wins over an included port.
         check(&t, any, &q([127, 20, 9, 1], 8443), Bypass, ExcludedCidr, 24);
         check(&t, any, &q(d, 8443), Redirect, IncludedPort, 0);
+    }
+
+    #[test]
+    fn datagrams_are_allowed_by_udp_entries_only_and_never_go_direct() {
+        use Reason::*;
+        use Verdict::*;
+        let mut t = tables();
+        // A UDP entry for 127.20.2.0/24 port 443, in view 0's UDP keys.
+        t.allow
+            .push((VIEW_UDP, crate::v4_mapped([127, 20, 2, 0]), 120, 443));
+        let only = MODE_REGISTRY_ONLY;
+        let udp = |dst: [u8; 4], port| Query {
+            udp: true,
+            ..q(dst, port)
+        };
+        check(
+            &t,
+            only,
+            &udp([127, 20, 2, 7], 443),
+            Redirect,
+            RegistryAllowed,
+            24,
+        );
+        // A TCP entry's address and port (allowed, even direct, for TCP) lets no datagram
+        // through; a UDP entry's lets no connection through.
+        check(&t, only, &q([127, 20, 1, 7], 5432), Direct, TcpEntry, 24);
+        check(
+            &t,
+            only,
+            &udp([127, 20, 1, 7], 5432),
+            Deny,
+            RegistryDenied,
+            0,
+        );
+        check(
+            &t,
+            only,
+            &udp([127, 20, 1, 7], 443),
+            Deny,
+            RegistryDenied,
+            0,
+        );
+        check(&t, only, &q([127, 20, 2, 7], 443), Deny, RegistryDenied, 0);
+        // Exclusions, loopback and ALLOW_ANY are as for TCP.
+        check(
+            &t,
+            only,
+            &udp([127, 20, 9, 1], 443),
+            Bypass,
+            ExcludedCidr,
+            24,
+        );
+        check(&t, only, &udp([127, 0, 0, 1], 443), Bypass, Loopback, 0);
+        check(
+            &t,
+            MODE_ALLOW_ANY,
+            &udp([127, 20, 1, 7], 5432),
+            Redirect,
+            IncludedCidr,
+            16,
+        );
     }
 
     #[test]

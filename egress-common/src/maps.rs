@@ -438,6 +438,11 @@ pub fn v4_unmapped(a: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
+/// The bit of a view number that makes it the view's UDP destinations: allow entries for UDP
+/// ports are keyed `view | VIEW_UDP`, so a TCP entry never lets a datagram through, nor a UDP
+/// entry a connection. Views are numbered below it.
+pub const VIEW_UDP: u16 = 0x8000;
+
 /// Key data of the `ALLOW_V4` and `DIRECT_V4` tries: view, port (both network order) then
 /// address, so that a prefix of `32 + n` bits matches one view, one port and an `/n` range.
 pub type AllowKeyV4 = [u8; 8];

@@ -340,6 +340,7 @@ fn handle<A: Addr>(
         gid: (ids >> 32) as u32,
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         service,
+        udp: false,
     };
     let d = decide(&Maps, cfg, wl, &q);
     let mut d = with_learned(cfg, d, || learned(netns, &dst16, port));
@@ -594,14 +595,17 @@ fn join(hi: u64, lo: u64) -> [u8; 16] {
     ]
 }
 
-/// `udp_dns` for the hooks, which rewrite the destination when it says so: the write stays
-/// in the hook, where the family is a constant (through a family chosen at run time, LLVM
-/// merges the stores into one through a selected context pointer, which the verifier
-/// rejects).
+/// `udp_decide` for the hooks, which refuse the datagram or rewrite its destination when it
+/// says so: the write stays in the hook, where the family is a constant (through a family
+/// chosen at run time, LLVM merges the stores into one through a selected context pointer,
+/// which the verifier rejects).
 #[inline(always)]
-fn dns_datagram(ctx: &SockAddrContext, fam: Family, ns: [u8; 16], connected: bool) -> i32 {
-    let (hi, lo) = split(ns);
-    let to = udp_dns(ctx.sock_addr, hi, lo, connected);
+fn datagram(ctx: &SockAddrContext, fam: Family, dst: [u8; 16], port: u16, connected: bool) -> i32 {
+    let (hi, lo) = split(dst);
+    let to = udp_decide(ctx.sock_addr, hi, lo, port, connected);
+    if to == REFUSE {
+        return 0;
+    }
     if to >= 0 {
         let (port, slot) = ((to >> 16) as u16, to as u16);
         let stub = if fam == Family::V6 {
@@ -623,17 +627,22 @@ fn clear_record(ctx: &SockAddrContext) {
     }
 }
 
-/// A UDP datagram to `ns` port 53, at connect (`connected`) or at sendmsg: decide it. When it
-/// is a DNS query the agent takes, it goes to the stub address of its nameserver's slot on
-/// the agent's DNS port instead (127.53.X.Y for IPv4 nameservers, 100::53:XY for IPv6 ones):
-/// returns `port << 16 | slot`; a connected socket keeps the nameserver for getpeername().
-/// Anything else (not captured, nobody serving DNS in the namespace) goes where it was sent:
-/// -1.
+/// What `udp_decide` returns for a datagram that is refused (EPERM).
+const REFUSE: i64 = -2;
+
+/// A UDP datagram to `ns` port `port`, at connect (`connected`) or at sendmsg: decide it.
+/// When it is a DNS query the agent takes, it goes to the stub address of its nameserver's
+/// slot on the agent's DNS port instead (127.53.X.Y for IPv4 nameservers, 100::53:XY for IPv6
+/// ones): returns `port << 16 | slot`; a connected socket keeps the nameserver for
+/// getpeername(). A datagram the workload's policy denies (`REGISTRY_ONLY` with no UDP entry
+/// for the address and port) is refused: `REFUSE`, counted. Anything else (not captured,
+/// excluded, allowed, nobody serving DNS in the namespace, DNS to port 53 when DNS is not
+/// captured) goes where it was sent: -1.
 ///
-/// A function of its own (a BPF-to-BPF call) with a frame of its own; the nameserver comes
-/// as two words: five scalar arguments at most.
+/// A function of its own (a BPF-to-BPF call) with a frame of its own; the address comes as
+/// two words: five scalar arguments at most.
 #[inline(never)]
-fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
+fn udp_decide(sa: *mut bpf_sock_addr, hi: u64, lo: u64, port: u16, connected: bool) -> i64 {
     let ctx = &SockAddrContext::new(sa);
     let ns = join(hi, lo);
     let ns4 = v4_unmapped(&ns);
@@ -642,6 +651,13 @@ fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
     let Some(cfg) = CONFIG.get(0) else {
         return -1;
     };
+    // Without DNS capture, name resolution stays the nameservers' business.
+    if port == DNS_PORT && cfg.dns_port == 0 {
+        if connected {
+            clear_record(ctx);
+        }
+        return -1;
+    }
     let ids = bpf_get_current_uid_gid();
     let (uid, gid, cgroup) = (ids as u32, (ids >> 32) as u32, unsafe {
         bpf_get_current_cgroup_id()
@@ -653,11 +669,12 @@ fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
             wl,
             &Query {
                 dst,
-                port: DNS_PORT,
+                port,
                 uid,
                 gid,
                 cgroup,
                 service: false,
+                udp: true,
             },
         ),
         None => decide(
@@ -666,18 +683,25 @@ fn udp_dns(sa: *mut bpf_sock_addr, hi: u64, lo: u64, connected: bool) -> i64 {
             wl,
             &Query {
                 dst: ns,
-                port: DNS_PORT,
+                port,
                 uid,
                 gid,
                 cgroup,
                 service: false,
+                udp: true,
             },
         ),
     };
-    // UDP is captured for DNS only: every other verdict leaves it alone, uncounted.
+    // UDP is captured for DNS only. Denied datagrams are refused (and counted: a workload
+    // that retries shows); every other verdict leaves it alone, uncounted (a count per
+    // datagram would cost every unconnected socket's send).
     if d.reason != Reason::Dns {
         if connected {
             clear_record(ctx);
+        }
+        if d.verdict == Verdict::Deny {
+            count(d.reason as u32, wl);
+            return REFUSE;
         }
         return -1;
     }
@@ -760,7 +784,8 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     connect(&ctx, Family::V4, v4_mapped(user_ip4(&ctx)), user_port(&ctx))
 }
 
-/// UDP connects (glibc's resolver, dig): a program of its own beside `egress_connect4`, both
+/// UDP connects (glibc's resolver, dig, QUIC clients): decided as datagrams are (DNS to the
+/// agent, denied ones refused). A program of its own beside `egress_connect4`, both
 /// attached to the same hook (cgroup links run side by side). Together in one program, the
 /// TCP path and this one make LLVM spill values on one path and reload them on another, which
 /// verifiers before Linux 6.3 reject as reads of uninitialised stack, and their stacks add up
@@ -770,21 +795,26 @@ pub fn egress_dns_connect4(ctx: SockAddrContext) -> i32 {
     if !is_udp(&ctx) {
         return 1;
     }
-    if user_port(&ctx) == DNS_PORT {
-        return dns_datagram(&ctx, Family::V4, v4_mapped(user_ip4(&ctx)), true);
-    }
-    clear_record(&ctx);
-    1
+    datagram(
+        &ctx,
+        Family::V4,
+        v4_mapped(user_ip4(&ctx)),
+        user_port(&ctx),
+        true,
+    )
 }
 
 /// An unconnected UDP datagram (sendto, sendmsg), on an IPv4 socket or to an IPv4-mapped
 /// address on an IPv6 one (the kernel hands those to the IPv4 path, and this hook).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if user_port(&ctx) != DNS_PORT {
-        return 1;
-    }
-    dns_datagram(&ctx, Family::V4, v4_mapped(user_ip4(&ctx)), false)
+    datagram(
+        &ctx,
+        Family::V4,
+        v4_mapped(user_ip4(&ctx)),
+        user_port(&ctx),
+        false,
+    )
 }
 
 /// recvmsg()/recvfrom() of a datagram on an IPv4 socket: a DNS reply the agent sent from a
@@ -818,10 +848,53 @@ pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     let ip = user_ip6(&ctx);
-    if user_port(&ctx) != DNS_PORT || v4_unmapped(&ip).is_some() {
+    if v4_unmapped(&ip).is_some() {
         return 1;
     }
-    dns_datagram(&ctx, Family::V6, ip, false)
+    datagram(&ctx, Family::V6, ip, user_port(&ctx), false)
+}
+
+/// bind() to the agent's outbound or DNS port in an enrolled namespace, by anyone but the
+/// agent: refused (EPERM), so a workload cannot take the ports before the agent listens
+/// (while it restarts) nor beside it. Port 0 (any free port) and every other port pass.
+#[inline(always)]
+fn bind_decision(ctx: &SockAddrContext) -> i32 {
+    let port = user_port(ctx);
+    if port == 0 {
+        return 1;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return 1;
+    };
+    if cfg.enabled == 0
+        || (port != cfg.listener_port && (cfg.dns_port == 0 || port != cfg.dns_port))
+    {
+        return 1;
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup == cfg.agent_cgroup || (cfg.agent_cgroup_prev != 0 && cgroup == cfg.agent_cgroup_prev)
+    {
+        return 1;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(wl) = (unsafe { WORKLOADS.get(&netns) }) else {
+        return 1;
+    };
+    if wl.cgroup_id != 0 && !Maps.in_cgroup(wl.cgroup_id, wl.cgroup_level) {
+        return 1;
+    }
+    count(Reason::AgentPort as u32, Some(wl));
+    0
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn egress_bind4(ctx: SockAddrContext) -> i32 {
+    bind_decision(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn egress_bind6(ctx: SockAddrContext) -> i32 {
+    bind_decision(&ctx)
 }
 
 /// How the agent learns a network namespace's cookie where `SO_NETNS_COOKIE` is missing
@@ -880,17 +953,13 @@ pub fn egress_dns_connect6(ctx: SockAddrContext) -> i32 {
     if !is_udp(&ctx) {
         return 1;
     }
-    if user_port(&ctx) != DNS_PORT {
-        clear_record(&ctx);
-        return 1;
-    }
     let ip = user_ip6(&ctx);
     let fam = if v4_unmapped(&ip).is_some() {
         Family::Mapped
     } else {
         Family::V6
     };
-    dns_datagram(&ctx, fam, ip, true)
+    datagram(&ctx, fam, ip, user_port(&ctx), true)
 }
 
 /// What a translated or redirected socket dialled.

@@ -989,6 +989,8 @@ fn connect4_is_verified_small_and_its_size_is_logged() {
         "egress_sendmsg6",
         "egress_recvmsg4",
         "egress_recvmsg6",
+        "egress_bind4",
+        "egress_bind6",
     ] {
         assert!(count(prog) > 0);
     }

@@ -172,6 +172,8 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
     assert_eq!(
         attached,
         [
+            "egress_bind4",
+            "egress_bind6",
             "egress_connect4",
             "egress_connect6",
             "egress_dns_connect4",
@@ -249,7 +251,7 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("detached 11 programs"), "{out}");
+    assert!(out.contains("detached 13 programs"), "{out}");
     assert!(!f.agent.pin.exists(), "{out}");
     // Nothing decides for the cgroup any more: what was denied or redirected goes out as is.
     let client = f.echo(f.unlisted).expect("not intercepted after uninstall");

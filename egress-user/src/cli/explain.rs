@@ -4,7 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use egress_common::{
-    Config, Decision, MODE_REGISTRY_ONLY, Query, Reason, Tables, Workload, decide, v4_unmapped,
+    Config, Decision, MODE_REGISTRY_ONLY, Query, Reason, Tables, Verdict, Workload, decide,
+    v4_unmapped,
 };
 
 use crate::plan::network;
@@ -19,6 +20,8 @@ pub struct Caller {
     /// Whether the workload learnt the destination from a DNS answer that has not run out
     /// (`LEARNED`).
     pub learned: bool,
+    /// A UDP datagram (connect or sendto), not a TCP connect.
+    pub udp: bool,
 }
 
 /// The Kubernetes Services the datapath translates.
@@ -58,7 +61,8 @@ pub fn explain<T: Tables + Services>(
     caller: &Caller,
 ) -> Vec<String> {
     let dst = unmap(dst);
-    let service = if caller.workload.is_some() {
+    // Kubernetes Services are translated for TCP; their UDP ports are allow entries.
+    let service = if caller.workload.is_some() && !caller.udp {
         t.service(dst)
     } else {
         None
@@ -103,6 +107,7 @@ fn decide_one<T: Tables>(
         gid: c.gid,
         cgroup,
         service,
+        udp: c.udp,
     };
     let base = q(caller);
     let wl = caller.workload.as_ref().map(|(_, w)| w);
@@ -110,6 +115,9 @@ fn decide_one<T: Tables>(
         IpAddr::V4(a) => decide(t, cfg, wl, &with_dst(base, a.octets())),
         IpAddr::V6(a) => decide(t, cfg, wl, &with_dst(base, a.octets())),
     };
+    if caller.udp {
+        return d;
+    }
     egress_common::with_learned(cfg, d, || caller.learned)
 }
 
@@ -121,6 +129,7 @@ fn with_dst<A>(q: Query<()>, dst: A) -> Query<A> {
         gid: q.gid,
         cgroup: q.cgroup,
         service: q.service,
+        udp: q.udp,
     }
 }
 
@@ -161,9 +170,16 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
             "{mode}: port {port} belongs to a ServiceEntry without addresses; the agent \
              decides by HTTP Host or TLS SNI"
         ),
+        Reason::RegistryAllowed if caller.udp => {
+            format!("{mode}: allowed by a UDP port of a ServiceEntry or Service, {net} port {port}")
+        }
         Reason::RegistryAllowed => {
             format!("{mode}: allowed by ServiceEntry address {net} port {port}")
         }
+        Reason::RegistryDenied if caller.udp => format!(
+            "{mode}: no UDP port of a ServiceEntry or Service allows {ip} port {port}: the \
+             datagram is refused with EPERM"
+        ),
         Reason::RegistryDenied => {
             format!("{mode}: no ServiceEntry address allows {ip} port {port}")
         }
@@ -194,8 +210,15 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
             "the workload was answered {ip} for the host of a TCP ServiceEntry with port {port} \
              and the answer has not run out: it goes straight out, accounted by the kernel"
         ),
+        Reason::AgentPort => format!("a bind of the agent's port {port}, refused"),
     };
-    format!("{} ({rule}) [{}]", d.verdict.name(), d.reason.name())
+    // Nothing relays a datagram: what TCP would redirect, UDP sends as it is.
+    let verdict = if caller.udp && d.verdict == Verdict::Redirect && d.reason != Reason::Dns {
+        "pass"
+    } else {
+        d.verdict.name()
+    };
+    format!("{verdict} ({rule}) [{}]", d.reason.name())
 }
 
 #[cfg(test)]
@@ -221,7 +244,50 @@ mod tests {
                 },
             )),
             learned: false,
+            udp: false,
         }
+    }
+
+    #[test]
+    fn explains_a_datagram_by_the_udp_entries() {
+        let l = config::parse_str(
+            "m.yaml",
+            "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\nspec:\n  \
+             outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {name: ntp, namespace: default}\nspec:\n  hosts: [ntp.example]\n  \
+             addresses: [198.51.100.0/24]\n  ports: [{number: 123, name: ntp, protocol: UDP}]\n",
+        )
+        .expect("valid");
+        let p = compile(&l.config);
+        let cfg = Config {
+            enabled: 1,
+            listener_port: 15001,
+            listener_v4: [127, 0, 0, 1],
+            direct: 1,
+            ..Config::default()
+        };
+        let udp = Caller {
+            udp: true,
+            ..caller(&p, "default")
+        };
+        let line = |c: &Caller, s: &str| explain(&p, &cfg, s.parse().unwrap(), c).join("\n");
+        assert_eq!(
+            line(&udp, "198.51.100.7:123"),
+            "pass (REGISTRY_ONLY: allowed by a UDP port of a ServiceEntry or Service, \
+             198.51.100.0/24 port 123) [registry-allowed]"
+        );
+        assert_eq!(
+            line(&udp, "198.51.100.7:443"),
+            "deny (REGISTRY_ONLY: no UDP port of a ServiceEntry or Service allows 198.51.100.7 \
+             port 443: the datagram is refused with EPERM) [registry-denied]"
+        );
+        // The UDP port is no TCP port.
+        assert_eq!(
+            line(&caller(&p, "default"), "198.51.100.7:123"),
+            "deny (REGISTRY_ONLY: no ServiceEntry address allows 198.51.100.7 port 123) \
+             [registry-denied]"
+        );
     }
 
     #[test]

@@ -104,6 +104,9 @@ enum Cmd {
         workload: Option<String>,
         #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
+        /// A UDP datagram (a UDP socket's connect, or sendto) instead of a TCP connect.
+        #[arg(long)]
+        udp: bool,
         /// Destination, IP:PORT (IPv6 as [ADDR]:PORT).
         destination: SocketAddr,
     },
@@ -333,13 +336,14 @@ pub fn main() -> ExitCode {
             gid,
             workload,
             admin_socket,
+            udp,
             destination,
         } => {
             // SAFETY: getuid/getgid cannot fail.
             let uid = uid.unwrap_or_else(|| unsafe { libc::getuid() });
             let gid = gid.unwrap_or_else(|| unsafe { libc::getgid() });
             let who = (workload.as_deref(), admin_socket.as_path());
-            explain_cmd(config, &pin_path, &agent, (uid, gid), who, destination)
+            explain_cmd(config, &pin_path, &agent, (uid, gid, udp), who, destination)
         }
         Cmd::Stats {
             pin_path,
@@ -431,7 +435,7 @@ fn explain_cmd(
     config: Option<PathBuf>,
     pin_path: &Path,
     agent: &AgentArgs,
-    (uid, gid): (u32, u32),
+    (uid, gid, udp): (u32, u32, bool),
     (workload, socket): (Option<&str>, &Path),
     dst: SocketAddr,
 ) -> Result<()> {
@@ -453,6 +457,7 @@ fn explain_cmd(
                 gid,
                 workload: Some((label.to_owned(), wl)),
                 learned: false,
+                udp,
             };
             explain::explain(&plan, &cfg, dst, &caller).join("\n")
         }
@@ -470,7 +475,8 @@ fn explain_cmd(
                 uid,
                 gid,
                 workload: maps.workload(cookie).map(|w| (label, w)),
-                learned,
+                learned: learned && !udp,
+                udp,
             };
             explain::explain(&maps, &cfg, dst, &caller).join("\n")
         }
@@ -509,7 +515,7 @@ pub fn reason_verdict(r: egress_common::Reason) -> &'static str {
         IncludedPort | IncludedCidr | RegistryAllowed | RegistryService | AgentDown | Dns => {
             "redirect"
         }
-        RegistryDenied | ServiceNoEndpoints => "deny",
+        RegistryDenied | ServiceNoEndpoints | AgentPort => "deny",
         TcpEntry | DnsLearned => "direct",
         Agent | NotEnrolled | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
         | ExcludedCidr | NotIncluded | Loopback | AgentDownOpen | DnsOpen => "bypass",

@@ -256,7 +256,9 @@ const ISTIO_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1alpha3",
 ];
 const EGRESS_VERSION: &str = "egress/v1alpha1";
-const PROTOCOLS: [&str; 7] = ["HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP", "MONGO"];
+const PROTOCOLS: [&str; 8] = [
+    "HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP", "MONGO", "UDP",
+];
 const RESOLUTIONS: [&str; 4] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"];
 const LOCATIONS: [&str; 2] = ["MESH_EXTERNAL", "MESH_INTERNAL"];
 
@@ -1628,7 +1630,7 @@ spec:
                 "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[0].number: \
                  70000 is not a port (1-65535)",
                 "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[1].protocol: \
-                 \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, TCP, MONGO",
+                 \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, TCP, MONGO, UDP",
             ]
         );
     }

@@ -276,7 +276,9 @@ const PROG_SENDMSG4: &str = "egress_sendmsg4";
 const PROG_SENDMSG6: &str = "egress_sendmsg6";
 const PROG_RECVMSG4: &str = "egress_recvmsg4";
 const PROG_RECVMSG6: &str = "egress_recvmsg6";
-const SOCK_ADDR_PROGRAMS: [&str; 10] = [
+const PROG_BIND4: &str = "egress_bind4";
+const PROG_BIND6: &str = "egress_bind6";
+const SOCK_ADDR_PROGRAMS: [&str; 12] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_DNS_CONNECT4,
@@ -287,6 +289,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 10] = [
     PROG_SENDMSG6,
     PROG_RECVMSG4,
     PROG_RECVMSG6,
+    PROG_BIND4,
+    PROG_BIND6,
 ];
 
 /// Capacities of the sized maps.
@@ -504,7 +508,7 @@ impl Datapath {
             .with_context(|| format!("program {name} missing from the object"))
     }
 
-    /// Attach connect4/6 (TCP, and UDP for DNS), sendmsg4/6, recvmsg4/6, getpeername4/6 and
+    /// Attach connect4/6 (TCP, and UDP), sendmsg4/6, recvmsg4/6, bind4/6, getpeername4/6 and
     /// sock_ops to the intercepted cgroup, through
     /// links pinned in `<pin dir>/links/`: they stay attached when the agent exits, so the
     /// maps keep deciding while it is down. Links an agent pinned before on the same cgroup

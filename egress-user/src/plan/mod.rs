@@ -12,7 +12,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use egress_common::{MODE_ALLOW_ANY, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Tables};
+use egress_common::{
+    MODE_ALLOW_ANY, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, Tables, VIEW_UDP,
+};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::{MeshConfig, Mode, ServiceEntry};
@@ -215,6 +217,7 @@ pub fn compile(c: &MeshConfig) -> Plan {
         *ports.entry(*p).or_insert(0) |= PORT_EXCLUDE;
     }
     let (views, view_of) = views(c);
+    let udp_services = udp_services(c);
     let mut allow_v4 = BTreeSet::new();
     let mut allow_v6 = BTreeSet::new();
     let mut direct_v4 = BTreeSet::new();
@@ -229,10 +232,21 @@ pub fn compile(c: &MeshConfig) -> Plan {
             } else {
                 Vec::new()
             };
-            for port in &se.spec.ports {
-                let Ok(port) = u16::try_from(port.number) else {
+            for spec_port in &se.spec.ports {
+                let Ok(port) = u16::try_from(spec_port.number) else {
                     continue;
                 };
+                // UDP ports allow datagrams to the entry's addresses, in the view's UDP keys;
+                // nothing matches a datagram by host.
+                if crate::registry::is_udp(spec_port.protocol.as_deref()) {
+                    for a in &se.addresses {
+                        match a.trunc() {
+                            IpNet::V4(n) => allow_v4.insert((view | VIEW_UDP, port, n)),
+                            IpNet::V6(n) => allow_v6.insert((view | VIEW_UDP, port, n)),
+                        };
+                    }
+                    continue;
+                }
                 // Entries without addresses are matched by Host or SNI in the agent: the kernel
                 // lets every address on their ports through to it. Ports learnt from DNS let
                 // through only the entry's allocated addresses (to the agent, which knows the
@@ -253,6 +267,14 @@ pub fn compile(c: &MeshConfig) -> Plan {
                     };
                 }
             }
+        }
+        // Kubernetes Services' UDP ports: their cluster IPs (kube-proxy translates them after
+        // the hook) and their ready endpoints, in every view.
+        for (addr, port) in &udp_services {
+            match IpNet::from(*addr) {
+                IpNet::V4(n) => allow_v4.insert((view | VIEW_UDP, *port, n)),
+                IpNet::V6(n) => allow_v6.insert((view | VIEW_UDP, *port, n)),
+            };
         }
         let (d4, d6) = direct(entries());
         direct_v4.extend(d4.into_iter().map(|(p, n)| (view, p, n)));
@@ -325,6 +347,35 @@ pub fn compile(c: &MeshConfig) -> Plan {
     }
 }
 
+/// The (address, port) pairs of Kubernetes Services' UDP ports: cluster IPs and the ready
+/// endpoints behind them.
+fn udp_services(c: &MeshConfig) -> BTreeSet<(IpAddr, u16)> {
+    let mut out = BTreeSet::new();
+    for svc in c.services.iter().filter(|s| !s.external_name()) {
+        let udp = svc
+            .spec
+            .ports
+            .iter()
+            .filter(|p| crate::registry::is_udp(p.protocol.as_deref()));
+        for sp in udp {
+            let Ok(port) = u16::try_from(sp.port) else {
+                continue;
+            };
+            out.extend(svc.cluster_ips.iter().map(|a| (*a, port)));
+            for set in c
+                .endpoints
+                .iter()
+                .filter(|e| e.namespace == svc.namespace && e.service == svc.name)
+            {
+                if let Some(bport) = set.port_for(sp.name.as_deref(), svc.spec.ports.len()) {
+                    out.extend(set.addresses.iter().map(|a| (*a, bport)));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The (port, network) pairs the kernel can allow straight out: those whose every
 /// connection the agent would relay, unchanged, to the address and port dialled. A pair of a
 /// TCP entry with `resolution: NONE` (no target port) qualifies unless an entry that needs the
@@ -343,6 +394,7 @@ fn direct<'a>(
             .spec
             .ports
             .iter()
+            .filter(|p| !crate::registry::is_udp(p.protocol.as_deref()))
             .filter_map(|p| u16::try_from(p.number).ok())
         {
             let to = if direct_ports.contains(&port) {
@@ -760,6 +812,7 @@ spec:
             gid: 0,
             cgroup: 1,
             service: false,
+            udp: false,
         };
         let d = decide(&p, &cfg, Some(&wl), &q([127, 20, 1, 9], 443));
         assert_eq!(
@@ -775,6 +828,73 @@ spec:
         assert_eq!(
             (d.verdict, d.reason, d.prefix_len),
             (Verdict::Bypass, Reason::ExcludedCidr, 24)
+        );
+    }
+
+    #[test]
+    fn udp_ports_allow_datagrams_in_the_views_udp_keys_only() {
+        let l = config::parse_str(
+            "m.yaml",
+            r#"
+apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {name: d}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: quic, namespace: ns}
+spec:
+  hosts: [quic.example]
+  addresses: [127.20.1.0/24]
+  ports: [{number: 443, name: https, protocol: HTTPS}, {number: 443, name: quic, protocol: UDP},
+          {number: 8443, name: tcp, protocol: TCP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: by-host, namespace: ns}
+spec:
+  hosts: [udp.example]
+  ports: [{number: 5353, name: udp, protocol: UDP}]
+  resolution: DNS
+---
+apiVersion: v1
+kind: Service
+metadata: {name: statsd, namespace: ns}
+spec:
+  clusterIP: 127.30.0.10
+  ports: [{name: metrics, port: 8125, protocol: UDP}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: statsd, namespace: ns}
+subsets:
+- addresses: [{ip: 127.30.1.5}]
+  ports: [{name: metrics, port: 9125, protocol: UDP}]
+"#,
+        )
+        .expect("valid");
+        let p = compile(&l.config);
+        let net = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+        assert_eq!(
+            p.allow_v4,
+            BTreeSet::from([
+                (0, 443, net("127.20.1.0/24")),
+                (0, 8443, net("127.20.1.0/24")),
+                // The entry's UDP port, for datagrams only; the entry by host, none: nothing
+                // matches a datagram by name.
+                (VIEW_UDP, 443, net("127.20.1.0/24")),
+                // The Service's UDP port: its cluster IP, and its endpoint's port.
+                (VIEW_UDP, 8125, net("127.30.0.10/32")),
+                (VIEW_UDP, 9125, net("127.30.1.5/32")),
+            ])
+        );
+        // The TCP port still goes straight out: the UDP port on the same port number and
+        // range needs nothing of the agent.
+        assert_eq!(
+            p.direct_v4,
+            BTreeSet::from([(0, 8443, net("127.20.1.0/24"))])
         );
     }
 
@@ -1113,6 +1233,7 @@ subsets:
                             gid,
                             cgroup: 1,
                             service: false,
+                            udp: false,
                         };
                         out.push(decide(p, &cfg, Some(&wl), &q4).verdict);
                         let mut v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -1124,6 +1245,7 @@ subsets:
                             gid,
                             cgroup: 1,
                             service: false,
+                            udp: false,
                         };
                         out.push(decide(p, &cfg, Some(&wl), &q6).verdict);
                     }

@@ -586,6 +586,12 @@ pub fn relayed_ports(se: &ServiceEntry) -> Vec<u16> {
     plain_tcp_ports(&e)
 }
 
+/// Whether a port's protocol is UDP (which Istio accepts in a ServiceEntry, and no proxy
+/// relays).
+pub fn is_udp(protocol: Option<&str>) -> bool {
+    protocol.is_some_and(|p| p.eq_ignore_ascii_case("UDP"))
+}
+
 /// An entry's TCP ports without a target port of their own: what a client dials there is what
 /// the agent would connect to. A port declared twice is matched by its first declaration, as
 /// `Entry::port` does.
@@ -672,9 +678,12 @@ fn entry(se: &ServiceEntry) -> Entry {
         hosts: s.hosts.clone(),
         addresses: se.addresses.clone(),
         allocated: se.allocated.clone(),
+        // UDP ports are the kernel's alone (`plan::compile`, keys of `VIEW_UDP`): the agent
+        // relays TCP.
         ports: s
             .ports
             .iter()
+            .filter(|p| !is_udp(p.protocol.as_deref()))
             .filter_map(|p| {
                 Some(Port {
                     number: u16::try_from(p.number).ok()?,
