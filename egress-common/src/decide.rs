@@ -104,10 +104,13 @@ pub enum Reason {
     /// Not a connect: a bind() of the agent's outbound or DNS port by a workload in its
     /// namespace, refused (EPERM) so that nobody but the agent listens there.
     AgentPort = 21,
+    /// Not a connect: the creation of a socket no other hook decides (raw, ICMP, SCTP) by
+    /// a workload whose `spec.rawSockets` (or mode) refuses them, refused (EPERM).
+    UndecidedSocket = 22,
 }
 
 /// Number of reason codes: the size of the counters map, and of a workload's counters.
-pub const REASON_COUNT: u32 = 22;
+pub const REASON_COUNT: u32 = 23;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -133,6 +136,7 @@ impl Reason {
         Reason::DnsOpen,
         Reason::DnsLearned,
         Reason::AgentPort,
+        Reason::UndecidedSocket,
     ];
 
     /// Stable name used in logs, metrics and `egress explain`.
@@ -160,6 +164,7 @@ impl Reason {
             Reason::DnsOpen => "dns-open",
             Reason::DnsLearned => "dns-learned",
             Reason::AgentPort => "agent-port",
+            Reason::UndecidedSocket => "undecided-socket",
         }
     }
 

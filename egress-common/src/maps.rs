@@ -131,12 +131,23 @@ pub struct Config {
     /// (`failureMode`): 0 closed (the redirect stands and connect() fails with
     /// ECONNREFUSED), 1 open (it goes straight out).
     pub failure_open: u8,
-    pub _pad: u8,
+    /// Sockets the other hooks do not decide (raw, ICMP, SCTP; `spec.rawSockets`), at
+    /// creation in an enrolled namespace: `RAW_SOCKETS_BY_MODE`, `RAW_SOCKETS_REFUSE` or
+    /// `RAW_SOCKETS_ALLOW`.
+    pub raw_sockets: u8,
     /// Port of the agent's DNS sockets in every enrolled namespace, host order (UDP on
     /// 0.0.0.0, TCP on 127.0.0.1 and ::1); 0 leaves DNS queries alone.
     pub dns_port: u16,
     pub _pad2: [u8; 4],
 }
+
+/// `Config::raw_sockets`: refused to workloads under `REGISTRY_ONLY`, allowed under
+/// `ALLOW_ANY` (no `spec.rawSockets`).
+pub const RAW_SOCKETS_BY_MODE: u8 = 0;
+/// `Config::raw_sockets`: refused to every enrolled workload.
+pub const RAW_SOCKETS_REFUSE: u8 = 1;
+/// `Config::raw_sockets`: allowed to every workload.
+pub const RAW_SOCKETS_ALLOW: u8 = 2;
 
 /// An enrolled workload: the value of `WORKLOADS`, keyed by its network namespace cookie.
 /// Connects from a namespace without one are left alone.

@@ -16,19 +16,19 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
         bpf_ktime_get_ns,
     },
-    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use egress_common::{
     AF_INET, AF_INET6, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
     DEFAULT_MAX_ALLOWED, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS,
     DEFAULT_MAX_LEARNED, DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES, DEFAULT_MAX_WORKLOADS,
     DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, DNS_NAMESERVER_SLOTS, DNS_PORT, DNS_PROBES,
-    DirectClosed, DirectOpen, LearnedKey, NETNS_PROBE_V4, OrigDst, PeerKey, Query, Reason,
-    SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT, SOCK_REDIRECTED, Service, ServiceKeyV4,
-    ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4,
-    allow_key_v6, decide,
+    DirectClosed, DirectOpen, LearnedKey, MODE_REGISTRY_ONLY, NETNS_PROBE_V4, OrigDst, PeerKey,
+    Query, RAW_SOCKETS_ALLOW, RAW_SOCKETS_BY_MODE, Reason, SO_ORIGINAL_DST, SOCK_DIALLED,
+    SOCK_DIRECT, SOCK_REDIRECTED, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, SockRecord,
+    TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4, allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
     dns_slot, dns_stub_index, dns_stub_v4, dns_stub_v6, dns_stub_v6_index, v4_mapped, v4_unmapped,
     with_learned, without_agent,
@@ -852,6 +852,57 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     datagram(&ctx, Family::V6, ip, user_port(&ctx), false)
+}
+
+/// Socket types and protocols no other hook decides: raw sockets (they build their own
+/// packets), ICMP datagram sockets (ping), SCTP.
+const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_ICMPV6: u32 = 58;
+const IPPROTO_SCTP: u32 = 132;
+
+/// The creation of an IPv4 or IPv6 socket that no other hook decides (raw, ICMP, SCTP), in
+/// an enrolled namespace: refused (EPERM) when `spec.rawSockets` says so, or, without it,
+/// for a workload under `REGISTRY_ONLY`, whose other sockets are all decided. Counted.
+/// Packet sockets (AF_PACKET) are not inet sockets and never reach this hook.
+#[cgroup_sock(sock_create)]
+pub fn egress_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (ty, proto) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).type_)),
+            read_volatile(addr_of!((*sk).protocol)),
+        )
+    };
+    let undecided = ty == SOCK_RAW
+        || (ty == SOCK_DGRAM && (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6))
+        || proto == IPPROTO_SCTP;
+    if !undecided {
+        return 1;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return 1;
+    };
+    if cfg.enabled == 0 || cfg.raw_sockets == RAW_SOCKETS_ALLOW {
+        return 1;
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup == cfg.agent_cgroup || (cfg.agent_cgroup_prev != 0 && cgroup == cfg.agent_cgroup_prev)
+    {
+        return 1;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(wl) = (unsafe { WORKLOADS.get(&netns) }) else {
+        return 1;
+    };
+    if wl.cgroup_id != 0 && !Maps.in_cgroup(wl.cgroup_id, wl.cgroup_level) {
+        return 1;
+    }
+    if cfg.raw_sockets == RAW_SOCKETS_BY_MODE && wl.mode != MODE_REGISTRY_ONLY {
+        return 1;
+    }
+    count(Reason::UndecidedSocket as u32, Some(wl));
+    0
 }
 
 /// bind() to the agent's outbound or DNS port in an enrolled namespace, by anyone but the

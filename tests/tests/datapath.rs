@@ -991,6 +991,7 @@ fn connect4_is_verified_small_and_its_size_is_logged() {
         "egress_recvmsg6",
         "egress_bind4",
         "egress_bind6",
+        "egress_sock_create",
     ] {
         assert!(count(prog) > 0);
     }

@@ -378,3 +378,138 @@ fn a_direct_connect_to_the_agents_listener_is_reset_without_an_upstream() {
             .all(|r| r.get("upstream").is_empty())
     );
 }
+
+/// Creates a socket `FAMILY TYPE PROTOCOL` (numbers) and prints `created`, or `errno N`.
+const SOCKET: &str = r#"
+import socket, sys
+try:
+    socket.socket(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    print("created")
+except OSError as e:
+    print("errno", e.errno)
+"#;
+
+/// Hole: raw IP sockets (CAP_NET_RAW, which runtimes give containers by default) and ICMP
+/// datagram sockets build or send packets that no connect or sendmsg hook decides. Refused at
+/// creation with EPERM to workloads under REGISTRY_ONLY, counted as `undecided-socket`;
+/// `spec.rawSockets: allow` lets them be, `refuse` refuses them under ALLOW_ANY too. SCTP is
+/// refused alike where the kernel has it (errno 93, EPROTONOSUPPORT, where it has not).
+#[test]
+fn raw_and_icmp_sockets_are_refused_at_creation_under_registry_only() {
+    if !privileged("raw_and_icmp_sockets_are_refused_at_creation_under_registry_only") {
+        return;
+    }
+    let w = world("esc-raw", &config("REGISTRY_ONLY", "", ""));
+    // Ping sockets for every group in the pod's namespace, so that only the hook refuses.
+    checked(
+        w.pod
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"]),
+    );
+    let create = |family: i32, ty: i32, proto: i32| {
+        checked(w.pod.command("/usr/bin/python3").args([
+            "-c",
+            SOCKET,
+            &family.to_string(),
+            &ty.to_string(),
+            &proto.to_string(),
+        ]))
+        .trim()
+        .to_owned()
+    };
+    let (inet, inet6) = (libc::AF_INET, libc::AF_INET6);
+    let undecided = [
+        ("raw IPv4", inet, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+        (
+            "raw IPv4 (IPPROTO_RAW)",
+            inet,
+            libc::SOCK_RAW,
+            libc::IPPROTO_RAW,
+        ),
+        ("raw IPv6", inet6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6),
+        ("ICMP datagram", inet, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+        (
+            "ICMPv6 datagram",
+            inet6,
+            libc::SOCK_DGRAM,
+            libc::IPPROTO_ICMPV6,
+        ),
+    ];
+    for (what, f, t, p) in undecided {
+        assert_eq!(create(f, t, p), "errno 1", "{what}");
+    }
+    let sctp = create(inet, libc::SOCK_STREAM, libc::IPPROTO_SCTP);
+    assert!(sctp == "errno 1" || sctp == "errno 93", "SCTP: {sctp}");
+    let counted = w.agent.workload_stats("team-a/client");
+    assert!(
+        counted.get("undecided-socket").copied().unwrap_or(0) >= undecided.len() as u64,
+        "{counted:?}"
+    );
+    // The sockets the hooks decide are created as before.
+    assert_eq!(create(inet, libc::SOCK_STREAM, 0), "created");
+    assert_eq!(create(inet6, libc::SOCK_DGRAM, 0), "created");
+
+    // rawSockets: allow.
+    let n = w.agent.logs().len();
+    w.agent.write_config(&format!(
+        "{}  rawSockets: allow\n",
+        config("REGISTRY_ONLY", "", "")
+    ));
+    w.agent.wait_log(n, "applied configuration generation 2");
+    for (what, f, t, p) in undecided {
+        assert_eq!(create(f, t, p), "created", "{what} with rawSockets: allow");
+    }
+    // ALLOW_ANY lets them be; rawSockets: refuse refuses them there too.
+    let n = w.agent.logs().len();
+    w.agent.write_config(&config("ALLOW_ANY", "", ""));
+    w.agent.wait_log(n, "applied configuration generation 3");
+    assert_eq!(create(inet, libc::SOCK_RAW, libc::IPPROTO_ICMP), "created");
+    let n = w.agent.logs().len();
+    w.agent.write_config(&format!(
+        "{}  rawSockets: refuse\n",
+        config("ALLOW_ANY", "", "")
+    ));
+    w.agent.wait_log(n, "applied configuration generation 4");
+    assert_eq!(create(inet, libc::SOCK_RAW, libc::IPPROTO_ICMP), "errno 1");
+}
+
+/// A TCP connect to `ADDRESS PORT` from a socket marked 1337 (Istio's bypass mark), or with
+/// `sendto(MSG_FASTOPEN)` (the connect inside the first send): prints `connected`, or
+/// `errno N`.
+const TCP_TRICKS: &str = r#"
+import socket, sys
+how, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(5)
+try:
+    if how == "mark":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 1337)
+        s.connect((addr, port))
+    else:
+        s.sendto(b"hello", socket.MSG_FASTOPEN, (addr, port))
+    print("connected")
+except OSError as e:
+    print("errno", e.errno)
+"#;
+
+/// Holes: Istio's sidecar lets sockets marked 1337 through, and a TCP Fast Open `sendto`
+/// connects without calling connect(). Here the mark is nothing to the hooks and the Fast
+/// Open send is decided as a connect: both refused with EPERM for an unregistered
+/// destination under REGISTRY_ONLY.
+#[test]
+fn marked_sockets_and_fast_open_sends_are_decided_like_connects() {
+    if !privileged("marked_sockets_and_fast_open_sends_are_decided_like_connects") {
+        return;
+    }
+    let w = world("esc-tcp", &config("REGISTRY_ONLY", "", ""));
+    for how in ["mark", "fastopen"] {
+        for addr in [EXT_V4.to_string(), EXT_V6.to_string()] {
+            let out = checked(
+                w.pod
+                    .command("/usr/bin/python3")
+                    .args(["-c", TCP_TRICKS, how, &addr, "8080"]),
+            );
+            assert_eq!(out.trim(), "errno 1", "{how} {addr}");
+        }
+    }
+}

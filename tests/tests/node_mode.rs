@@ -1015,7 +1015,7 @@ fn a_stopped_node_agent_keeps_the_pods_policy_until_egress_uninstall_removes_eve
             .arg("--admin-socket")
             .arg(c.socket()),
     );
-    assert!(out.contains("detached 13 programs"), "{out}");
+    assert!(out.contains("detached 14 programs"), "{out}");
     // The route the agent gave the pod's namespace for its IPv6 DNS stub addresses.
     assert!(
         out.contains("removed the DNS stub route of default/kept"),

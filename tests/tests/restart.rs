@@ -184,7 +184,8 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
             "egress_recvmsg6",
             "egress_sendmsg4",
             "egress_sendmsg6",
-            "egress_sockops"
+            "egress_sock_create",
+            "egress_sockops",
         ]
     );
 
@@ -251,7 +252,7 @@ fn a_killed_agent_leaves_the_policy_in_force_and_refuses_redirects_until_the_nex
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("detached 13 programs"), "{out}");
+    assert!(out.contains("detached 14 programs"), "{out}");
     assert!(!f.agent.pin.exists(), "{out}");
     // Nothing decides for the cgroup any more: what was denied or redirected goes out as is.
     let client = f.echo(f.unlisted).expect("not intercepted after uninstall");

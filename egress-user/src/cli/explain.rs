@@ -211,6 +211,9 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
              and the answer has not run out: it goes straight out, accounted by the kernel"
         ),
         Reason::AgentPort => format!("a bind of the agent's port {port}, refused"),
+        Reason::UndecidedSocket => {
+            "a raw, ICMP or SCTP socket, refused at creation (rawSockets)".to_owned()
+        }
     };
     // Nothing relays a datagram: what TCP would redirect, UDP sends as it is.
     let verdict = if caller.udp && d.verdict == Verdict::Redirect && d.reason != Reason::Dns {

@@ -443,7 +443,7 @@ fn explain_cmd(
         Some(path) => {
             let mesh = load_config(Some(&path))?;
             let plan = plan::compile(&mesh);
-            let cfg = datapath_config(agent, (0, 0), true, mesh.failure_mode);
+            let cfg = datapath_config(agent, (0, 0), true, &mesh);
             let label = workload.unwrap_or("default/egress");
             let (ns, _) = crate::workloads::parse_label(label)?;
             let p = plan.policies.of(&ns);
@@ -515,7 +515,7 @@ pub fn reason_verdict(r: egress_common::Reason) -> &'static str {
         IncludedPort | IncludedCidr | RegistryAllowed | RegistryService | AgentDown | Dns => {
             "redirect"
         }
-        RegistryDenied | ServiceNoEndpoints | AgentPort => "deny",
+        RegistryDenied | ServiceNoEndpoints | AgentPort | UndecidedSocket => "deny",
         TcpEntry | DnsLearned => "direct",
         Agent | NotEnrolled | ExcludedUid | ExcludedGid | ExcludedPort | AgentListener
         | ExcludedCidr | NotIncluded | Loopback | AgentDownOpen | DnsOpen => "bypass",

@@ -185,6 +185,9 @@ pub struct MeshConfig {
     pub mode: Mode,
     /// What would-be redirects do while no agent listens (`spec.failureMode`).
     pub failure_mode: super::FailureMode,
+    /// Raw, ICMP and SCTP sockets of enrolled workloads (`spec.rawSockets`); `None`: refused
+    /// under REGISTRY_ONLY.
+    pub raw_sockets: Option<super::RawSockets>,
     /// Addresses for ServiceEntry hosts without any (`spec.autoAllocate`).
     pub auto_allocate: AutoAllocate,
     /// The namespace whose Sidecar sets the default for every other (Istio's
@@ -413,6 +416,8 @@ struct EgressConfigSpec {
     interception: Option<InterceptionSpec>,
     #[serde(default)]
     failure_mode: Option<super::FailureMode>,
+    #[serde(default)]
+    raw_sockets: Option<super::RawSockets>,
     #[serde(default)]
     auto_allocate: Option<AutoAllocateSpec>,
     #[serde(default)]
@@ -1134,6 +1139,9 @@ impl Cx {
         if let Some(f) = spec.failure_mode {
             config.failure_mode = f;
         }
+        if spec.raw_sockets.is_some() {
+            config.raw_sockets = spec.raw_sockets;
+        }
         if let Some(a) = spec.auto_allocate {
             self.auto_allocate(origin, a, &mut config.auto_allocate);
         }
@@ -1723,6 +1731,31 @@ spec:
             "{m}"
         );
         assert!(m.contains("`closed`") && m.contains("`open`"), "{m}");
+    }
+
+    #[test]
+    fn raw_sockets_follow_the_mode_unless_said() {
+        use super::super::RawSockets;
+        let head = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\n";
+        let c = parse_str("m.yaml", head).unwrap().config;
+        assert_eq!(c.raw_sockets, None);
+        assert_eq!(
+            RawSockets::code(c.raw_sockets),
+            egress_common::RAW_SOCKETS_BY_MODE
+        );
+        for (v, want) in [("allow", RawSockets::Allow), ("refuse", RawSockets::Refuse)] {
+            let c = parse_str("m.yaml", &format!("{head}spec: {{rawSockets: {v}}}\n"))
+                .unwrap()
+                .config;
+            assert_eq!(c.raw_sockets, Some(want));
+        }
+        let e = parse_str("m.yaml", &format!("{head}spec: {{rawSockets: deny}}\n")).unwrap_err();
+        let m = e.errors[0].to_string();
+        assert!(
+            m.starts_with("m.yaml doc 1 EgressConfig default/d: spec.rawSockets: "),
+            "{m}"
+        );
+        assert!(m.contains("`refuse`") && m.contains("`allow`"), "{m}");
     }
 
     #[test]

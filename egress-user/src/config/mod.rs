@@ -35,6 +35,36 @@ pub enum FailureMode {
     Open,
 }
 
+/// `rawSockets`: whether enrolled workloads may create the sockets no hook decides (raw,
+/// ICMP, SCTP). Without it: refused under `REGISTRY_ONLY` (they would carry traffic past the
+/// registry), allowed under `ALLOW_ANY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum RawSockets {
+    #[serde(rename = "refuse")]
+    Refuse,
+    #[serde(rename = "allow")]
+    Allow,
+}
+
+impl RawSockets {
+    /// `Config::raw_sockets` for `spec.rawSockets` (absent: by the workload's mode).
+    pub const fn code(v: Option<RawSockets>) -> u8 {
+        match v {
+            None => egress_common::RAW_SOCKETS_BY_MODE,
+            Some(RawSockets::Refuse) => egress_common::RAW_SOCKETS_REFUSE,
+            Some(RawSockets::Allow) => egress_common::RAW_SOCKETS_ALLOW,
+        }
+    }
+
+    pub const fn name(v: Option<RawSockets>) -> &'static str {
+        match v {
+            None => "by mode",
+            Some(RawSockets::Refuse) => "refuse",
+            Some(RawSockets::Allow) => "allow",
+        }
+    }
+}
+
 impl FailureMode {
     pub const fn name(self) -> &'static str {
         match self {

@@ -15,7 +15,9 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps, links::FdLink,
+    },
 };
 use egress_common::{
     ALL_MAPS, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, LearnedKey,
@@ -266,6 +268,7 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 const PROG_CONNECT4: &str = "egress_connect4";
 const PROG_CONNECT6: &str = "egress_connect6";
 const PROG_SOCKOPS: &str = "egress_sockops";
+const PROG_SOCK_CREATE: &str = "egress_sock_create";
 const PROG_GETSOCKOPT: &str = "egress_getsockopt";
 const PROG_GETPEERNAME4: &str = "egress_getpeername4";
 const PROG_GETPEERNAME6: &str = "egress_getpeername6";
@@ -291,6 +294,23 @@ const SOCK_ADDR_PROGRAMS: [&str; 12] = [
     PROG_RECVMSG6,
     PROG_BIND4,
     PROG_BIND6,
+];
+/// Every program attached to the intercepted cgroup through a pinned link.
+const LINKED_PROGRAMS: [&str; 14] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_DNS_CONNECT4,
+    PROG_DNS_CONNECT6,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
+    PROG_BIND4,
+    PROG_BIND6,
+    PROG_SOCKOPS,
+    PROG_SOCK_CREATE,
 ];
 
 /// Capacities of the sized maps.
@@ -485,6 +505,9 @@ impl Datapath {
         let p: &mut SockOps = self.program(PROG_SOCKOPS)?.try_into()?;
         p.load()
             .with_context(|| format!("verifying {PROG_SOCKOPS}"))?;
+        let p: &mut CgroupSock = self.program(PROG_SOCK_CREATE)?.try_into()?;
+        p.load()
+            .with_context(|| format!("verifying {PROG_SOCK_CREATE}"))?;
         let p: &mut CgroupSockopt = self.program(PROG_GETSOCKOPT)?.try_into()?;
         p.load()
             .with_context(|| format!("verifying {PROG_GETSOCKOPT}"))?;
@@ -519,12 +542,13 @@ impl Datapath {
         let id = sys::cgroup_id(cgroup)?;
         let dir = self.pin_dir.join(LINKS);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for name in SOCK_ADDR_PROGRAMS.into_iter().chain([PROG_SOCKOPS]) {
+        for name in LINKED_PROGRAMS {
             let pin = dir.join(name);
             let prog = self.program(name)?;
             let prog_fd = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.fd()?.as_fd().try_clone_to_owned(),
                 aya::programs::Program::SockOps(p) => p.fd()?.as_fd().try_clone_to_owned(),
+                aya::programs::Program::CgroupSock(p) => p.fd()?.as_fd().try_clone_to_owned(),
                 _ => bail!("program {name} is not a cgroup program"),
             }
             .context("duplicating a program fd")?;
@@ -548,6 +572,12 @@ impl Datapath {
                     p.take_link(l)?.try_into()?
                 }
                 aya::programs::Program::SockOps(p) => {
+                    let l = p
+                        .attach(&fd, CgroupAttachMode::Single)
+                        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                    p.take_link(l)?.try_into()?
+                }
+                aya::programs::Program::CgroupSock(p) => {
                     let l = p
                         .attach(&fd, CgroupAttachMode::Single)
                         .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
@@ -591,9 +621,8 @@ fn open_cgroup(path: &Path) -> Result<File> {
 
 /// The links pinned in `pin_dir` that exist: (path, link id).
 pub fn pinned_links(pin_dir: &Path) -> Vec<(PathBuf, u32)> {
-    SOCK_ADDR_PROGRAMS
+    LINKED_PROGRAMS
         .into_iter()
-        .chain([PROG_SOCKOPS])
         .map(|name| pin_dir.join(LINKS).join(name))
         .filter_map(|p| {
             let fd = sys::pinned_object(&p).ok()?;
@@ -608,7 +637,7 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<(PathBuf, u32)> {
 pub fn unpin(pin_dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let links = pin_dir.join(LINKS);
-    for name in SOCK_ADDR_PROGRAMS.into_iter().chain([PROG_SOCKOPS]) {
+    for name in LINKED_PROGRAMS {
         let p = links.join(name);
         if std::fs::remove_file(&p).is_ok() {
             removed.push(p);
@@ -697,10 +726,12 @@ impl Maps {
         Ok(self.config.get(&0, 0)?)
     }
 
-    /// What would-be redirects do while no agent listens (`failureMode`), from now on.
-    pub fn set_failure_mode(&mut self, mode: crate::config::FailureMode) -> Result<()> {
+    /// What would-be redirects do while no agent listens (`failureMode`), and what the
+    /// sockets no hook decides get (`rawSockets`), from now on.
+    pub fn set_mesh_settings(&mut self, mesh: &crate::config::MeshConfig) -> Result<()> {
         let cfg = Config {
-            failure_open: u8::from(mode == crate::config::FailureMode::Open),
+            failure_open: u8::from(mesh.failure_mode == crate::config::FailureMode::Open),
+            raw_sockets: crate::config::RawSockets::code(mesh.raw_sockets),
             ..self.config()?
         };
         self.config.set(0, cfg, 0).context("writing CONFIG")

@@ -402,6 +402,7 @@ impl Reloader {
             "generation": s.generation,
             "mode": crate::plan::mode_name(self.applied.policies.default.mode),
             "failure_mode": self.mesh.failure_mode.name(),
+            "raw_sockets": crate::config::RawSockets::name(self.mesh.raw_sockets),
             "allocated": self
                 .mesh
                 .service_entries
@@ -493,10 +494,14 @@ impl Reloader {
                 return self.reject(format!("{}: {e:#}", path.display()));
             }
         }
-        if mesh.failure_mode != self.mesh.failure_mode
-            && let Err(e) = self.maps.set_failure_mode(mesh.failure_mode)
+        if (mesh.failure_mode, mesh.raw_sockets) != (self.mesh.failure_mode, self.mesh.raw_sockets)
+            && let Err(e) = self.maps.set_mesh_settings(&mesh)
         {
-            error!("writing failureMode {}: {e:#}", mesh.failure_mode.name());
+            error!(
+                "writing failureMode {} and rawSockets {}: {e:#}",
+                mesh.failure_mode.name(),
+                crate::config::RawSockets::name(mesh.raw_sockets)
+            );
         }
         self.applied = plan;
         self.mesh = mesh;
