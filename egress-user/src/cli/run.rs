@@ -54,7 +54,7 @@ pub(super) fn datapath_config(
     agent: &AgentArgs,
     (agent_cgroup, agent_netns): (u64, u64),
     direct: bool,
-    failure: FailureMode,
+    mesh: &MeshConfig,
 ) -> Config {
     Config {
         agent_cgroup,
@@ -64,7 +64,8 @@ pub(super) fn datapath_config(
         direct: u8::from(direct),
         listener_v4: Ipv4Addr::LOCALHOST.octets(),
         listener_v6: Ipv6Addr::LOCALHOST.octets(),
-        failure_open: u8::from(failure == FailureMode::Open),
+        failure_open: u8::from(mesh.failure_mode == FailureMode::Open),
+        dns_capture: mesh.dns_capture.kernel(),
         dns_port: agent.dns_port,
         ..Config::default()
     }
@@ -234,7 +235,7 @@ pub(super) fn run(args: RunArgs) -> Result<()> {
         &args.agent,
         (agent_cgroup.id, sys::netns_cookie()?),
         !args.external_proxy,
-        mesh.failure_mode,
+        &mesh,
     );
     let cfg = Config {
         agent_cgroup_prev: prev_agent,

@@ -402,6 +402,10 @@ impl Reloader {
             "generation": s.generation,
             "mode": crate::plan::mode_name(self.applied.policies.default.mode),
             "failure_mode": self.mesh.failure_mode.name(),
+            "dns": {
+                "capture": self.mesh.dns_capture.name(),
+                "learn_from": self.mesh.dns_learn_from.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            },
             "allocated": self
                 .mesh
                 .service_entries
@@ -497,6 +501,11 @@ impl Reloader {
             && let Err(e) = self.maps.set_failure_mode(mesh.failure_mode)
         {
             error!("writing failureMode {}: {e:#}", mesh.failure_mode.name());
+        }
+        if mesh.dns_capture != self.mesh.dns_capture
+            && let Err(e) = self.maps.set_dns_capture(mesh.dns_capture)
+        {
+            error!("writing dns.capture {}: {e:#}", mesh.dns_capture.name());
         }
         self.applied = plan;
         self.mesh = mesh;
