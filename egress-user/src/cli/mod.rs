@@ -62,6 +62,10 @@ enum Cmd {
         /// The pod's uid, when there is one.
         #[arg(long, default_value = "")]
         uid: String,
+        /// One of the workload's nameservers (its resolv.conf's; repeat for each): under
+        /// `spec.dns.capture: RESOLV_CONF` only DNS queries to these are captured.
+        #[arg(long = "nameserver", value_name = "IP")]
+        nameservers: Vec<std::net::IpAddr>,
         #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -306,8 +310,9 @@ pub fn main() -> ExitCode {
             netns,
             workload,
             uid,
+            nameservers,
             admin_socket,
-        } => enroll(netns, &workload, uid, &admin_socket),
+        } => enroll(netns, &workload, (uid, nameservers), &admin_socket),
         Cmd::Unenroll {
             netns,
             workload,
@@ -397,7 +402,12 @@ fn exec(cgroup: Option<PathBuf>, command: Vec<String>) -> Result<()> {
     Err(err).with_context(|| format!("running {}", command[0]))
 }
 
-fn enroll(netns: PathBuf, workload: &str, uid: String, socket: &Path) -> Result<()> {
+fn enroll(
+    netns: PathBuf,
+    workload: &str,
+    (uid, nameservers): (String, Vec<std::net::IpAddr>),
+    socket: &Path,
+) -> Result<()> {
     let (namespace, name) = crate::workloads::parse_label(workload)?;
     let req = api::EnrollRequest {
         netns,
@@ -405,6 +415,7 @@ fn enroll(netns: PathBuf, workload: &str, uid: String, socket: &Path) -> Result<
         name,
         uid,
         container_id: None,
+        nameservers,
     };
     let out = api::enroll(socket, &req)?;
     print!("{out}");
@@ -439,7 +450,7 @@ fn explain_cmd(
         Some(path) => {
             let mesh = load_config(Some(&path))?;
             let plan = plan::compile(&mesh);
-            let cfg = datapath_config(agent, (0, 0), true, mesh.failure_mode);
+            let cfg = datapath_config(agent, (0, 0), true, &mesh);
             let label = workload.unwrap_or("default/egress");
             let (ns, _) = crate::workloads::parse_label(label)?;
             let p = plan.policies.of(&ns);
@@ -453,6 +464,7 @@ fn explain_cmd(
                 gid,
                 workload: Some((label.to_owned(), wl)),
                 learned: false,
+                netns: 0,
             };
             explain::explain(&plan, &cfg, dst, &caller).join("\n")
         }
@@ -471,6 +483,7 @@ fn explain_cmd(
                 gid,
                 workload: maps.workload(cookie).map(|w| (label, w)),
                 learned,
+                netns: cookie,
             };
             explain::explain(&maps, &cfg, dst, &caller).join("\n")
         }
