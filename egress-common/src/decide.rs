@@ -3,7 +3,8 @@
 //!
 //! Order, after Istio's outbound chain: the agent itself, a namespace (or cgroup) that is not
 //! enrolled, excluded uid/gid, excluded port, DNS (port 53, whatever the nameserver, loopback
-//! ones included, as Istio's DNS capture), the agent's listener, loopback, excluded CIDR
+//! ones included, as Istio's DNS capture with `--capture-all-dns`; under `RESOLV_CONF` only to
+//! the workload's own nameservers, when it has any), the agent's listener, loopback, excluded CIDR
 //! (longest prefix), included port, included CIDR, else bypass. A connection that would be
 //! redirected to an address and port that only TCP ServiceEntries relaying to the dialled
 //! address declare goes straight out, accounted in the kernel (`Direct`): the agent would only
@@ -13,7 +14,8 @@
 //! the workload's view for the address and port is denied.
 
 use crate::maps::{
-    Config, DNS_PORT, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, VIEW_UDP, Workload,
+    Config, DNS_CAPTURE_ALL, DNS_PORT, MODE_REGISTRY_ONLY, PORT_EXCLUDE, PORT_INCLUDE, VIEW_UDP,
+    Workload,
 };
 
 /// What happens to a connect().
@@ -209,6 +211,9 @@ pub struct Query<A> {
     /// A UDP datagram (at connect or at sendmsg), not a TCP connect: allowed only by UDP
     /// entries (keys of the view `view | VIEW_UDP`), never direct (nothing relays it).
     pub udp: bool,
+    /// The caller's network namespace cookie: which workload's nameservers
+    /// (`Tables::nameserver`) a DNS query is checked against.
+    pub netns: u64,
 }
 
 /// The lookups the decision needs. CIDR lookups are longest-prefix matches returning the
@@ -229,6 +234,10 @@ pub trait Tables {
     fn exclude_v6(&self, addr: [u8; 16]) -> Option<u8>;
     fn allow_v6(&self, view: u16, addr: [u8; 16], port: u16) -> Option<u8>;
     fn direct_v6(&self, view: u16, addr: [u8; 16], port: u16) -> Option<u8>;
+    /// Whether the workload of namespace `netns` was enrolled with nameserver `addr`
+    /// (IPv4-mapped for IPv4; `DNS_RESOLVERS`). Asked only for a DNS query under
+    /// `DNS_CAPTURE_RESOLV_CONF` from a workload with nameservers.
+    fn nameserver(&self, netns: u64, addr: [u8; 16]) -> bool;
 }
 
 /// An address family's part in the decision.
@@ -238,6 +247,8 @@ pub trait Addr: Copy {
     fn exclude<T: Tables>(&self, t: &T) -> Option<u8>;
     fn allow<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8>;
     fn direct<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8>;
+    /// The address as IPv6, IPv4 in mapped form.
+    fn mapped(&self) -> [u8; 16];
     /// In the loopback range (127.0.0.0/8, ::1).
     fn is_loopback(&self) -> bool;
     /// One of the workload's own addresses.
@@ -285,6 +296,10 @@ impl Addr for [u8; 4] {
     fn direct<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8> {
         t.direct_v4(view, *self, port)
     }
+    #[inline(always)]
+    fn mapped(&self) -> [u8; 16] {
+        crate::v4_mapped(*self)
+    }
 }
 
 impl Addr for [u8; 16] {
@@ -321,6 +336,10 @@ impl Addr for [u8; 16] {
     #[inline(always)]
     fn direct<T: Tables>(&self, t: &T, view: u16, port: u16) -> Option<u8> {
         t.direct_v6(view, *self, port)
+    }
+    #[inline(always)]
+    fn mapped(&self) -> [u8; 16] {
+        *self
     }
 }
 
@@ -360,8 +379,15 @@ pub fn decide<T: Tables, A: Addr>(
     if port_flags & PORT_EXCLUDE != 0 {
         return Decision::new(Bypass, ExcludedPort, 0);
     }
-    // Whatever the nameserver: a resolver on the workload's loopback (127.0.0.53) too.
-    if q.port == DNS_PORT && cfg.dns_port != 0 {
+    // Whatever the nameserver (a resolver on the workload's loopback, 127.0.0.53, too); under
+    // `RESOLV_CONF` only the workload's own, unless none is known. A query to another one is
+    // no capture: the rules below decide it as any other connection.
+    if q.port == DNS_PORT
+        && cfg.dns_port != 0
+        && (cfg.dns_capture == DNS_CAPTURE_ALL
+            || wl.nameservers == 0
+            || t.nameserver(q.netns, q.dst.mapped()))
+    {
         return Decision::new(Redirect, Dns, 0);
     }
     if q.port == cfg.listener_port && q.dst.is_listener(cfg) {
@@ -476,6 +502,8 @@ mod tests {
         direct: Vec<(u16, [u8; 16], u8, u16)>,
         /// The cgroup the connecting task is in (or below).
         in_cgroup: u64,
+        /// (namespace, nameserver), as `DNS_RESOLVERS`.
+        nameservers: Vec<(u64, [u8; 16])>,
     }
 
     type PortNets = [(u16, [u8; 16], u8, u16)];
@@ -552,6 +580,9 @@ mod tests {
         fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
             lpm_port(&self.direct, view, a, port)
         }
+        fn nameserver(&self, netns: u64, a: [u8; 16]) -> bool {
+            self.nameservers.contains(&(netns, a))
+        }
     }
 
     fn v4(s: [u8; 4], p: u8) -> ([u8; 16], u8) {
@@ -560,6 +591,7 @@ mod tests {
 
     const AGENT_CGROUP: u64 = 77;
     const POD_CGROUP: u64 = 4096;
+    const POD_NETNS: u64 = 4097;
 
     fn cfg() -> Config {
         Config {
@@ -590,6 +622,7 @@ mod tests {
             cgroup: POD_CGROUP,
             service: false,
             udp: false,
+            netns: POD_NETNS,
         }
     }
 
@@ -610,6 +643,7 @@ mod tests {
             ],
             direct: std::vec![(0, crate::v4_mapped([127, 20, 1, 0]), 120, 5432)],
             in_cgroup: POD_CGROUP,
+            nameservers: std::vec![],
         }
     }
 
@@ -1261,6 +1295,84 @@ mod tests {
                 Decision::new(Verdict::Bypass, Reason::DnsOpen, 0)
             );
         }
+    }
+
+    #[test]
+    fn resolv_conf_captures_only_the_workloads_own_nameservers() {
+        use Reason::*;
+        use Verdict::*;
+        let own4 = [198, 18, 0, 53];
+        let t = Mem {
+            nameservers: std::vec![
+                (POD_NETNS, crate::v4_mapped(own4)),
+                (POD_NETNS, crate::v4_mapped([127, 0, 0, 53])),
+                (POD_NETNS, LOCALHOST_V6),
+                // Another workload's.
+                (POD_NETNS + 1, crate::v4_mapped([198, 18, 0, 54])),
+            ],
+            ..tables()
+        };
+        let c = Config {
+            dns_port: 15053,
+            dns_capture: crate::DNS_CAPTURE_RESOLV_CONF,
+            ..cfg()
+        };
+        let known = Workload {
+            nameservers: 3,
+            ..wl(MODE_ALLOW_ANY)
+        };
+        let at = |c: &Config, w: &Workload, q: &Query<[u8; 4]>| decide(&t, c, Some(w), q);
+        let dns = Decision::new(Redirect, Dns, 0);
+        // Its own nameservers: captured, on its loopback too, and over IPv6.
+        assert_eq!(at(&c, &known, &q(own4, 53)), dns);
+        assert_eq!(at(&c, &known, &q([127, 0, 0, 53], 53)), dns);
+        assert_eq!(decide(&t, &c, Some(&known), &q(LOCALHOST_V6, 53)), dns);
+        // Another one (another workload's too): no DNS capture, the other rules decide it as
+        // any connection.
+        let other = q([198, 18, 0, 54], 53);
+        let included = Decision::new(Redirect, IncludedCidr, 0);
+        assert_eq!(at(&c, &known, &other), included);
+        assert_eq!(
+            at(&c, &known, &q([127, 0, 0, 54], 53)),
+            Decision::new(Bypass, Loopback, 0)
+        );
+        let registry_only = Workload {
+            mode: MODE_REGISTRY_ONLY,
+            ..known
+        };
+        assert_eq!(
+            at(&c, &registry_only, &other),
+            Decision::new(Deny, RegistryDenied, 0)
+        );
+        // Its own nameserver from another namespace is another's.
+        let elsewhere = Query {
+            netns: POD_NETNS + 2,
+            ..q(own4, 53)
+        };
+        assert_eq!(at(&c, &known, &elsewhere), included);
+        // Port 53 only.
+        assert_eq!(at(&c, &known, &q(own4, 5353)), included);
+        // The exclusions still come first.
+        let excluded = Query {
+            uid: 4242,
+            ..q(own4, 53)
+        };
+        assert_eq!(
+            at(&c, &known, &excluded),
+            Decision::new(Bypass, ExcludedUid, 0)
+        );
+        // A workload without known nameservers is captured whole.
+        assert_eq!(at(&c, &wl(MODE_ALLOW_ANY), &other), dns);
+        // Under ALL, every nameserver, whatever the workload has.
+        let all = Config {
+            dns_capture: crate::DNS_CAPTURE_ALL,
+            ..c
+        };
+        assert_eq!(at(&all, &known, &other), dns);
+        assert_eq!(at(&all, &known, &q([127, 0, 0, 54], 53)), dns);
+        // Without DNS capture, nothing is a DNS query.
+        let off = Config { dns_port: 0, ..c };
+        assert_eq!(at(&off, &known, &q(own4, 53)), included);
     }
 
     #[test]

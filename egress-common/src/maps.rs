@@ -45,6 +45,10 @@ pub const MAP_DNS_NAMESERVERS: &str = "DNS_NAMESERVERS";
 /// addresses: (namespace, address, port) → when it runs out (`bpf_ktime_get_ns`). A connect
 /// that matches one before then goes straight out (`Reason::DnsLearned`).
 pub const MAP_LEARNED: &str = "LEARNED";
+/// Each workload's own nameservers (its resolv.conf), for `spec.dns.capture: RESOLV_CONF`:
+/// (namespace, nameserver address (IPv4-mapped)) → 1. Under it, a DNS query is captured only
+/// to one of them (or from a workload that has none here).
+pub const MAP_DNS_RESOLVERS: &str = "DNS_RESOLVERS";
 /// Network namespace cookies learnt by probe, on kernels without `SO_NETNS_COOKIE` (before
 /// 5.14): a socket's cookie → the cookie of the namespace it was made in. Not pinned: only the
 /// agent that made it reads it.
@@ -55,7 +59,7 @@ pub const MAP_NETNS_PROBE: &str = "NETNS_PROBE";
 pub const NETNS_PROBE_V4: [u8; 4] = [127, 0, 0, 1];
 
 /// Every map the agent pins, so that `egress explain` and tests can read the live datapath.
-pub const ALL_MAPS: [&str; 24] = [
+pub const ALL_MAPS: [&str; 25] = [
     MAP_CONFIG,
     MAP_INCLUDE_V4,
     MAP_INCLUDE_V6,
@@ -80,6 +84,7 @@ pub const ALL_MAPS: [&str; 24] = [
     MAP_WL_COUNTERS,
     MAP_DNS_NAMESERVERS,
     MAP_LEARNED,
+    MAP_DNS_RESOLVERS,
 ];
 
 /// Default capacities; the agent may override them at load time.
@@ -96,6 +101,11 @@ pub const DEFAULT_MAX_WORKLOADS: u32 = 1_024;
 /// Learned (namespace, address, port) entries of the whole node; the least recently used go
 /// first when it is full.
 pub const DEFAULT_MAX_LEARNED: u32 = 65_536;
+/// Nameservers a workload's entries in `DNS_RESOLVERS` hold at most; more are not captured
+/// under `RESOLV_CONF` (resolvers use three).
+pub const MAX_WORKLOAD_NAMESERVERS: u32 = 8;
+/// Entries of `DNS_RESOLVERS`: every workload with its most nameservers.
+pub const DEFAULT_MAX_DNS_RESOLVERS: u32 = DEFAULT_MAX_WORKLOADS * MAX_WORKLOAD_NAMESERVERS;
 /// Bytes of the ring that carries closed direct connections to the agent: 7,710 records.
 pub const DIRECT_CLOSED_BYTES: u32 = 1 << 20;
 /// Records (128 bytes each and an 8-byte header in the ring) that wake the agent: 64. Fewer
@@ -131,14 +141,17 @@ pub struct Config {
     /// (`failureMode`): 0 closed (the redirect stands and connect() fails with
     /// ECONNREFUSED), 1 open (it goes straight out).
     pub failure_open: u8,
+    /// Which DNS queries are captured (`spec.dns.capture`): `DNS_CAPTURE_ALL`, or
+    /// `DNS_CAPTURE_RESOLV_CONF` (to the workload's own nameservers only).
+    pub dns_capture: u8,
+    /// Port of the agent's DNS sockets in every enrolled namespace, host order (UDP on
+    /// 0.0.0.0, TCP on 127.0.0.1 and ::1); 0 leaves DNS queries alone.
+    pub dns_port: u16,
     /// Sockets the other hooks do not decide (raw, ICMP, SCTP; `spec.rawSockets`), at
     /// creation in an enrolled namespace: `RAW_SOCKETS_BY_MODE`, `RAW_SOCKETS_REFUSE` or
     /// `RAW_SOCKETS_ALLOW`.
     pub raw_sockets: u8,
-    /// Port of the agent's DNS sockets in every enrolled namespace, host order (UDP on
-    /// 0.0.0.0, TCP on 127.0.0.1 and ::1); 0 leaves DNS queries alone.
-    pub dns_port: u16,
-    pub _pad2: [u8; 4],
+    pub _pad2: [u8; 3],
 }
 
 /// `Config::raw_sockets`: refused to workloads under `REGISTRY_ONLY`, allowed under
@@ -161,7 +174,9 @@ pub struct Workload {
     pub view: u16,
     /// `MODE_ALLOW_ANY` or `MODE_REGISTRY_ONLY`: the mesh's, or its namespace's Sidecar's.
     pub mode: u8,
-    pub _pad: u8,
+    /// How many of its nameservers `DNS_RESOLVERS` holds; 0 (none known): under
+    /// `DNS_CAPTURE_RESOLV_CONF`, its queries to every nameserver are captured.
+    pub nameservers: u8,
     /// 0: every process of the namespace. Otherwise only processes in this cgroup v2 or
     /// below it (the agent's own namespace on a node, where its daemons live too).
     pub cgroup_id: u64,
@@ -172,6 +187,22 @@ pub struct Workload {
     /// go out through loopback, which is the workload's own business.
     pub own_v4: [[u8; 4]; 2],
     pub own_v6: [[u8; 16]; 2],
+}
+
+/// `Config::dns_capture`: every DNS query, whatever the nameserver (Istio's
+/// `--capture-all-dns`).
+pub const DNS_CAPTURE_ALL: u8 = 0;
+/// `Config::dns_capture`: only queries to the nameservers the workload was enrolled with
+/// (`DNS_RESOLVERS`), as Istio's sidecar without `--capture-all-dns`.
+pub const DNS_CAPTURE_RESOLV_CONF: u8 = 1;
+
+/// Key of `DNS_RESOLVERS`: a workload's network namespace and one of its nameservers
+/// (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResolverKey {
+    pub netns: u64,
+    pub addr: [u8; 16],
 }
 
 /// The destination a redirected connection was made to, and who made it.
@@ -486,6 +517,7 @@ mod pod {
     unsafe impl aya::Pod for super::DirectClosed {}
     unsafe impl aya::Pod for super::SockAddr16 {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::ResolverKey {}
     unsafe impl aya::Pod for super::Workload {}
     unsafe impl aya::Pod for super::ServiceKeyV4 {}
     unsafe impl aya::Pod for super::ServiceKeyV6 {}

@@ -22,13 +22,14 @@ use aya_ebpf::{
 };
 use egress_common::{
     AF_INET, AF_INET6, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config,
-    DEFAULT_MAX_ALLOWED, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_IDS,
-    DEFAULT_MAX_LEARNED, DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES, DEFAULT_MAX_WORKLOADS,
-    DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, DNS_NAMESERVER_SLOTS, DNS_PORT, DNS_PROBES,
-    DirectClosed, DirectOpen, LearnedKey, MODE_REGISTRY_ONLY, NETNS_PROBE_V4, OrigDst, PeerKey,
-    Query, RAW_SOCKETS_ALLOW, RAW_SOCKETS_BY_MODE, Reason, SO_ORIGINAL_DST, SOCK_DIALLED,
-    SOCK_DIRECT, SOCK_REDIRECTED, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, SockRecord,
-    TCP_FIN_WAIT2, Tables, Verdict, Workload, allow_key_v4, allow_key_v6, decide,
+    DEFAULT_MAX_ALLOWED, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CIDRS, DEFAULT_MAX_DNS_RESOLVERS,
+    DEFAULT_MAX_IDS, DEFAULT_MAX_LEARNED, DEFAULT_MAX_ORIG, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_WORKLOADS, DIRECT_CLOSED_BYTES, DIRECT_WAKEUP_BYTES, DNS_CAPTURE_ALL,
+    DNS_NAMESERVER_SLOTS, DNS_PORT, DNS_PROBES, DirectClosed, DirectOpen, LearnedKey,
+    MODE_REGISTRY_ONLY, NETNS_PROBE_V4, OrigDst, PeerKey, Query, RAW_SOCKETS_ALLOW,
+    RAW_SOCKETS_BY_MODE, Reason, ResolverKey, SO_ORIGINAL_DST, SOCK_DIALLED, SOCK_DIRECT,
+    SOCK_REDIRECTED, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, SockRecord, TCP_FIN_WAIT2,
+    Tables, Verdict, Workload, allow_key_v4, allow_key_v6, decide,
     decide::{Addr, REASON_COUNT},
     dns_slot, dns_stub_index, dns_stub_v4, dns_stub_v6, dns_stub_v6_index, v4_mapped, v4_unmapped,
     with_learned, without_agent,
@@ -109,12 +110,23 @@ static DNS_NAMESERVERS: HashMap<u32, [u8; 16]> = HashMap::with_max_entries(DNS_N
 #[map]
 static LEARNED: LruHashMap<LearnedKey, u64> = LruHashMap::with_max_entries(DEFAULT_MAX_LEARNED, 0);
 
+/// Each workload's own nameservers: (namespace, address (IPv4-mapped)) → 1. Under
+/// `spec.dns.capture: RESOLV_CONF`, only queries to these are captured. Written by the agent
+/// at enrolment, removed at release.
+#[map]
+static DNS_RESOLVERS: HashMap<ResolverKey, u8> =
+    HashMap::with_max_entries(DEFAULT_MAX_DNS_RESOLVERS, 0);
+
 /// Socket cookie → network namespace cookie, written by `egress_netns_probe`.
 #[map]
 static NETNS_PROBE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(64, 0);
 
-/// The decision's lookups, answered from the maps.
-struct Maps;
+/// The decision's lookups, answered from the maps; and the one answer looked up before it.
+struct Maps {
+    /// `Tables::nameserver` for this connect's own namespace and destination
+    /// (`own_nameserver`).
+    nameserver: bool,
+}
 
 #[inline(always)]
 fn prefix(v: Option<&u32>) -> Option<u8> {
@@ -174,6 +186,25 @@ impl Tables for Maps {
     fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
         prefix(DIRECT_V6.get(Key::new(ALLOW_BITS_V6, allow_key_v6(view, port, a))))
     }
+    /// `decide` asks only about the connect it decides, whose answer came with `Maps`.
+    #[inline(always)]
+    fn nameserver(&self, _netns: u64, _addr: [u8; 16]) -> bool {
+        self.nameserver
+    }
+}
+
+/// Whether a query to `addr` (IPv4-mapped) port `port` goes to one of the nameservers of the
+/// caller's namespace (`DNS_RESOLVERS`): looked up only where `decide` may ask (port 53 under
+/// `RESOLV_CONF`), and before it. Looked up where `decide` asks (inline, or through a function
+/// of its own), its key made LLVM reload spills on paths that never wrote them, which the
+/// verifiers of Linux 5.10 and 6.1 reject as reads of uninitialised stack.
+#[inline(always)]
+fn own_nameserver(cfg: &Config, netns: u64, addr: &[u8; 16], port: u16) -> bool {
+    if port != DNS_PORT || cfg.dns_capture == DNS_CAPTURE_ALL {
+        return false;
+    }
+    let key = ResolverKey { netns, addr: *addr };
+    unsafe { DNS_RESOLVERS.get(&key) }.is_some()
 }
 
 /// Whether `LEARNED` holds (netns, addr, port) and it has not run out.
@@ -341,8 +372,12 @@ fn handle<A: Addr>(
         cgroup: unsafe { bpf_get_current_cgroup_id() },
         service,
         udp: false,
+        netns,
     };
-    let d = decide(&Maps, cfg, wl, &q);
+    let maps = Maps {
+        nameserver: own_nameserver(cfg, netns, &dst16, port),
+    };
+    let d = decide(&maps, cfg, wl, &q);
     let mut d = with_learned(cfg, d, || learned(netns, &dst16, port));
     // A DNS query over TCP goes to the agent's DNS listener, any other redirect to its
     // outbound listener; both record the original destination alike.
@@ -662,9 +697,12 @@ fn udp_decide(sa: *mut bpf_sock_addr, hi: u64, lo: u64, port: u16, connected: bo
     let (uid, gid, cgroup) = (ids as u32, (ids >> 32) as u32, unsafe {
         bpf_get_current_cgroup_id()
     });
+    let maps = Maps {
+        nameserver: own_nameserver(cfg, netns, &ns, port),
+    };
     let mut d = match ns4 {
         Some(dst) => decide(
-            &Maps,
+            &maps,
             cfg,
             wl,
             &Query {
@@ -675,10 +713,11 @@ fn udp_decide(sa: *mut bpf_sock_addr, hi: u64, lo: u64, port: u16, connected: bo
                 cgroup,
                 service: false,
                 udp: true,
+                netns,
             },
         ),
         None => decide(
-            &Maps,
+            &maps,
             cfg,
             wl,
             &Query {
@@ -689,6 +728,7 @@ fn udp_decide(sa: *mut bpf_sock_addr, hi: u64, lo: u64, port: u16, connected: bo
                 cgroup,
                 service: false,
                 udp: true,
+                netns,
             },
         ),
     };
@@ -895,7 +935,7 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
     let Some(wl) = (unsafe { WORKLOADS.get(&netns) }) else {
         return 1;
     };
-    if wl.cgroup_id != 0 && !Maps.in_cgroup(wl.cgroup_id, wl.cgroup_level) {
+    if wl.cgroup_id != 0 && !(Maps { nameserver: false }).in_cgroup(wl.cgroup_id, wl.cgroup_level) {
         return 1;
     }
     if cfg.raw_sockets == RAW_SOCKETS_BY_MODE && wl.mode != MODE_REGISTRY_ONLY {
@@ -931,7 +971,7 @@ fn bind_decision(ctx: &SockAddrContext) -> i32 {
     let Some(wl) = (unsafe { WORKLOADS.get(&netns) }) else {
         return 1;
     };
-    if wl.cgroup_id != 0 && !Maps.in_cgroup(wl.cgroup_id, wl.cgroup_level) {
+    if wl.cgroup_id != 0 && !(Maps { nameserver: false }).in_cgroup(wl.cgroup_id, wl.cgroup_level) {
         return 1;
     }
     count(Reason::AgentPort as u32, Some(wl));

@@ -336,6 +336,7 @@ pub struct NodeBuilder {
     tag: String,
     chained: Vec<Value>,
     cni_dirs: Vec<PathBuf>,
+    capability_args: serde_json::Map<String, Value>,
 }
 
 impl NodeBuilder {
@@ -344,6 +345,14 @@ impl NodeBuilder {
     /// it runs.
     pub fn chain(mut self, plugin: Value) -> NodeBuilder {
         self.chained.push(plugin);
+        self
+    }
+
+    /// What the runtime passes for `capability` (`dns`: the pod's DNS configuration), as
+    /// `runtimeConfig.<capability>` to each plugin whose configuration declares it
+    /// (`"capabilities": {"dns": true}`), as libcni does.
+    pub fn capability_arg(mut self, capability: &str, value: Value) -> NodeBuilder {
+        self.capability_args.insert(capability.to_owned(), value);
         self
     }
 
@@ -438,6 +447,7 @@ impl NodeBuilder {
         Node {
             pods: Mutex::new(Vec::new()),
             plugins,
+            capability_args: self.capability_args,
             cni_path,
             ext,
             node,
@@ -453,6 +463,8 @@ pub struct Node {
     // Dropped in this order (after `Drop::drop` ran DEL): pods' namespaces, ext, node, IPAM.
     pods: Mutex<Vec<Attachment>>,
     plugins: Vec<Plugin>,
+    /// `runtimeConfig` entries by capability (`NodeBuilder::capability_arg`).
+    capability_args: serde_json::Map<String, Value>,
     cni_path: String,
     ext: Owned,
     node: Owned,
@@ -470,6 +482,7 @@ impl Node {
             tag: tag.to_owned(),
             chained: Vec::new(),
             cni_dirs: Vec::new(),
+            capability_args: serde_json::Map::new(),
         }
     }
 
@@ -594,6 +607,18 @@ impl Node {
         conf["name"] = json!(NETWORK);
         if let Some(prev) = prev {
             conf["prevResult"] = prev.clone();
+        }
+        let runtime: serde_json::Map<String, Value> = plugin
+            .conf
+            .get("capabilities")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(_, on)| **on == Value::Bool(true))
+            .filter_map(|(cap, _)| Some((cap.clone(), self.capability_args.get(cap)?.clone())))
+            .collect();
+        if !runtime.is_empty() {
+            conf["runtimeConfig"] = Value::Object(runtime);
         }
         let mut child = self
             .node

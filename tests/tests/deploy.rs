@@ -270,7 +270,10 @@ fn chained(path: &Path) -> bool {
         .and_then(|v| v["plugins"].as_array().cloned())
         .is_some_and(|p| {
             p.last()
-                == Some(&json!({"type": "egress-cni", "adminSocket": "/var/run/egress/admin.sock"}))
+                == Some(
+                    &json!({"type": "egress-cni", "adminSocket": "/var/run/egress/admin.sock",
+                                "capabilities": {"dns": true}}),
+                )
         })
 }
 

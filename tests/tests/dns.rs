@@ -127,6 +127,17 @@ fn world_full(
     agent_args: &[&str],
     records: &[String],
 ) -> World {
+    world_node(tag, config, (namespace, agent_args, records), None)
+}
+
+/// `world_full`, with the runtime passing the pod's nameservers `dns` to egress-cni (its `dns`
+/// capability, as `egress cni install` chains it) when given.
+fn world_node(
+    tag: &str,
+    config: &str,
+    (namespace, agent_args, records): (&str, &[&str], &[String]),
+    dns: Option<&[Ipv4Addr]>,
+) -> World {
     let dir = TempDir::new(tag);
     let agent = Agent::start_node(NodeOpts {
         config,
@@ -135,10 +146,16 @@ fn world_full(
         extra: agent_args.iter().map(|a| a.to_string()).collect(),
     });
     let bin = egress_bin().parent().unwrap().to_path_buf();
-    let node = Node::builder(tag)
-        .cni_dir(bin)
-        .chain(json!({"type": "egress-cni", "adminSocket": dir.path().join("admin.sock")}))
-        .build();
+    let mut plugin = json!({"type": "egress-cni", "adminSocket": dir.path().join("admin.sock")});
+    let mut node = Node::builder(tag).cni_dir(bin);
+    if let Some(servers) = dns {
+        plugin["capabilities"] = json!({"dns": true});
+        node = node.capability_arg(
+            "dns",
+            json!({"servers": servers, "searches": ["team-a.svc.cluster.local"]}),
+        );
+    }
+    let node = node.chain(plugin).build();
     let pod = node.add_pod(namespace, "client");
     let upstream = upstream(&node, &dir, records);
     World {
@@ -1117,4 +1134,157 @@ fn an_upgrade_hands_the_dns_sockets_and_what_was_learnt_over() {
         counted.get("dns-learned").copied().unwrap_or(0) >= 1,
         "{counted:?}"
     );
+}
+
+/// A nameserver the pod was not enrolled with, answering `NAME` with `OTHER_V4`.
+const OTHER_NS_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 4);
+const OTHER_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 90);
+/// What the registry answers for `NAME`: its ServiceEntry's address.
+const ENTRY_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 5, 80);
+
+/// ALLOW_ANY, every address intercepted, DNS captured as `capture` says, and `NAME` a
+/// ServiceEntry with an address of its own.
+fn capture_mesh(capture: &str) -> String {
+    format!(
+        "apiVersion: egress/v1alpha1
+kind: EgressConfig
+metadata: {{name: node}}
+spec:
+  interception: {{includeOutboundIPRanges: \"*\"}}
+  dns: {{capture: {capture}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: httpbin, namespace: team-a}}
+spec:
+  hosts: [{NAME}]
+  addresses: [{ENTRY_V4}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: NONE
+"
+    )
+}
+
+#[test]
+fn resolv_conf_captures_only_the_pods_own_nameservers() {
+    if !privileged("resolv_conf_captures_only_the_pods_own_nameservers") {
+        return;
+    }
+    for capture in ["RESOLV_CONF", "ALL"] {
+        // The runtime gives egress-cni the pod's nameserver: the upstream, EXT_V4.
+        let w = world_node(
+            "dnsresolv",
+            &capture_mesh(capture),
+            ("team-a", &[], &[]),
+            Some(&[EXT_V4]),
+        );
+        w._node.add_ext_address(OTHER_NS_V4);
+        let other = Dnsmasq::start(
+            w._node.ext(),
+            &[OTHER_NS_V4],
+            w.dir.path().join("other.log"),
+            &[
+                "--log-queries".to_owned(),
+                format!("--host-record={NAME},{OTHER_V4}"),
+            ],
+        );
+        // The enrolment carries the nameserver: in the agent's listing and its dump.
+        let socket = w.dir.path().join("admin.sock");
+        let listed = w
+            .agent
+            .egress(&["workloads", "--admin-socket", socket.to_str().unwrap()]);
+        let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+        assert!(
+            listed.starts_with("team-a/client ")
+                && listed.contains(&format!(" nameservers={EXT_V4} ")),
+            "{capture}: {listed}"
+        );
+        let dump = w.agent.config_dump();
+        assert_eq!(dump["dns"]["capture"], capture, "{dump}");
+        assert_eq!(
+            dump["workloads"][0]["nameservers"],
+            json!([EXT_V4]),
+            "{dump}"
+        );
+        let pod_ip = IpAddr::V4(w.pod.ipv4);
+        // The pod's own nameserver: the agent answers from the registry, over UDP and TCP.
+        for transport in ["+notcp", "+tcp"] {
+            assert_eq!(
+                w.short_with(&[EXT_V4], &[transport, NAME, "A"]),
+                ENTRY_V4.to_string(),
+                "{capture} {transport}"
+            );
+        }
+        let explain = |ns: Ipv4Addr| {
+            w.agent.explain(
+                &format!("{ns}:53"),
+                &[
+                    "--workload",
+                    "team-a/client",
+                    "--admin-socket",
+                    socket.to_str().unwrap(),
+                ],
+            )
+        };
+        assert!(
+            explain(EXT_V4).ends_with("[dns]"),
+            "{capture}: {}",
+            explain(EXT_V4)
+        );
+        // Another nameserver: under RESOLV_CONF it is no DNS capture, the query goes to it (UDP
+        // left alone, TCP through the outbound listener as any connection) and it answers;
+        // under ALL the agent answers.
+        let want = if capture == "ALL" { ENTRY_V4 } else { OTHER_V4 };
+        for transport in ["+notcp", "+tcp"] {
+            assert_eq!(
+                w.short_with(&[OTHER_NS_V4], &[transport, NAME, "A"]),
+                want.to_string(),
+                "{capture} {transport}: {}",
+                other.log()
+            );
+        }
+        // The pod's nameserver's IPv6 address is another nameserver to the kernel: under
+        // RESOLV_CONF it answers itself, over UDP (the IPv6 stub range) and TCP alike.
+        let at_v6 = format!("@{EXT_V6}");
+        let want = if capture == "ALL" { ENTRY_V4 } else { NAME_V4 };
+        for transport in ["+notcp", "+tcp"] {
+            assert_eq!(
+                w.short_with(&[EXT_V4], &[&at_v6, transport, NAME, "A"]),
+                want.to_string(),
+                "{capture} {transport} {at_v6}"
+            );
+        }
+        let line = explain(OTHER_NS_V4);
+        if capture == "ALL" {
+            assert!(other.queries() == 0, "{}", other.log());
+            assert!(
+                line.contains("spec.dns.capture ALL") && line.ends_with("[dns]"),
+                "{line}"
+            );
+        } else {
+            assert!(other.saw("A", NAME, pod_ip), "{}", other.log());
+            assert_eq!(
+                line,
+                "redirect (includeOutboundIPRanges 0.0.0.0/0) [included-cidr]"
+            );
+            assert!(explain(EXT_V4).contains("RESOLV_CONF: to one of the workload's nameservers"));
+        }
+        // The agent's access records: the queries it took, to the other nameserver only under
+        // ALL.
+        for protocol in ["udp", "tcp"] {
+            w.record_of(NAME, protocol, "A", EXT_V4);
+        }
+        if capture == "ALL" {
+            for protocol in ["udp", "tcp"] {
+                let rec = w.record_of(NAME, protocol, "A", OTHER_NS_V4);
+                assert_eq!(rec.get("answered_by"), "agent", "{rec:?}");
+            }
+        } else {
+            let other_ns = SocketAddr::from((OTHER_NS_V4, 53)).to_string();
+            let to_other = w
+                .agent
+                .count_records("dns", |r| r.get("orig_dst") == other_ns);
+            assert_eq!(to_other, 0, "{capture}");
+        }
+    }
 }

@@ -603,10 +603,27 @@ fn a_namespace_that_existed_before_the_agent_is_enrolled_by_hand() {
     let out = checked(
         Command::new(egress_bin())
             .args(["enroll", path.to_str().unwrap(), "--workload", "legacy/old"])
+            .args([
+                "--nameserver",
+                "198.19.0.2",
+                "--nameserver",
+                "2001:db8:2::2",
+            ])
             .arg("--admin-socket")
             .arg(&sock),
     );
     assert!(out.contains("enrolled legacy/old"), "{out}");
+    // Its nameservers, as given, in the listing.
+    let listed = checked(
+        Command::new(egress_bin())
+            .arg("workloads")
+            .arg("--admin-socket")
+            .arg(&sock),
+    );
+    assert!(
+        listed.contains(" nameservers=198.19.0.2,2001:db8:2::2 "),
+        "{listed}"
+    );
     let r = pod.probe(&["echo", &echo.to_string(), "100"]);
     assert_eq!(r.get("match").as_deref(), Some("true"), "{r:?}");
     let rec = agent.wait_conn("the enrolled pod's connection", |r| {
@@ -642,6 +659,16 @@ fn a_namespace_that_existed_before_the_agent_is_enrolled_by_hand() {
         err.contains("/etc/hostname is not a network namespace"),
         "{err}"
     );
+    // A nameserver that is not an IP address is refused before the agent is asked.
+    let o = Command::new(egress_bin())
+        .args(["enroll", path.to_str().unwrap(), "--workload", "legacy/old"])
+        .args(["--nameserver", "dns.example", "--admin-socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--nameserver"), "{err}");
     drop(agent);
 }
 

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! - ADD enrols `CNI_NETNS` with the identity from `CNI_ARGS` (`K8S_POD_NAMESPACE`,
-//!   `K8S_POD_NAME`, `K8S_POD_UID`) and prints `prevResult` unchanged once interception is in
+//!   `K8S_POD_NAME`, `K8S_POD_UID`) and the pod's nameservers from `runtimeConfig.dns.servers`
+//!   (the `dns` capability, `"capabilities": {"dns": true}` in the entry: the runtime passes
+//!   the pod's DNS configuration there), and prints `prevResult` unchanged once interception is in
 //!   force. When the agent cannot be reached or cannot enrol the pod, ADD fails (the pod does
 //!   not start unmediated).
 //! - DEL releases the pod; it succeeds when the pod, its namespace or the agent is gone.
@@ -16,6 +18,7 @@
 
 use std::{
     io::Read as _,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -168,15 +171,45 @@ fn run(command: &str, conf: &Value, version: &str) -> Result<Option<String>, Fai
     }
 }
 
+/// The pod's nameservers from `runtimeConfig.dns.servers`; none when the runtime passed no
+/// DNS configuration.
+fn nameservers(conf: &Value) -> Result<Vec<IpAddr>, Failure> {
+    let Some(servers) = conf.pointer("/runtimeConfig/dns/servers") else {
+        return Ok(Vec::new());
+    };
+    let invalid = |details: String| {
+        fail(
+            E_INVALID_CONFIG,
+            "egress-cni: runtimeConfig.dns.servers must be a list of IP addresses",
+            details,
+        )
+    };
+    match servers {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| invalid(format!("servers[{i}] is {v}")))
+            })
+            .collect(),
+        other => Err(invalid(format!("got {other}"))),
+    }
+}
+
 fn add(socket: &Path, conf: &Value, version: &str, container: String) -> Result<String, Failure> {
     let netns = require("CNI_NETNS")?;
     let args = env("CNI_ARGS").unwrap_or_default();
+    let nameservers = nameservers(conf)?;
     let req = EnrollRequest {
         netns: PathBuf::from(netns),
         namespace: cni_arg(&args, "K8S_POD_NAMESPACE").unwrap_or_else(|| "default".to_owned()),
         name: cni_arg(&args, "K8S_POD_NAME").unwrap_or_else(|| container.clone()),
         uid: cni_arg(&args, "K8S_POD_UID").unwrap_or_default(),
         container_id: Some(container),
+        nameservers,
     };
     match api::enroll(socket, &req) {
         Ok(_) => {}
@@ -291,5 +324,50 @@ mod tests {
             (e.code, e.msg.as_str()),
             (E_INVALID_CONFIG, "egress-cni: adminSocket must be a path")
         );
+    }
+
+    #[test]
+    fn nameservers_come_from_the_dns_capability() {
+        let conf = |dns: Value| json!({"cniVersion": "1.0.0", "runtimeConfig": {"dns": dns}});
+        let got = nameservers(&conf(json!({
+            "servers": ["10.96.0.10", "2001:db8::53"],
+            "searches": ["default.svc.cluster.local"],
+            "options": ["ndots:5"]
+        })))
+        .ok()
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                IpAddr::from([10, 96, 0, 10]),
+                "2001:db8::53".parse::<IpAddr>().unwrap()
+            ]
+        );
+        // No capability, no DNS configuration, no servers: none known.
+        for c in [
+            json!({"cniVersion": "1.0.0"}),
+            json!({"cniVersion": "1.0.0", "runtimeConfig": {}}),
+            conf(json!({})),
+            conf(json!({"servers": null})),
+            conf(json!({"servers": []})),
+        ] {
+            assert_eq!(nameservers(&c).ok().unwrap(), Vec::<IpAddr>::new(), "{c}");
+        }
+        for (bad, details) in [
+            (
+                json!({"servers": ["dns.example"]}),
+                "servers[0] is \"dns.example\"",
+            ),
+            (json!({"servers": ["10.0.0.1", 53]}), "servers[1] is 53"),
+            (json!({"servers": "10.0.0.1"}), "got \"10.0.0.1\""),
+        ] {
+            let e = nameservers(&conf(bad)).err().unwrap();
+            assert_eq!(e.code, E_INVALID_CONFIG);
+            assert_eq!(
+                e.msg,
+                "egress-cni: runtimeConfig.dns.servers must be a list of IP addresses"
+            );
+            assert_eq!(e.details, details);
+        }
     }
 }

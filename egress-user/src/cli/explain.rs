@@ -4,8 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use egress_common::{
-    Config, Decision, MODE_REGISTRY_ONLY, Query, Reason, Tables, Verdict, Workload, decide,
-    v4_unmapped,
+    Config, DNS_CAPTURE_ALL, Decision, MODE_REGISTRY_ONLY, Query, Reason, Tables, Verdict,
+    Workload, decide, v4_unmapped,
 };
 
 use crate::plan::network;
@@ -22,6 +22,9 @@ pub struct Caller {
     pub learned: bool,
     /// A UDP datagram (connect or sendto), not a TCP connect.
     pub udp: bool,
+    /// The workload's network namespace cookie: the key of its nameservers in
+    /// `DNS_RESOLVERS`, which `spec.dns.capture: RESOLV_CONF` captures DNS queries to.
+    pub netns: u64,
 }
 
 /// The Kubernetes Services the datapath translates.
@@ -108,6 +111,7 @@ fn decide_one<T: Tables>(
         cgroup,
         service,
         udp: c.udp,
+        netns: c.netns,
     };
     let base = q(caller);
     let wl = caller.workload.as_ref().map(|(_, w)| w);
@@ -130,6 +134,7 @@ fn with_dst<A>(q: Query<()>, dst: A) -> Query<A> {
         cgroup: q.cgroup,
         service: q.service,
         udp: q.udp,
+        netns: q.netns,
     }
 }
 
@@ -194,11 +199,25 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
             "no agent listens in the namespace and failureMode is open: it goes straight out"
                 .to_owned()
         }
-        Reason::Dns => format!(
-            "a DNS query: the agent's DNS server on port {} of the workload's namespace answers \
-             it or forwards it to {ip}",
-            cfg.dns_port
-        ),
+        Reason::Dns => {
+            let which = if cfg.dns_capture == DNS_CAPTURE_ALL {
+                "spec.dns.capture ALL: to any nameserver"
+            } else if caller
+                .workload
+                .as_ref()
+                .is_none_or(|(_, w)| w.nameservers == 0)
+            {
+                "spec.dns.capture RESOLV_CONF, but the workload's nameservers are not known: \
+                 to any nameserver"
+            } else {
+                "spec.dns.capture RESOLV_CONF: to one of the workload's nameservers"
+            };
+            format!(
+                "a DNS query ({which}): the agent's DNS server on port {} of the workload's \
+                 namespace answers it or forwards it to {ip}",
+                cfg.dns_port
+            )
+        }
         Reason::DnsOpen => "a DNS query, but no agent serves DNS in the namespace: it goes \
              to the nameserver (DNS fails open)"
             .to_owned(),
@@ -248,6 +267,7 @@ mod tests {
             )),
             learned: false,
             udp: false,
+            netns: 0,
         }
     }
 
@@ -389,6 +409,57 @@ mod tests {
             explain(&p, &cfg, "198.18.5.9:5432".parse().unwrap(), &c).join("\n"),
             "direct (TCP ServiceEntry address 198.18.5.0/24 port 5432: nothing in the stream to \
              decide, so it goes straight out, accounted by the kernel) [tcp-entry]"
+        );
+    }
+
+    #[test]
+    fn dns_capture_is_explained() {
+        let l = config::parse_str(
+            "m.yaml",
+            "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\n",
+        )
+        .expect("valid");
+        let p = compile(&l.config);
+        let cfg = Config {
+            enabled: 1,
+            listener_port: 15001,
+            listener_v4: [127, 0, 0, 1],
+            direct: 1,
+            dns_port: 15053,
+            ..Config::default()
+        };
+        let mut c = caller(&p, "default");
+        let at = |cfg: &Config, c: &Caller, dst: &str| {
+            explain(&p, cfg, dst.parse().unwrap(), c).join("\n")
+        };
+        let forwards = "the agent's DNS server on port 15053 of the workload's namespace \
+                        answers it or forwards it to";
+        assert_eq!(
+            at(&cfg, &c, "198.18.0.54:53"),
+            format!(
+                "redirect (a DNS query (spec.dns.capture ALL: to any nameserver): {forwards} \
+                 198.18.0.54) [dns]"
+            )
+        );
+        let resolv = Config {
+            dns_capture: egress_common::DNS_CAPTURE_RESOLV_CONF,
+            ..cfg
+        };
+        assert_eq!(
+            at(&resolv, &c, "198.18.0.54:53"),
+            format!(
+                "redirect (a DNS query (spec.dns.capture RESOLV_CONF, but the workload's \
+                 nameservers are not known: to any nameserver): {forwards} 198.18.0.54) [dns]"
+            )
+        );
+        // Nameservers known, and this is none of them (a compiled plan holds no workload's:
+        // the live maps do, see tests/tests/dns.rs).
+        if let Some((_, w)) = &mut c.workload {
+            w.nameservers = 1;
+        }
+        assert_eq!(
+            at(&resolv, &c, "198.18.0.54:53"),
+            "redirect (includeOutboundIPRanges 0.0.0.0/0) [included-cidr]"
         );
     }
 }

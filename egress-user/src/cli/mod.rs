@@ -62,6 +62,10 @@ enum Cmd {
         /// The pod's uid, when there is one.
         #[arg(long, default_value = "")]
         uid: String,
+        /// One of the workload's nameservers (its resolv.conf's; repeat for each): under
+        /// `spec.dns.capture: RESOLV_CONF` only DNS queries to these are captured.
+        #[arg(long = "nameserver", value_name = "IP")]
+        nameservers: Vec<std::net::IpAddr>,
         #[arg(long, default_value = crate::workloads::api::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -309,8 +313,9 @@ pub fn main() -> ExitCode {
             netns,
             workload,
             uid,
+            nameservers,
             admin_socket,
-        } => enroll(netns, &workload, uid, &admin_socket),
+        } => enroll(netns, &workload, (uid, nameservers), &admin_socket),
         Cmd::Unenroll {
             netns,
             workload,
@@ -401,7 +406,12 @@ fn exec(cgroup: Option<PathBuf>, command: Vec<String>) -> Result<()> {
     Err(err).with_context(|| format!("running {}", command[0]))
 }
 
-fn enroll(netns: PathBuf, workload: &str, uid: String, socket: &Path) -> Result<()> {
+fn enroll(
+    netns: PathBuf,
+    workload: &str,
+    (uid, nameservers): (String, Vec<std::net::IpAddr>),
+    socket: &Path,
+) -> Result<()> {
     let (namespace, name) = crate::workloads::parse_label(workload)?;
     let req = api::EnrollRequest {
         netns,
@@ -409,6 +419,7 @@ fn enroll(netns: PathBuf, workload: &str, uid: String, socket: &Path) -> Result<
         name,
         uid,
         container_id: None,
+        nameservers,
     };
     let out = api::enroll(socket, &req)?;
     print!("{out}");
@@ -458,6 +469,7 @@ fn explain_cmd(
                 workload: Some((label.to_owned(), wl)),
                 learned: false,
                 udp,
+                netns: 0,
             };
             explain::explain(&plan, &cfg, dst, &caller).join("\n")
         }
@@ -477,6 +489,7 @@ fn explain_cmd(
                 workload: maps.workload(cookie).map(|w| (label, w)),
                 learned: learned && !udp,
                 udp,
+                netns: cookie,
             };
             explain::explain(&maps, &cfg, dst, &caller).join("\n")
         }

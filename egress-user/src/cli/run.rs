@@ -54,7 +54,7 @@ pub(super) fn datapath_config(
     agent: &AgentArgs,
     (agent_cgroup, agent_netns): (u64, u64),
     direct: bool,
-    mesh: &crate::config::MeshConfig,
+    mesh: &MeshConfig,
 ) -> Config {
     Config {
         agent_cgroup,
@@ -66,6 +66,7 @@ pub(super) fn datapath_config(
         listener_v6: Ipv6Addr::LOCALHOST.octets(),
         failure_open: u8::from(mesh.failure_mode == FailureMode::Open),
         raw_sockets: crate::config::RawSockets::code(mesh.raw_sockets),
+        dns_capture: mesh.dns_capture.kernel(),
         dns_port: agent.dns_port,
         ..Config::default()
     }

@@ -206,6 +206,8 @@ pub struct MeshConfig {
     /// The nameservers whose answers teach workloads the addresses of TCP hosts
     /// (`spec.dns.learnFrom`); empty: every nameserver.
     pub dns_learn_from: Vec<IpNet>,
+    /// Which DNS queries are captured (`spec.dns.capture`).
+    pub dns_capture: super::DnsCapture,
     /// Set by the agent when it captures DNS (not read from the files): the addresses of TCP
     /// ServiceEntry hosts are then learnt from the answers each workload gets
     /// (`registry::learned_ports`), rather than allocated or let through on their ports.
@@ -262,6 +264,7 @@ const EGRESS_VERSION: &str = "egress/v1alpha1";
 const PROTOCOLS: [&str; 8] = [
     "HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP", "MONGO", "UDP",
 ];
+const DNS_CAPTURES: [&str; 2] = ["ALL", "RESOLV_CONF"];
 const RESOLUTIONS: [&str; 4] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"];
 const LOCATIONS: [&str; 2] = ["MESH_EXTERNAL", "MESH_INTERNAL"];
 
@@ -429,6 +432,8 @@ struct EgressConfigSpec {
 struct DnsSpec {
     #[serde(default)]
     learn_from: Option<ListOrCsv>,
+    #[serde(default)]
+    capture: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -1145,8 +1150,21 @@ impl Cx {
         if let Some(a) = spec.auto_allocate {
             self.auto_allocate(origin, a, &mut config.auto_allocate);
         }
-        if let Some(list) = spec.dns.and_then(|d| d.learn_from) {
-            config.dns_learn_from = self.ranges(origin, "spec.dns.learnFrom", &list, true);
+        if let Some(dns) = spec.dns {
+            if let Some(list) = dns.learn_from {
+                config.dns_learn_from = self.ranges(origin, "spec.dns.learnFrom", &list, true);
+            }
+            if let Some(v) = dns.capture {
+                match scalar(&v).as_str() {
+                    "ALL" => config.dns_capture = super::DnsCapture::All,
+                    "RESOLV_CONF" => config.dns_capture = super::DnsCapture::ResolvConf,
+                    other => self.error(
+                        origin,
+                        "spec.dns.capture",
+                        format!("{other:?} is not one of {}", DNS_CAPTURES.join(", ")),
+                    ),
+                }
+            }
         }
         if let Some(ns) = spec.root_namespace {
             if ns.is_empty() {
@@ -1756,6 +1774,38 @@ spec:
             "{m}"
         );
         assert!(m.contains("`refuse`") && m.contains("`allow`"), "{m}");
+    }
+
+    #[test]
+    fn dns_capture_is_all_unless_resolv_conf_is_said() {
+        let head = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\n";
+        let c = parse_str("m.yaml", head).unwrap().config;
+        assert_eq!(c.dns_capture, super::super::DnsCapture::All);
+        let c = parse_str(
+            "m.yaml",
+            &format!("{head}spec: {{dns: {{capture: RESOLV_CONF, learnFrom: [198.18.0.53]}}}}\n"),
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.dns_capture, super::super::DnsCapture::ResolvConf);
+        assert_eq!(c.dns_learn_from, vec!["198.18.0.53/32".parse().unwrap()]);
+        let c = parse_str(
+            "m.yaml",
+            &format!("{head}spec: {{dns: {{capture: ALL}}}}\n"),
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.dns_capture, super::super::DnsCapture::All);
+        for bad in ["resolv_conf", "NONE", "\"\"", "[ALL]", "1"] {
+            let text = format!("---\n{head}spec:\n  dns:\n    capture: {bad}\n");
+            let e = parse_str("m.yaml", &text).unwrap_err();
+            let m = e.errors[0].to_string();
+            assert!(
+                m.starts_with("m.yaml doc 1 EgressConfig default/d: spec.dns.capture: "),
+                "{bad}: {m}"
+            );
+            assert!(m.ends_with("one of ALL, RESOLV_CONF"), "{bad}: {m}");
+        }
     }
 
     #[test]

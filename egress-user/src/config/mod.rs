@@ -65,6 +65,36 @@ impl RawSockets {
     }
 }
 
+/// `spec.dns.capture`: which of a workload's DNS queries the agent's DNS server takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DnsCapture {
+    /// Every query (UDP and TCP to port 53), whatever the nameserver, as Istio's
+    /// `--capture-all-dns`.
+    #[default]
+    All,
+    /// Queries to the nameservers the workload was enrolled with (its resolv.conf) only, as
+    /// Istio's sidecar without `--capture-all-dns`; a workload whose nameservers are not known
+    /// is captured whole.
+    ResolvConf,
+}
+
+impl DnsCapture {
+    pub const fn name(self) -> &'static str {
+        match self {
+            DnsCapture::All => "ALL",
+            DnsCapture::ResolvConf => "RESOLV_CONF",
+        }
+    }
+
+    /// `Config::dns_capture`.
+    pub const fn kernel(self) -> u8 {
+        match self {
+            DnsCapture::All => egress_common::DNS_CAPTURE_ALL,
+            DnsCapture::ResolvConf => egress_common::DNS_CAPTURE_RESOLV_CONF,
+        }
+    }
+}
+
 impl FailureMode {
     pub const fn name(self) -> &'static str {
         match self {

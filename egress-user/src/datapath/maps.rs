@@ -22,11 +22,11 @@ use aya::{
 use egress_common::{
     ALL_MAPS, ALLOW_KEY_HEAD_BITS, AllowKeyV4, AllowKeyV6, Backend, BackendKey, Config, LearnedKey,
     MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_DIRECT_V4,
-    MAP_DIRECT_V6, MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4, MAP_EXCLUDE_V6,
-    MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_LEARNED, MAP_NETNS_PROBE, MAP_ORIG_BY_PEER, MAP_PORTS,
-    MAP_SERVICES_V4, MAP_SERVICES_V6, MAP_WL_COUNTERS, MAP_WORKLOADS, OrigDst, PeerKey, Service,
-    ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, Workload, allow_key_v4, allow_key_v6,
-    decide::REASON_COUNT, v4_mapped, v4_unmapped,
+    MAP_DIRECT_V6, MAP_DNS_RESOLVERS, MAP_EXCLUDE_GIDS, MAP_EXCLUDE_UIDS, MAP_EXCLUDE_V4,
+    MAP_EXCLUDE_V6, MAP_INCLUDE_V4, MAP_INCLUDE_V6, MAP_LEARNED, MAP_NETNS_PROBE, MAP_ORIG_BY_PEER,
+    MAP_PORTS, MAP_SERVICES_V4, MAP_SERVICES_V6, MAP_WL_COUNTERS, MAP_WORKLOADS, OrigDst, PeerKey,
+    ResolverKey, Service, ServiceKeyV4, ServiceKeyV6, SockAddr16, Tables, Workload, allow_key_v4,
+    allow_key_v6, decide::REASON_COUNT, v4_mapped, v4_unmapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use log::info;
@@ -183,6 +183,13 @@ pub fn orig_addr_of(addr: &[u8; 16], port: u16) -> SocketAddr {
         None => IpAddr::V6(Ipv6Addr::from(*addr)),
     };
     SocketAddr::new(ip, port)
+}
+
+fn resolver_key(netns: u64, addr: IpAddr) -> ResolverKey {
+    ResolverKey {
+        netns,
+        addr: sock_addr16(SocketAddr::new(addr, 0)).addr,
+    }
 }
 
 fn service_key_v4(a: Ipv4Addr, port: u16) -> ServiceKeyV4 {
@@ -676,6 +683,7 @@ pub struct Maps {
     backends: HashMap<MapData, BackendKey, Backend>,
     workloads: HashMap<MapData, u64, Workload>,
     wl_counters: PerCpuArray<MapData, u64>,
+    dns_resolvers: HashMap<MapData, ResolverKey, u8>,
     /// The Services the maps hold, and the next free backend id.
     service_ids: BTreeMap<SocketAddr, Service>,
     next_service_id: u32,
@@ -717,6 +725,7 @@ impl Maps {
             backends: open(dir, MAP_BACKENDS)?,
             workloads: open(dir, MAP_WORKLOADS)?,
             wl_counters: open(dir, MAP_WL_COUNTERS)?,
+            dns_resolvers: open(dir, MAP_DNS_RESOLVERS)?,
             service_ids: BTreeMap::new(),
             next_service_id: 0,
         })
@@ -732,6 +741,15 @@ impl Maps {
         let cfg = Config {
             failure_open: u8::from(mesh.failure_mode == crate::config::FailureMode::Open),
             raw_sockets: crate::config::RawSockets::code(mesh.raw_sockets),
+            ..self.config()?
+        };
+        self.config.set(0, cfg, 0).context("writing CONFIG")
+    }
+
+    /// Which DNS queries are captured (`spec.dns.capture`), from now on.
+    pub fn set_dns_capture(&mut self, capture: crate::config::DnsCapture) -> Result<()> {
+        let cfg = Config {
+            dns_capture: capture.kernel(),
             ..self.config()?
         };
         self.config.set(0, cfg, 0).context("writing CONFIG")
@@ -1032,6 +1050,38 @@ impl Maps {
             .context("removing from WORKLOADS")
     }
 
+    /// Write a workload's nameservers into `DNS_RESOLVERS`, before its `WORKLOADS` entry
+    /// says how many it has: returns those written.
+    pub fn set_nameservers(&mut self, netns: u64, nameservers: &[IpAddr]) -> Vec<IpAddr> {
+        nameservers
+            .iter()
+            .filter(|a| {
+                let r = self.dns_resolvers.insert(resolver_key(netns, **a), 1, 0);
+                if let Err(e) = &r {
+                    log::warn!("writing nameserver {a} to {MAP_DNS_RESOLVERS}: {e}");
+                }
+                r.is_ok()
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Remove a workload's nameservers from `DNS_RESOLVERS`, after its `WORKLOADS` entry.
+    pub fn remove_nameservers(&mut self, netns: u64, nameservers: &[IpAddr]) {
+        for a in nameservers {
+            let _ = self.dns_resolvers.remove(&resolver_key(netns, *a));
+        }
+    }
+
+    /// Every (namespace, nameserver) in `DNS_RESOLVERS`.
+    pub fn nameservers(&self) -> Vec<(u64, IpAddr)> {
+        self.dns_resolvers
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.netns, orig_addr_of(&k.addr, 0).ip()))
+            .collect()
+    }
+
     /// The enrolment of a network namespace, if any.
     pub fn workload(&self, netns: u64) -> Option<Workload> {
         self.workloads.get(&netns, 0).ok()
@@ -1088,5 +1138,10 @@ impl Tables for Maps {
     fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
         let key = Key::new(ALLOW_KEY_HEAD_BITS + 128, allow_key_v6(view, port, a));
         found(self.direct_v6.get(&key, 0))
+    }
+    fn nameserver(&self, netns: u64, addr: [u8; 16]) -> bool {
+        self.dns_resolvers
+            .get(&ResolverKey { netns, addr }, 0)
+            .is_ok()
     }
 }

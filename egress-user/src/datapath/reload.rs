@@ -403,6 +403,10 @@ impl Reloader {
             "mode": crate::plan::mode_name(self.applied.policies.default.mode),
             "failure_mode": self.mesh.failure_mode.name(),
             "raw_sockets": crate::config::RawSockets::name(self.mesh.raw_sockets),
+            "dns": {
+                "capture": self.mesh.dns_capture.name(),
+                "learn_from": self.mesh.dns_learn_from.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            },
             "allocated": self
                 .mesh
                 .service_entries
@@ -502,6 +506,11 @@ impl Reloader {
                 mesh.failure_mode.name(),
                 crate::config::RawSockets::name(mesh.raw_sockets)
             );
+        }
+        if mesh.dns_capture != self.mesh.dns_capture
+            && let Err(e) = self.maps.set_dns_capture(mesh.dns_capture)
+        {
+            error!("writing dns.capture {}: {e:#}", mesh.dns_capture.name());
         }
         self.applied = plan;
         self.mesh = mesh;

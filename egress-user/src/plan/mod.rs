@@ -698,6 +698,10 @@ impl Tables for Plan {
     fn direct_v6(&self, view: u16, a: [u8; 16], port: u16) -> Option<u8> {
         port_lpm(&self.direct_v6, view, port, Ipv6Addr::from(a).into())
     }
+    /// A plan holds no enrolments, so no workload's nameservers.
+    fn nameserver(&self, _netns: u64, _addr: [u8; 16]) -> bool {
+        false
+    }
 }
 
 /// The network of `addr` with `prefix_len` bits, for saying which CIDR matched.
@@ -813,6 +817,7 @@ spec:
             cgroup: 1,
             service: false,
             udp: false,
+            netns: 0,
         };
         let d = decide(&p, &cfg, Some(&wl), &q([127, 20, 1, 9], 443));
         assert_eq!(
@@ -1234,6 +1239,7 @@ subsets:
                             cgroup: 1,
                             service: false,
                             udp: false,
+                            netns: 0,
                         };
                         out.push(decide(p, &cfg, Some(&wl), &q4).verdict);
                         let mut v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -1246,6 +1252,7 @@ subsets:
                             cgroup: 1,
                             service: false,
                             udp: false,
+                            netns: 0,
                         };
                         out.push(decide(p, &cfg, Some(&wl), &q6).verdict);
                     }

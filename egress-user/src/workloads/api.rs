@@ -35,6 +35,11 @@ pub struct EnrollRequest {
     /// The runtime's container (sandbox) id, which DEL and CHECK name the pod by.
     #[serde(default)]
     pub container_id: Option<String>,
+    /// The pod's nameservers (its resolv.conf's, which the runtime gives CNI plugins as
+    /// `runtimeConfig.dns.servers`): under `spec.dns.capture: RESOLV_CONF`, DNS queries to
+    /// these are captured and to no other; none known, all are.
+    #[serde(default)]
+    pub nameservers: Vec<std::net::IpAddr>,
 }
 
 /// Which enrolled workload a request is about: any field given must match.

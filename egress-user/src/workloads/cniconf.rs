@@ -28,9 +28,15 @@ pub const PLUGIN: &str = "egress-cni";
 /// The extensions the runtime reads network configurations from.
 const EXTENSIONS: [&str; 3] = ["conflist", "conf", "json"];
 
-/// The chained plugin's entry: `{"type": "egress-cni", "adminSocket": PATH}`.
+/// The chained plugin's entry: `{"type": "egress-cni", "adminSocket": PATH, "capabilities":
+/// {"dns": true}}`. The `dns` capability has the runtime pass the pod's DNS configuration as
+/// `runtimeConfig.dns` (containerd's CRI does), whose `servers` are the pod's nameservers.
 pub fn entry(admin_socket: &Path) -> Value {
-    json!({"type": PLUGIN, "adminSocket": admin_socket.display().to_string()})
+    json!({
+        "type": PLUGIN,
+        "adminSocket": admin_socket.display().to_string(),
+        "capabilities": {"dns": true}
+    })
 }
 
 fn is_ours(plugin: &Value) -> bool {
@@ -371,6 +377,26 @@ mod tests {
         let plugins = moved["plugins"].as_array().unwrap();
         assert_eq!(plugins.len(), 4);
         assert_eq!(plugins[3], other);
+    }
+
+    #[test]
+    fn the_entry_asks_for_the_pods_dns_and_an_entry_without_it_is_replaced() {
+        assert_eq!(
+            ours(),
+            json!({"type": "egress-cni", "adminSocket": "/var/run/egress/admin.sock",
+                   "capabilities": {"dns": true}})
+        );
+        // An entry an earlier `egress cni install` wrote, without the capability.
+        let mut old = calico();
+        old["plugins"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "egress-cni", "adminSocket": "/var/run/egress/admin.sock"}));
+        let now = with_entry(&old, &ours()).unwrap().unwrap();
+        let plugins = now["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 4);
+        assert_eq!(plugins[3]["capabilities"], json!({"dns": true}));
+        assert_eq!(with_entry(&now, &ours()).unwrap(), None);
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct Handed {
     /// without DNS capture, and the new agent then opens them itself.
     #[serde(default)]
     pub dns: usize,
+    /// The nameservers it was enrolled with.
+    #[serde(default)]
+    pub nameservers: Vec<std::net::IpAddr>,
 }
 
 /// What a starting agent was handed, until it confirms that it serves it.
@@ -329,6 +332,7 @@ mod tests {
             container_id: None,
             listeners: n,
             dns: 0,
+            nameservers: vec![std::net::IpAddr::from([198, 18, 0, i as u8])],
         };
         let dups: Vec<OwnedFd> = listeners
             .iter()

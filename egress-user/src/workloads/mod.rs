@@ -14,11 +14,12 @@ pub mod api;
 pub mod cniconf;
 pub mod handover;
 pub mod netns;
+pub mod resolv;
 
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, RwLock},
     time::SystemTime,
@@ -151,6 +152,10 @@ struct Enrolled {
     cgroup: (u64, u32),
     /// Its own addresses, as the datapath keeps them.
     own: Own,
+    /// The nameservers it was enrolled with, as many as `DNS_RESOLVERS` holds for it.
+    nameservers: Vec<IpAddr>,
+    /// Those written to `DNS_RESOLVERS`.
+    resolvers: Vec<IpAddr>,
     policy: Policy,
     serving: Vec<tokio::task::AbortHandle>,
     /// Duplicates of its listening sockets, for a new agent to take over: the outbound
@@ -166,6 +171,15 @@ impl Drop for Enrolled {
             h.abort();
         }
     }
+}
+
+/// Where a workload was enrolled from (`None`: the agent's own namespace), its pod uid,
+/// container id and nameservers.
+struct Who {
+    path: Option<PathBuf>,
+    uid: String,
+    container_id: Option<String>,
+    nameservers: Vec<IpAddr>,
 }
 
 /// A workload's own addresses: two IPv4 and two IPv6 slots, unused ones zero.
@@ -185,6 +199,8 @@ struct Saved {
     uid: String,
     #[serde(default)]
     container_id: Option<String>,
+    #[serde(default)]
+    nameservers: Vec<IpAddr>,
 }
 
 /// How the agent listens in each workload's namespace.
@@ -228,6 +244,28 @@ impl Workloads {
         (0..self.max)
             .find(|s| !used.contains(s))
             .with_context(|| format!("{} workloads are enrolled: no room for more", self.max))
+    }
+
+    /// A workload's nameservers as the datapath keeps them: each once, at most
+    /// `MAX_WORKLOAD_NAMESERVERS` (more are dropped with a warning).
+    fn capped(label: &str, given: Vec<IpAddr>) -> Vec<IpAddr> {
+        let max = egress_common::MAX_WORKLOAD_NAMESERVERS as usize;
+        let mut out: Vec<IpAddr> = Vec::new();
+        for a in given {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        if out.len() > max {
+            warn!(
+                "{label}: {} nameservers, the datapath keeps {max}: {} dropped (under \
+                 spec.dns.capture RESOLV_CONF, queries to them are not captured)",
+                out.len(),
+                list_or_dash(&out[max..])
+            );
+            out.truncate(max);
+        }
+        out
     }
 
     /// Open the sockets in the current thread's namespace (the workload's, or the agent's);
@@ -283,7 +321,8 @@ impl Workloads {
     }
 
     /// Enrol the agent's own namespace: its processes in `cgroup` ((id, level); (0, 0) when
-    /// the programs are attached to that cgroup only, so every caller is in it).
+    /// the programs are attached to that cgroup only, so every caller is in it). Its
+    /// nameservers are those of the agent's /etc/resolv.conf.
     pub fn enroll_own(
         &mut self,
         maps: &mut Maps,
@@ -301,30 +340,54 @@ impl Workloads {
             netns: None,
             cookie,
         });
-        let who = (None, String::new(), None);
+        let who = Who {
+            path: None,
+            uid: String::new(),
+            container_id: None,
+            nameservers: resolv::read(std::path::Path::new("/etc/resolv.conf")),
+        };
         self.install(maps, policies, wl, who, (cgroup, Own::default()), listeners)?;
         Ok(())
     }
 
-    /// Serve a workload's listeners, then write its datapath entry. `who`: where it was
-    /// enrolled from, its pod uid and container id.
+    /// Serve a workload's listeners, then write its datapath entry: its nameservers, then
+    /// its `WORKLOADS` entry.
     fn install(
         &mut self,
         maps: &mut Maps,
         policies: &Policies,
         wl: Arc<Workload>,
-        (path, uid, container_id): (Option<PathBuf>, String, Option<String>),
+        who: Who,
         (cgroup, own): ((u64, u32), Own),
         listeners: Sockets,
     ) -> Result<String> {
+        let Who {
+            path,
+            uid,
+            container_id,
+            nameservers,
+        } = who;
         let slot = self.free_slot()?;
         let policy = policies.of(&wl.namespace);
         maps.zero_workload_counters(slot)?;
         let (dups, dns) = listeners.duplicates().context("duplicating a listener")?;
+        let nameservers = Self::capped(&wl.label, nameservers);
         // The listeners are listening already: a connect redirected from now on is queued.
         let serving = (self.serve)(wl.clone(), listeners);
-        let entry = kernel_entry(slot, policy, cgroup, own);
+        let resolvers = maps.set_nameservers(wl.cookie, &nameservers);
+        let resolv_conf = maps
+            .config()
+            .is_ok_and(|c| c.dns_port != 0 && c.dns_capture != egress_common::DNS_CAPTURE_ALL);
+        if resolvers.is_empty() && resolv_conf {
+            warn!(
+                "{}: no nameservers known (none given at enrolment, or none written): under \
+                 spec.dns.capture RESOLV_CONF its DNS queries to every nameserver are captured",
+                wl.label
+            );
+        }
+        let entry = kernel_entry(slot, policy, cgroup, own, resolvers.len());
         if let Err(e) = maps.set_workload(wl.cookie, entry) {
+            maps.remove_nameservers(wl.cookie, &resolvers);
             for h in serving {
                 h.abort();
             }
@@ -354,6 +417,8 @@ impl Workloads {
                 slot,
                 cgroup,
                 own,
+                nameservers,
+                resolvers,
                 policy,
                 serving,
                 listeners: dups,
@@ -400,6 +465,7 @@ impl Workloads {
                 name: h.name,
                 uid: h.uid,
                 container_id: h.container_id,
+                nameservers: h.nameservers,
             };
             match self.enroll_with(maps, policies, req, Some(listeners)) {
                 Ok(_) => n += 1,
@@ -430,6 +496,7 @@ impl Workloads {
                     container_id: e.container_id.clone(),
                     listeners: fds.len() - e.dns,
                     dns: e.dns,
+                    nameservers: e.nameservers.clone(),
                 };
                 Some((h, fds))
             })
@@ -483,7 +550,12 @@ impl Workloads {
             cookie: ns.cookie,
             netns: Some(ns),
         });
-        let who = (Some(req.netns), req.uid, req.container_id);
+        let who = Who {
+            path: Some(req.netns),
+            uid: req.uid,
+            container_id: req.container_id,
+            nameservers: req.nameservers,
+        };
         let line = self.install(maps, policies, wl, who, ((0, 0), own), listeners)?;
         self.save();
         Ok(line)
@@ -542,6 +614,7 @@ impl Workloads {
         if let Err(err) = maps.remove_workload(cookie) {
             warn!("removing the datapath entry of {}: {err:#}", e.wl.label);
         }
+        maps.remove_nameservers(cookie, &e.resolvers);
         self.table
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -565,7 +638,8 @@ impl Workloads {
         for (cookie, e) in self.enrolled.iter_mut() {
             let p = policies.of(&e.wl.namespace);
             if p != e.policy {
-                maps.set_workload(*cookie, kernel_entry(e.slot, p, e.cgroup, e.own))?;
+                let entry = kernel_entry(e.slot, p, e.cgroup, e.own, e.resolvers.len());
+                maps.set_workload(*cookie, entry)?;
                 e.policy = p;
             }
         }
@@ -607,7 +681,7 @@ impl Workloads {
                     .sum()
             };
             out.push_str(&format!(
-                "{} netns={} cookie={} uid={} container={} view={} mode={} redirect={} direct={} deny={} bypass={} since={}\n",
+                "{} netns={} cookie={} uid={} container={} view={} mode={} nameservers={} redirect={} direct={} deny={} bypass={} since={}\n",
                 e.wl.label,
                 e.path
                     .as_deref()
@@ -617,6 +691,7 @@ impl Workloads {
                 e.container_id.as_deref().unwrap_or("-"),
                 e.policy.view,
                 crate::plan::mode_name(e.policy.mode),
+                list_or_dash(&e.nameservers),
                 sum("redirect"),
                 sum("direct"),
                 sum("deny"),
@@ -642,6 +717,7 @@ impl Workloads {
                     "container": e.container_id,
                     "view": e.policy.view,
                     "mode": crate::plan::mode_name(e.policy.mode),
+                    "nameservers": e.nameservers,
                     "since": e.since
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs()),
@@ -674,6 +750,7 @@ impl Workloads {
                     name: e.wl.name.clone(),
                     uid: e.uid.clone(),
                     container_id: e.container_id.clone(),
+                    nameservers: e.nameservers.clone(),
                 })
             })
             .collect();
@@ -692,14 +769,26 @@ impl Workloads {
     }
 
     /// Remove the `WORKLOADS` entries no enrolment of this agent stands behind: left in the
-    /// pinned maps by an agent that ran before, for namespaces released or gone meanwhile.
-    /// Returns how many.
+    /// pinned maps by an agent that ran before, for namespaces released or gone meanwhile, and
+    /// the `DNS_RESOLVERS` entries no enrolment holds (those too, and nameservers a workload
+    /// enrolled again no longer has). Returns how many workloads.
     pub fn prune(&self, maps: &mut Maps) -> usize {
-        maps.workloads()
+        let n = maps
+            .workloads()
             .into_iter()
             .filter(|(cookie, _)| !self.enrolled.contains_key(cookie))
             .filter(|(cookie, _)| maps.remove_workload(*cookie).is_ok())
-            .count()
+            .count();
+        for (cookie, ns) in maps.nameservers() {
+            if !self
+                .enrolled
+                .get(&cookie)
+                .is_some_and(|e| e.resolvers.contains(&ns))
+            {
+                maps.remove_nameservers(cookie, &[ns]);
+            }
+        }
+        n
     }
 
     /// Enrol again what the state file holds, dropping namespaces that are gone (or that their
@@ -741,6 +830,7 @@ impl Workloads {
                 name: s.name,
                 uid: s.uid,
                 container_id: s.container_id,
+                nameservers: s.nameservers,
             };
             if let Err(e) = self.enroll(maps, policies, req) {
                 warn!("could not enrol {label} again: {e:#}");
@@ -775,24 +865,36 @@ pub fn remove_stub_routes(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// The `WORKLOADS` value for a workload.
+/// The `WORKLOADS` value for a workload with `nameservers` in `DNS_RESOLVERS`.
 fn kernel_entry(
     slot: u32,
     p: Policy,
     (cgroup_id, cgroup_level): (u64, u32),
     (own_v4, own_v6): Own,
+    nameservers: usize,
 ) -> egress_common::Workload {
     egress_common::Workload {
         slot,
         view: p.view,
         mode: p.mode,
-        _pad: 0,
+        nameservers: u8::try_from(nameservers).unwrap_or(u8::MAX),
         cgroup_id,
         cgroup_level,
         _pad2: 0,
         own_v4,
         own_v6,
     }
+}
+
+/// Addresses separated by commas, or `-` for none.
+fn list_or_dash(v: &[IpAddr]) -> String {
+    if v.is_empty() {
+        return "-".to_owned();
+    }
+    v.iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A listening socket with the agent's backlog. Not shared: a new agent takes it over
@@ -856,6 +958,50 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn nameservers_are_kept_and_earlier_state_and_handovers_have_none() {
+        let old = r#"{"netns": "/var/run/netns/a", "id": [1, 2], "namespace": "n", "name": "p"}"#;
+        let s: Saved = serde_json::from_str(old).unwrap();
+        assert!(s.nameservers.is_empty());
+        let s = Saved {
+            nameservers: vec![
+                "10.96.0.10".parse().unwrap(),
+                "2001:db8::53".parse().unwrap(),
+            ],
+            ..s
+        };
+        let back: Saved = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back.nameservers, s.nameservers);
+        let old = r#"{"netns": null, "id": null, "namespace": "n", "name": "p", "uid": "",
+                      "containerId": null, "listeners": 2}"#;
+        let h: handover::Handed = serde_json::from_str(old).unwrap();
+        assert!(h.nameservers.is_empty());
+        let req: api::EnrollRequest = serde_json::from_str(
+            r#"{"netns": "/x", "namespace": "n", "name": "p", "nameservers": ["10.96.0.10"]}"#,
+        )
+        .unwrap();
+        assert_eq!(req.nameservers, vec![IpAddr::from([10, 96, 0, 10])]);
+        let e = serde_json::from_str::<api::EnrollRequest>(
+            r#"{"netns": "/x", "namespace": "n", "name": "p", "nameservers": ["dns.example"]}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid IP address syntax"), "{e}");
+    }
+
+    #[test]
+    fn at_most_eight_nameservers_each_once() {
+        let given: Vec<IpAddr> = (1..=10u8)
+            .chain([1, 2])
+            .map(|i| IpAddr::from([198, 18, 0, i]))
+            .collect();
+        let kept = Workloads::capped("n/p", given);
+        assert_eq!(kept.len(), egress_common::MAX_WORKLOAD_NAMESERVERS as usize);
+        assert_eq!(kept[0], IpAddr::from([198, 18, 0, 1]));
+        assert_eq!(kept[7], IpAddr::from([198, 18, 0, 8]));
+        let twice = vec![IpAddr::from([198, 18, 0, 1]); 2];
+        assert_eq!(Workloads::capped("n/p", twice).len(), 1);
     }
 
     #[test]
