@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 
-use crate::config::{Mode, istio, k8s};
+use crate::config::{Mode, istio, k8s, rules};
 
 /// Where a problem is: file, document and resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,7 +262,9 @@ const EGRESS_VERSION: &str = "egress/v1alpha1";
 const PROTOCOLS: [&str; 8] = [
     "HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP", "MONGO", "UDP",
 ];
-const RESOLUTIONS: [&str; 4] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"];
+const RESOLUTIONS: [&str; 5] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"];
+/// The protocols Istio counts as HTTP (its `IsHTTP`).
+const HTTP_PROTOCOLS: [&str; 5] = ["HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTP_PROXY"];
 const LOCATIONS: [&str; 2] = ["MESH_EXTERNAL", "MESH_INTERNAL"];
 
 /// The YAML files a `--config` path stands for: the file itself, or the `.yaml`/`.yml` files
@@ -373,8 +375,7 @@ fn parse_sources(sources: &[(PathBuf, String)]) -> Parsed {
     }
 }
 
-/// Parse YAML text as if it were one file named `name` (tests and `validate` on stdin).
-#[cfg(test)]
+/// Parse YAML text as if it were one file named `name` (tests, and the loader's fuzz target).
 pub fn parse_str(name: &str, text: &str) -> Result<Loaded, Invalid> {
     let parsed = parse_sources(&[(PathBuf::from(name), text.to_owned())]);
     match parsed.config {
@@ -503,8 +504,19 @@ struct InterceptionSpec {
     exclude_gids: Option<ListOrCsv>,
 }
 
-/// Istio's per-pod annotation spellings of the interception knobs, accepted as aliases.
-const ANNOTATION_ALIASES: [(&str, &str); 4] = [
+/// The interception knobs, as `spec.interception` names them.
+const INTERCEPTION_FIELDS: [&str; 6] = [
+    "includeOutboundIPRanges",
+    "excludeOutboundIPRanges",
+    "includeOutboundPorts",
+    "excludeOutboundPorts",
+    "excludeUids",
+    "excludeGids",
+];
+
+/// Other spellings of the interception knobs, accepted for them: Istio's per-pod annotations,
+/// and the older names of its injection settings (`global.proxy.includeIPRanges`).
+const INTERCEPTION_ALIASES: [(&str, &str); 6] = [
     (
         "traffic.sidecar.istio.io/includeOutboundIPRanges",
         "includeOutboundIPRanges",
@@ -521,6 +533,8 @@ const ANNOTATION_ALIASES: [(&str, &str); 4] = [
         "traffic.sidecar.istio.io/excludeOutboundPorts",
         "excludeOutboundPorts",
     ),
+    ("includeIPRanges", "includeOutboundIPRanges"),
+    ("excludeIPRanges", "excludeOutboundIPRanges"),
 ];
 
 impl Cx {
@@ -665,7 +679,7 @@ impl Cx {
                 }
             }
             (v, "VirtualService") if ISTIO_VERSIONS.contains(&v) => {
-                if let Some(spec) = self.virtual_service(&origin, spec) {
+                if let Some(spec) = self.virtual_service(&origin, &namespace, spec) {
                     config.virtual_services.push(Named {
                         namespace,
                         name,
@@ -674,7 +688,7 @@ impl Cx {
                 }
             }
             (v, "DestinationRule") if ISTIO_VERSIONS.contains(&v) => {
-                if let Some(spec) = self.destination_rule(&origin, spec) {
+                if let Some(spec) = self.destination_rule(&origin, &namespace, spec) {
                     config.destination_rules.push(Named {
                         namespace,
                         name,
@@ -724,62 +738,299 @@ impl Cx {
     }
 
     fn duration(&mut self, origin: &Origin, field: &str, value: Option<&String>) {
-        if let Some(v) = value.filter(|v| istio::parse_duration(v).is_none()) {
-            self.error(
-                origin,
-                field,
-                format!("{v:?} is not a duration such as 3s, 1.5s or 100ms"),
-            );
+        if let Some(Err(why)) = value.map(|v| rules::duration(v)) {
+            self.error(origin, field, why);
         }
     }
 
     fn virtual_service(
         &mut self,
         origin: &Origin,
+        namespace: &str,
         spec: Value,
     ) -> Option<istio::VirtualServiceSpec> {
         let spec: istio::VirtualServiceSpec = self.typed(origin, "spec", spec)?;
         let before = self.errors.len();
-        if spec.hosts.is_empty() {
-            self.error(origin, "spec.hosts", "at least one host is required");
+        let delegate = spec.hosts.is_empty();
+        if delegate {
+            for (what, set) in [
+                ("gateways", !spec.gateways.is_empty()),
+                ("tls", !spec.tls.is_empty()),
+                ("tcp", !spec.tcp.is_empty()),
+            ] {
+                if set {
+                    self.error(
+                        origin,
+                        &format!("spec.{what}"),
+                        "a delegate VirtualService (one without hosts) has none",
+                    );
+                }
+            }
+        }
+        for (i, g) in spec.gateways.iter().enumerate() {
+            if g == "mesh" {
+                continue;
+            }
+            let (result, legacy) = rules::gateway_name(g);
+            let f = format!("spec.gateways[{i}]");
+            if let Err(why) = result {
+                self.error(origin, &f, why);
+            }
+            if let Some(w) = legacy {
+                self.warn(origin, &f, w);
+            }
+        }
+        let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+        let mut hosts_valid = true;
+        for (i, h) in spec.hosts.iter().enumerate() {
+            let f = format!("spec.hosts[{i}]");
+            if h.parse::<IpAddr>().is_ok() {
+                continue;
+            }
+            if let Err(why) = rules::wildcard_domain(h) {
+                self.error(origin, &f, why);
+                hosts_valid = false;
+            } else if mesh && h == "*" {
+                self.error(
+                    origin,
+                    &f,
+                    "\"*\" is not a host of a VirtualService bound to the mesh",
+                );
+                hosts_valid = false;
+            }
+        }
+        if hosts_valid {
+            for (i, a) in spec.hosts.iter().enumerate() {
+                if let Some(j) = spec.hosts[..i].iter().position(|b| hosts_overlap(a, b)) {
+                    self.error(
+                        origin,
+                        &format!("spec.hosts[{i}]"),
+                        format!(
+                            "{a:?} and spec.hosts[{j}] {:?} name the same hosts",
+                            spec.hosts[j]
+                        ),
+                    );
+                }
+            }
+        }
+        if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
+            self.error(origin, "spec", "http, tcp or tls routes are required");
         }
         for (i, r) in spec.http.iter().enumerate() {
-            let f = format!("spec.http[{i}]");
-            self.duration(origin, &format!("{f}.timeout"), r.timeout.as_ref());
-            if let Some(retries) = &r.retries {
-                if retries.attempts.is_some_and(|a| a < 0) {
-                    self.error(
-                        origin,
-                        &format!("{f}.retries.attempts"),
-                        "must not be negative",
-                    );
-                }
-                self.duration(
-                    origin,
-                    &format!("{f}.retries.perTryTimeout"),
-                    retries.per_try_timeout.as_ref(),
-                );
-            }
-            for (j, d) in r.route.iter().enumerate() {
-                if let Some(p) = d
-                    .destination
-                    .port
-                    .as_ref()
-                    .filter(|p| !(1..=65535).contains(&p.number))
-                {
-                    self.error(
-                        origin,
-                        &format!("{f}.route[{j}].destination.port.number"),
-                        format!("{} is not a port (1-65535)", p.number),
-                    );
-                }
-            }
+            self.http_route(origin, &format!("spec.http[{i}]"), r, delegate);
+        }
+        for (i, why) in rules::export_to(namespace, &spec.export_to, false) {
+            self.error(origin, &format!("spec.exportTo[{i}]"), why);
         }
         if self.errors.len() > before {
             return None;
         }
+        if delegate {
+            self.warn(
+                origin,
+                "spec.hosts",
+                "none: a delegate VirtualService, which this version of egress does not apply",
+            );
+            return None;
+        }
+        if !mesh {
+            self.warn(
+                origin,
+                "spec.gateways",
+                "bound to gateways only (\"mesh\" is not listed): not applied to the mesh's \
+                 traffic, which egress mediates",
+            );
+            return None;
+        }
         self.vs_not_applied(origin, &spec);
         Some(spec)
+    }
+
+    /// An HTTP route as Istio checks it.
+    fn http_route(&mut self, origin: &Origin, f: &str, r: &istio::HttpRoute, delegate: bool) {
+        let conflict = |a: &str, b: &str| format!("{a} and {b} cannot both be given");
+        if r.delegate.is_some() {
+            if delegate {
+                self.error(
+                    origin,
+                    &format!("{f}.delegate"),
+                    "a delegate's route cannot delegate",
+                );
+            }
+            if r.redirect.is_some() || !r.route.is_empty() {
+                self.error(origin, f, conflict("delegate", "route or redirect"));
+            }
+        } else if r.redirect.is_some() {
+            for (what, set) in [
+                ("route", !r.route.is_empty()),
+                ("fault", r.fault.is_some()),
+                ("rewrite", r.rewrite.is_some()),
+                ("directResponse", r.direct_response.is_some()),
+            ] {
+                if set {
+                    self.error(origin, f, conflict("redirect", what));
+                }
+            }
+        } else if r.direct_response.is_some() {
+            for (what, set) in [
+                ("route", !r.route.is_empty()),
+                ("fault", r.fault.is_some()),
+                ("rewrite", r.rewrite.is_some()),
+            ] {
+                if set {
+                    self.error(origin, f, conflict("directResponse", what));
+                }
+            }
+        } else if r.route.is_empty() {
+            self.error(
+                origin,
+                &format!("{f}.route"),
+                "a route, a redirect or a directResponse is required",
+            );
+        }
+        if r.mirror.is_some() && !r.mirrors.is_empty() {
+            self.error(origin, f, conflict("mirror", "mirrors"));
+        }
+        for (j, m) in r.matches.iter().enumerate() {
+            self.http_match(origin, &format!("{f}.match[{j}]"), m);
+        }
+        if let Some(h) = &r.headers {
+            self.headers(origin, &format!("{f}.headers"), h);
+        }
+        self.duration(origin, &format!("{f}.timeout"), r.timeout.as_ref());
+        if let Some(retries) = &r.retries {
+            self.retries(origin, &format!("{f}.retries"), retries);
+        }
+        let mut total = 0i64;
+        for (j, d) in r.route.iter().enumerate() {
+            let g = format!("{f}.route[{j}]");
+            self.destination(origin, &format!("{g}.destination"), &d.destination);
+            if let Some(h) = &d.headers {
+                self.headers(origin, &format!("{g}.headers"), h);
+            }
+            match d.weight {
+                Some(w) if w < 0 => {
+                    self.error(origin, &format!("{g}.weight"), "must not be negative")
+                }
+                Some(w) => total = total.saturating_add(w),
+                None => {}
+            }
+        }
+        if r.route.len() > 1 && total == 0 {
+            self.error(
+                origin,
+                &format!("{f}.route"),
+                "the destinations' weights add up to 0",
+            );
+        }
+        if let Some(m) = &r.mirror {
+            self.destination(origin, &format!("{f}.mirror"), m);
+        }
+    }
+
+    /// A match condition's header names and port; the rest is judged where it is applied.
+    fn http_match(&mut self, origin: &Origin, f: &str, m: &Value) {
+        for key in ["headers", "withoutHeaders"] {
+            let Some(map) = m.get(key).and_then(Value::as_mapping) else {
+                continue;
+            };
+            for (k, _) in map {
+                let k = scalar(k);
+                if let Err(why) = rules::header_name(&k, true) {
+                    self.error(origin, &format!("{f}.{key}"), why);
+                }
+            }
+        }
+        if let Some(p) = m.get("port")
+            && !p.as_u64().is_some_and(|p| (1..=65535).contains(&p))
+        {
+            self.error(
+                origin,
+                &format!("{f}.port"),
+                format!("{} is not a port (1-65535)", scalar(p)),
+            );
+        }
+    }
+
+    /// Header operations: names Envoy lets be changed, values it can write.
+    fn headers(&mut self, origin: &Origin, f: &str, h: &istio::Headers) {
+        for (side, ops) in [("request", &h.request), ("response", &h.response)] {
+            let Some(ops) = ops else { continue };
+            for (op, map) in [("set", &ops.set), ("add", &ops.add)] {
+                for (name, value) in map {
+                    let field = format!("{f}.{side}.{op}.{name}");
+                    let named = if side == "request" {
+                        rules::request_header_set(name)
+                    } else {
+                        rules::header_operation(name)
+                    };
+                    if let Err(why) = named.and_then(|()| rules::header_value(value)) {
+                        self.error(origin, &field, why);
+                    }
+                }
+            }
+            for (k, name) in ops.remove.iter().enumerate() {
+                if let Err(why) = rules::header_operation(name) {
+                    self.error(origin, &format!("{f}.{side}.remove[{k}]"), why);
+                }
+            }
+        }
+    }
+
+    /// Retries as Istio bounds them.
+    fn retries(&mut self, origin: &Origin, f: &str, r: &istio::Retries) {
+        let attempts = r.attempts.unwrap_or(0);
+        if attempts < 0 {
+            self.error(origin, &format!("{f}.attempts"), "must not be negative");
+        }
+        if attempts == 0
+            && (r.per_try_timeout.is_some()
+                || r.retry_on.is_some()
+                || r.retry_remote_localities.is_some())
+        {
+            self.error(
+                origin,
+                &format!("{f}.attempts"),
+                "0 (or missing) disables retries, yet perTryTimeout, retryOn or \
+                 retryRemoteLocalities is set",
+            );
+        }
+        self.duration(
+            origin,
+            &format!("{f}.perTryTimeout"),
+            r.per_try_timeout.as_ref(),
+        );
+        self.duration(origin, &format!("{f}.backoff"), r.backoff.as_ref());
+        if let Some(on) = &r.retry_on {
+            for token in on.split(',') {
+                if let Err(why) = rules::retry_on(token) {
+                    self.error(origin, &format!("{f}.retryOn"), why);
+                }
+            }
+        }
+    }
+
+    /// A route's destination: a host (not `*`), a subset name, a port.
+    fn destination(&mut self, origin: &Origin, f: &str, d: &istio::Destination) {
+        if d.host == "*" {
+            self.error(origin, &format!("{f}.host"), "\"*\" is not a destination");
+        } else if let Err(why) = rules::wildcard_domain(&d.host) {
+            self.error(origin, &format!("{f}.host"), why);
+        }
+        if let Some(s) = d.subset.as_deref().filter(|s| !rules::dns1123_label(s)) {
+            self.error(
+                origin,
+                &format!("{f}.subset"),
+                format!("{s:?} is not a subset name"),
+            );
+        }
+        if let Some(p) = d.port.as_ref().filter(|p| !(1..=65535).contains(&p.number)) {
+            self.error(
+                origin,
+                &format!("{f}.port.number"),
+                format!("{} is not a port (1-65535)", p.number),
+            );
+        }
     }
 
     /// Say which parts of a valid VirtualService the HTTP datapath does not act on.
@@ -813,6 +1064,14 @@ impl Cx {
                 ("rewrite", r.rewrite.is_some()),
                 ("headers", r.headers.is_some()),
                 ("fault", r.fault.is_some()),
+                ("redirect", r.redirect.is_some()),
+                ("directResponse", r.direct_response.is_some()),
+                ("delegate", r.delegate.is_some()),
+                ("mirror", r.mirror.is_some()),
+                ("mirrors", !r.mirrors.is_empty()),
+                ("mirrorPercent", r.mirror_percent.is_some()),
+                ("mirrorPercentage", r.mirror_percentage.is_some()),
+                ("corsPolicy", r.cors_policy.is_some()),
             ] {
                 if set {
                     self.warn(origin, &format!("{f}.{what}"), "not applied");
@@ -828,53 +1087,185 @@ impl Cx {
         }
     }
 
-    fn tls(&mut self, origin: &Origin, field: &str, tls: Option<&istio::ClientTls>) {
-        let Some(mode) = tls.and_then(|t| t.mode.as_deref()) else {
-            return;
-        };
+    /// Client TLS settings: Istio's conflicts, and what egress needs of the SIMPLE TLS it
+    /// originates (a CA file it can read; no `insecureSkipVerify`).
+    fn tls(&mut self, origin: &Origin, f: &str, tls: &istio::ClientTls) {
+        let mode = tls.mode.as_deref().unwrap_or("DISABLE");
+        let before = self.errors.len();
         if !istio::TLS_MODES.contains(&mode) {
             self.error(
                 origin,
-                &format!("{field}.mode"),
+                &format!("{f}.mode"),
                 format!("{mode:?} is not one of {}", istio::TLS_MODES.join(", ")),
             );
+            return;
+        }
+        let insecure = tls.insecure_skip_verify == Some(true);
+        let field = |name: &str| format!("{f}.{name}");
+        if insecure && matches!(mode, "SIMPLE" | "MUTUAL") {
+            let mut conflicting = vec![("caCertificates", tls.ca_certificates.is_some())];
+            if mode == "SIMPLE" {
+                conflicting.push(("credentialName", tls.credential_name.is_some()));
+            }
+            conflicting.push(("subjectAltNames", !tls.subject_alt_names.is_empty()));
+            for (name, set) in conflicting {
+                if set {
+                    self.error(
+                        origin,
+                        &field(name),
+                        "cannot be given with insecureSkipVerify: true",
+                    );
+                }
+            }
+        }
+        if matches!(mode, "SIMPLE" | "MUTUAL") && tls.credential_name.is_some() {
+            for (name, set) in [
+                ("clientCertificate", tls.client_certificate.is_some()),
+                ("privateKey", tls.private_key.is_some()),
+                ("caCertificates", tls.ca_certificates.is_some()),
+                ("caCrl", tls.ca_crl.is_some()),
+            ] {
+                if set {
+                    self.error(origin, &field(name), "cannot be given with credentialName");
+                }
+            }
+        } else if mode == "MUTUAL" {
+            for (name, set) in [
+                ("clientCertificate", tls.client_certificate.is_some()),
+                ("privateKey", tls.private_key.is_some()),
+            ] {
+                if !set {
+                    self.error(origin, &field(name), "missing: MUTUAL TLS needs it");
+                }
+            }
+        }
+        if mode != "SIMPLE" || self.errors.len() > before {
+            return;
+        }
+        if insecure {
+            self.error(
+                origin,
+                &field("insecureSkipVerify"),
+                "egress does not originate TLS without verifying the server: give \
+                 caCertificates instead",
+            );
+        }
+        if let Some(Err(e)) = tls.ca_certificates.as_deref().map(istio::ca_certificates) {
+            self.error(origin, &field("caCertificates"), format!("{e:#}"));
+        }
+    }
+
+    /// A traffic policy (the whole rule's, or a subset's): not empty, each port's with a port.
+    fn traffic_policy(&mut self, origin: &Origin, f: &str, tp: &istio::TrafficPolicy) {
+        if tp.tls.is_none()
+            && tp.port_level_settings.is_empty()
+            && tp.connection_pool.is_none()
+            && tp.load_balancer.is_none()
+            && tp.outlier_detection.is_none()
+            && tp.tunnel.is_none()
+            && tp.proxy_protocol.is_none()
+            && tp.retry_budget.is_none()
+        {
+            self.error(origin, f, "empty: a traffic policy sets at least one field");
+        }
+        if tp.tunnel.is_some() && tp.proxy_protocol.is_some() {
+            self.error(origin, f, "tunnel and proxyProtocol cannot both be given");
+        }
+        if let Some(tls) = &tp.tls {
+            self.tls(origin, &format!("{f}.tls"), tls);
+        }
+        for (i, pl) in tp.port_level_settings.iter().enumerate() {
+            let g = format!("{f}.portLevelSettings[{i}]");
+            match &pl.port {
+                None => self.error(origin, &format!("{g}.port"), "missing"),
+                Some(p) if !(1..=65535).contains(&p.number) => self.error(
+                    origin,
+                    &format!("{g}.port.number"),
+                    format!("{} is not a port (1-65535)", p.number),
+                ),
+                Some(_) => {}
+            }
+            if pl.tls.is_none()
+                && pl.connection_pool.is_none()
+                && pl.load_balancer.is_none()
+                && pl.outlier_detection.is_none()
+            {
+                self.error(
+                    origin,
+                    &g,
+                    "empty: a port's traffic policy sets at least one field",
+                );
+            }
+            if let Some(tls) = &pl.tls {
+                self.tls(origin, &format!("{g}.tls"), tls);
+            }
         }
     }
 
     fn destination_rule(
         &mut self,
         origin: &Origin,
+        namespace: &str,
         spec: Value,
     ) -> Option<istio::DestinationRuleSpec> {
         let spec: istio::DestinationRuleSpec = self.typed(origin, "spec", spec)?;
         let before = self.errors.len();
-        if !valid_host(&spec.host) {
-            self.error(
-                origin,
-                "spec.host",
-                format!("{:?} is not a host name", spec.host),
-            );
+        if let Err(why) = rules::wildcard_domain(&spec.host) {
+            self.error(origin, "spec.host", why);
         }
         if let Some(tp) = &spec.traffic_policy {
-            self.tls(origin, "spec.trafficPolicy.tls", tp.tls.as_ref());
-            for (i, pl) in tp.port_level_settings.iter().enumerate() {
-                let f = format!("spec.trafficPolicy.portLevelSettings[{i}]");
-                if let Some(p) = pl
-                    .port
-                    .as_ref()
-                    .filter(|p| !(1..=65535).contains(&p.number))
-                {
-                    self.error(
-                        origin,
-                        &format!("{f}.port.number"),
-                        format!("{} is not a port (1-65535)", p.number),
-                    );
-                }
-                self.tls(origin, &format!("{f}.tls"), pl.tls.as_ref());
+            self.traffic_policy(origin, "spec.trafficPolicy", tp);
+        }
+        for (i, s) in spec.subsets.iter().enumerate() {
+            let f = format!("spec.subsets[{i}]");
+            if !rules::dns1123_label(&s.name) {
+                self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    format!("{:?} is not a subset name (a DNS-1123 label)", s.name),
+                );
+            } else if let Some(j) = spec.subsets[..i].iter().position(|t| t.name == s.name) {
+                self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    format!("{:?} is spec.subsets[{j}]'s name too", s.name),
+                );
+            }
+            if let Some(tp) = &s.traffic_policy {
+                self.traffic_policy(origin, &format!("{f}.trafficPolicy"), tp);
+            }
+        }
+        for (i, why) in rules::export_to(namespace, &spec.export_to, false) {
+            self.error(origin, &format!("spec.exportTo[{i}]"), why);
+        }
+        if spec.workload_selector.is_some() {
+            match spec.export_to.as_slice() {
+                [] => {}
+                [one] if one == "." || one == namespace => {}
+                _ => self.error(
+                    origin,
+                    "spec.exportTo",
+                    "a DestinationRule with a workloadSelector is exported to its own \
+                     namespace only",
+                ),
             }
         }
         if self.errors.len() > before {
             return None;
+        }
+        if !spec.subsets.is_empty() {
+            self.warn(
+                origin,
+                "spec.subsets",
+                "not applied: routes go to the host's entry",
+            );
+        }
+        if spec.workload_selector.is_some() {
+            self.warn(
+                origin,
+                "spec.workloadSelector",
+                "not applied (egress does not see pod labels): the rule applies to every workload",
+            );
         }
         if let Some(tp) = &spec.traffic_policy {
             let tls = tp
@@ -899,6 +1290,13 @@ impl Cx {
                         &format!("{field}.mode"),
                         format!("{m} is not applied: only SIMPLE TLS origination is"),
                     );
+                } else if t.mode.as_deref() == Some("SIMPLE") && t.credential_name.is_some() {
+                    self.warn(
+                        origin,
+                        &format!("{field}.credentialName"),
+                        "not applied (egress reads no Kubernetes secrets): the system's roots \
+                         verify the server",
+                    );
                 }
             }
             if tp.connection_pool.is_some()
@@ -910,6 +1308,15 @@ impl Cx {
                     "spec.trafficPolicy",
                     "connectionPool, loadBalancer and outlierDetection are not applied",
                 );
+            }
+            for (what, set) in [
+                ("tunnel", tp.tunnel.is_some()),
+                ("proxyProtocol", tp.proxy_protocol.is_some()),
+                ("retryBudget", tp.retry_budget.is_some()),
+            ] {
+                if set {
+                    self.warn(origin, &format!("spec.trafficPolicy.{what}"), "not applied");
+                }
             }
         }
         Some(spec)
@@ -976,7 +1383,12 @@ impl Cx {
             }
         }
         let external = spec.type_.as_deref() == Some("ExternalName");
-        if external && spec.external_name.as_deref().is_none_or(|n| !valid_host(n)) {
+        if external
+            && spec
+                .external_name
+                .as_deref()
+                .is_none_or(|n| rules::fqdn(n).is_err())
+        {
             self.error(
                 origin,
                 "spec.externalName",
@@ -1128,8 +1540,70 @@ impl Cx {
         })
     }
 
-    fn egress_config(&mut self, origin: &Origin, spec: Value, config: &mut MeshConfig) {
-        let spec = rename_annotation_aliases(spec);
+    /// The keys of `spec.interception` and `spec.outboundTrafficPolicy`, whose misspelling
+    /// would silently widen (or narrow) what is intercepted: aliases become the names they
+    /// stand for; anything else is an error that names the nearest right one.
+    fn knob_names(&mut self, origin: &Origin, spec: &mut Value) {
+        if let Some(Value::Mapping(i)) = spec.get_mut("interception") {
+            let keys: Vec<Value> = i.keys().cloned().collect();
+            for key in keys {
+                let k = scalar(&key);
+                let f = format!("spec.interception.{k}");
+                if INTERCEPTION_FIELDS.contains(&k.as_str()) {
+                    continue;
+                }
+                let value = i.remove(&key).unwrap_or(Value::Null);
+                if let Some((_, name)) = INTERCEPTION_ALIASES.iter().find(|(a, _)| *a == k) {
+                    if i.contains_key(*name) {
+                        self.error(origin, &f, format!("{name} is given too: give one of them"));
+                    } else {
+                        i.insert(Value::from(*name), value);
+                    }
+                    continue;
+                }
+                let names: Vec<&str> = INTERCEPTION_FIELDS
+                    .iter()
+                    .copied()
+                    .chain(INTERCEPTION_ALIASES.iter().map(|(a, _)| *a))
+                    .collect();
+                let hint = match rules::closest(&k, &names) {
+                    Some(near) => {
+                        let name = INTERCEPTION_ALIASES
+                            .iter()
+                            .find(|(a, _)| *a == near)
+                            .map_or(near, |(_, n)| n);
+                        format!("did you mean {name}?")
+                    }
+                    None => format!("the knobs are {}", INTERCEPTION_FIELDS.join(", ")),
+                };
+                self.error(origin, &f, format!("unknown field: {hint}"));
+            }
+        }
+        if let Some(Value::Mapping(p)) = spec.get_mut("outboundTrafficPolicy") {
+            let keys: Vec<Value> = p
+                .keys()
+                .filter(|k| k.as_str() != Some("mode"))
+                .cloned()
+                .collect();
+            for key in keys {
+                p.remove(&key);
+                let k = scalar(&key);
+                let hint = if rules::closest(&k, &["mode"]).is_some() {
+                    "did you mean mode?"
+                } else {
+                    "the only field is mode"
+                };
+                self.error(
+                    origin,
+                    &format!("spec.outboundTrafficPolicy.{k}"),
+                    format!("unknown field: {hint}"),
+                );
+            }
+        }
+    }
+
+    fn egress_config(&mut self, origin: &Origin, mut spec: Value, config: &mut MeshConfig) {
+        self.knob_names(origin, &mut spec);
         let Some(spec) = self.typed::<EgressConfigSpec>(origin, "spec", spec) else {
             return;
         };
@@ -1287,7 +1761,7 @@ impl Cx {
             let text = h.as_str().unwrap_or_default();
             if parse_net(text).is_some() {
                 addresses.push(h.clone());
-            } else if valid_host(text) {
+            } else if rules::wildcard_domain(text).is_ok() {
                 names.push(h.clone());
             } else {
                 self.error(
@@ -1332,64 +1806,50 @@ impl Cx {
     ) -> Option<ServiceEntry> {
         let spec: ServiceEntrySpec = self.typed(origin, "spec", spec)?;
         let before = self.errors.len();
+        let resolution = spec.resolution.as_deref().unwrap_or("NONE");
         if spec.hosts.is_empty() {
             self.error(origin, "spec.hosts", "at least one host is required");
         }
         for (i, h) in spec.hosts.iter().enumerate() {
-            if !valid_host(h) {
+            let f = format!("spec.hosts[{i}]");
+            if h == "*" {
                 self.error(
                     origin,
-                    &format!("spec.hosts[{i}]"),
-                    format!("{h:?} is not a host name"),
+                    &f,
+                    "\"*\" alone is not a host: it would register every host on the entry's \
+                     ports; name the hosts, or \"*.domain\"",
+                );
+            } else if let Err(e) = rules::wildcard_domain(h) {
+                self.error(origin, &f, e);
+            } else if resolution != "DYNAMIC_DNS" && rules::partial_wildcard(h) {
+                self.error(
+                    origin,
+                    &f,
+                    format!("{h:?} is a partial wildcard: only a whole first label \"*.\" is one"),
                 );
             }
         }
         let mut addresses = Vec::new();
         for (i, a) in spec.addresses.iter().enumerate() {
+            let f = format!("spec.addresses[{i}]");
             match parse_net(a) {
                 Some(n) => addresses.push(n),
-                None => self.error(
-                    origin,
-                    &format!("spec.addresses[{i}]"),
-                    format!("{a:?} is not an IP address or CIDR"),
-                ),
+                None => self.error(origin, &f, format!("{a:?} is not an IP address or CIDR")),
             }
-        }
-        for (i, p) in spec.ports.iter().enumerate() {
-            let f = format!("spec.ports[{i}]");
-            if !(1..=65535).contains(&p.number) {
+            if a.contains('/') && !matches!(resolution, "NONE" | "STATIC") {
                 self.error(
                     origin,
-                    &format!("{f}.number"),
-                    format!("{} is not a port (1-65535)", p.number),
+                    &f,
+                    format!("a CIDR needs resolution NONE or STATIC, not {resolution}"),
                 );
-            }
-            if let Some(t) = p.target_port.filter(|t| !(1..=65535).contains(t)) {
-                self.error(
-                    origin,
-                    &format!("{f}.targetPort"),
-                    format!("{t} is not a port (1-65535)"),
-                );
-            }
-            match &p.protocol {
-                Some(proto) if !PROTOCOLS.contains(&proto.to_ascii_uppercase().as_str()) => self
-                    .error(
-                        origin,
-                        &format!("{f}.protocol"),
-                        format!("{proto:?} is not one of {}", PROTOCOLS.join(", ")),
-                    ),
-                _ => {}
             }
         }
-        if let Some(r) = spec
-            .resolution
-            .as_deref()
-            .filter(|r| !RESOLUTIONS.contains(r))
-        {
+        self.service_ports(origin, &spec.ports);
+        if !RESOLUTIONS.contains(&resolution) {
             self.error(
                 origin,
                 "spec.resolution",
-                format!("{r:?} is not one of {}", RESOLUTIONS.join(", ")),
+                format!("{resolution:?} is not one of {}", RESOLUTIONS.join(", ")),
             );
         }
         if let Some(l) = spec.location.as_deref().filter(|l| !LOCATIONS.contains(l)) {
@@ -1399,18 +1859,105 @@ impl Cx {
                 format!("{l:?} is not one of {}", LOCATIONS.join(", ")),
             );
         }
-        for (i, e) in spec.endpoints.iter().enumerate() {
-            for (pname, port) in &e.ports {
-                if !(1..=65535).contains(port) {
-                    self.error(
-                        origin,
-                        &format!("spec.endpoints[{i}].ports.{pname}"),
-                        format!("{port} is not a port (1-65535)"),
-                    );
+        if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
+            self.error(
+                origin,
+                "spec.workloadSelector",
+                "only one of workloadSelector and endpoints may be given",
+            );
+        }
+        let port_names: Vec<&str> = spec
+            .ports
+            .iter()
+            .filter_map(|p| p.name.as_deref())
+            .collect();
+        match resolution {
+            "NONE" if !spec.endpoints.is_empty() => self.error(
+                origin,
+                "spec.endpoints",
+                "resolution NONE takes no endpoints: connections go to the address dialled",
+            ),
+            "STATIC" => {
+                for (i, e) in spec.endpoints.iter().enumerate() {
+                    self.static_endpoint(origin, i, e, &port_names);
                 }
             }
+            "DNS" | "DNS_ROUND_ROBIN" => {
+                if spec.endpoints.is_empty()
+                    && let Some((i, e)) = spec
+                        .hosts
+                        .iter()
+                        .enumerate()
+                        .find_map(|(i, h)| Some((i, rules::fqdn(h).err()?)))
+                {
+                    self.error(
+                        origin,
+                        &format!("spec.hosts[{i}]"),
+                        format!(
+                            "resolution {resolution} without endpoints resolves the hosts, \
+                             which must be fully qualified names: {e}"
+                        ),
+                    );
+                }
+                if resolution == "DNS_ROUND_ROBIN" && spec.endpoints.len() > 1 {
+                    self.error(
+                        origin,
+                        "spec.endpoints",
+                        "resolution DNS_ROUND_ROBIN takes one endpoint at most",
+                    );
+                }
+                for (i, e) in spec.endpoints.iter().enumerate() {
+                    let f = format!("spec.endpoints[{i}]");
+                    let a = e.address.as_deref().unwrap_or_default();
+                    if a.parse::<IpAddr>().is_err()
+                        && let Err(why) = rules::fqdn(a)
+                    {
+                        self.error(
+                            origin,
+                            &format!("{f}.address"),
+                            format!("{a:?} is neither an IP address nor a host name: {why}"),
+                        );
+                    }
+                    self.endpoint_ports(origin, &f, e, &port_names);
+                }
+            }
+            "DYNAMIC_DNS" => self.dynamic_dns(origin, &spec),
+            _ => {}
+        }
+        if resolution != "NONE" && spec.hosts.len() > 1 {
+            let tcp = spec.ports.iter().enumerate().find(|(_, p)| {
+                let proto = p
+                    .protocol
+                    .as_deref()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase();
+                !HTTP_PROTOCOLS.contains(&proto.as_str())
+                    && !matches!(proto.as_str(), "HTTPS" | "TLS")
+            });
+            if let Some((i, p)) = tcp {
+                self.error(
+                    origin,
+                    "spec.hosts",
+                    format!(
+                        "several hosts with resolution {resolution} need HTTP or TLS ports, \
+                         which say the host; spec.ports[{i}] is {}",
+                        p.protocol.as_deref().unwrap_or("without a protocol")
+                    ),
+                );
+            }
+        }
+        for (i, why) in rules::export_to(&namespace, &spec.export_to, true) {
+            self.error(origin, &format!("spec.exportTo[{i}]"), why);
         }
         if self.errors.len() > before {
+            return None;
+        }
+        if resolution == "DYNAMIC_DNS" {
+            self.warn(
+                origin,
+                "spec.resolution",
+                "DYNAMIC_DNS is not applied by this version of egress: this entry is ignored",
+            );
             return None;
         }
         self.not_yet_applied(origin, &spec);
@@ -1421,6 +1968,192 @@ impl Cx {
             addresses,
             allocated: Vec::new(),
         })
+    }
+
+    /// Ports: numbers and names unique, names DNS-1123 labels, protocols Istio's.
+    fn service_ports(&mut self, origin: &Origin, ports: &[ServicePort]) {
+        for (i, p) in ports.iter().enumerate() {
+            let f = format!("spec.ports[{i}]");
+            if !(1..=65535).contains(&p.number) {
+                self.error(
+                    origin,
+                    &format!("{f}.number"),
+                    format!("{} is not a port (1-65535)", p.number),
+                );
+            }
+            if let Some(j) = ports[..i].iter().position(|q| q.number == p.number) {
+                self.error(
+                    origin,
+                    &format!("{f}.number"),
+                    format!("{} is spec.ports[{j}]'s number too", p.number),
+                );
+            }
+            match p.name.as_deref() {
+                None | Some("") => self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    "missing: every port has a name (a DNS-1123 label)",
+                ),
+                Some(n) if !rules::dns1123_label(n) => self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    format!(
+                        "{n:?} is not a port name (a DNS-1123 label: letters, digits, inner dashes)"
+                    ),
+                ),
+                Some(n) => {
+                    if let Some(j) = ports[..i].iter().position(|q| q.name.as_deref() == Some(n)) {
+                        self.error(
+                            origin,
+                            &format!("{f}.name"),
+                            format!("{n:?} is spec.ports[{j}]'s name too"),
+                        );
+                    }
+                }
+            }
+            if let Some(t) = p.target_port.filter(|t| !(1..=65535).contains(t)) {
+                self.error(
+                    origin,
+                    &format!("{f}.targetPort"),
+                    format!("{t} is not a port (1-65535)"),
+                );
+            }
+            let Some(proto) = &p.protocol else { continue };
+            let upper = proto.to_ascii_uppercase();
+            let field = format!("{f}.protocol");
+            if PROTOCOLS.contains(&upper.as_str()) {
+                continue;
+            }
+            match upper.as_str() {
+                "GRPC-WEB" | "HTTP_PROXY" | "REDIS" | "MYSQL" => self.warn(
+                    origin,
+                    &field,
+                    format!("{proto} is not applied: egress mediates this port as TCP"),
+                ),
+                _ => self.error(
+                    origin,
+                    &field,
+                    format!(
+                        "{proto:?} is not one of {}, GRPC-Web, HTTP_PROXY, Redis, MySQL",
+                        PROTOCOLS.join(", ")
+                    ),
+                ),
+            }
+        }
+    }
+
+    /// A STATIC entry's endpoint, as Istio checks a WorkloadEntry: an IP address or a Unix
+    /// socket, ports among the entry's.
+    fn static_endpoint(&mut self, origin: &Origin, i: usize, e: &Endpoint, port_names: &[&str]) {
+        let f = format!("spec.endpoints[{i}]");
+        match e.address.as_deref().unwrap_or_default() {
+            "" if e.network.is_none() => {
+                self.error(origin, &format!("{f}.address"), "missing");
+            }
+            "" => self.warn(
+                origin,
+                &format!("{f}.address"),
+                "missing (the endpoint is reached through its network's gateway, which egress \
+                 does not know): this endpoint is not used",
+            ),
+            a => {
+                if let Some(path) = a.strip_prefix("unix://") {
+                    if path.is_empty()
+                        || !(path.starts_with('@') || path.starts_with('/') && !path.ends_with('/'))
+                    {
+                        self.error(
+                            origin,
+                            &format!("{f}.address"),
+                            format!("{a:?}: a Unix socket is an absolute path to a file or @name"),
+                        );
+                    }
+                    if !e.ports.is_empty() {
+                        self.error(
+                            origin,
+                            &format!("{f}.ports"),
+                            "a Unix socket takes no ports",
+                        );
+                    }
+                    if port_names.len() != 1 {
+                        self.error(
+                            origin,
+                            "spec.ports",
+                            format!("{f} is a Unix socket: the entry has exactly one port then"),
+                        );
+                    }
+                    self.warn(
+                        origin,
+                        &format!("{f}.address"),
+                        "Unix socket endpoints are not applied: egress connects over TCP",
+                    );
+                } else if a.parse::<IpAddr>().is_err() {
+                    self.error(
+                        origin,
+                        &format!("{f}.address"),
+                        format!("{a:?} is not an IP address (resolution STATIC)"),
+                    );
+                }
+            }
+        }
+        self.endpoint_ports(origin, &f, e, port_names);
+    }
+
+    /// An endpoint's ports: named after the entry's ports, each a port number.
+    fn endpoint_ports(&mut self, origin: &Origin, f: &str, e: &Endpoint, port_names: &[&str]) {
+        for (pname, port) in &e.ports {
+            let field = format!("{f}.ports.{pname}");
+            if !port_names.contains(&pname.as_str()) {
+                self.error(
+                    origin,
+                    &field,
+                    format!("no port of the entry is named {pname:?}"),
+                );
+            }
+            if !(1..=65535).contains(port) {
+                self.error(origin, &field, format!("{port} is not a port (1-65535)"));
+            }
+        }
+    }
+
+    /// What Istio requires of a DYNAMIC_DNS entry (egress then ignores it, with a warning).
+    fn dynamic_dns(&mut self, origin: &Origin, spec: &ServiceEntrySpec) {
+        for (i, h) in spec.hosts.iter().enumerate() {
+            if !h.starts_with('*') {
+                self.error(
+                    origin,
+                    &format!("spec.hosts[{i}]"),
+                    format!("{h:?}: resolution DYNAMIC_DNS takes wildcard hosts only"),
+                );
+            }
+        }
+        if !spec.addresses.is_empty() {
+            self.error(
+                origin,
+                "spec.addresses",
+                "resolution DYNAMIC_DNS takes no addresses",
+            );
+        }
+        if !spec.endpoints.is_empty() {
+            self.error(
+                origin,
+                "spec.endpoints",
+                "resolution DYNAMIC_DNS takes no endpoints",
+            );
+        }
+        for (i, p) in spec.ports.iter().enumerate() {
+            let proto = p
+                .protocol
+                .as_deref()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            if !matches!(proto.as_str(), "HTTP" | "TLS" | "GRPC" | "HTTP2") {
+                self.error(
+                    origin,
+                    &format!("spec.ports[{i}].protocol"),
+                    "resolution DYNAMIC_DNS takes HTTP, TLS, GRPC and HTTP2 ports only",
+                );
+            }
+        }
     }
 
     /// Say which parts of a valid ServiceEntry the datapath does not act on yet.
@@ -1478,21 +2211,6 @@ fn strip_k8s_metadata(m: Value) -> Value {
     Value::Mapping(map)
 }
 
-/// Accept `traffic.sidecar.istio.io/...` keys under `spec.interception` as their plain names.
-fn rename_annotation_aliases(spec: Value) -> Value {
-    let Value::Mapping(mut spec) = spec else {
-        return spec;
-    };
-    if let Some(Value::Mapping(i)) = spec.get_mut("interception") {
-        for (alias, name) in ANNOTATION_ALIASES {
-            if let Some(v) = i.remove(alias) {
-                i.insert(Value::String(name.to_owned()), v);
-            }
-        }
-    }
-    Value::Mapping(spec)
-}
-
 fn join(a: &str, b: &str) -> String {
     match (a.is_empty(), b.is_empty()) {
         (_, true) => a.to_owned(),
@@ -1510,26 +2228,32 @@ pub fn parse_net(s: &str) -> Option<IpNet> {
     s.parse::<IpAddr>().ok().map(IpNet::from)
 }
 
-/// A DNS name, optionally with a leading `*.` wildcard, or a lone `*`.
-fn valid_host(h: &str) -> bool {
-    let name = h.strip_prefix("*.").unwrap_or(h);
-    if h == "*" {
-        return true;
-    }
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                && !l.starts_with('-')
-        })
+/// Whether two hosts name a host in common (Istio's duplicate hosts of a VirtualService):
+/// equal, or one a wildcard whose suffix ends the other.
+fn hosts_overlap(a: &str, b: &str) -> bool {
+    let covers = |w: &str, h: &str| {
+        w.strip_prefix('*')
+            .is_some_and(|suffix| h.ends_with(suffix))
+    };
+    a.eq_ignore_ascii_case(b) || covers(a, b) || covers(b, a)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PEM file the loader takes for CA certificates (its bytes are no certificate: only the
+    /// registry parses them).
+    fn pem_file(name: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("egress-load-{name}-{}.pem", std::process::id()));
+        std::fs::write(
+            &path,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("temporary file");
+        path
+    }
 
     const SEEDS: &str = r#"
 apiVersion: egress/v1alpha1
@@ -1638,7 +2362,8 @@ spec:
                 "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[0].number: \
                  70000 is not a port (1-65535)",
                 "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[1].protocol: \
-                 \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, TCP, MONGO, UDP",
+                 \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, TCP, MONGO, UDP, GRPC-Web, \
+                 HTTP_PROXY, Redis, MySQL",
             ]
         );
     }
@@ -1767,7 +2492,7 @@ metadata: {name: d}
 spec:
   interception:
     traffic.sidecar.istio.io/excludeOutboundIPRanges: "10.1.0.0/16,10.2.0.0/16"
-    includeOutboundIPRangez: "*"
+  autoAllocate: {enabeld: true}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -1777,13 +2502,14 @@ spec:
   http:
   - match: [{uri: {regex: "/a.*"}}]
     fault: {abort: {httpStatus: 500}}
+    route: [{destination: {host: a.example}}]
 "#;
         let l = parse_str("m.yaml", text).expect("valid");
         assert_eq!(l.config.interception.exclude_ranges.len(), 2);
         let w: Vec<String> = l.warnings.iter().map(|p| p.to_string()).collect();
         assert!(
             w.iter()
-                .any(|w| w.contains("spec.interception.includeOutboundIPRangez: unknown field")),
+                .any(|w| w.contains("spec.autoAllocate.enabeld: unknown field, ignored")),
             "{w:?}"
         );
         assert!(
@@ -1849,7 +2575,7 @@ spec:
   trafficPolicy:
     portLevelSettings:
     - port: {number: 443}
-      tls: {mode: SIMPLE, sni: secure.example, caCertificates: /etc/egress/ca.pem}
+      tls: {mode: SIMPLE, sni: secure.example, caCertificates: CA_FILE}
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: Sidecar
@@ -1857,7 +2583,9 @@ metadata: {name: default, namespace: istio-system}
 spec:
   outboundTrafficPolicy: {mode: REGISTRY_ONLY}
 "#;
-        let l = parse_str("m.yaml", text).expect("valid");
+        let ca = pem_file("routing");
+        let text = text.replace("CA_FILE", &ca.display().to_string());
+        let l = parse_str("m.yaml", &text).expect("valid");
         let c = &l.config;
         assert_eq!(
             c.virtual_services[0].spec.http[0].timeout.as_deref(),

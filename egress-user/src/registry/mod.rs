@@ -212,7 +212,8 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     fn from_istio(r: &istio::Retries) -> RetryPolicy {
-        let attempts = r.attempts.unwrap_or(2).max(0) as u32;
+        // As Istio: retries without `attempts` are none.
+        let attempts = r.attempts.unwrap_or(0).max(0) as u32;
         let mut p = RetryPolicy {
             attempts,
             per_try_timeout: r.per_try_timeout.as_deref().and_then(istio::parse_duration),
@@ -715,18 +716,10 @@ fn entry(se: &ServiceEntry) -> Entry {
 /// A rustls client configuration for a DestinationRule's `tls` (mode SIMPLE): the CA file if
 /// given, else the system's roots; `insecureSkipVerify` is refused rather than honoured.
 fn client_config(tls: &ClientTls) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
     let mut roots = rustls::RootCertStore::empty();
     match &tls.ca_certificates {
         Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("caCertificates: reading {path}"))?
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("caCertificates: {path} is not PEM certificates"))?;
-            if certs.is_empty() {
-                bail!("caCertificates: {path} holds no certificate");
-            }
-            for c in certs {
+            for c in crate::config::istio::ca_certificates(path).context("caCertificates")? {
                 roots
                     .add(c)
                     .with_context(|| format!("caCertificates: {path}"))?;
@@ -798,7 +791,9 @@ spec:
   http:
   - match: [{uri: {prefix: /delay}}]
     timeout: 3s
+    route: [{destination: {host: httpbin.org}}]
   - retries: {attempts: 3, perTryTimeout: 1s, retryOn: "connect-failure,5xx"}
+    route: [{destination: {host: httpbin.org}}]
 "#;
 
     fn reg() -> Registry {
@@ -940,16 +935,28 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
     }
 
     #[test]
-    fn a_missing_ca_file_is_an_error_naming_it() {
+    fn a_ca_file_without_a_certificate_is_an_error_naming_it() {
+        // PEM the loader reads, holding bytes that are no certificate.
+        let path = std::env::temp_dir().join(format!("egress-not-a-ca-{}.pem", std::process::id()));
+        std::fs::write(
+            &path,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let text = format!(
             "{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
              metadata: {{name: o}}\nspec:\n  host: httpbin.org\n  trafficPolicy:\n    \
-             tls: {{mode: SIMPLE, caCertificates: /nonexistent/ca.pem}}\n"
+             tls: {{mode: SIMPLE, caCertificates: {}}}\n",
+            path.display()
         );
         let e = Registry::compile(&parse_str("m.yaml", &text).unwrap().config).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
         let m = format!("{e:#}");
         assert!(
-            m.starts_with("DestinationRule default/o: spec.trafficPolicy.tls: caCertificates: reading /nonexistent/ca.pem"),
+            m.starts_with(&format!(
+                "DestinationRule default/o: spec.trafficPolicy.tls: caCertificates: {}",
+                path.display()
+            )),
             "{m}"
         );
     }
