@@ -238,9 +238,9 @@ pub struct ClientTls {
 
 pub const TLS_MODES: [&str; 4] = ["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"];
 
-/// The certificates of a `caCertificates` file: PEM, at least one, from a regular file (a
-/// device or a pipe could be read for ever).
-pub fn ca_certificates(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+/// The trust anchors of a `caCertificates` file: PEM certificates, at least one, each one a
+/// CA rustls takes, from a regular file (a device or a pipe could be read for ever).
+pub fn ca_roots(path: &str) -> anyhow::Result<rustls::RootCertStore> {
     use anyhow::{Context as _, bail};
     use rustls_pki_types::pem::PemObject as _;
     let meta = std::fs::metadata(path).with_context(|| format!("reading {path}"))?;
@@ -254,7 +254,13 @@ pub fn ca_certificates(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>
     if certs.is_empty() {
         bail!("{path} holds no certificate");
     }
-    Ok(certs)
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, c) in certs.into_iter().enumerate() {
+        roots
+            .add(c)
+            .with_context(|| format!("{path}: certificate {}", i + 1))?;
+    }
+    Ok(roots)
 }
 
 /// A Go/protobuf duration as Istio writes them: `3s`, `1.5s`, `100ms`, `1m30s`, `1h`; counted

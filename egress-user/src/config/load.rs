@@ -1150,7 +1150,7 @@ impl Cx {
                  caCertificates instead",
             );
         }
-        if let Some(Err(e)) = tls.ca_certificates.as_deref().map(istio::ca_certificates) {
+        if let Some(Err(e)) = tls.ca_certificates.as_deref().map(istio::ca_roots) {
             self.error(origin, &field("caCertificates"), format!("{e:#}"));
         }
     }
@@ -2242,19 +2242,6 @@ fn hosts_overlap(a: &str, b: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// A PEM file the loader takes for CA certificates (its bytes are no certificate: only the
-    /// registry parses them).
-    fn pem_file(name: &str) -> PathBuf {
-        let path =
-            std::env::temp_dir().join(format!("egress-load-{name}-{}.pem", std::process::id()));
-        std::fs::write(
-            &path,
-            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-        )
-        .expect("temporary file");
-        path
-    }
-
     const SEEDS: &str = r#"
 apiVersion: egress/v1alpha1
 kind: EgressConfig
@@ -2583,8 +2570,8 @@ metadata: {name: default, namespace: istio-system}
 spec:
   outboundTrafficPolicy: {mode: REGISTRY_ONLY}
 "#;
-        let ca = pem_file("routing");
-        let text = text.replace("CA_FILE", &ca.display().to_string());
+        let ca = egress_tests::l7::TestCa::new("routing");
+        let text = text.replace("CA_FILE", &ca.path().display().to_string());
         let l = parse_str("m.yaml", &text).expect("valid");
         let c = &l.config;
         assert_eq!(

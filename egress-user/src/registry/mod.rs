@@ -716,22 +716,16 @@ fn entry(se: &ServiceEntry) -> Entry {
 /// A rustls client configuration for a DestinationRule's `tls` (mode SIMPLE): the CA file if
 /// given, else the system's roots; `insecureSkipVerify` is refused rather than honoured.
 fn client_config(tls: &ClientTls) -> Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca_certificates {
-        Some(path) => {
-            for c in crate::config::istio::ca_certificates(path).context("caCertificates")? {
-                roots
-                    .add(c)
-                    .with_context(|| format!("caCertificates: {path}"))?;
-            }
-        }
+    let roots = match &tls.ca_certificates {
+        Some(path) => crate::config::istio::ca_roots(path).context("caCertificates")?,
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(c);
             }
+            roots
         }
-    }
+    };
     if tls.insecure_skip_verify == Some(true) {
         bail!("insecureSkipVerify is not supported: give caCertificates instead");
     }
@@ -935,26 +929,22 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
     }
 
     #[test]
-    fn a_ca_file_without_a_certificate_is_an_error_naming_it() {
-        // PEM the loader reads, holding bytes that are no certificate.
-        let path = std::env::temp_dir().join(format!("egress-not-a-ca-{}.pem", std::process::id()));
-        std::fs::write(
-            &path,
-            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-        )
-        .unwrap();
+    fn a_ca_file_gone_when_the_registry_is_built_is_an_error_naming_it() {
+        let ca = egress_tests::l7::TestCa::new("registry");
+        let path = ca.path().to_owned();
         let text = format!(
             "{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
              metadata: {{name: o}}\nspec:\n  host: httpbin.org\n  trafficPolicy:\n    \
              tls: {{mode: SIMPLE, caCertificates: {}}}\n",
             path.display()
         );
-        let e = Registry::compile(&parse_str("m.yaml", &text).unwrap().config).unwrap_err();
-        std::fs::remove_file(&path).unwrap();
+        let config = parse_str("m.yaml", &text).expect("valid").config;
+        drop(ca);
+        let e = Registry::compile(&config).unwrap_err();
         let m = format!("{e:#}");
         assert!(
             m.starts_with(&format!(
-                "DestinationRule default/o: spec.trafficPolicy.tls: caCertificates: {}",
+                "DestinationRule default/o: spec.trafficPolicy.tls: caCertificates: reading {}",
                 path.display()
             )),
             "{m}"
