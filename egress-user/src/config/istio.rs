@@ -31,6 +31,14 @@ pub struct WorkloadSelector {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The selector of policies such as a DestinationRule (`type.v1beta1.WorkloadSelector`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarPolicy {
@@ -164,7 +172,7 @@ pub struct DestinationRuleSpec {
     #[serde(default)]
     pub export_to: Vec<String>,
     #[serde(default)]
-    pub workload_selector: Option<WorkloadSelector>,
+    pub workload_selector: Option<PolicySelector>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
