@@ -2645,4 +2645,674 @@ spec:
             vec!["198.18.0.2".parse::<IpAddr>().unwrap()]
         );
     }
+
+    /// `field: message` of each error and warning of `text`, loaded as one file.
+    fn problems(text: &str) -> (Vec<String>, Vec<String>) {
+        let show = |ps: &[Problem]| {
+            ps.iter()
+                .map(|p| format!("{}: {}", p.field, p.message))
+                .collect()
+        };
+        match parse_str("m.yaml", text) {
+            Ok(l) => (Vec::new(), show(&l.warnings)),
+            Err(e) => (show(&e.errors), show(&e.warnings)),
+        }
+    }
+
+    /// A ServiceEntry document with this spec (flow or block YAML, indented by two).
+    fn se(spec: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se}}\n\
+             spec:\n{spec}\n"
+        )
+    }
+
+    fn vs(spec: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs}}\n\
+             spec:\n{spec}\n"
+        )
+    }
+
+    fn dr(spec: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dr}}\n\
+             spec:\n{spec}\n"
+        )
+    }
+
+    /// The errors of a ServiceEntry with these hosts, port and resolution.
+    fn host_errors(host: &str) -> Vec<String> {
+        problems(&se(&format!(
+            "  hosts: [\"{host}\"]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  \
+             resolution: NONE"
+        )))
+        .0
+    }
+
+    #[test]
+    fn service_entry_hosts_as_istio_checks_them() {
+        for good in [
+            "a.example",
+            "*.example.com",
+            "Mixed-Case.example",
+            "example.com.",
+            "x",
+        ] {
+            assert_eq!(host_errors(good), Vec::<String>::new(), "{good}");
+        }
+        // A lone `*` would register every host on the entry's ports: never.
+        let e = host_errors("*");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("spec.hosts[0]: \"*\" alone is not a host"),
+            "{e:?}"
+        );
+        for (bad, why) in [
+            ("a*.example.com", "label \"a*\""),
+            ("*foo.example.com", "partial wildcard"),
+            ("a.*.example", "label \"*\""),
+            ("a..example", "label \"\""),
+            ("under_score.example", "label \"under_score\""),
+            ("-a.example", "label \"-a\""),
+            ("198.18.0.1", "all digits"),
+            ("", "empty"),
+        ] {
+            let e = host_errors(bad);
+            assert!(e.len() == 1 && e[0].contains(why), "{bad}: {e:?}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(host_errors(&long)[0].contains("label"));
+    }
+
+    #[test]
+    fn service_entry_ports_have_unique_numbers_and_names() {
+        let (e, _) = problems(&se("  hosts: [a.example]\n  ports:\n  \
+             - {number: 80, name: http, protocol: HTTP}\n  \
+             - {number: 80, name: web, protocol: HTTP}\n  \
+             - {number: 81, name: http, protocol: HTTP}\n  \
+             - {number: 82, protocol: HTTP}\n  \
+             - {number: 83, name: Http_1, protocol: HTTP}\n  \
+             - {number: 84, name: q, protocol: QUIC}"));
+        assert_eq!(
+            e,
+            vec![
+                "spec.ports[1].number: 80 is spec.ports[0]'s number too",
+                "spec.ports[2].name: \"http\" is spec.ports[0]'s name too",
+                "spec.ports[3].name: missing: every port has a name (a DNS-1123 label)",
+                "spec.ports[4].name: \"Http_1\" is not a port name (a DNS-1123 label: letters, \
+                 digits, inner dashes)",
+                "spec.ports[5].protocol: \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, \
+                 TCP, MONGO, GRPC-Web, HTTP_PROXY, UDP, Redis, MySQL",
+            ]
+        );
+        // Istio's other protocols load, with what egress makes of them.
+        let (e, w) = problems(&se(
+            "  hosts: [a.example]\n  addresses: [198.18.0.1]\n  ports:\n  \
+             - {number: 3306, name: mysql, protocol: MySQL}\n  \
+             - {number: 53, name: dns, protocol: UDP}",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            w,
+            vec![
+                "spec.ports[0].protocol: MySQL is not applied: egress mediates this port as TCP",
+                "spec.ports[1].protocol: UDP is not intercepted: egress mediates TCP (and DNS)",
+            ]
+        );
+    }
+
+    #[test]
+    fn service_entry_endpoints_follow_the_resolution() {
+        let ports = "  ports: [{number: 80, name: http, protocol: HTTP}]\n";
+        let with = |rest: &str| problems(&se(&format!("  hosts: [a.example]\n{ports}{rest}")));
+        // NONE (also when not said) goes where the client dialled: no endpoints.
+        for r in ["  resolution: NONE\n", ""] {
+            let (e, _) = with(&format!("{r}  endpoints: [{{address: 198.18.0.1}}]"));
+            assert_eq!(
+                e,
+                [
+                    "spec.endpoints: resolution NONE takes no endpoints: connections go to the \
+                  address dialled"
+                ]
+            );
+        }
+        // STATIC: addresses, and ports the entry names.
+        let (e, _) = with(
+            "  resolution: STATIC\n  endpoints:\n  - {address: 198.18.0.1, ports: {http: 8080}}\n  \
+             - {address: backend.example}\n  - {address: 198.18.0.2, ports: {web: 8080}}\n  \
+             - {ports: {http: 70000}}",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "spec.endpoints[1].address: \"backend.example\" is not an IP address (resolution \
+                 STATIC)",
+                "spec.endpoints[2].ports.web: no port of the entry is named \"web\"",
+                "spec.endpoints[3].address: missing",
+                "spec.endpoints[3].ports.http: 70000 is not a port (1-65535)",
+            ]
+        );
+        // Unix sockets: an absolute path or @name, no ports, one port on the entry; egress
+        // does not connect to them.
+        let (e, w) = with("  resolution: STATIC\n  endpoints: [{address: \"unix:///run/a.sock\"}]");
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            w,
+            [
+                "spec.endpoints[0].address: Unix socket endpoints are not applied: egress connects \
+              over TCP"
+            ]
+        );
+        let (e, _) = with(
+            "  resolution: STATIC\n  endpoints: [{address: \"unix://run/a.sock\", ports: {http: 80}}]",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("an absolute path") && e[1].contains("takes no ports"));
+        // DNS: names or addresses; hosts resolved themselves must be names, not wildcards.
+        let (e, _) = with("  resolution: DNS\n  endpoints: [{address: backend.example}]");
+        assert!(e.is_empty(), "{e:?}");
+        let (e, _) = with("  resolution: DNS\n  endpoints: [{address: \"bad name\"}]");
+        assert!(e[0].starts_with("spec.endpoints[0].address: \"bad name\" is neither"));
+        let (e, _) = problems(&se(&format!(
+            "  hosts: [\"*.a.example\"]\n{ports}  resolution: DNS"
+        )));
+        assert!(
+            e[0].starts_with("spec.hosts[0]: resolution DNS without endpoints resolves the hosts"),
+            "{e:?}"
+        );
+        let (e, _) = with(
+            "  resolution: DNS_ROUND_ROBIN\n  endpoints: [{address: a.example}, {address: b.example}]",
+        );
+        assert_eq!(
+            e,
+            ["spec.endpoints: resolution DNS_ROUND_ROBIN takes one endpoint at most"]
+        );
+        // CIDRs need NONE or STATIC.
+        let (e, _) = with("  resolution: DNS\n  addresses: [198.18.0.0/24]");
+        assert_eq!(
+            e,
+            ["spec.addresses[0]: a CIDR needs resolution NONE or STATIC, not DNS"]
+        );
+        // A TCP connection does not say its host: several hosts need NONE, or HTTP/TLS ports.
+        let tcp =
+            "  hosts: [a.example, b.example]\n  ports: [{number: 5432, name: pg, protocol: TCP}]\n";
+        let (e, _) = problems(&se(&format!("{tcp}  resolution: DNS")));
+        assert_eq!(
+            e,
+            [
+                "spec.hosts: several hosts with resolution DNS need HTTP or TLS ports, which say the \
+              host; spec.ports[0] is TCP"
+            ]
+        );
+        assert!(
+            problems(&se(&format!("{tcp}  resolution: NONE")))
+                .0
+                .is_empty()
+        );
+        // Endpoints or a workload selector, not both.
+        let (e, _) = with(
+            "  resolution: STATIC\n  workloadSelector: {labels: {app: a}}\n  endpoints: [{address: 198.18.0.1}]",
+        );
+        assert_eq!(
+            e,
+            ["spec.workloadSelector: only one of workloadSelector and endpoints may be given"]
+        );
+    }
+
+    #[test]
+    fn dynamic_dns_is_checked_as_istio_does_then_left_out_with_a_warning() {
+        let ok = se(
+            "  hosts: [\"*.example.com\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  \
+                     resolution: DYNAMIC_DNS",
+        );
+        let l = parse_str("m.yaml", &ok).expect("valid");
+        assert!(l.config.service_entries.is_empty());
+        assert_eq!(l.warnings.len(), 1);
+        assert_eq!(
+            l.warnings[0].to_string(),
+            "m.yaml doc 1 ServiceEntry default/se: spec.resolution: DYNAMIC_DNS is not applied by \
+             this version of egress: this entry is ignored"
+        );
+        let (e, _) = problems(&se("  hosts: [a.example]\n  addresses: [198.18.0.1]\n  \
+             ports: [{number: 5432, name: pg, protocol: TCP}]\n  resolution: DYNAMIC_DNS"));
+        assert_eq!(
+            e,
+            vec![
+                "spec.hosts[0]: \"a.example\": resolution DYNAMIC_DNS takes wildcard hosts only",
+                "spec.addresses: resolution DYNAMIC_DNS takes no addresses",
+                "spec.ports[0].protocol: resolution DYNAMIC_DNS takes HTTP, TLS, GRPC and HTTP2 \
+                 ports only",
+            ]
+        );
+    }
+
+    #[test]
+    fn export_to_lists_each_namespace_once_and_star_or_tilde_alone() {
+        let entry = |list: &str| {
+            problems(&se(&format!(
+                "  hosts: [a.example]\n  ports: [{{number: 80, name: http}}]\n  exportTo: {list}"
+            )))
+            .0
+        };
+        assert!(entry("[\".\", team-a]").is_empty());
+        assert!(entry("[\"~\"]").is_empty());
+        assert_eq!(
+            entry("[default, \".\"]"),
+            ["spec.exportTo[1]: \".\" and \"default\" are the same namespace"]
+        );
+        assert_eq!(
+            entry("[team-a, team-a]"),
+            ["spec.exportTo[1]: \"team-a\" is listed twice"]
+        );
+        assert_eq!(
+            entry("[\"*\", team-a]"),
+            ["spec.exportTo[0]: \"*\" cannot be listed with other namespaces"]
+        );
+        assert_eq!(
+            entry("[Team_A]"),
+            ["spec.exportTo[0]: \"Team_A\" is not a namespace, \".\" or \"*\""]
+        );
+        let (e, _) = problems(&vs("  hosts: [a.example]\n  exportTo: [\"~\"]\n  \
+             http: [{route: [{destination: {host: a.example}}]}]"));
+        assert_eq!(
+            e,
+            ["spec.exportTo[0]: \"~\" (no one) is for ServiceEntries only"]
+        );
+    }
+
+    /// The errors of a VirtualService for a.example with this one HTTP route (flow YAML).
+    fn route_errors(route: &str) -> Vec<String> {
+        problems(&vs(&format!("  hosts: [a.example]\n  http: [{route}]"))).0
+    }
+
+    #[test]
+    fn timeouts_and_retries_within_istios_bounds() {
+        let dest = "route: [{destination: {host: a.example}}]";
+        for ok in [
+            "timeout: 1ms",
+            "timeout: 1.5s",
+            "timeout: 0.3s",
+            "timeout: 1m30s",
+            "retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"5xx,connect-failure,503\"}",
+            "retries: {attempts: 0}",
+            "retries: {attempts: 2, retryOn: \"cancelled,unavailable,retriable-4xx\"}",
+        ] {
+            assert_eq!(
+                route_errors(&format!("{{{ok}, {dest}}}")),
+                Vec::<String>::new(),
+                "{ok}"
+            );
+        }
+        for (bad, want) in [
+            (
+                "timeout: 500us",
+                "spec.http[0].timeout: \"500us\" is shorter than 1ms",
+            ),
+            (
+                "timeout: 0s",
+                "spec.http[0].timeout: \"0s\" is shorter than 1ms",
+            ),
+            (
+                "timeout: 1.0005s",
+                "spec.http[0].timeout: \"1.0005s\" is finer than a millisecond",
+            ),
+            (
+                "timeout: -1s",
+                "spec.http[0].timeout: \"-1s\" is not a duration such as 3s, 1.5s or 100ms",
+            ),
+            (
+                "retries: {attempts: -1}",
+                "spec.http[0].retries.attempts: must not be negative",
+            ),
+            (
+                "retries: {perTryTimeout: 1s}",
+                "spec.http[0].retries.attempts: 0 (or missing) disables retries, yet \
+                 perTryTimeout, retryOn or retryRemoteLocalities is set",
+            ),
+            (
+                "retries: {attempts: 2, perTryTimeout: 0.1ms}",
+                "spec.http[0].retries.perTryTimeout: \"0.1ms\" is shorter than 1ms",
+            ),
+            (
+                "retries: {attempts: 2, backoff: 1.5ms5us}",
+                "spec.http[0].retries.backoff: \"1.5ms5us\" is finer than a millisecond",
+            ),
+        ] {
+            assert_eq!(route_errors(&format!("{{{bad}, {dest}}}")), [want], "{bad}");
+        }
+        let e = route_errors(&format!(
+            "{{retries: {{attempts: 2, retryOn: \"5xx, conect-failure,999,\"}}, {dest}}}"
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].contains("\" conect-failure\" is not a retryOn policy"),
+            "{e:?}"
+        );
+        assert!(
+            e[0].ends_with("(did you mean \"connect-failure\"?)"),
+            "{e:?}"
+        );
+        assert!(e[1].contains("\"999\" is not a retryOn policy"), "{e:?}");
+        assert!(e[2].contains("\"\" is not a retryOn policy"), "{e:?}");
+        // Written without a space, as Istio reads them: the space is part of the token.
+        assert!(
+            route_errors(&format!(
+                "{{retries: {{attempts: 1, retryOn: \"5xx, 503\"}}, {dest}}}"
+            ))[0]
+                .contains("\" 503\"")
+        );
+    }
+
+    #[test]
+    fn header_names_and_values_as_envoy_takes_them() {
+        let dest = "route: [{destination: {host: a.example}}]";
+        let ok = format!(
+            "{{match: [{{headers: {{x-user: {{exact: a}}, \":authority\": {{exact: b}}, \
+             \"@request.auth.claims.sub\": {{exact: c}}}}}}], \
+             headers: {{request: {{set: {{x-env: \"%HOSTNAME%\", host: b.example}}, add: \
+             {{x-pct: \"100%%\", x-req: \"%REQ(x-a)%\", x-args: \"%FN([\\\"a\\\", \\\"b\\\"])%\"}}, \
+             remove: [x-debug]}}, response: {{set: {{x-by: egress}}}}}}, {dest}}}"
+        );
+        assert_eq!(route_errors(&ok), Vec::<String>::new());
+        let bad = format!(
+            "{{match: [{{headers: {{\"x user\": {{exact: a}}}}, port: 0}}], \
+             headers: {{request: {{set: {{\":path\": /x, x-a: \"50%\", x-b: \"%OPEN\"}}, \
+             remove: [\":authority\"]}}, response: {{add: {{Host: x}}}}}}, {dest}}}"
+        );
+        assert_eq!(
+            route_errors(&bad),
+            vec![
+                "spec.http[0].match[0].headers: \"x user\" is not a header name",
+                "spec.http[0].match[0].port: 0 is not a port (1-65535)",
+                "spec.http[0].headers.request.set.:path: \":path\": a header cannot start with \":\"",
+                "spec.http[0].headers.request.set.x-a: \"50%\": a lone % at the end (%% is a \
+                 percent sign)",
+                "spec.http[0].headers.request.set.x-b: \"%OPEN\": a %VARIABLE% is not closed",
+                "spec.http[0].headers.request.remove[0]: \":authority\": a header cannot start \
+                 with \":\"",
+                "spec.http[0].headers.response.add.Host: \"Host\": the Host header cannot be set \
+                 this way",
+            ]
+        );
+        let ctl = format!("{{headers: {{request: {{set: {{x-a: \"a\\u0001b\"}}}}}}, {dest}}}");
+        assert_eq!(
+            route_errors(&ctl),
+            ["spec.http[0].headers.request.set.x-a: \"a\\u{1}b\" holds a control character"]
+        );
+    }
+
+    #[test]
+    fn routes_destinations_and_hosts_of_a_virtual_service() {
+        for (route, want) in [
+            (
+                "{timeout: 1s}",
+                "spec.http[0].route: a route, a redirect or a directResponse is required",
+            ),
+            (
+                "{redirect: {uri: /b}, route: [{destination: {host: a.example}}]}",
+                "spec.http[0]: redirect and route cannot both be given",
+            ),
+            (
+                "{directResponse: {status: 503}, fault: {abort: {httpStatus: 500}}}",
+                "spec.http[0]: directResponse and fault cannot both be given",
+            ),
+            (
+                "{route: [{destination: {host: \"*\"}}]}",
+                "spec.http[0].route[0].destination.host: \"*\" is not a destination",
+            ),
+            (
+                "{route: [{destination: {host: a.example, subset: V_1}}]}",
+                "spec.http[0].route[0].destination.subset: \"V_1\" is not a subset name",
+            ),
+            (
+                "{route: [{destination: {host: a.example}, weight: -1}]}",
+                "spec.http[0].route[0].weight: must not be negative",
+            ),
+            (
+                "{route: [{destination: {host: a.example}}, {destination: {host: b.example}}]}",
+                "spec.http[0].route: the destinations' weights add up to 0",
+            ),
+        ] {
+            assert_eq!(route_errors(route), [want], "{route}");
+        }
+        let route = "  http: [{route: [{destination: {host: a.example}}]}]";
+        let (e, _) = problems(&vs(&format!(
+            "  hosts: [\"*.a.example\", b.a.example]\n{route}"
+        )));
+        assert_eq!(
+            e,
+            [
+                "spec.hosts[1]: \"b.a.example\" and spec.hosts[0] \"*.a.example\" name the same hosts"
+            ]
+        );
+        let (e, _) = problems(&vs(&format!("  hosts: [\"*\"]\n{route}")));
+        assert_eq!(
+            e,
+            ["spec.hosts[0]: \"*\" is not a host of a VirtualService bound to the mesh"]
+        );
+        let (e, _) = problems(&vs("  hosts: [a.example]"));
+        assert_eq!(e, ["spec: http, tcp or tls routes are required"]);
+    }
+
+    #[test]
+    fn gateways_bound_virtual_services_and_delegates_are_not_applied() {
+        let route = "  http: [{route: [{destination: {host: a.example}}]}]";
+        let load = |spec: &str| parse_str("m.yaml", &vs(spec));
+        // Bound to gateways only: Istio's gateways apply it, not the mesh's sidecars.
+        let l = load(&format!(
+            "  hosts: [\"*\"]\n  gateways: [istio-system/egress]\n{route}"
+        ))
+        .expect("valid");
+        assert!(l.config.virtual_services.is_empty());
+        assert_eq!(
+            l.warnings[0].to_string(),
+            "m.yaml doc 1 VirtualService default/vs: spec.gateways: bound to gateways only \
+             (\"mesh\" is not listed): not applied to the mesh's traffic, which egress mediates"
+        );
+        let l = load(&format!(
+            "  hosts: [a.example]\n  gateways: [mesh, istio-system/egress]\n{route}"
+        ))
+        .expect("valid");
+        assert_eq!(l.config.virtual_services.len(), 1);
+        let l = load(&format!(
+            "  hosts: [a.example]\n  gateways: [egress-gateway.istio-system]\n{route}"
+        ))
+        .expect("valid");
+        assert!(
+            l.warnings[0].to_string().contains(
+                "\"egress-gateway.istio-system\" is the legacy form of a gateway name: write \
+                 \"istio-system/egress-gateway\""
+            ),
+            "{:?}",
+            l.warnings
+        );
+        let (e, _) = problems(&vs(&format!(
+            "  hosts: [a.example]\n  gateways: [\"/gw\", \"ns/Bad_Name\"]\n{route}"
+        )));
+        assert_eq!(
+            e,
+            vec![
+                "spec.gateways[0]: \"/gw\": a gateway is namespace/name, both given",
+                "spec.gateways[1]: \"ns/Bad_Name\": \"Bad_Name\" is not a gateway name",
+            ]
+        );
+        // A delegate (no hosts) is valid Istio that egress does not apply yet.
+        let l = load(route).expect("valid");
+        assert!(l.config.virtual_services.is_empty());
+        assert!(l.warnings[0].message.contains("a delegate VirtualService"));
+        let (e, _) = problems(&vs(&format!("  gateways: [mesh]\n{route}")));
+        assert_eq!(
+            e,
+            ["spec.gateways: a delegate VirtualService (one without hosts) has none"]
+        );
+    }
+
+    #[test]
+    fn destination_rule_tls_settings_that_conflict_or_cannot_be_applied() {
+        let tls = |t: &str| {
+            problems(&dr(&format!(
+                "  host: a.example\n  trafficPolicy: {{tls: {t}}}"
+            )))
+        };
+        let f = "spec.trafficPolicy.tls";
+        assert_eq!(
+            tls("{mode: SIMPLE, insecureSkipVerify: true, caCertificates: /x.pem}").0,
+            [format!(
+                "{f}.caCertificates: cannot be given with insecureSkipVerify: true"
+            )]
+        );
+        assert_eq!(
+            tls("{mode: SIMPLE, insecureSkipVerify: true}").0,
+            [format!(
+                "{f}.insecureSkipVerify: egress does not originate TLS without verifying the \
+                 server: give caCertificates instead"
+            )]
+        );
+        assert_eq!(
+            tls("{mode: MUTUAL}").0,
+            [
+                format!("{f}.clientCertificate: missing: MUTUAL TLS needs it"),
+                format!("{f}.privateKey: missing: MUTUAL TLS needs it"),
+            ]
+        );
+        assert_eq!(
+            tls("{mode: SIMPLE, credentialName: secret, caCertificates: /x.pem}").0,
+            [format!(
+                "{f}.caCertificates: cannot be given with credentialName"
+            )]
+        );
+        let (e, w) = tls("{mode: SIMPLE, credentialName: secret}");
+        assert!(e.is_empty(), "{e:?}");
+        assert!(
+            w[0].starts_with(&format!("{f}.credentialName: not applied")),
+            "{w:?}"
+        );
+        // The CA file is read at load, where its place in the configuration is known.
+        let (e, _) = tls("{mode: SIMPLE, caCertificates: /nonexistent/ca.pem}");
+        assert_eq!(
+            e,
+            [format!(
+                "{f}.caCertificates: reading /nonexistent/ca.pem: No such file or directory (os \
+                 error 2)"
+            )]
+        );
+        let (e, _) = tls("{mode: SIMPLE, caCertificates: /dev/null}");
+        assert_eq!(
+            e,
+            [format!(
+                "{f}.caCertificates: /dev/null is not a regular file"
+            )]
+        );
+        // Policies that say nothing, and subsets.
+        let (e, _) = problems(&dr("  host: a.example\n  trafficPolicy:\n    \
+             portLevelSettings: [{tls: {mode: DISABLE}}, {port: {number: 80}}]\n  \
+             subsets: [{name: v1}, {name: v1}, {name: V_2, trafficPolicy: {}}]"));
+        assert_eq!(
+            e,
+            vec![
+                "spec.trafficPolicy.portLevelSettings[0].port: missing",
+                "spec.trafficPolicy.portLevelSettings[1]: empty: a port's traffic policy sets at \
+                 least one field",
+                "spec.subsets[1].name: \"v1\" is spec.subsets[0]'s name too",
+                "spec.subsets[2].name: \"V_2\" is not a subset name (a DNS-1123 label)",
+                "spec.subsets[2].trafficPolicy: empty: a traffic policy sets at least one field",
+            ]
+        );
+        let (e, _) = problems(&dr("  host: \"a*.example\""));
+        assert_eq!(
+            e,
+            ["spec.host: \"a*.example\" is not a host name (label \"a*\")"]
+        );
+    }
+
+    fn egress(spec: &str) -> String {
+        format!(
+            "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: d}}\nspec:\n{spec}\n"
+        )
+    }
+
+    #[test]
+    fn a_misspelt_knob_is_an_error_that_names_the_right_one() {
+        // Istio's older names of the range knobs are aliases.
+        let l = parse_str(
+            "m.yaml",
+            &egress(
+                "  interception: {includeIPRanges: \"10.0.0.0/8\", excludeIPRanges: [10.1.0.0/16]}",
+            ),
+        )
+        .expect("valid");
+        let i = &l.config.interception;
+        assert_eq!(i.include_ranges, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(i.exclude_ranges, ["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        for (spec, want) in [
+            (
+                "  interception: {excludeOutboundIPRange: [10.0.0.0/8]}",
+                "spec.interception.excludeOutboundIPRange: unknown field: did you mean \
+                 excludeOutboundIPRanges?",
+            ),
+            (
+                "  interception: {includeIpRanges: \"*\"}",
+                "spec.interception.includeIpRanges: unknown field: did you mean \
+                 includeOutboundIPRanges?",
+            ),
+            (
+                "  interception: {excludeInboundPorts: \"15020\"}",
+                "spec.interception.excludeInboundPorts: unknown field: did you mean \
+                 excludeOutboundPorts?",
+            ),
+            (
+                "  interception: {captureAll: true}",
+                "spec.interception.captureAll: unknown field: the knobs are \
+                 includeOutboundIPRanges, excludeOutboundIPRanges, includeOutboundPorts, \
+                 excludeOutboundPorts, excludeUids, excludeGids",
+            ),
+            (
+                "  interception: {includeIPRanges: \"*\", includeOutboundIPRanges: \"*\"}",
+                "spec.interception.includeIPRanges: includeOutboundIPRanges is given too: give \
+                 one of them",
+            ),
+            (
+                "  outboundTrafficPolicy: {mdoe: REGISTRY_ONLY}",
+                "spec.outboundTrafficPolicy.mdoe: unknown field: did you mean mode?",
+            ),
+            (
+                "  outboundTrafficPolicy: {egressProxy: {host: a.example}}",
+                "spec.outboundTrafficPolicy.egressProxy: unknown field: the only field is mode",
+            ),
+        ] {
+            assert_eq!(problems(&egress(spec)).0, [want], "{spec}");
+        }
+    }
+
+    #[test]
+    fn fields_istio_defines_are_not_applied_never_unknown() {
+        let text = vs(
+            "  hosts: [a.example]\n  http:\n  - mirror: {host: b.example}\n    \
+                       mirrorPercentage: {value: 50}\n    corsPolicy: {allowOrigins: [{exact: x}]}\n    \
+                       retries: {attempts: 1, retryIgnorePreviousHosts: true}\n    \
+                       route: [{destination: {host: a.example}}]",
+        ) + "---\n"
+            + &dr(
+                "  host: a.example\n  trafficPolicy: {tunnel: {protocol: CONNECT, targetHost: b, targetPort: 80}, retryBudget: {percent: {value: 10}}}\n  \
+                   workloadSelector: {matchLabels: {app: a}}",
+            );
+        let l = parse_str("m.yaml", &text).expect("valid");
+        let w: Vec<String> = l
+            .warnings
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect();
+        assert!(!w.iter().any(|w| w.contains("unknown field")), "{w:?}");
+        for want in [
+            "spec.http[0].mirror: not applied",
+            "spec.http[0].mirrorPercentage: not applied",
+            "spec.http[0].corsPolicy: not applied",
+            "spec.trafficPolicy.tunnel: not applied",
+            "spec.trafficPolicy.retryBudget: not applied",
+        ] {
+            assert!(w.iter().any(|w| w == want), "{want}: {w:?}");
+        }
+    }
 }
