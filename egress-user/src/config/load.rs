@@ -720,6 +720,20 @@ impl Cx {
 
     fn sidecar(&mut self, origin: &Origin, spec: Value) -> Option<istio::SidecarSpec> {
         let spec: istio::SidecarSpec = self.typed(origin, "spec", spec)?;
+        if let Some(p) = &spec.outbound_traffic_policy
+            && p.egress_proxy.is_some()
+        {
+            let f = "spec.outboundTrafficPolicy.egressProxy";
+            if p.mode != Mode::AllowAny {
+                self.error(origin, f, "only with mode ALLOW_ANY");
+                return None;
+            }
+            self.warn(
+                origin,
+                f,
+                "not applied: what no ServiceEntry declares goes to its own destination",
+            );
+        }
         if spec.outbound_traffic_policy.is_some() && spec.workload_selector.is_some() {
             self.warn(
                 origin,
@@ -3284,6 +3298,32 @@ spec:
         ] {
             assert_eq!(problems(&egress(spec)).0, [want], "{spec}");
         }
+    }
+
+    #[test]
+    fn a_sidecars_egress_proxy_goes_with_allow_any_and_is_not_applied() {
+        let sidecar = |mode: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default}}\n\
+                 spec:\n  outboundTrafficPolicy:\n    mode: {mode}\n    \
+                 egressProxy: {{host: proxy.example, port: {{number: 3128}}}}\n"
+            )
+        };
+        assert_eq!(
+            problems(&sidecar("REGISTRY_ONLY")).0,
+            ["spec.outboundTrafficPolicy.egressProxy: only with mode ALLOW_ANY"]
+        );
+        assert_eq!(
+            problems(&sidecar("ALLOW_ANY")),
+            (
+                Vec::new(),
+                vec![
+                    "spec.outboundTrafficPolicy.egressProxy: not applied: what no ServiceEntry \
+                     declares goes to its own destination"
+                        .to_owned()
+                ]
+            )
+        );
     }
 
     #[test]
