@@ -2971,10 +2971,7 @@ spec:
                 "timeout: 1.0005s",
                 "spec.http[0].timeout: \"1.0005s\" is finer than a millisecond",
             ),
-            (
-                "timeout: -1s",
-                "spec.http[0].timeout: \"-1s\" is not a duration such as 3s, 1.5s or 100ms",
-            ),
+            ("timeout: -1s", "spec.http[0].timeout: \"-1s\" is negative"),
             (
                 "retries: {attempts: -1}",
                 "spec.http[0].retries.attempts: must not be negative",

@@ -91,6 +91,9 @@ pub fn partial_wildcard(name: &str) -> bool {
 
 /// A duration as Istio takes it for timeouts: 1ms or more, to the millisecond.
 pub fn duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("{s:?} is negative"));
+    }
     let d = parse_duration(s)
         .ok_or_else(|| format!("{s:?} is not a duration such as 3s, 1.5s or 100ms"))?;
     if d < Duration::from_millis(1) {
@@ -371,4 +374,89 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nearest_name_is_offered_only_for_a_likely_typo() {
+        let names = ["includeOutboundIPRanges", "excludeOutboundPorts", "mode"];
+        assert_eq!(
+            closest("includeoutboundipranges", &names),
+            Some("includeOutboundIPRanges")
+        );
+        assert_eq!(
+            closest("excludeOutboundPort", &names),
+            Some("excludeOutboundPorts")
+        );
+        assert_eq!(closest("mdoe", &names), Some("mode"));
+        assert_eq!(closest("captureAll", &names), None);
+        assert_eq!(closest("", &names), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn labels_wildcards_and_names() {
+        assert!(dns1123_label("a-1") && dns1123_label("A") && !dns1123_label("a-"));
+        assert!(!dns1123_label(&"a".repeat(64)) && dns1123_label(&"a".repeat(63)));
+        for ok in [
+            "*",
+            "*.a.example",
+            "*a.example",
+            "*-a.example",
+            "a.example.",
+        ] {
+            assert!(wildcard_domain(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "a*.example",
+            "*.*.example",
+            "**.example",
+            "a.example..",
+            ".a.example",
+        ] {
+            assert!(wildcard_domain(bad).is_err(), "{bad}");
+        }
+        assert!(fqdn("*.a.example").is_err() && fqdn("a.example").is_ok());
+        assert!(partial_wildcard("*a.example") && !partial_wildcard("*.a.example"));
+        assert!(!partial_wildcard("*"));
+    }
+
+    #[test]
+    fn durations_status_codes_and_header_values() {
+        assert_eq!(duration("1ms"), Ok(Duration::from_millis(1)));
+        assert_eq!(duration("-5s"), Err("\"-5s\" is negative".to_owned()));
+        assert!(duration("999us").is_err() && duration("1001us").is_err());
+        for ok in ["200", "503", "418", "gateway-error", "reset-before-request"] {
+            assert!(retry_on(ok).is_ok(), "{ok}");
+        }
+        for bad in ["306", "0", "600", "5XX", "connect_failure"] {
+            assert!(retry_on(bad).is_err(), "{bad}");
+        }
+        for ok in [
+            "",
+            "plain",
+            "a\tb",
+            "100%%",
+            "%A%%B%",
+            "%REQ(x)%",
+            "%F([\"a\", \"b\"])%",
+        ] {
+            assert!(header_value(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "%",
+            "a%",
+            "%A",
+            "%F([a])%",
+            "%F([\"a\"] x)%",
+            "%F(x)y%",
+            "a\nb",
+            "\u{7f}",
+        ] {
+            assert!(header_value(bad).is_err(), "{bad}");
+        }
+    }
 }
