@@ -748,6 +748,9 @@ impl Cx {
                 "egress and ingress listeners are not applied",
             );
         }
+        if spec.inbound_connection_pool.is_some() {
+            self.warn(origin, "spec.inboundConnectionPool", "not applied");
+        }
         Some(spec)
     }
 
@@ -939,6 +942,93 @@ impl Cx {
         }
         if let Some(m) = &r.mirror {
             self.destination(origin, &format!("{f}.mirror"), m);
+        }
+        if let Some(fault) = &r.fault {
+            self.fault(origin, &format!("{f}.fault"), fault);
+        }
+        if let Some(p) = &r.mirror_percent
+            && p.as_u64().is_none_or(|p| p > 100)
+        {
+            self.error(
+                origin,
+                &format!("{f}.mirrorPercent"),
+                format!("{} is not a percentage from 0 to 100", scalar(p)),
+            );
+        }
+        if let Some(p) = &r.mirror_percentage {
+            self.percentage(origin, &format!("{f}.mirrorPercentage"), Some(p));
+        }
+    }
+
+    /// A `Percent` (`{value: 12.5}`), when there is one.
+    fn percentage(&mut self, origin: &Origin, f: &str, p: Option<&Value>) {
+        let Some(p) = p else { return };
+        let value = p.get("value").map_or(Some(0.0), Value::as_f64);
+        let checked = value.map_or_else(
+            || Err(format!("{} is not a number", scalar(p))),
+            rules::percentage,
+        );
+        if let Err(why) = checked {
+            self.error(origin, &format!("{f}.value"), why);
+        }
+    }
+
+    /// A fault (not applied by egress) as Istio checks it: an abort with a status, a delay
+    /// with a duration, percentages.
+    fn fault(&mut self, origin: &Origin, f: &str, fault: &Value) {
+        let (abort, delay) = (fault.get("abort"), fault.get("delay"));
+        if abort.is_none() && delay.is_none() {
+            self.error(origin, f, "an abort, a delay or both are required");
+        }
+        if let Some(a) = abort {
+            let g = format!("{f}.abort");
+            self.percentage(origin, &format!("{g}.percentage"), a.get("percentage"));
+            if let Some(s) = a.get("httpStatus") {
+                if !s.as_i64().is_some_and(|s| (200..=599).contains(&s)) {
+                    self.error(
+                        origin,
+                        &format!("{g}.httpStatus"),
+                        format!("{} is not an HTTP status (200-599)", scalar(s)),
+                    );
+                }
+            } else if let Some(s) = a.get("grpcStatus") {
+                if !rules::GRPC_STATUSES.contains(&scalar(s).as_str()) {
+                    self.error(
+                        origin,
+                        &format!("{g}.grpcStatus"),
+                        format!(
+                            "{} is not one of {}",
+                            scalar(s),
+                            rules::GRPC_STATUSES.join(", ")
+                        ),
+                    );
+                }
+            } else if a.get("http2Error").is_some() {
+                self.error(
+                    origin,
+                    &format!("{g}.http2Error"),
+                    "HTTP/2 abort faults are not supported by Istio",
+                );
+            } else {
+                self.warn(
+                    origin,
+                    &g,
+                    "no httpStatus, grpcStatus or http2Error: this abort does nothing",
+                );
+            }
+        }
+        if let Some(d) = delay {
+            let g = format!("{f}.delay");
+            self.percentage(origin, &format!("{g}.percentage"), d.get("percentage"));
+            for key in ["fixedDelay", "exponentialDelay"] {
+                if let Some(v) = d.get(key) {
+                    let field = format!("{g}.{key}");
+                    self.duration(origin, &field, Some(&scalar(v)));
+                    if key == "exponentialDelay" {
+                        self.error(origin, &field, "not supported by Istio");
+                    }
+                }
+            }
         }
     }
 
@@ -1304,13 +1394,23 @@ impl Cx {
                         &format!("{field}.mode"),
                         format!("{m} is not applied: only SIMPLE TLS origination is"),
                     );
-                } else if t.mode.as_deref() == Some("SIMPLE") && t.credential_name.is_some() {
-                    self.warn(
-                        origin,
-                        &format!("{field}.credentialName"),
-                        "not applied (egress reads no Kubernetes secrets): the system's roots \
-                         verify the server",
-                    );
+                } else if t.mode.as_deref() == Some("SIMPLE") {
+                    if t.credential_name.is_some() {
+                        self.warn(
+                            origin,
+                            &format!("{field}.credentialName"),
+                            "not applied (egress reads no Kubernetes secrets): the system's \
+                             roots verify the server",
+                        );
+                    }
+                    if !t.subject_alt_names.is_empty() {
+                        self.warn(
+                            origin,
+                            &format!("{field}.subjectAltNames"),
+                            "not applied: the server's certificate is verified for the server \
+                             name (sni, else the host)",
+                        );
+                    }
                 }
             }
             if tp.connection_pool.is_some()
@@ -2183,6 +2283,37 @@ impl Cx {
         if spec.workload_selector.is_some() {
             later.push("workloadSelector");
         }
+        if !spec.subject_alt_names.is_empty() {
+            later.push("subjectAltNames");
+        }
+        let endpoint_fields = [
+            (
+                "endpoints' labels",
+                spec.endpoints.iter().any(|e| !e.labels.is_empty()),
+            ),
+            (
+                "endpoints' network",
+                spec.endpoints.iter().any(|e| e.network.is_some()),
+            ),
+            (
+                "endpoints' locality",
+                spec.endpoints.iter().any(|e| e.locality.is_some()),
+            ),
+            (
+                "endpoints' weight",
+                spec.endpoints.iter().any(|e| e.weight.is_some()),
+            ),
+            (
+                "endpoints' serviceAccount",
+                spec.endpoints.iter().any(|e| e.service_account.is_some()),
+            ),
+        ];
+        later.extend(
+            endpoint_fields
+                .iter()
+                .filter(|(_, set)| *set)
+                .map(|(name, _)| *name),
+        );
         if !later.is_empty() {
             self.warn(
                 origin,
@@ -3298,6 +3429,59 @@ spec:
     }
 
     #[test]
+    fn faults_and_mirrors_egress_does_not_apply_are_still_checked_as_istio_does() {
+        let dest = "route: [{destination: {host: a.example}}]";
+        for ok in [
+            "fault: {abort: {httpStatus: 503, percentage: {value: 0.5}}}",
+            "fault: {abort: {grpcStatus: UNAVAILABLE}, delay: {fixedDelay: 2s}}",
+            "mirror: {host: b.example}, mirrorPercentage: {value: 100}",
+        ] {
+            assert_eq!(
+                route_errors(&format!("{{{ok}, {dest}}}")),
+                Vec::<String>::new(),
+                "{ok}"
+            );
+        }
+        for (bad, want) in [
+            (
+                "fault: {}",
+                "spec.http[0].fault: an abort, a delay or both are required",
+            ),
+            (
+                "fault: {abort: {httpStatus: 700}}",
+                "spec.http[0].fault.abort.httpStatus: 700 is not an HTTP status (200-599)",
+            ),
+            (
+                "fault: {abort: {httpStatus: 503, percentage: {value: 120}}}",
+                "spec.http[0].fault.abort.percentage.value: 120 is neither 0 nor from 0.0001 to \
+                 100",
+            ),
+            (
+                "fault: {delay: {fixedDelay: 0.5ms}}",
+                "spec.http[0].fault.delay.fixedDelay: \"0.5ms\" is shorter than 1ms",
+            ),
+            (
+                "fault: {delay: {exponentialDelay: 1s}}",
+                "spec.http[0].fault.delay.exponentialDelay: not supported by Istio",
+            ),
+            (
+                "mirror: {host: b.example}, mirrorPercent: 101",
+                "spec.http[0].mirrorPercent: 101 is not a percentage from 0 to 100",
+            ),
+            (
+                "mirror: {host: b.example}, mirrors: [{destination: {host: c.example}}]",
+                "spec.http[0]: mirror and mirrors cannot both be given",
+            ),
+        ] {
+            assert_eq!(route_errors(&format!("{{{bad}, {dest}}}")), [want], "{bad}");
+        }
+        let e = route_errors(&format!(
+            "{{fault: {{abort: {{grpcStatus: NOPE}}}}, {dest}}}"
+        ));
+        assert!(e[0].starts_with("spec.http[0].fault.abort.grpcStatus: NOPE is not one of OK,"));
+    }
+
+    #[test]
     fn a_sidecars_egress_proxy_goes_with_allow_any_and_is_not_applied() {
         let sidecar = |mode: &str| {
             format!(
@@ -3342,6 +3526,16 @@ spec:
             .map(|p| format!("{}: {}", p.field, p.message))
             .collect();
         assert!(!w.iter().any(|w| w.contains("unknown field")), "{w:?}");
+        let (e, entry_warnings) = problems(&se(
+            "  hosts: [a.example]\n  ports: [{number: 80, name: http}]\n  \
+             resolution: STATIC\n  subjectAltNames: [spiffe://a]\n  \
+             endpoints: [{address: 198.18.0.1, weight: 2, locality: us/east}]",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            entry_warnings,
+            ["spec: not applied yet: subjectAltNames, endpoints' locality, endpoints' weight"]
+        );
         for want in [
             "spec.http[0].mirror: not applied",
             "spec.http[0].mirrorPercentage: not applied",

@@ -147,6 +147,36 @@ pub fn retry_on(token: &str) -> Result<(), String> {
     ))
 }
 
+/// The gRPC status names an abort fault may give (Go's gRPC codes).
+pub const GRPC_STATUSES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A percentage as Istio's `Percent` takes it: 0, or from 0.0001 to 100.
+pub fn percentage(v: f64) -> Result<(), String> {
+    if (0.0..=100.0).contains(&v) && (v == 0.0 || v >= 0.0001) {
+        Ok(())
+    } else {
+        Err(format!("{v} is neither 0 nor from 0.0001 to 100"))
+    }
+}
+
 /// An HTTP header name as RFC 9110 defines a token (Istio's header match names); the
 /// pseudo-headers `:method`, `:scheme`, `:authority`, `:path` and `:status` too, and a JWT
 /// claim (`@request.auth.claims...`) where `claims` is set.
