@@ -26,11 +26,11 @@ use crate::{
 /// How the agent mediates a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
-    /// HTTP, HTTP2, GRPC: requests are parsed and matched by Host.
+    /// HTTP, HTTP2, GRPC, GRPC-Web, HTTP_PROXY: requests are parsed and matched by Host.
     Http,
     /// HTTPS, TLS: matched by the ClientHello's SNI, never decrypted.
     Tls,
-    /// TCP, MONGO (and ports without a protocol): matched by address.
+    /// TCP, MONGO, Redis, MySQL (and ports without a protocol): matched by address.
     Tcp,
 }
 
@@ -45,7 +45,7 @@ impl Proto {
             }
         };
         match p.as_str() {
-            "HTTP" | "HTTP2" | "GRPC" => Proto::Http,
+            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "HTTP_PROXY" => Proto::Http,
             "HTTPS" | "TLS" => Proto::Tls,
             _ => Proto::Tcp,
         }
