@@ -847,6 +847,22 @@ impl Cx {
         }
         for (i, r) in spec.http.iter().enumerate() {
             self.http_route(origin, &format!("spec.http[{i}]"), r, delegate);
+            for (j, m) in r.matches.iter().enumerate().filter(|_| mesh) {
+                for key in ["headers", "withoutHeaders"] {
+                    let claims = m.get(key).and_then(Value::as_mapping).is_some_and(|h| {
+                        h.keys()
+                            .any(|k| scalar(k).starts_with("@request.auth.claims"))
+                    });
+                    if claims {
+                        self.error(
+                            origin,
+                            &format!("spec.http[{i}].match[{j}].{key}"),
+                            "routing on JWT claims is for gateways: this VirtualService is \
+                             bound to the mesh",
+                        );
+                    }
+                }
+            }
         }
         for (i, why) in rules::export_to(namespace, &spec.export_to, false) {
             self.error(origin, &format!("spec.exportTo[{i}]"), why);
@@ -1052,7 +1068,7 @@ impl Cx {
             };
             for (k, _) in map {
                 let k = scalar(k);
-                if let Err(why) = rules::header_name(&k, true) {
+                if let Err(why) = rules::header_name(&k) {
                     self.error(origin, &format!("{f}.{key}"), why);
                 }
             }
@@ -3152,7 +3168,7 @@ spec:
         let dest = "route: [{destination: {host: a.example}}]";
         let ok = format!(
             "{{match: [{{headers: {{x-user: {{exact: a}}, \":authority\": {{exact: b}}, \
-             \"@request.auth.claims.sub\": {{exact: c}}}}}}], \
+             \":path\": {{exact: c}}}}}}], \
              headers: {{request: {{set: {{x-env: \"%HOSTNAME%\", host: b.example}}, add: \
              {{x-pct: \"100%%\", x-req: \"%REQ(x-a)%\", x-args: \"%FN([\\\"a\\\", \\\"b\\\"])%\"}}, \
              remove: [x-debug]}}, response: {{set: {{x-by: egress}}}}}}, {dest}}}"
@@ -3236,6 +3252,25 @@ spec:
         );
         let (e, _) = problems(&vs("  hosts: [a.example]"));
         assert_eq!(e, ["spec: http, tcp or tls routes are required"]);
+    }
+
+    #[test]
+    fn jwt_claims_are_routed_on_at_gateways_only() {
+        let spec = |gateways: &str| {
+            vs(&format!(
+                "  hosts: [a.example]\n  gateways: {gateways}\n  http:\n  - match: \
+                 [{{headers: {{\"@request.auth.claims.sub\": {{exact: a}}}}}}]\n    \
+                 route: [{{destination: {{host: a.example}}}}]"
+            ))
+        };
+        assert_eq!(
+            problems(&spec("[mesh]")).0,
+            [
+                "spec.http[0].match[0].headers: routing on JWT claims is for gateways: this \
+              VirtualService is bound to the mesh"
+            ]
+        );
+        assert!(problems(&spec("[istio-system/gw]")).0.is_empty());
     }
 
     #[test]

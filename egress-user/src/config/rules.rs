@@ -107,7 +107,7 @@ pub fn duration(s: &str) -> Result<Duration, String> {
 
 /// Envoy's `x-envoy-retry-on` and `x-envoy-retry-grpc-on` policies, the `retryOn` tokens
 /// Istio accepts besides HTTP status codes.
-pub const RETRY_ON: [&str; 16] = [
+const RETRY_ON: [&str; 16] = [
     "5xx",
     "gateway-error",
     "reset",
@@ -177,14 +177,14 @@ pub fn percentage(v: f64) -> Result<(), String> {
     }
 }
 
-/// An HTTP header name as RFC 9110 defines a token (Istio's header match names); the
-/// pseudo-headers `:method`, `:scheme`, `:authority`, `:path` and `:status` too, and a JWT
-/// claim (`@request.auth.claims...`) where `claims` is set.
-pub fn header_name(name: &str, claims: bool) -> Result<(), String> {
+/// A header a route matches on: an HTTP header name as RFC 9110 defines a token, one of the
+/// pseudo-headers `:method`, `:scheme`, `:authority`, `:path` and `:status`, or a JWT claim
+/// (`@request.auth.claims...`).
+pub fn header_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("an empty header name".to_owned());
     }
-    if claims && name.starts_with("@request.auth.claims") {
+    if name.starts_with("@request.auth.claims") {
         return Ok(());
     }
     if matches!(
