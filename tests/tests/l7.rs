@@ -400,7 +400,9 @@ spec:
   http:
   - match: [{uri: {prefix: /once}}]
     retries: {attempts: 0}
+    route: [{destination: {host: httpbin.org}}]
   - retries: {attempts: 2, perTryTimeout: 2s, retryOn: 5xx}
+    route: [{destination: {host: httpbin.org}}]
 ";
     let agent = start(
         &config("REGISTRY_ONLY", vs),

@@ -16,7 +16,7 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The cargo-fuzz targets in egress-user/fuzz, which `cargo xtask test` runs as tests named
 /// `fuzz::<target>`.
-const FUZZ_TARGETS: &[&str] = &["client_hello", "http_head", "dns_message"];
+const FUZZ_TARGETS: &[&str] = &["client_hello", "http_head", "dns_message", "config"];
 /// How long `cargo xtask test` runs each fuzz target unless `EGRESS_FUZZ_SECONDS` says.
 const FUZZ_SECONDS: u64 = 30;
 /// Debian packages that tests and benchmarks run, each with a file it installs: HAProxy in the

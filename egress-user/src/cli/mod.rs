@@ -19,7 +19,7 @@ use log::error;
 
 use crate::{
     config,
-    datapath::{Maps, sys},
+    datapath::{self, Maps, sys},
     plan,
     telemetry::{accesslog, admin},
     workloads::api,
@@ -136,8 +136,17 @@ enum Cmd {
         #[arg(long, default_value_t = DEFAULT_ADMIN_PORT)]
         admin_port: u16,
     },
-    /// Check a configuration (file or directory) and print every problem.
-    Validate { path: PathBuf },
+    /// Check a configuration (file or directory) as `run` and a reload do, and print every
+    /// problem: what validates also loads.
+    Validate {
+        path: PathBuf,
+        /// The `run --max-cidrs` the configuration is to fit.
+        #[arg(long, default_value_t = egress_common::DEFAULT_MAX_CIDRS)]
+        max_cidrs: u32,
+        /// The `run --max-service-entry-addresses` the configuration is to fit.
+        #[arg(long, default_value_t = egress_common::DEFAULT_MAX_ALLOWED)]
+        max_service_entry_addresses: u32,
+    },
     /// Remove what agents leave on the node when they stop: detach the programs, remove the
     /// pinned links and maps, the enrolment state and address allocation files, the admin and
     /// handover sockets, the
@@ -361,7 +370,18 @@ pub fn main() -> ExitCode {
         Cmd::Reload { admin_port } => {
             admin::request(admin_port, "POST", "/reload").map(|b| print!("{b}"))
         }
-        Cmd::Validate { path } => return validate(&path),
+        Cmd::Validate {
+            path,
+            max_cidrs,
+            max_service_entry_addresses,
+        } => {
+            let cap = datapath::Capacity {
+                cidrs: max_cidrs,
+                allowed: max_service_entry_addresses,
+                orig: egress_common::DEFAULT_MAX_ORIG,
+            };
+            return validate(&path, &cap);
+        }
         Cmd::Uninstall {
             pin_path,
             state_file,
@@ -535,29 +555,46 @@ pub fn reason_verdict(r: egress_common::Reason) -> &'static str {
     }
 }
 
-fn validate(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(l) => {
-            for w in &l.warnings {
-                println!("warning: {w}");
-            }
-            let c = &l.config;
+/// What `run` and a reload do with a loaded configuration before it is in force.
+fn in_force(mesh: &mut config::MeshConfig, cap: &datapath::Capacity) -> Result<()> {
+    config::alloc::Allocator::load(None).assign(mesh)?;
+    datapath::reload::check_capacity(&plan::compile(mesh), cap)?;
+    crate::registry::Registry::compile(mesh)?;
+    Ok(())
+}
+
+/// Load a configuration and take it through what the agent does with it before it is in force
+/// (addresses allocated, the plan fitted to the maps, the registry built with its CA files).
+fn validate(path: &Path, cap: &datapath::Capacity) -> ExitCode {
+    let (loaded, warnings) = match config::load(path) {
+        Ok(l) => (Ok(l.config), l.warnings),
+        Err(e) => (Err(e.errors), e.warnings),
+    };
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    let checked =
+        loaded.map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>());
+    let checked = checked.and_then(|mut mesh| {
+        in_force(&mut mesh, cap)
+            .map(|()| mesh)
+            .map_err(|e| vec![format!("{}: {e:#}", path.display())])
+    });
+    match checked {
+        Ok(mesh) => {
             println!(
                 "{}: valid ({} ServiceEntries, {} warnings)",
                 path.display(),
-                c.service_entries.len(),
-                l.warnings.len()
+                mesh.service_entries.len(),
+                warnings.len()
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            for w in &e.warnings {
-                println!("warning: {w}");
-            }
-            for p in &e.errors {
+        Err(errors) => {
+            for p in &errors {
                 println!("error: {p}");
             }
-            error!("{}: {} errors", path.display(), e.errors.len());
+            error!("{}: {} errors", path.display(), errors.len());
             ExitCode::FAILURE
         }
     }

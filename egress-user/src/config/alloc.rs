@@ -306,7 +306,7 @@ mod tests {
                  apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
                  metadata: {name: wild, namespace: team}\n\
                  spec: {hosts: [\"*.w.example\"], ports: [{number: 80, name: http, protocol: HTTP}], \
-                 resolution: DNS}\n")
+                 resolution: DNS, endpoints: [{address: w.example}]}\n")
             .service_entries,
         );
         a.assign(&mut c).unwrap();

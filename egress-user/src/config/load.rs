@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
 
-use crate::config::{Mode, istio, k8s};
+use crate::config::{Mode, istio, k8s, rules};
 
 /// Where a problem is: file, document and resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,11 +261,25 @@ const ISTIO_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1alpha3",
 ];
 const EGRESS_VERSION: &str = "egress/v1alpha1";
-const PROTOCOLS: [&str; 8] = [
-    "HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP", "MONGO", "UDP",
+/// Istio's protocols, as it spells them (any case is accepted).
+const PROTOCOLS: [&str; 12] = [
+    "HTTP",
+    "HTTPS",
+    "HTTP2",
+    "GRPC",
+    "GRPC-Web",
+    "HTTP_PROXY",
+    "TLS",
+    "TCP",
+    "MONGO",
+    "Redis",
+    "MySQL",
+    "UDP",
 ];
 const DNS_CAPTURES: [&str; 2] = ["ALL", "RESOLV_CONF"];
-const RESOLUTIONS: [&str; 4] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"];
+const RESOLUTIONS: [&str; 5] = ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"];
+/// The protocols Istio counts as HTTP (its `IsHTTP`).
+const HTTP_PROTOCOLS: [&str; 5] = ["HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTP_PROXY"];
 const LOCATIONS: [&str; 2] = ["MESH_EXTERNAL", "MESH_INTERNAL"];
 
 /// The YAML files a `--config` path stands for: the file itself, or the `.yaml`/`.yml` files
@@ -376,8 +390,7 @@ fn parse_sources(sources: &[(PathBuf, String)]) -> Parsed {
     }
 }
 
-/// Parse YAML text as if it were one file named `name` (tests and `validate` on stdin).
-#[cfg(test)]
+/// Parse YAML text as if it were one file named `name` (tests, and the loader's fuzz target).
 pub fn parse_str(name: &str, text: &str) -> Result<Loaded, Invalid> {
     let parsed = parse_sources(&[(PathBuf::from(name), text.to_owned())]);
     match parsed.config {
@@ -508,8 +521,19 @@ struct InterceptionSpec {
     exclude_gids: Option<ListOrCsv>,
 }
 
-/// Istio's per-pod annotation spellings of the interception knobs, accepted as aliases.
-const ANNOTATION_ALIASES: [(&str, &str); 4] = [
+/// The interception knobs, as `spec.interception` names them.
+const INTERCEPTION_FIELDS: [&str; 6] = [
+    "includeOutboundIPRanges",
+    "excludeOutboundIPRanges",
+    "includeOutboundPorts",
+    "excludeOutboundPorts",
+    "excludeUids",
+    "excludeGids",
+];
+
+/// Other spellings of the interception knobs, accepted for them: Istio's per-pod annotations,
+/// and the older names of its injection settings (`global.proxy.includeIPRanges`).
+const INTERCEPTION_ALIASES: [(&str, &str); 6] = [
     (
         "traffic.sidecar.istio.io/includeOutboundIPRanges",
         "includeOutboundIPRanges",
@@ -526,6 +550,8 @@ const ANNOTATION_ALIASES: [(&str, &str); 4] = [
         "traffic.sidecar.istio.io/excludeOutboundPorts",
         "excludeOutboundPorts",
     ),
+    ("includeIPRanges", "includeOutboundIPRanges"),
+    ("excludeIPRanges", "excludeOutboundIPRanges"),
 ];
 
 impl Cx {
@@ -670,7 +696,7 @@ impl Cx {
                 }
             }
             (v, "VirtualService") if ISTIO_VERSIONS.contains(&v) => {
-                if let Some(spec) = self.virtual_service(&origin, spec) {
+                if let Some(spec) = self.virtual_service(&origin, &namespace, spec) {
                     config.virtual_services.push(Named {
                         namespace,
                         name,
@@ -679,7 +705,7 @@ impl Cx {
                 }
             }
             (v, "DestinationRule") if ISTIO_VERSIONS.contains(&v) => {
-                if let Some(spec) = self.destination_rule(&origin, spec) {
+                if let Some(spec) = self.destination_rule(&origin, &namespace, spec) {
                     config.destination_rules.push(Named {
                         namespace,
                         name,
@@ -711,6 +737,20 @@ impl Cx {
 
     fn sidecar(&mut self, origin: &Origin, spec: Value) -> Option<istio::SidecarSpec> {
         let spec: istio::SidecarSpec = self.typed(origin, "spec", spec)?;
+        if let Some(p) = &spec.outbound_traffic_policy
+            && p.egress_proxy.is_some()
+        {
+            let f = "spec.outboundTrafficPolicy.egressProxy";
+            if p.mode != Mode::AllowAny {
+                self.error(origin, f, "only with mode ALLOW_ANY");
+                return None;
+            }
+            self.warn(
+                origin,
+                f,
+                "not applied: what no ServiceEntry declares goes to its own destination",
+            );
+        }
         if spec.outbound_traffic_policy.is_some() && spec.workload_selector.is_some() {
             self.warn(
                 origin,
@@ -725,66 +765,409 @@ impl Cx {
                 "egress and ingress listeners are not applied",
             );
         }
+        if spec.inbound_connection_pool.is_some() {
+            self.warn(origin, "spec.inboundConnectionPool", "not applied");
+        }
         Some(spec)
     }
 
     fn duration(&mut self, origin: &Origin, field: &str, value: Option<&String>) {
-        if let Some(v) = value.filter(|v| istio::parse_duration(v).is_none()) {
-            self.error(
-                origin,
-                field,
-                format!("{v:?} is not a duration such as 3s, 1.5s or 100ms"),
-            );
+        if let Some(Err(why)) = value.map(|v| rules::duration(v)) {
+            self.error(origin, field, why);
         }
     }
 
     fn virtual_service(
         &mut self,
         origin: &Origin,
+        namespace: &str,
         spec: Value,
     ) -> Option<istio::VirtualServiceSpec> {
         let spec: istio::VirtualServiceSpec = self.typed(origin, "spec", spec)?;
         let before = self.errors.len();
-        if spec.hosts.is_empty() {
-            self.error(origin, "spec.hosts", "at least one host is required");
+        let delegate = spec.hosts.is_empty();
+        if delegate {
+            for (what, set) in [
+                ("gateways", !spec.gateways.is_empty()),
+                ("tls", !spec.tls.is_empty()),
+                ("tcp", !spec.tcp.is_empty()),
+            ] {
+                if set {
+                    self.error(
+                        origin,
+                        &format!("spec.{what}"),
+                        "a delegate VirtualService (one without hosts) has none",
+                    );
+                }
+            }
+        }
+        for (i, g) in spec.gateways.iter().enumerate() {
+            if g == "mesh" {
+                continue;
+            }
+            let (result, legacy) = rules::gateway_name(g);
+            let f = format!("spec.gateways[{i}]");
+            if let Err(why) = result {
+                self.error(origin, &f, why);
+            }
+            if let Some(w) = legacy {
+                self.warn(origin, &f, w);
+            }
+        }
+        let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+        let mut hosts_valid = true;
+        for (i, h) in spec.hosts.iter().enumerate() {
+            let f = format!("spec.hosts[{i}]");
+            if h.parse::<IpAddr>().is_ok() {
+                continue;
+            }
+            if let Err(why) = rules::wildcard_domain(h) {
+                self.error(origin, &f, why);
+                hosts_valid = false;
+            } else if mesh && h == "*" {
+                self.error(
+                    origin,
+                    &f,
+                    "\"*\" is not a host of a VirtualService bound to the mesh",
+                );
+                hosts_valid = false;
+            }
+        }
+        if hosts_valid {
+            for (i, a) in spec.hosts.iter().enumerate() {
+                if let Some(j) = spec.hosts[..i].iter().position(|b| hosts_overlap(a, b)) {
+                    self.error(
+                        origin,
+                        &format!("spec.hosts[{i}]"),
+                        format!(
+                            "{a:?} and spec.hosts[{j}] {:?} name the same hosts",
+                            spec.hosts[j]
+                        ),
+                    );
+                }
+            }
+        }
+        if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
+            self.error(origin, "spec", "http, tcp or tls routes are required");
         }
         for (i, r) in spec.http.iter().enumerate() {
-            let f = format!("spec.http[{i}]");
-            self.duration(origin, &format!("{f}.timeout"), r.timeout.as_ref());
-            if let Some(retries) = &r.retries {
-                if retries.attempts.is_some_and(|a| a < 0) {
-                    self.error(
-                        origin,
-                        &format!("{f}.retries.attempts"),
-                        "must not be negative",
-                    );
-                }
-                self.duration(
-                    origin,
-                    &format!("{f}.retries.perTryTimeout"),
-                    retries.per_try_timeout.as_ref(),
-                );
-            }
-            for (j, d) in r.route.iter().enumerate() {
-                if let Some(p) = d
-                    .destination
-                    .port
-                    .as_ref()
-                    .filter(|p| !(1..=65535).contains(&p.number))
-                {
-                    self.error(
-                        origin,
-                        &format!("{f}.route[{j}].destination.port.number"),
-                        format!("{} is not a port (1-65535)", p.number),
-                    );
+            self.http_route(origin, &format!("spec.http[{i}]"), r, delegate);
+            for (j, m) in r.matches.iter().enumerate().filter(|_| mesh) {
+                for key in ["headers", "withoutHeaders"] {
+                    let claims = m.get(key).and_then(Value::as_mapping).is_some_and(|h| {
+                        h.keys()
+                            .any(|k| scalar(k).starts_with("@request.auth.claims"))
+                    });
+                    if claims {
+                        self.error(
+                            origin,
+                            &format!("spec.http[{i}].match[{j}].{key}"),
+                            "routing on JWT claims is for gateways: this VirtualService is \
+                             bound to the mesh",
+                        );
+                    }
                 }
             }
+        }
+        for (i, why) in rules::export_to(namespace, &spec.export_to, false) {
+            self.error(origin, &format!("spec.exportTo[{i}]"), why);
         }
         if self.errors.len() > before {
             return None;
         }
+        if delegate {
+            self.warn(
+                origin,
+                "spec.hosts",
+                "none: a delegate VirtualService, which this version of egress does not apply",
+            );
+            return None;
+        }
+        if !mesh {
+            self.warn(
+                origin,
+                "spec.gateways",
+                "bound to gateways only (\"mesh\" is not listed): not applied to the mesh's \
+                 traffic, which egress mediates",
+            );
+            return None;
+        }
         self.vs_not_applied(origin, &spec);
         Some(spec)
+    }
+
+    /// An HTTP route as Istio checks it.
+    fn http_route(&mut self, origin: &Origin, f: &str, r: &istio::HttpRoute, delegate: bool) {
+        let conflict = |a: &str, b: &str| format!("{a} and {b} cannot both be given");
+        if r.delegate.is_some() {
+            if delegate {
+                self.error(
+                    origin,
+                    &format!("{f}.delegate"),
+                    "a delegate's route cannot delegate",
+                );
+            }
+            if r.redirect.is_some() || !r.route.is_empty() {
+                self.error(origin, f, conflict("delegate", "route or redirect"));
+            }
+        } else if r.redirect.is_some() {
+            for (what, set) in [
+                ("route", !r.route.is_empty()),
+                ("fault", r.fault.is_some()),
+                ("rewrite", r.rewrite.is_some()),
+                ("directResponse", r.direct_response.is_some()),
+            ] {
+                if set {
+                    self.error(origin, f, conflict("redirect", what));
+                }
+            }
+        } else if r.direct_response.is_some() {
+            for (what, set) in [
+                ("route", !r.route.is_empty()),
+                ("fault", r.fault.is_some()),
+                ("rewrite", r.rewrite.is_some()),
+            ] {
+                if set {
+                    self.error(origin, f, conflict("directResponse", what));
+                }
+            }
+        } else if r.route.is_empty() {
+            self.error(
+                origin,
+                &format!("{f}.route"),
+                "a route, a redirect or a directResponse is required",
+            );
+        }
+        if r.mirror.is_some() && !r.mirrors.is_empty() {
+            self.error(origin, f, conflict("mirror", "mirrors"));
+        }
+        for (j, m) in r.matches.iter().enumerate() {
+            self.http_match(origin, &format!("{f}.match[{j}]"), m);
+        }
+        if let Some(h) = &r.headers {
+            self.headers(origin, &format!("{f}.headers"), h);
+        }
+        self.duration(origin, &format!("{f}.timeout"), r.timeout.as_ref());
+        if let Some(retries) = &r.retries {
+            self.retries(origin, &format!("{f}.retries"), retries);
+        }
+        let mut total = 0i64;
+        for (j, d) in r.route.iter().enumerate() {
+            let g = format!("{f}.route[{j}]");
+            self.destination(origin, &format!("{g}.destination"), &d.destination);
+            if let Some(h) = &d.headers {
+                self.headers(origin, &format!("{g}.headers"), h);
+            }
+            match d.weight {
+                Some(w) if w < 0 => {
+                    self.error(origin, &format!("{g}.weight"), "must not be negative")
+                }
+                Some(w) => total = total.saturating_add(w),
+                None => {}
+            }
+        }
+        if r.route.len() > 1 && total == 0 {
+            self.error(
+                origin,
+                &format!("{f}.route"),
+                "the destinations' weights add up to 0",
+            );
+        }
+        if let Some(m) = &r.mirror {
+            self.destination(origin, &format!("{f}.mirror"), m);
+        }
+        if let Some(fault) = &r.fault {
+            self.fault(origin, &format!("{f}.fault"), fault);
+        }
+        if let Some(p) = &r.mirror_percent
+            && p.as_u64().is_none_or(|p| p > 100)
+        {
+            self.error(
+                origin,
+                &format!("{f}.mirrorPercent"),
+                format!("{} is not a percentage from 0 to 100", scalar(p)),
+            );
+        }
+        if let Some(p) = &r.mirror_percentage {
+            self.percentage(origin, &format!("{f}.mirrorPercentage"), Some(p));
+        }
+    }
+
+    /// A `Percent` (`{value: 12.5}`), when there is one.
+    fn percentage(&mut self, origin: &Origin, f: &str, p: Option<&Value>) {
+        let Some(p) = p else { return };
+        let value = p.get("value").map_or(Some(0.0), Value::as_f64);
+        let checked = value.map_or_else(
+            || Err(format!("{} is not a number", scalar(p))),
+            rules::percentage,
+        );
+        if let Err(why) = checked {
+            self.error(origin, &format!("{f}.value"), why);
+        }
+    }
+
+    /// A fault (not applied by egress) as Istio checks it: an abort with a status, a delay
+    /// with a duration, percentages.
+    fn fault(&mut self, origin: &Origin, f: &str, fault: &Value) {
+        let (abort, delay) = (fault.get("abort"), fault.get("delay"));
+        if abort.is_none() && delay.is_none() {
+            self.error(origin, f, "an abort, a delay or both are required");
+        }
+        if let Some(a) = abort {
+            let g = format!("{f}.abort");
+            self.percentage(origin, &format!("{g}.percentage"), a.get("percentage"));
+            if let Some(s) = a.get("httpStatus") {
+                if !s.as_i64().is_some_and(|s| (200..=599).contains(&s)) {
+                    self.error(
+                        origin,
+                        &format!("{g}.httpStatus"),
+                        format!("{} is not an HTTP status (200-599)", scalar(s)),
+                    );
+                }
+            } else if let Some(s) = a.get("grpcStatus") {
+                if !rules::GRPC_STATUSES.contains(&scalar(s).as_str()) {
+                    self.error(
+                        origin,
+                        &format!("{g}.grpcStatus"),
+                        format!(
+                            "{} is not one of {}",
+                            scalar(s),
+                            rules::GRPC_STATUSES.join(", ")
+                        ),
+                    );
+                }
+            } else if a.get("http2Error").is_some() {
+                self.error(
+                    origin,
+                    &format!("{g}.http2Error"),
+                    "HTTP/2 abort faults are not supported by Istio",
+                );
+            } else {
+                self.warn(
+                    origin,
+                    &g,
+                    "no httpStatus, grpcStatus or http2Error: this abort does nothing",
+                );
+            }
+        }
+        if let Some(d) = delay {
+            let g = format!("{f}.delay");
+            self.percentage(origin, &format!("{g}.percentage"), d.get("percentage"));
+            for key in ["fixedDelay", "exponentialDelay"] {
+                if let Some(v) = d.get(key) {
+                    let field = format!("{g}.{key}");
+                    self.duration(origin, &field, Some(&scalar(v)));
+                    if key == "exponentialDelay" {
+                        self.error(origin, &field, "not supported by Istio");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A match condition's header names and port; the rest is judged where it is applied.
+    fn http_match(&mut self, origin: &Origin, f: &str, m: &Value) {
+        for key in ["headers", "withoutHeaders"] {
+            let Some(map) = m.get(key).and_then(Value::as_mapping) else {
+                continue;
+            };
+            for (k, _) in map {
+                let k = scalar(k);
+                if let Err(why) = rules::header_name(&k) {
+                    self.error(origin, &format!("{f}.{key}"), why);
+                }
+            }
+        }
+        if let Some(p) = m.get("port")
+            && !p.as_u64().is_some_and(|p| (1..=65535).contains(&p))
+        {
+            self.error(
+                origin,
+                &format!("{f}.port"),
+                format!("{} is not a port (1-65535)", scalar(p)),
+            );
+        }
+    }
+
+    /// Header operations: names Envoy lets be changed, values it can write.
+    fn headers(&mut self, origin: &Origin, f: &str, h: &istio::Headers) {
+        for (side, ops) in [("request", &h.request), ("response", &h.response)] {
+            let Some(ops) = ops else { continue };
+            for (op, map) in [("set", &ops.set), ("add", &ops.add)] {
+                for (name, value) in map {
+                    let field = format!("{f}.{side}.{op}.{name}");
+                    let named = if side == "request" {
+                        rules::request_header_set(name)
+                    } else {
+                        rules::header_operation(name)
+                    };
+                    if let Err(why) = named.and_then(|()| rules::header_value(value)) {
+                        self.error(origin, &field, why);
+                    }
+                }
+            }
+            for (k, name) in ops.remove.iter().enumerate() {
+                if let Err(why) = rules::header_operation(name) {
+                    self.error(origin, &format!("{f}.{side}.remove[{k}]"), why);
+                }
+            }
+        }
+    }
+
+    /// Retries as Istio bounds them.
+    fn retries(&mut self, origin: &Origin, f: &str, r: &istio::Retries) {
+        let attempts = r.attempts.unwrap_or(0);
+        if attempts < 0 {
+            self.error(origin, &format!("{f}.attempts"), "must not be negative");
+        }
+        if attempts == 0
+            && (r.per_try_timeout.is_some()
+                || r.retry_on.is_some()
+                || r.retry_remote_localities.is_some())
+        {
+            self.error(
+                origin,
+                &format!("{f}.attempts"),
+                "0 (or missing) disables retries, yet perTryTimeout, retryOn or \
+                 retryRemoteLocalities is set",
+            );
+        }
+        self.duration(
+            origin,
+            &format!("{f}.perTryTimeout"),
+            r.per_try_timeout.as_ref(),
+        );
+        self.duration(origin, &format!("{f}.backoff"), r.backoff.as_ref());
+        if let Some(on) = &r.retry_on {
+            for token in on.split(',') {
+                if let Err(why) = rules::retry_on(token) {
+                    self.error(origin, &format!("{f}.retryOn"), why);
+                }
+            }
+        }
+    }
+
+    /// A route's destination: a host (not `*`), a subset name, a port.
+    fn destination(&mut self, origin: &Origin, f: &str, d: &istio::Destination) {
+        if d.host == "*" {
+            self.error(origin, &format!("{f}.host"), "\"*\" is not a destination");
+        } else if let Err(why) = rules::wildcard_domain(&d.host) {
+            self.error(origin, &format!("{f}.host"), why);
+        }
+        if let Some(s) = d.subset.as_deref().filter(|s| !rules::dns1123_label(s)) {
+            self.error(
+                origin,
+                &format!("{f}.subset"),
+                format!("{s:?} is not a subset name"),
+            );
+        }
+        if let Some(p) = d.port.as_ref().filter(|p| !(1..=65535).contains(&p.number)) {
+            self.error(
+                origin,
+                &format!("{f}.port.number"),
+                format!("{} is not a port (1-65535)", p.number),
+            );
+        }
     }
 
     /// Say which parts of a valid VirtualService the HTTP datapath does not act on.
@@ -818,6 +1201,14 @@ impl Cx {
                 ("rewrite", r.rewrite.is_some()),
                 ("headers", r.headers.is_some()),
                 ("fault", r.fault.is_some()),
+                ("redirect", r.redirect.is_some()),
+                ("directResponse", r.direct_response.is_some()),
+                ("delegate", r.delegate.is_some()),
+                ("mirror", r.mirror.is_some()),
+                ("mirrors", !r.mirrors.is_empty()),
+                ("mirrorPercent", r.mirror_percent.is_some()),
+                ("mirrorPercentage", r.mirror_percentage.is_some()),
+                ("corsPolicy", r.cors_policy.is_some()),
             ] {
                 if set {
                     self.warn(origin, &format!("{f}.{what}"), "not applied");
@@ -833,53 +1224,185 @@ impl Cx {
         }
     }
 
-    fn tls(&mut self, origin: &Origin, field: &str, tls: Option<&istio::ClientTls>) {
-        let Some(mode) = tls.and_then(|t| t.mode.as_deref()) else {
-            return;
-        };
+    /// Client TLS settings: Istio's conflicts, and what egress needs of the SIMPLE TLS it
+    /// originates (a CA file it can read; no `insecureSkipVerify`).
+    fn tls(&mut self, origin: &Origin, f: &str, tls: &istio::ClientTls) {
+        let mode = tls.mode.as_deref().unwrap_or("DISABLE");
+        let before = self.errors.len();
         if !istio::TLS_MODES.contains(&mode) {
             self.error(
                 origin,
-                &format!("{field}.mode"),
+                &format!("{f}.mode"),
                 format!("{mode:?} is not one of {}", istio::TLS_MODES.join(", ")),
             );
+            return;
+        }
+        let insecure = tls.insecure_skip_verify == Some(true);
+        let field = |name: &str| format!("{f}.{name}");
+        if insecure && matches!(mode, "SIMPLE" | "MUTUAL") {
+            let mut conflicting = vec![("caCertificates", tls.ca_certificates.is_some())];
+            if mode == "SIMPLE" {
+                conflicting.push(("credentialName", tls.credential_name.is_some()));
+            }
+            conflicting.push(("subjectAltNames", !tls.subject_alt_names.is_empty()));
+            for (name, set) in conflicting {
+                if set {
+                    self.error(
+                        origin,
+                        &field(name),
+                        "cannot be given with insecureSkipVerify: true",
+                    );
+                }
+            }
+        }
+        if matches!(mode, "SIMPLE" | "MUTUAL") && tls.credential_name.is_some() {
+            for (name, set) in [
+                ("clientCertificate", tls.client_certificate.is_some()),
+                ("privateKey", tls.private_key.is_some()),
+                ("caCertificates", tls.ca_certificates.is_some()),
+                ("caCrl", tls.ca_crl.is_some()),
+            ] {
+                if set {
+                    self.error(origin, &field(name), "cannot be given with credentialName");
+                }
+            }
+        } else if mode == "MUTUAL" {
+            for (name, set) in [
+                ("clientCertificate", tls.client_certificate.is_some()),
+                ("privateKey", tls.private_key.is_some()),
+            ] {
+                if !set {
+                    self.error(origin, &field(name), "missing: MUTUAL TLS needs it");
+                }
+            }
+        }
+        if mode != "SIMPLE" || self.errors.len() > before {
+            return;
+        }
+        if insecure {
+            self.error(
+                origin,
+                &field("insecureSkipVerify"),
+                "egress does not originate TLS without verifying the server: give \
+                 caCertificates instead",
+            );
+        }
+        if let Some(Err(e)) = tls.ca_certificates.as_deref().map(istio::ca_roots) {
+            self.error(origin, &field("caCertificates"), format!("{e:#}"));
+        }
+    }
+
+    /// A traffic policy (the whole rule's, or a subset's): not empty, each port's with a port.
+    fn traffic_policy(&mut self, origin: &Origin, f: &str, tp: &istio::TrafficPolicy) {
+        if tp.tls.is_none()
+            && tp.port_level_settings.is_empty()
+            && tp.connection_pool.is_none()
+            && tp.load_balancer.is_none()
+            && tp.outlier_detection.is_none()
+            && tp.tunnel.is_none()
+            && tp.proxy_protocol.is_none()
+            && tp.retry_budget.is_none()
+        {
+            self.error(origin, f, "empty: a traffic policy sets at least one field");
+        }
+        if tp.tunnel.is_some() && tp.proxy_protocol.is_some() {
+            self.error(origin, f, "tunnel and proxyProtocol cannot both be given");
+        }
+        if let Some(tls) = &tp.tls {
+            self.tls(origin, &format!("{f}.tls"), tls);
+        }
+        for (i, pl) in tp.port_level_settings.iter().enumerate() {
+            let g = format!("{f}.portLevelSettings[{i}]");
+            match &pl.port {
+                None => self.error(origin, &format!("{g}.port"), "missing"),
+                Some(p) if !(1..=65535).contains(&p.number) => self.error(
+                    origin,
+                    &format!("{g}.port.number"),
+                    format!("{} is not a port (1-65535)", p.number),
+                ),
+                Some(_) => {}
+            }
+            if pl.tls.is_none()
+                && pl.connection_pool.is_none()
+                && pl.load_balancer.is_none()
+                && pl.outlier_detection.is_none()
+            {
+                self.error(
+                    origin,
+                    &g,
+                    "empty: a port's traffic policy sets at least one field",
+                );
+            }
+            if let Some(tls) = &pl.tls {
+                self.tls(origin, &format!("{g}.tls"), tls);
+            }
         }
     }
 
     fn destination_rule(
         &mut self,
         origin: &Origin,
+        namespace: &str,
         spec: Value,
     ) -> Option<istio::DestinationRuleSpec> {
         let spec: istio::DestinationRuleSpec = self.typed(origin, "spec", spec)?;
         let before = self.errors.len();
-        if !valid_host(&spec.host) {
-            self.error(
-                origin,
-                "spec.host",
-                format!("{:?} is not a host name", spec.host),
-            );
+        if let Err(why) = rules::wildcard_domain(&spec.host) {
+            self.error(origin, "spec.host", why);
         }
         if let Some(tp) = &spec.traffic_policy {
-            self.tls(origin, "spec.trafficPolicy.tls", tp.tls.as_ref());
-            for (i, pl) in tp.port_level_settings.iter().enumerate() {
-                let f = format!("spec.trafficPolicy.portLevelSettings[{i}]");
-                if let Some(p) = pl
-                    .port
-                    .as_ref()
-                    .filter(|p| !(1..=65535).contains(&p.number))
-                {
-                    self.error(
-                        origin,
-                        &format!("{f}.port.number"),
-                        format!("{} is not a port (1-65535)", p.number),
-                    );
-                }
-                self.tls(origin, &format!("{f}.tls"), pl.tls.as_ref());
+            self.traffic_policy(origin, "spec.trafficPolicy", tp);
+        }
+        for (i, s) in spec.subsets.iter().enumerate() {
+            let f = format!("spec.subsets[{i}]");
+            if !rules::dns1123_label(&s.name) {
+                self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    format!("{:?} is not a subset name (a DNS-1123 label)", s.name),
+                );
+            } else if let Some(j) = spec.subsets[..i].iter().position(|t| t.name == s.name) {
+                self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    format!("{:?} is spec.subsets[{j}]'s name too", s.name),
+                );
+            }
+            if let Some(tp) = &s.traffic_policy {
+                self.traffic_policy(origin, &format!("{f}.trafficPolicy"), tp);
+            }
+        }
+        for (i, why) in rules::export_to(namespace, &spec.export_to, false) {
+            self.error(origin, &format!("spec.exportTo[{i}]"), why);
+        }
+        if spec.workload_selector.is_some() {
+            match spec.export_to.as_slice() {
+                [] => {}
+                [one] if one == "." || one == namespace => {}
+                _ => self.error(
+                    origin,
+                    "spec.exportTo",
+                    "a DestinationRule with a workloadSelector is exported to its own \
+                     namespace only",
+                ),
             }
         }
         if self.errors.len() > before {
             return None;
+        }
+        if !spec.subsets.is_empty() {
+            self.warn(
+                origin,
+                "spec.subsets",
+                "not applied: routes go to the host's entry",
+            );
+        }
+        if spec.workload_selector.is_some() {
+            self.warn(
+                origin,
+                "spec.workloadSelector",
+                "not applied (egress does not see pod labels): the rule applies to every workload",
+            );
         }
         if let Some(tp) = &spec.traffic_policy {
             let tls = tp
@@ -904,6 +1427,23 @@ impl Cx {
                         &format!("{field}.mode"),
                         format!("{m} is not applied: only SIMPLE TLS origination is"),
                     );
+                } else if t.mode.as_deref() == Some("SIMPLE") {
+                    if t.credential_name.is_some() {
+                        self.warn(
+                            origin,
+                            &format!("{field}.credentialName"),
+                            "not applied (egress reads no Kubernetes secrets): the system's \
+                             roots verify the server",
+                        );
+                    }
+                    if !t.subject_alt_names.is_empty() {
+                        self.warn(
+                            origin,
+                            &format!("{field}.subjectAltNames"),
+                            "not applied: the server's certificate is verified for the server \
+                             name (sni, else the host)",
+                        );
+                    }
                 }
             }
             if tp.connection_pool.is_some()
@@ -915,6 +1455,15 @@ impl Cx {
                     "spec.trafficPolicy",
                     "connectionPool, loadBalancer and outlierDetection are not applied",
                 );
+            }
+            for (what, set) in [
+                ("tunnel", tp.tunnel.is_some()),
+                ("proxyProtocol", tp.proxy_protocol.is_some()),
+                ("retryBudget", tp.retry_budget.is_some()),
+            ] {
+                if set {
+                    self.warn(origin, &format!("spec.trafficPolicy.{what}"), "not applied");
+                }
             }
         }
         Some(spec)
@@ -981,7 +1530,12 @@ impl Cx {
             }
         }
         let external = spec.type_.as_deref() == Some("ExternalName");
-        if external && spec.external_name.as_deref().is_none_or(|n| !valid_host(n)) {
+        if external
+            && spec
+                .external_name
+                .as_deref()
+                .is_none_or(|n| rules::fqdn(n).is_err())
+        {
             self.error(
                 origin,
                 "spec.externalName",
@@ -1133,8 +1687,70 @@ impl Cx {
         })
     }
 
-    fn egress_config(&mut self, origin: &Origin, spec: Value, config: &mut MeshConfig) {
-        let spec = rename_annotation_aliases(spec);
+    /// The keys of `spec.interception` and `spec.outboundTrafficPolicy`, whose misspelling
+    /// would silently widen (or narrow) what is intercepted: aliases become the names they
+    /// stand for; anything else is an error that names the nearest right one.
+    fn knob_names(&mut self, origin: &Origin, spec: &mut Value) {
+        if let Some(Value::Mapping(i)) = spec.get_mut("interception") {
+            let keys: Vec<Value> = i.keys().cloned().collect();
+            for key in keys {
+                let k = scalar(&key);
+                let f = format!("spec.interception.{k}");
+                if INTERCEPTION_FIELDS.contains(&k.as_str()) {
+                    continue;
+                }
+                let value = i.remove(&key).unwrap_or(Value::Null);
+                if let Some((_, name)) = INTERCEPTION_ALIASES.iter().find(|(a, _)| *a == k) {
+                    if i.contains_key(*name) {
+                        self.error(origin, &f, format!("{name} is given too: give one of them"));
+                    } else {
+                        i.insert(Value::from(*name), value);
+                    }
+                    continue;
+                }
+                let names: Vec<&str> = INTERCEPTION_FIELDS
+                    .iter()
+                    .copied()
+                    .chain(INTERCEPTION_ALIASES.iter().map(|(a, _)| *a))
+                    .collect();
+                let hint = match rules::closest(&k, &names) {
+                    Some(near) => {
+                        let name = INTERCEPTION_ALIASES
+                            .iter()
+                            .find(|(a, _)| *a == near)
+                            .map_or(near, |(_, n)| n);
+                        format!("did you mean {name}?")
+                    }
+                    None => format!("the knobs are {}", INTERCEPTION_FIELDS.join(", ")),
+                };
+                self.error(origin, &f, format!("unknown field: {hint}"));
+            }
+        }
+        if let Some(Value::Mapping(p)) = spec.get_mut("outboundTrafficPolicy") {
+            let keys: Vec<Value> = p
+                .keys()
+                .filter(|k| k.as_str() != Some("mode"))
+                .cloned()
+                .collect();
+            for key in keys {
+                p.remove(&key);
+                let k = scalar(&key);
+                let hint = if rules::closest(&k, &["mode"]).is_some() {
+                    "did you mean mode?"
+                } else {
+                    "the only field is mode"
+                };
+                self.error(
+                    origin,
+                    &format!("spec.outboundTrafficPolicy.{k}"),
+                    format!("unknown field: {hint}"),
+                );
+            }
+        }
+    }
+
+    fn egress_config(&mut self, origin: &Origin, mut spec: Value, config: &mut MeshConfig) {
+        self.knob_names(origin, &mut spec);
         let Some(spec) = self.typed::<EgressConfigSpec>(origin, "spec", spec) else {
             return;
         };
@@ -1305,7 +1921,7 @@ impl Cx {
             let text = h.as_str().unwrap_or_default();
             if parse_net(text).is_some() {
                 addresses.push(h.clone());
-            } else if valid_host(text) {
+            } else if rules::wildcard_domain(text).is_ok() {
                 names.push(h.clone());
             } else {
                 self.error(
@@ -1350,64 +1966,50 @@ impl Cx {
     ) -> Option<ServiceEntry> {
         let spec: ServiceEntrySpec = self.typed(origin, "spec", spec)?;
         let before = self.errors.len();
+        let resolution = spec.resolution.as_deref().unwrap_or("NONE");
         if spec.hosts.is_empty() {
             self.error(origin, "spec.hosts", "at least one host is required");
         }
         for (i, h) in spec.hosts.iter().enumerate() {
-            if !valid_host(h) {
+            let f = format!("spec.hosts[{i}]");
+            if h == "*" {
                 self.error(
                     origin,
-                    &format!("spec.hosts[{i}]"),
-                    format!("{h:?} is not a host name"),
+                    &f,
+                    "\"*\" alone is not a host: it would register every host on the entry's \
+                     ports; name the hosts, or \"*.domain\"",
+                );
+            } else if let Err(e) = rules::wildcard_domain(h) {
+                self.error(origin, &f, e);
+            } else if resolution != "DYNAMIC_DNS" && rules::partial_wildcard(h) {
+                self.error(
+                    origin,
+                    &f,
+                    format!("{h:?} is a partial wildcard: only a whole first label \"*.\" is one"),
                 );
             }
         }
         let mut addresses = Vec::new();
         for (i, a) in spec.addresses.iter().enumerate() {
+            let f = format!("spec.addresses[{i}]");
             match parse_net(a) {
                 Some(n) => addresses.push(n),
-                None => self.error(
-                    origin,
-                    &format!("spec.addresses[{i}]"),
-                    format!("{a:?} is not an IP address or CIDR"),
-                ),
+                None => self.error(origin, &f, format!("{a:?} is not an IP address or CIDR")),
             }
-        }
-        for (i, p) in spec.ports.iter().enumerate() {
-            let f = format!("spec.ports[{i}]");
-            if !(1..=65535).contains(&p.number) {
+            if a.contains('/') && !matches!(resolution, "NONE" | "STATIC") {
                 self.error(
                     origin,
-                    &format!("{f}.number"),
-                    format!("{} is not a port (1-65535)", p.number),
+                    &f,
+                    format!("a CIDR needs resolution NONE or STATIC, not {resolution}"),
                 );
-            }
-            if let Some(t) = p.target_port.filter(|t| !(1..=65535).contains(t)) {
-                self.error(
-                    origin,
-                    &format!("{f}.targetPort"),
-                    format!("{t} is not a port (1-65535)"),
-                );
-            }
-            match &p.protocol {
-                Some(proto) if !PROTOCOLS.contains(&proto.to_ascii_uppercase().as_str()) => self
-                    .error(
-                        origin,
-                        &format!("{f}.protocol"),
-                        format!("{proto:?} is not one of {}", PROTOCOLS.join(", ")),
-                    ),
-                _ => {}
             }
         }
-        if let Some(r) = spec
-            .resolution
-            .as_deref()
-            .filter(|r| !RESOLUTIONS.contains(r))
-        {
+        self.service_ports(origin, &spec.ports);
+        if !RESOLUTIONS.contains(&resolution) {
             self.error(
                 origin,
                 "spec.resolution",
-                format!("{r:?} is not one of {}", RESOLUTIONS.join(", ")),
+                format!("{resolution:?} is not one of {}", RESOLUTIONS.join(", ")),
             );
         }
         if let Some(l) = spec.location.as_deref().filter(|l| !LOCATIONS.contains(l)) {
@@ -1417,18 +2019,105 @@ impl Cx {
                 format!("{l:?} is not one of {}", LOCATIONS.join(", ")),
             );
         }
-        for (i, e) in spec.endpoints.iter().enumerate() {
-            for (pname, port) in &e.ports {
-                if !(1..=65535).contains(port) {
-                    self.error(
-                        origin,
-                        &format!("spec.endpoints[{i}].ports.{pname}"),
-                        format!("{port} is not a port (1-65535)"),
-                    );
+        if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
+            self.error(
+                origin,
+                "spec.workloadSelector",
+                "only one of workloadSelector and endpoints may be given",
+            );
+        }
+        let port_names: Vec<&str> = spec
+            .ports
+            .iter()
+            .filter_map(|p| p.name.as_deref())
+            .collect();
+        match resolution {
+            "NONE" if !spec.endpoints.is_empty() => self.error(
+                origin,
+                "spec.endpoints",
+                "resolution NONE takes no endpoints: connections go to the address dialled",
+            ),
+            "STATIC" => {
+                for (i, e) in spec.endpoints.iter().enumerate() {
+                    self.static_endpoint(origin, i, e, &port_names);
                 }
             }
+            "DNS" | "DNS_ROUND_ROBIN" => {
+                if spec.endpoints.is_empty()
+                    && let Some((i, e)) = spec
+                        .hosts
+                        .iter()
+                        .enumerate()
+                        .find_map(|(i, h)| Some((i, rules::fqdn(h).err()?)))
+                {
+                    self.error(
+                        origin,
+                        &format!("spec.hosts[{i}]"),
+                        format!(
+                            "resolution {resolution} without endpoints resolves the hosts, \
+                             which must be fully qualified names: {e}"
+                        ),
+                    );
+                }
+                if resolution == "DNS_ROUND_ROBIN" && spec.endpoints.len() > 1 {
+                    self.error(
+                        origin,
+                        "spec.endpoints",
+                        "resolution DNS_ROUND_ROBIN takes one endpoint at most",
+                    );
+                }
+                for (i, e) in spec.endpoints.iter().enumerate() {
+                    let f = format!("spec.endpoints[{i}]");
+                    let a = e.address.as_deref().unwrap_or_default();
+                    if a.parse::<IpAddr>().is_err()
+                        && let Err(why) = rules::fqdn(a)
+                    {
+                        self.error(
+                            origin,
+                            &format!("{f}.address"),
+                            format!("{a:?} is neither an IP address nor a host name: {why}"),
+                        );
+                    }
+                    self.endpoint_ports(origin, &f, e, &port_names);
+                }
+            }
+            "DYNAMIC_DNS" => self.dynamic_dns(origin, &spec),
+            _ => {}
+        }
+        if resolution != "NONE" && spec.hosts.len() > 1 {
+            let tcp = spec.ports.iter().enumerate().find(|(_, p)| {
+                let proto = p
+                    .protocol
+                    .as_deref()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase();
+                !HTTP_PROTOCOLS.contains(&proto.as_str())
+                    && !matches!(proto.as_str(), "HTTPS" | "TLS")
+            });
+            if let Some((i, p)) = tcp {
+                self.error(
+                    origin,
+                    "spec.hosts",
+                    format!(
+                        "several hosts with resolution {resolution} need HTTP or TLS ports, \
+                         which say the host; spec.ports[{i}] is {}",
+                        p.protocol.as_deref().unwrap_or("without a protocol")
+                    ),
+                );
+            }
+        }
+        for (i, why) in rules::export_to(&namespace, &spec.export_to, true) {
+            self.error(origin, &format!("spec.exportTo[{i}]"), why);
         }
         if self.errors.len() > before {
+            return None;
+        }
+        if resolution == "DYNAMIC_DNS" {
+            self.warn(
+                origin,
+                "spec.resolution",
+                "DYNAMIC_DNS is not applied by this version of egress: this entry is ignored",
+            );
             return None;
         }
         self.not_yet_applied(origin, &spec);
@@ -1439,6 +2128,180 @@ impl Cx {
             addresses,
             allocated: Vec::new(),
         })
+    }
+
+    /// Ports: numbers and names unique, names DNS-1123 labels, protocols Istio's.
+    fn service_ports(&mut self, origin: &Origin, ports: &[ServicePort]) {
+        for (i, p) in ports.iter().enumerate() {
+            let f = format!("spec.ports[{i}]");
+            if !(1..=65535).contains(&p.number) {
+                self.error(
+                    origin,
+                    &format!("{f}.number"),
+                    format!("{} is not a port (1-65535)", p.number),
+                );
+            }
+            if let Some(j) = ports[..i].iter().position(|q| q.number == p.number) {
+                self.error(
+                    origin,
+                    &format!("{f}.number"),
+                    format!("{} is spec.ports[{j}]'s number too", p.number),
+                );
+            }
+            match p.name.as_deref() {
+                None | Some("") => self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    "missing: every port has a name (a DNS-1123 label)",
+                ),
+                Some(n) if !rules::dns1123_label(n) => self.error(
+                    origin,
+                    &format!("{f}.name"),
+                    format!(
+                        "{n:?} is not a port name (a DNS-1123 label: letters, digits, inner dashes)"
+                    ),
+                ),
+                Some(n) => {
+                    if let Some(j) = ports[..i].iter().position(|q| q.name.as_deref() == Some(n)) {
+                        self.error(
+                            origin,
+                            &format!("{f}.name"),
+                            format!("{n:?} is spec.ports[{j}]'s name too"),
+                        );
+                    }
+                }
+            }
+            if let Some(t) = p.target_port.filter(|t| !(1..=65535).contains(t)) {
+                self.error(
+                    origin,
+                    &format!("{f}.targetPort"),
+                    format!("{t} is not a port (1-65535)"),
+                );
+            }
+            let Some(proto) = &p.protocol else { continue };
+            let field = format!("{f}.protocol");
+            if !PROTOCOLS.iter().any(|k| k.eq_ignore_ascii_case(proto)) {
+                self.error(
+                    origin,
+                    &field,
+                    format!("{proto:?} is not one of {}", PROTOCOLS.join(", ")),
+                );
+            }
+        }
+    }
+
+    /// A STATIC entry's endpoint, as Istio checks a WorkloadEntry: an IP address or a Unix
+    /// socket, ports among the entry's.
+    fn static_endpoint(&mut self, origin: &Origin, i: usize, e: &Endpoint, port_names: &[&str]) {
+        let f = format!("spec.endpoints[{i}]");
+        match e.address.as_deref().unwrap_or_default() {
+            "" if e.network.is_none() => {
+                self.error(origin, &format!("{f}.address"), "missing");
+            }
+            "" => self.warn(
+                origin,
+                &format!("{f}.address"),
+                "missing (the endpoint is reached through its network's gateway, which egress \
+                 does not know): this endpoint is not used",
+            ),
+            a => {
+                if let Some(path) = a.strip_prefix("unix://") {
+                    if path.is_empty()
+                        || !(path.starts_with('@') || path.starts_with('/') && !path.ends_with('/'))
+                    {
+                        self.error(
+                            origin,
+                            &format!("{f}.address"),
+                            format!("{a:?}: a Unix socket is an absolute path to a file or @name"),
+                        );
+                    }
+                    if !e.ports.is_empty() {
+                        self.error(
+                            origin,
+                            &format!("{f}.ports"),
+                            "a Unix socket takes no ports",
+                        );
+                    }
+                    if port_names.len() != 1 {
+                        self.error(
+                            origin,
+                            "spec.ports",
+                            format!("{f} is a Unix socket: the entry has exactly one port then"),
+                        );
+                    }
+                    self.warn(
+                        origin,
+                        &format!("{f}.address"),
+                        "Unix socket endpoints are not applied: egress connects over TCP",
+                    );
+                } else if a.parse::<IpAddr>().is_err() {
+                    self.error(
+                        origin,
+                        &format!("{f}.address"),
+                        format!("{a:?} is not an IP address (resolution STATIC)"),
+                    );
+                }
+            }
+        }
+        self.endpoint_ports(origin, &f, e, port_names);
+    }
+
+    /// An endpoint's ports: named after the entry's ports, each a port number.
+    fn endpoint_ports(&mut self, origin: &Origin, f: &str, e: &Endpoint, port_names: &[&str]) {
+        for (pname, port) in &e.ports {
+            let field = format!("{f}.ports.{pname}");
+            if !port_names.contains(&pname.as_str()) {
+                self.error(
+                    origin,
+                    &field,
+                    format!("no port of the entry is named {pname:?}"),
+                );
+            }
+            if !(1..=65535).contains(port) {
+                self.error(origin, &field, format!("{port} is not a port (1-65535)"));
+            }
+        }
+    }
+
+    /// What Istio requires of a DYNAMIC_DNS entry (egress then ignores it, with a warning).
+    fn dynamic_dns(&mut self, origin: &Origin, spec: &ServiceEntrySpec) {
+        for (i, h) in spec.hosts.iter().enumerate() {
+            if !h.starts_with('*') {
+                self.error(
+                    origin,
+                    &format!("spec.hosts[{i}]"),
+                    format!("{h:?}: resolution DYNAMIC_DNS takes wildcard hosts only"),
+                );
+            }
+        }
+        if !spec.addresses.is_empty() {
+            self.error(
+                origin,
+                "spec.addresses",
+                "resolution DYNAMIC_DNS takes no addresses",
+            );
+        }
+        if !spec.endpoints.is_empty() {
+            self.error(
+                origin,
+                "spec.endpoints",
+                "resolution DYNAMIC_DNS takes no endpoints",
+            );
+        }
+        for (i, p) in spec.ports.iter().enumerate() {
+            let proto = p
+                .protocol
+                .as_deref()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            if !matches!(proto.as_str(), "HTTP" | "TLS" | "GRPC" | "HTTP2") {
+                self.error(
+                    origin,
+                    &format!("spec.ports[{i}].protocol"),
+                    "resolution DYNAMIC_DNS takes HTTP, TLS, GRPC and HTTP2 ports only",
+                );
+            }
+        }
     }
 
     /// Say which parts of a valid ServiceEntry the datapath does not act on yet.
@@ -1454,6 +2317,37 @@ impl Cx {
         if spec.workload_selector.is_some() {
             later.push("workloadSelector");
         }
+        if !spec.subject_alt_names.is_empty() {
+            later.push("subjectAltNames");
+        }
+        let endpoint_fields = [
+            (
+                "endpoints' labels",
+                spec.endpoints.iter().any(|e| !e.labels.is_empty()),
+            ),
+            (
+                "endpoints' network",
+                spec.endpoints.iter().any(|e| e.network.is_some()),
+            ),
+            (
+                "endpoints' locality",
+                spec.endpoints.iter().any(|e| e.locality.is_some()),
+            ),
+            (
+                "endpoints' weight",
+                spec.endpoints.iter().any(|e| e.weight.is_some()),
+            ),
+            (
+                "endpoints' serviceAccount",
+                spec.endpoints.iter().any(|e| e.service_account.is_some()),
+            ),
+        ];
+        later.extend(
+            endpoint_fields
+                .iter()
+                .filter(|(_, set)| *set)
+                .map(|(name, _)| *name),
+        );
         if !later.is_empty() {
             self.warn(
                 origin,
@@ -1496,21 +2390,6 @@ fn strip_k8s_metadata(m: Value) -> Value {
     Value::Mapping(map)
 }
 
-/// Accept `traffic.sidecar.istio.io/...` keys under `spec.interception` as their plain names.
-fn rename_annotation_aliases(spec: Value) -> Value {
-    let Value::Mapping(mut spec) = spec else {
-        return spec;
-    };
-    if let Some(Value::Mapping(i)) = spec.get_mut("interception") {
-        for (alias, name) in ANNOTATION_ALIASES {
-            if let Some(v) = i.remove(alias) {
-                i.insert(Value::String(name.to_owned()), v);
-            }
-        }
-    }
-    Value::Mapping(spec)
-}
-
 fn join(a: &str, b: &str) -> String {
     match (a.is_empty(), b.is_empty()) {
         (_, true) => a.to_owned(),
@@ -1528,21 +2407,14 @@ pub fn parse_net(s: &str) -> Option<IpNet> {
     s.parse::<IpAddr>().ok().map(IpNet::from)
 }
 
-/// A DNS name, optionally with a leading `*.` wildcard, or a lone `*`.
-fn valid_host(h: &str) -> bool {
-    let name = h.strip_prefix("*.").unwrap_or(h);
-    if h == "*" {
-        return true;
-    }
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                && !l.starts_with('-')
-        })
+/// Whether two hosts name a host in common (Istio's duplicate hosts of a VirtualService):
+/// equal, or one a wildcard whose suffix ends the other.
+fn hosts_overlap(a: &str, b: &str) -> bool {
+    let covers = |w: &str, h: &str| {
+        w.strip_prefix('*')
+            .is_some_and(|suffix| h.ends_with(suffix))
+    };
+    a.eq_ignore_ascii_case(b) || covers(a, b) || covers(b, a)
 }
 
 #[cfg(test)]
@@ -1656,7 +2528,8 @@ spec:
                 "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[0].number: \
                  70000 is not a port (1-65535)",
                 "mesh/wikipedia.yaml doc 2 ServiceEntry default/wikipedia-ext: spec.ports[1].protocol: \
-                 \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, TCP, MONGO, UDP",
+                 \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, GRPC-Web, HTTP_PROXY, TLS, \
+                 TCP, MONGO, Redis, MySQL, UDP",
             ]
         );
     }
@@ -1817,7 +2690,7 @@ metadata: {name: d}
 spec:
   interception:
     traffic.sidecar.istio.io/excludeOutboundIPRanges: "10.1.0.0/16,10.2.0.0/16"
-    includeOutboundIPRangez: "*"
+  autoAllocate: {enabeld: true}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -1827,13 +2700,14 @@ spec:
   http:
   - match: [{uri: {regex: "/a.*"}}]
     fault: {abort: {httpStatus: 500}}
+    route: [{destination: {host: a.example}}]
 "#;
         let l = parse_str("m.yaml", text).expect("valid");
         assert_eq!(l.config.interception.exclude_ranges.len(), 2);
         let w: Vec<String> = l.warnings.iter().map(|p| p.to_string()).collect();
         assert!(
             w.iter()
-                .any(|w| w.contains("spec.interception.includeOutboundIPRangez: unknown field")),
+                .any(|w| w.contains("spec.autoAllocate.enabeld: unknown field, ignored")),
             "{w:?}"
         );
         assert!(
@@ -1899,7 +2773,7 @@ spec:
   trafficPolicy:
     portLevelSettings:
     - port: {number: 443}
-      tls: {mode: SIMPLE, sni: secure.example, caCertificates: /etc/egress/ca.pem}
+      tls: {mode: SIMPLE, sni: secure.example, caCertificates: CA_FILE}
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: Sidecar
@@ -1907,7 +2781,9 @@ metadata: {name: default, namespace: istio-system}
 spec:
   outboundTrafficPolicy: {mode: REGISTRY_ONLY}
 "#;
-        let l = parse_str("m.yaml", text).expect("valid");
+        let ca = egress_tests::l7::TestCa::new("routing");
+        let text = text.replace("CA_FILE", &ca.path().display().to_string());
+        let l = parse_str("m.yaml", &text).expect("valid");
         let c = &l.config;
         assert_eq!(
             c.virtual_services[0].spec.http[0].timeout.as_deref(),
@@ -1979,5 +2855,781 @@ spec:
             ok.config.endpoints[0].addresses,
             vec!["198.18.0.2".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    /// `field: message` of each error and warning of `text`, loaded as one file.
+    fn problems(text: &str) -> (Vec<String>, Vec<String>) {
+        let show = |ps: &[Problem]| {
+            ps.iter()
+                .map(|p| format!("{}: {}", p.field, p.message))
+                .collect()
+        };
+        match parse_str("m.yaml", text) {
+            Ok(l) => (Vec::new(), show(&l.warnings)),
+            Err(e) => (show(&e.errors), show(&e.warnings)),
+        }
+    }
+
+    /// A ServiceEntry document with this spec (flow or block YAML, indented by two).
+    fn se(spec: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se}}\n\
+             spec:\n{spec}\n"
+        )
+    }
+
+    fn vs(spec: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs}}\n\
+             spec:\n{spec}\n"
+        )
+    }
+
+    fn dr(spec: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dr}}\n\
+             spec:\n{spec}\n"
+        )
+    }
+
+    /// The errors of a ServiceEntry with these hosts, port and resolution.
+    fn host_errors(host: &str) -> Vec<String> {
+        problems(&se(&format!(
+            "  hosts: [\"{host}\"]\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  \
+             resolution: NONE"
+        )))
+        .0
+    }
+
+    #[test]
+    fn service_entry_hosts_as_istio_checks_them() {
+        for good in [
+            "a.example",
+            "*.example.com",
+            "Mixed-Case.example",
+            "example.com.",
+            "x",
+        ] {
+            assert_eq!(host_errors(good), Vec::<String>::new(), "{good}");
+        }
+        // A lone `*` would register every host on the entry's ports: never.
+        let e = host_errors("*");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("spec.hosts[0]: \"*\" alone is not a host"),
+            "{e:?}"
+        );
+        for (bad, why) in [
+            ("a*.example.com", "label \"a*\""),
+            ("*foo.example.com", "partial wildcard"),
+            ("a.*.example", "label \"*\""),
+            ("a..example", "label \"\""),
+            ("under_score.example", "label \"under_score\""),
+            ("-a.example", "label \"-a\""),
+            ("198.18.0.1", "all digits"),
+            ("", "empty"),
+        ] {
+            let e = host_errors(bad);
+            assert!(e.len() == 1 && e[0].contains(why), "{bad}: {e:?}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(host_errors(&long)[0].contains("label"));
+    }
+
+    #[test]
+    fn service_entry_ports_have_unique_numbers_and_names() {
+        let (e, _) = problems(&se("  hosts: [a.example]\n  ports:\n  \
+             - {number: 80, name: http, protocol: HTTP}\n  \
+             - {number: 80, name: web, protocol: HTTP}\n  \
+             - {number: 81, name: http, protocol: HTTP}\n  \
+             - {number: 82, protocol: HTTP}\n  \
+             - {number: 83, name: Http_1, protocol: HTTP}\n  \
+             - {number: 84, name: q, protocol: QUIC}"));
+        assert_eq!(
+            e,
+            vec![
+                "spec.ports[1].number: 80 is spec.ports[0]'s number too",
+                "spec.ports[2].name: \"http\" is spec.ports[0]'s name too",
+                "spec.ports[3].name: missing: every port has a name (a DNS-1123 label)",
+                "spec.ports[4].name: \"Http_1\" is not a port name (a DNS-1123 label: letters, \
+                 digits, inner dashes)",
+                "spec.ports[5].protocol: \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, \
+                 GRPC-Web, HTTP_PROXY, TLS, TCP, MONGO, Redis, MySQL, UDP",
+            ]
+        );
+        // Istio's other protocols load: MySQL is TCP, as in Istio without its MySQL filter.
+        let text = se(
+            "  hosts: [a.example]\n  addresses: [198.18.0.1]\n  ports:\n  \
+             - {number: 3306, name: mysql, protocol: MySQL}\n  \
+             - {number: 53, name: dns, protocol: udp}",
+        );
+        let l = parse_str("m.yaml", &text).expect("valid");
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        let ports: Vec<u32> = l.config.service_entries[0]
+            .spec
+            .ports
+            .iter()
+            .map(|p| p.number)
+            .collect();
+        assert_eq!(ports, [3306, 53]);
+    }
+
+    #[test]
+    fn service_entry_endpoints_follow_the_resolution() {
+        let ports = "  ports: [{number: 80, name: http, protocol: HTTP}]\n";
+        let with = |rest: &str| problems(&se(&format!("  hosts: [a.example]\n{ports}{rest}")));
+        // NONE (also when not said) goes where the client dialled: no endpoints.
+        for r in ["  resolution: NONE\n", ""] {
+            let (e, _) = with(&format!("{r}  endpoints: [{{address: 198.18.0.1}}]"));
+            assert_eq!(
+                e,
+                [
+                    "spec.endpoints: resolution NONE takes no endpoints: connections go to the \
+                  address dialled"
+                ]
+            );
+        }
+        // STATIC: addresses, and ports the entry names.
+        let (e, _) = with(
+            "  resolution: STATIC\n  endpoints:\n  - {address: 198.18.0.1, ports: {http: 8080}}\n  \
+             - {address: backend.example}\n  - {address: 198.18.0.2, ports: {web: 8080}}\n  \
+             - {ports: {http: 70000}}",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "spec.endpoints[1].address: \"backend.example\" is not an IP address (resolution \
+                 STATIC)",
+                "spec.endpoints[2].ports.web: no port of the entry is named \"web\"",
+                "spec.endpoints[3].address: missing",
+                "spec.endpoints[3].ports.http: 70000 is not a port (1-65535)",
+            ]
+        );
+        // Unix sockets: an absolute path or @name, no ports, one port on the entry; egress
+        // does not connect to them.
+        let (e, w) = with("  resolution: STATIC\n  endpoints: [{address: \"unix:///run/a.sock\"}]");
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            w,
+            [
+                "spec.endpoints[0].address: Unix socket endpoints are not applied: egress connects \
+              over TCP"
+            ]
+        );
+        let (e, _) = with(
+            "  resolution: STATIC\n  endpoints: [{address: \"unix://run/a.sock\", ports: {http: 80}}]",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("an absolute path") && e[1].contains("takes no ports"));
+        // DNS: names or addresses; hosts resolved themselves must be names, not wildcards.
+        let (e, _) = with("  resolution: DNS\n  endpoints: [{address: backend.example}]");
+        assert!(e.is_empty(), "{e:?}");
+        let (e, _) = with("  resolution: DNS\n  endpoints: [{address: \"bad name\"}]");
+        assert!(e[0].starts_with("spec.endpoints[0].address: \"bad name\" is neither"));
+        let (e, _) = problems(&se(&format!(
+            "  hosts: [\"*.a.example\"]\n{ports}  resolution: DNS"
+        )));
+        assert!(
+            e[0].starts_with("spec.hosts[0]: resolution DNS without endpoints resolves the hosts"),
+            "{e:?}"
+        );
+        let (e, _) = with(
+            "  resolution: DNS_ROUND_ROBIN\n  endpoints: [{address: a.example}, {address: b.example}]",
+        );
+        assert_eq!(
+            e,
+            ["spec.endpoints: resolution DNS_ROUND_ROBIN takes one endpoint at most"]
+        );
+        // CIDRs need NONE or STATIC.
+        let (e, _) = with("  resolution: DNS\n  addresses: [198.18.0.0/24]");
+        assert_eq!(
+            e,
+            ["spec.addresses[0]: a CIDR needs resolution NONE or STATIC, not DNS"]
+        );
+        // A TCP connection does not say its host: several hosts need NONE, or HTTP/TLS ports.
+        let tcp =
+            "  hosts: [a.example, b.example]\n  ports: [{number: 5432, name: pg, protocol: TCP}]\n";
+        let (e, _) = problems(&se(&format!("{tcp}  resolution: DNS")));
+        assert_eq!(
+            e,
+            [
+                "spec.hosts: several hosts with resolution DNS need HTTP or TLS ports, which say the \
+              host; spec.ports[0] is TCP"
+            ]
+        );
+        assert!(
+            problems(&se(&format!("{tcp}  resolution: NONE")))
+                .0
+                .is_empty()
+        );
+        // Endpoints or a workload selector, not both.
+        let (e, _) = with(
+            "  resolution: STATIC\n  workloadSelector: {labels: {app: a}}\n  endpoints: [{address: 198.18.0.1}]",
+        );
+        assert_eq!(
+            e,
+            ["spec.workloadSelector: only one of workloadSelector and endpoints may be given"]
+        );
+    }
+
+    #[test]
+    fn dynamic_dns_is_checked_as_istio_does_then_left_out_with_a_warning() {
+        let ok = se(
+            "  hosts: [\"*.example.com\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  \
+                     resolution: DYNAMIC_DNS",
+        );
+        let l = parse_str("m.yaml", &ok).expect("valid");
+        assert!(l.config.service_entries.is_empty());
+        assert_eq!(l.warnings.len(), 1);
+        assert_eq!(
+            l.warnings[0].to_string(),
+            "m.yaml doc 1 ServiceEntry default/se: spec.resolution: DYNAMIC_DNS is not applied by \
+             this version of egress: this entry is ignored"
+        );
+        let (e, _) = problems(&se("  hosts: [a.example]\n  addresses: [198.18.0.1]\n  \
+             ports: [{number: 5432, name: pg, protocol: TCP}]\n  resolution: DYNAMIC_DNS"));
+        assert_eq!(
+            e,
+            vec![
+                "spec.hosts[0]: \"a.example\": resolution DYNAMIC_DNS takes wildcard hosts only",
+                "spec.addresses: resolution DYNAMIC_DNS takes no addresses",
+                "spec.ports[0].protocol: resolution DYNAMIC_DNS takes HTTP, TLS, GRPC and HTTP2 \
+                 ports only",
+            ]
+        );
+    }
+
+    #[test]
+    fn export_to_lists_each_namespace_once_and_star_or_tilde_alone() {
+        let entry = |list: &str| {
+            problems(&se(&format!(
+                "  hosts: [a.example]\n  ports: [{{number: 80, name: http}}]\n  exportTo: {list}"
+            )))
+            .0
+        };
+        assert!(entry("[\".\", team-a]").is_empty());
+        assert!(entry("[\"~\"]").is_empty());
+        assert_eq!(
+            entry("[default, \".\"]"),
+            ["spec.exportTo[1]: \".\" and \"default\" are the same namespace"]
+        );
+        assert_eq!(
+            entry("[team-a, team-a]"),
+            ["spec.exportTo[1]: \"team-a\" is listed twice"]
+        );
+        assert_eq!(
+            entry("[\"*\", team-a]"),
+            ["spec.exportTo[0]: \"*\" cannot be listed with other namespaces"]
+        );
+        assert_eq!(
+            entry("[Team_A]"),
+            ["spec.exportTo[0]: \"Team_A\" is not a namespace, \".\" or \"*\""]
+        );
+        let (e, _) = problems(&vs("  hosts: [a.example]\n  exportTo: [\"~\"]\n  \
+             http: [{route: [{destination: {host: a.example}}]}]"));
+        assert_eq!(
+            e,
+            ["spec.exportTo[0]: \"~\" (no one) is for ServiceEntries only"]
+        );
+    }
+
+    /// The errors of a VirtualService for a.example with this one HTTP route (flow YAML).
+    fn route_errors(route: &str) -> Vec<String> {
+        problems(&vs(&format!("  hosts: [a.example]\n  http: [{route}]"))).0
+    }
+
+    #[test]
+    fn timeouts_and_retries_within_istios_bounds() {
+        let dest = "route: [{destination: {host: a.example}}]";
+        for ok in [
+            "timeout: 1ms",
+            "timeout: 1.5s",
+            "timeout: 0.3s",
+            "timeout: 1m30s",
+            "retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"5xx,connect-failure,503\"}",
+            "retries: {attempts: 0}",
+            "retries: {attempts: 2, retryOn: \"cancelled,unavailable,retriable-4xx\"}",
+        ] {
+            assert_eq!(
+                route_errors(&format!("{{{ok}, {dest}}}")),
+                Vec::<String>::new(),
+                "{ok}"
+            );
+        }
+        for (bad, want) in [
+            (
+                "timeout: 500us",
+                "spec.http[0].timeout: \"500us\" is shorter than 1ms",
+            ),
+            (
+                "timeout: 0s",
+                "spec.http[0].timeout: \"0s\" is shorter than 1ms",
+            ),
+            (
+                "timeout: 1.0005s",
+                "spec.http[0].timeout: \"1.0005s\" is finer than a millisecond",
+            ),
+            ("timeout: -1s", "spec.http[0].timeout: \"-1s\" is negative"),
+            (
+                "retries: {attempts: -1}",
+                "spec.http[0].retries.attempts: must not be negative",
+            ),
+            (
+                "retries: {perTryTimeout: 1s}",
+                "spec.http[0].retries.attempts: 0 (or missing) disables retries, yet \
+                 perTryTimeout, retryOn or retryRemoteLocalities is set",
+            ),
+            (
+                "retries: {attempts: 2, perTryTimeout: 0.1ms}",
+                "spec.http[0].retries.perTryTimeout: \"0.1ms\" is shorter than 1ms",
+            ),
+            (
+                "retries: {attempts: 2, backoff: 1.5ms5us}",
+                "spec.http[0].retries.backoff: \"1.5ms5us\" is finer than a millisecond",
+            ),
+        ] {
+            assert_eq!(route_errors(&format!("{{{bad}, {dest}}}")), [want], "{bad}");
+        }
+        let e = route_errors(&format!(
+            "{{retries: {{attempts: 2, retryOn: \"5xx, conect-failure,999,\"}}, {dest}}}"
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].contains("\" conect-failure\" is not a retryOn policy"),
+            "{e:?}"
+        );
+        assert!(
+            e[0].ends_with("(did you mean \"connect-failure\"?)"),
+            "{e:?}"
+        );
+        assert!(e[1].contains("\"999\" is not a retryOn policy"), "{e:?}");
+        assert!(e[2].contains("\"\" is not a retryOn policy"), "{e:?}");
+        // Written without a space, as Istio reads them: the space is part of the token.
+        assert!(
+            route_errors(&format!(
+                "{{retries: {{attempts: 1, retryOn: \"5xx, 503\"}}, {dest}}}"
+            ))[0]
+                .contains("\" 503\"")
+        );
+    }
+
+    #[test]
+    fn header_names_and_values_as_envoy_takes_them() {
+        let dest = "route: [{destination: {host: a.example}}]";
+        let ok = format!(
+            "{{match: [{{headers: {{x-user: {{exact: a}}, \":authority\": {{exact: b}}, \
+             \":path\": {{exact: c}}}}}}], \
+             headers: {{request: {{set: {{x-env: \"%HOSTNAME%\", host: b.example}}, add: \
+             {{x-pct: \"100%%\", x-req: \"%REQ(x-a)%\", x-args: \"%FN([\\\"a\\\", \\\"b\\\"])%\"}}, \
+             remove: [x-debug]}}, response: {{set: {{x-by: egress}}}}}}, {dest}}}"
+        );
+        assert_eq!(route_errors(&ok), Vec::<String>::new());
+        let bad = format!(
+            "{{match: [{{headers: {{\"x user\": {{exact: a}}}}, port: 0}}], \
+             headers: {{request: {{set: {{\":path\": /x, x-a: \"50%\", x-b: \"%OPEN\"}}, \
+             remove: [\":authority\"]}}, response: {{add: {{Host: x}}}}}}, {dest}}}"
+        );
+        assert_eq!(
+            route_errors(&bad),
+            vec![
+                "spec.http[0].match[0].headers: \"x user\" is not a header name",
+                "spec.http[0].match[0].port: 0 is not a port (1-65535)",
+                "spec.http[0].headers.request.set.:path: \":path\": a header cannot start with \":\"",
+                "spec.http[0].headers.request.set.x-a: \"50%\": a lone % at the end (%% is a \
+                 percent sign)",
+                "spec.http[0].headers.request.set.x-b: \"%OPEN\": a %VARIABLE% is not closed",
+                "spec.http[0].headers.request.remove[0]: \":authority\": a header cannot start \
+                 with \":\"",
+                "spec.http[0].headers.response.add.Host: \"Host\": the Host header cannot be set \
+                 this way",
+            ]
+        );
+        let ctl = format!("{{headers: {{request: {{set: {{x-a: \"a\\u0001b\"}}}}}}, {dest}}}");
+        assert_eq!(
+            route_errors(&ctl),
+            ["spec.http[0].headers.request.set.x-a: \"a\\u{1}b\" holds a control character"]
+        );
+    }
+
+    #[test]
+    fn routes_destinations_and_hosts_of_a_virtual_service() {
+        for (route, want) in [
+            (
+                "{timeout: 1s}",
+                "spec.http[0].route: a route, a redirect or a directResponse is required",
+            ),
+            (
+                "{redirect: {uri: /b}, route: [{destination: {host: a.example}}]}",
+                "spec.http[0]: redirect and route cannot both be given",
+            ),
+            (
+                "{directResponse: {status: 503}, fault: {abort: {httpStatus: 500}}}",
+                "spec.http[0]: directResponse and fault cannot both be given",
+            ),
+            (
+                "{route: [{destination: {host: \"*\"}}]}",
+                "spec.http[0].route[0].destination.host: \"*\" is not a destination",
+            ),
+            (
+                "{route: [{destination: {host: a.example, subset: V_1}}]}",
+                "spec.http[0].route[0].destination.subset: \"V_1\" is not a subset name",
+            ),
+            (
+                "{route: [{destination: {host: a.example}, weight: -1}]}",
+                "spec.http[0].route[0].weight: must not be negative",
+            ),
+            (
+                "{route: [{destination: {host: a.example}}, {destination: {host: b.example}}]}",
+                "spec.http[0].route: the destinations' weights add up to 0",
+            ),
+        ] {
+            assert_eq!(route_errors(route), [want], "{route}");
+        }
+        let route = "  http: [{route: [{destination: {host: a.example}}]}]";
+        let (e, _) = problems(&vs(&format!(
+            "  hosts: [\"*.a.example\", b.a.example]\n{route}"
+        )));
+        assert_eq!(
+            e,
+            [
+                "spec.hosts[1]: \"b.a.example\" and spec.hosts[0] \"*.a.example\" name the same hosts"
+            ]
+        );
+        let (e, _) = problems(&vs(&format!("  hosts: [\"*\"]\n{route}")));
+        assert_eq!(
+            e,
+            ["spec.hosts[0]: \"*\" is not a host of a VirtualService bound to the mesh"]
+        );
+        let (e, _) = problems(&vs("  hosts: [a.example]"));
+        assert_eq!(e, ["spec: http, tcp or tls routes are required"]);
+    }
+
+    #[test]
+    fn jwt_claims_are_routed_on_at_gateways_only() {
+        let spec = |gateways: &str| {
+            vs(&format!(
+                "  hosts: [a.example]\n  gateways: {gateways}\n  http:\n  - match: \
+                 [{{headers: {{\"@request.auth.claims.sub\": {{exact: a}}}}}}]\n    \
+                 route: [{{destination: {{host: a.example}}}}]"
+            ))
+        };
+        assert_eq!(
+            problems(&spec("[mesh]")).0,
+            [
+                "spec.http[0].match[0].headers: routing on JWT claims is for gateways: this \
+              VirtualService is bound to the mesh"
+            ]
+        );
+        assert!(problems(&spec("[istio-system/gw]")).0.is_empty());
+    }
+
+    #[test]
+    fn gateways_bound_virtual_services_and_delegates_are_not_applied() {
+        let route = "  http: [{route: [{destination: {host: a.example}}]}]";
+        let load = |spec: &str| parse_str("m.yaml", &vs(spec));
+        // Bound to gateways only: Istio's gateways apply it, not the mesh's sidecars.
+        let l = load(&format!(
+            "  hosts: [\"*\"]\n  gateways: [istio-system/egress]\n{route}"
+        ))
+        .expect("valid");
+        assert!(l.config.virtual_services.is_empty());
+        assert_eq!(
+            l.warnings[0].to_string(),
+            "m.yaml doc 1 VirtualService default/vs: spec.gateways: bound to gateways only \
+             (\"mesh\" is not listed): not applied to the mesh's traffic, which egress mediates"
+        );
+        let l = load(&format!(
+            "  hosts: [a.example]\n  gateways: [mesh, istio-system/egress]\n{route}"
+        ))
+        .expect("valid");
+        assert_eq!(l.config.virtual_services.len(), 1);
+        let l = load(&format!(
+            "  hosts: [a.example]\n  gateways: [egress-gateway.istio-system]\n{route}"
+        ))
+        .expect("valid");
+        assert!(
+            l.warnings[0].to_string().contains(
+                "\"egress-gateway.istio-system\" is the legacy form of a gateway name: write \
+                 \"istio-system/egress-gateway\""
+            ),
+            "{:?}",
+            l.warnings
+        );
+        let (e, _) = problems(&vs(&format!(
+            "  hosts: [a.example]\n  gateways: [\"/gw\", \"ns/Bad_Name\"]\n{route}"
+        )));
+        assert_eq!(
+            e,
+            vec![
+                "spec.gateways[0]: \"/gw\": a gateway is namespace/name, both given",
+                "spec.gateways[1]: \"ns/Bad_Name\": \"Bad_Name\" is not a gateway name",
+            ]
+        );
+        // A delegate (no hosts) is valid Istio that egress does not apply yet.
+        let l = load(route).expect("valid");
+        assert!(l.config.virtual_services.is_empty());
+        assert!(l.warnings[0].message.contains("a delegate VirtualService"));
+        let (e, _) = problems(&vs(&format!("  gateways: [mesh]\n{route}")));
+        assert_eq!(
+            e,
+            ["spec.gateways: a delegate VirtualService (one without hosts) has none"]
+        );
+    }
+
+    #[test]
+    fn destination_rule_tls_settings_that_conflict_or_cannot_be_applied() {
+        let tls = |t: &str| {
+            problems(&dr(&format!(
+                "  host: a.example\n  trafficPolicy: {{tls: {t}}}"
+            )))
+        };
+        let f = "spec.trafficPolicy.tls";
+        assert_eq!(
+            tls("{mode: SIMPLE, insecureSkipVerify: true, caCertificates: /x.pem}").0,
+            [format!(
+                "{f}.caCertificates: cannot be given with insecureSkipVerify: true"
+            )]
+        );
+        assert_eq!(
+            tls("{mode: SIMPLE, insecureSkipVerify: true}").0,
+            [format!(
+                "{f}.insecureSkipVerify: egress does not originate TLS without verifying the \
+                 server: give caCertificates instead"
+            )]
+        );
+        assert_eq!(
+            tls("{mode: MUTUAL}").0,
+            [
+                format!("{f}.clientCertificate: missing: MUTUAL TLS needs it"),
+                format!("{f}.privateKey: missing: MUTUAL TLS needs it"),
+            ]
+        );
+        assert_eq!(
+            tls("{mode: SIMPLE, credentialName: secret, caCertificates: /x.pem}").0,
+            [format!(
+                "{f}.caCertificates: cannot be given with credentialName"
+            )]
+        );
+        let (e, w) = tls("{mode: SIMPLE, credentialName: secret}");
+        assert!(e.is_empty(), "{e:?}");
+        assert!(
+            w[0].starts_with(&format!("{f}.credentialName: not applied")),
+            "{w:?}"
+        );
+        // The CA file is read at load, where its place in the configuration is known.
+        let (e, _) = tls("{mode: SIMPLE, caCertificates: /nonexistent/ca.pem}");
+        assert_eq!(
+            e,
+            [format!(
+                "{f}.caCertificates: reading /nonexistent/ca.pem: No such file or directory (os \
+                 error 2)"
+            )]
+        );
+        let (e, _) = tls("{mode: SIMPLE, caCertificates: /dev/null}");
+        assert_eq!(
+            e,
+            [format!(
+                "{f}.caCertificates: /dev/null is not a regular file"
+            )]
+        );
+        // Policies that say nothing, and subsets.
+        let (e, _) = problems(&dr("  host: a.example\n  trafficPolicy:\n    \
+             portLevelSettings: [{tls: {mode: DISABLE}}, {port: {number: 80}}]\n  \
+             subsets: [{name: v1}, {name: v1}, {name: V_2, trafficPolicy: {}}]"));
+        assert_eq!(
+            e,
+            vec![
+                "spec.trafficPolicy.portLevelSettings[0].port: missing",
+                "spec.trafficPolicy.portLevelSettings[1]: empty: a port's traffic policy sets at \
+                 least one field",
+                "spec.subsets[1].name: \"v1\" is spec.subsets[0]'s name too",
+                "spec.subsets[2].name: \"V_2\" is not a subset name (a DNS-1123 label)",
+                "spec.subsets[2].trafficPolicy: empty: a traffic policy sets at least one field",
+            ]
+        );
+        let (e, _) = problems(&dr("  host: \"a*.example\""));
+        assert_eq!(
+            e,
+            ["spec.host: \"a*.example\" is not a host name (label \"a*\")"]
+        );
+    }
+
+    fn egress(spec: &str) -> String {
+        format!(
+            "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {{name: d}}\nspec:\n{spec}\n"
+        )
+    }
+
+    #[test]
+    fn a_misspelt_knob_is_an_error_that_names_the_right_one() {
+        // Istio's older names of the range knobs are aliases.
+        let l = parse_str(
+            "m.yaml",
+            &egress(
+                "  interception: {includeIPRanges: \"10.0.0.0/8\", excludeIPRanges: [10.1.0.0/16]}",
+            ),
+        )
+        .expect("valid");
+        let i = &l.config.interception;
+        assert_eq!(i.include_ranges, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(i.exclude_ranges, ["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        for (spec, want) in [
+            (
+                "  interception: {excludeOutboundIPRange: [10.0.0.0/8]}",
+                "spec.interception.excludeOutboundIPRange: unknown field: did you mean \
+                 excludeOutboundIPRanges?",
+            ),
+            (
+                "  interception: {includeIpRanges: \"*\"}",
+                "spec.interception.includeIpRanges: unknown field: did you mean \
+                 includeOutboundIPRanges?",
+            ),
+            (
+                "  interception: {excludeInboundPorts: \"15020\"}",
+                "spec.interception.excludeInboundPorts: unknown field: did you mean \
+                 excludeOutboundPorts?",
+            ),
+            (
+                "  interception: {captureAll: true}",
+                "spec.interception.captureAll: unknown field: the knobs are \
+                 includeOutboundIPRanges, excludeOutboundIPRanges, includeOutboundPorts, \
+                 excludeOutboundPorts, excludeUids, excludeGids",
+            ),
+            (
+                "  interception: {includeIPRanges: \"*\", includeOutboundIPRanges: \"*\"}",
+                "spec.interception.includeIPRanges: includeOutboundIPRanges is given too: give \
+                 one of them",
+            ),
+            (
+                "  outboundTrafficPolicy: {mdoe: REGISTRY_ONLY}",
+                "spec.outboundTrafficPolicy.mdoe: unknown field: did you mean mode?",
+            ),
+            (
+                "  outboundTrafficPolicy: {egressProxy: {host: a.example}}",
+                "spec.outboundTrafficPolicy.egressProxy: unknown field: the only field is mode",
+            ),
+        ] {
+            assert_eq!(problems(&egress(spec)).0, [want], "{spec}");
+        }
+    }
+
+    #[test]
+    fn faults_and_mirrors_egress_does_not_apply_are_still_checked_as_istio_does() {
+        let dest = "route: [{destination: {host: a.example}}]";
+        for ok in [
+            "fault: {abort: {httpStatus: 503, percentage: {value: 0.5}}}",
+            "fault: {abort: {grpcStatus: UNAVAILABLE}, delay: {fixedDelay: 2s}}",
+            "mirror: {host: b.example}, mirrorPercentage: {value: 100}",
+        ] {
+            assert_eq!(
+                route_errors(&format!("{{{ok}, {dest}}}")),
+                Vec::<String>::new(),
+                "{ok}"
+            );
+        }
+        for (bad, want) in [
+            (
+                "fault: {}",
+                "spec.http[0].fault: an abort, a delay or both are required",
+            ),
+            (
+                "fault: {abort: {httpStatus: 700}}",
+                "spec.http[0].fault.abort.httpStatus: 700 is not an HTTP status (200-599)",
+            ),
+            (
+                "fault: {abort: {httpStatus: 503, percentage: {value: 120}}}",
+                "spec.http[0].fault.abort.percentage.value: 120 is neither 0 nor from 0.0001 to \
+                 100",
+            ),
+            (
+                "fault: {delay: {fixedDelay: 0.5ms}}",
+                "spec.http[0].fault.delay.fixedDelay: \"0.5ms\" is shorter than 1ms",
+            ),
+            (
+                "fault: {delay: {exponentialDelay: 1s}}",
+                "spec.http[0].fault.delay.exponentialDelay: not supported by Istio",
+            ),
+            (
+                "mirror: {host: b.example}, mirrorPercent: 101",
+                "spec.http[0].mirrorPercent: 101 is not a percentage from 0 to 100",
+            ),
+            (
+                "mirror: {host: b.example}, mirrors: [{destination: {host: c.example}}]",
+                "spec.http[0]: mirror and mirrors cannot both be given",
+            ),
+        ] {
+            assert_eq!(route_errors(&format!("{{{bad}, {dest}}}")), [want], "{bad}");
+        }
+        let e = route_errors(&format!(
+            "{{fault: {{abort: {{grpcStatus: NOPE}}}}, {dest}}}"
+        ));
+        assert!(e[0].starts_with("spec.http[0].fault.abort.grpcStatus: NOPE is not one of OK,"));
+    }
+
+    #[test]
+    fn a_sidecars_egress_proxy_goes_with_allow_any_and_is_not_applied() {
+        let sidecar = |mode: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default}}\n\
+                 spec:\n  outboundTrafficPolicy:\n    mode: {mode}\n    \
+                 egressProxy: {{host: proxy.example, port: {{number: 3128}}}}\n"
+            )
+        };
+        assert_eq!(
+            problems(&sidecar("REGISTRY_ONLY")).0,
+            ["spec.outboundTrafficPolicy.egressProxy: only with mode ALLOW_ANY"]
+        );
+        assert_eq!(
+            problems(&sidecar("ALLOW_ANY")),
+            (
+                Vec::new(),
+                vec![
+                    "spec.outboundTrafficPolicy.egressProxy: not applied: what no ServiceEntry \
+                     declares goes to its own destination"
+                        .to_owned()
+                ]
+            )
+        );
+    }
+
+    #[test]
+    fn fields_istio_defines_are_not_applied_never_unknown() {
+        let text = vs(
+            "  hosts: [a.example]\n  http:\n  - mirror: {host: b.example}\n    \
+                       mirrorPercentage: {value: 50}\n    corsPolicy: {allowOrigins: [{exact: x}]}\n    \
+                       retries: {attempts: 1, retryIgnorePreviousHosts: true}\n    \
+                       route: [{destination: {host: a.example}}]",
+        ) + "---\n"
+            + &dr(
+                "  host: a.example\n  trafficPolicy: {tunnel: {protocol: CONNECT, targetHost: b, targetPort: 80}, retryBudget: {percent: {value: 10}}}\n  \
+                   workloadSelector: {matchLabels: {app: a}}",
+            );
+        let l = parse_str("m.yaml", &text).expect("valid");
+        let w: Vec<String> = l
+            .warnings
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect();
+        assert!(!w.iter().any(|w| w.contains("unknown field")), "{w:?}");
+        let (e, entry_warnings) = problems(&se(
+            "  hosts: [a.example]\n  ports: [{number: 80, name: http}]\n  \
+             resolution: STATIC\n  subjectAltNames: [spiffe://a]\n  \
+             endpoints: [{address: 198.18.0.1, weight: 2, locality: us/east}]",
+        ));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            entry_warnings,
+            ["spec: not applied yet: subjectAltNames, endpoints' locality, endpoints' weight"]
+        );
+        for want in [
+            "spec.http[0].mirror: not applied",
+            "spec.http[0].mirrorPercentage: not applied",
+            "spec.http[0].corsPolicy: not applied",
+            "spec.trafficPolicy.tunnel: not applied",
+            "spec.trafficPolicy.retryBudget: not applied",
+        ] {
+            assert!(w.iter().any(|w| w == want), "{want}: {w:?}");
+        }
     }
 }

@@ -2,14 +2,13 @@ pub mod alloc;
 pub mod istio;
 pub mod k8s;
 pub mod load;
+pub mod rules;
 
 use serde::Deserialize;
 
-#[cfg(test)]
-pub use load::parse_str;
 pub use load::{
     AutoAllocate, Interception, Invalid, Loaded, MeshConfig, ServiceEntry, ServiceEntrySpec,
-    ServicePort, is_yaml, load,
+    ServicePort, is_yaml, load, parse_str,
 };
 
 /// `outboundTrafficPolicy.mode`.

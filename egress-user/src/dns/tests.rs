@@ -21,7 +21,7 @@ spec:
   hosts: [httpbin.org, HTTPBIN.example]
   addresses: [198.18.0.10, 2001:db8::10, 198.18.4.0/24]
   ports: [{number: 80, name: http, protocol: HTTP}]
-  resolution: DNS
+  resolution: STATIC
 ---
 kind: ServiceEntry
 apiVersion: networking.istio.io/v1
@@ -53,7 +53,7 @@ kind: ServiceEntry
 apiVersion: networking.istio.io/v1
 metadata: {name: wild, namespace: default}
 spec:
-  hosts: ["*.wild.example", "*"]
+  hosts: ["*.wild.example"]
   addresses: [198.18.1.1]
   ports: [{number: 443, name: tls, protocol: TLS}]
   resolution: NONE
@@ -342,7 +342,7 @@ fn wildcards_answer_names_below_them_the_longest_first() {
     }
     let m = ask(&n, "a.wild.example.", RecordType::AAAA, "default");
     check_no_data(&m, "a.wild.example.");
-    // The wildcard's own name is not below it; a lone `*` claims nothing.
+    // The wildcard's own name is not below it, and no entry claims another domain.
     for name in ["wild.example.", "example.org."] {
         assert!(matches!(
             n.handle(&query(name, RecordType::A), "default"),
@@ -849,9 +849,19 @@ kind: ServiceEntry
 apiVersion: networking.istio.io/v1
 metadata: {name: db, namespace: team-a}
 spec:
-  hosts: [db.example, "*.pg.example"]
+  hosts: [db.example]
   ports: [{number: 5432, name: pg, protocol: TCP}, {number: 5433, name: pg2, protocol: TCP}]
   resolution: DNS
+  exportTo: ["."]
+---
+kind: ServiceEntry
+apiVersion: networking.istio.io/v1
+metadata: {name: pg, namespace: team-a}
+spec:
+  hosts: ["*.pg.example"]
+  ports: [{number: 5432, name: pg, protocol: TCP}, {number: 5433, name: pg2, protocol: TCP}]
+  resolution: DNS
+  endpoints: [{address: pg.example}]
   exportTo: ["."]
 ---
 kind: ServiceEntry

@@ -853,8 +853,16 @@ metadata: {name: quic, namespace: ns}
 spec:
   hosts: [quic.example]
   addresses: [127.20.1.0/24]
-  ports: [{number: 443, name: https, protocol: HTTPS}, {number: 443, name: quic, protocol: UDP},
-          {number: 8443, name: tcp, protocol: TCP}]
+  ports: [{number: 443, name: https, protocol: HTTPS}, {number: 8443, name: tcp, protocol: TCP}]
+---
+# QUIC beside HTTPS on one port number: Istio takes a port number once per entry.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: quic-udp, namespace: ns}
+spec:
+  hosts: [quic.example]
+  addresses: [127.20.1.0/24]
+  ports: [{number: 443, name: quic, protocol: UDP}]
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -916,8 +924,8 @@ subsets:
         let tcp = "{number: 5432, name: tcp, protocol: TCP}";
         let yaml = [
             se("db", "127.20.0.0/16", tcp),
-            // Another range of the same port, inside the first, resolved by name: the agent's.
-            se_with("resolved", "127.20.7.0/24", tcp, "DNS"),
+            // Another range of the same port, inside the first, sent to endpoints: the agent's.
+            se_with("resolved", "127.20.7.0/24", tcp, "STATIC"),
             // A target port: the agent connects elsewhere.
             se(
                 "moved",

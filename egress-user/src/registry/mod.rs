@@ -26,11 +26,11 @@ use crate::{
 /// How the agent mediates a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
-    /// HTTP, HTTP2, GRPC: requests are parsed and matched by Host.
+    /// HTTP, HTTP2, GRPC, GRPC-Web, HTTP_PROXY: requests are parsed and matched by Host.
     Http,
     /// HTTPS, TLS: matched by the ClientHello's SNI, never decrypted.
     Tls,
-    /// TCP, MONGO (and ports without a protocol): matched by address.
+    /// TCP, MONGO, Redis, MySQL (and ports without a protocol): matched by address.
     Tcp,
 }
 
@@ -45,7 +45,7 @@ impl Proto {
             }
         };
         match p.as_str() {
-            "HTTP" | "HTTP2" | "GRPC" => Proto::Http,
+            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "HTTP_PROXY" => Proto::Http,
             "HTTPS" | "TLS" => Proto::Tls,
             _ => Proto::Tcp,
         }
@@ -212,7 +212,8 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     fn from_istio(r: &istio::Retries) -> RetryPolicy {
-        let attempts = r.attempts.unwrap_or(2).max(0) as u32;
+        // As Istio: retries without `attempts` are none.
+        let attempts = r.attempts.unwrap_or(0).max(0) as u32;
         let mut p = RetryPolicy {
             attempts,
             per_try_timeout: r.per_try_timeout.as_deref().and_then(istio::parse_duration),
@@ -715,30 +716,16 @@ fn entry(se: &ServiceEntry) -> Entry {
 /// A rustls client configuration for a DestinationRule's `tls` (mode SIMPLE): the CA file if
 /// given, else the system's roots; `insecureSkipVerify` is refused rather than honoured.
 fn client_config(tls: &ClientTls) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca_certificates {
-        Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("caCertificates: reading {path}"))?
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("caCertificates: {path} is not PEM certificates"))?;
-            if certs.is_empty() {
-                bail!("caCertificates: {path} holds no certificate");
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .with_context(|| format!("caCertificates: {path}"))?;
-            }
-        }
+    let roots = match &tls.ca_certificates {
+        Some(path) => crate::config::istio::ca_roots(path).context("caCertificates")?,
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(c);
             }
+            roots
         }
-    }
+    };
     if tls.insecure_skip_verify == Some(true) {
         bail!("insecureSkipVerify is not supported: give caCertificates instead");
     }
@@ -798,7 +785,9 @@ spec:
   http:
   - match: [{uri: {prefix: /delay}}]
     timeout: 3s
+    route: [{destination: {host: httpbin.org}}]
   - retries: {attempts: 3, perTryTimeout: 1s, retryOn: "connect-failure,5xx"}
+    route: [{destination: {host: httpbin.org}}]
 "#;
 
     fn reg() -> Registry {
@@ -940,16 +929,24 @@ spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
     }
 
     #[test]
-    fn a_missing_ca_file_is_an_error_naming_it() {
+    fn a_ca_file_gone_when_the_registry_is_built_is_an_error_naming_it() {
+        let ca = egress_tests::l7::TestCa::new("registry");
+        let path = ca.path().to_owned();
         let text = format!(
             "{MESH}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
              metadata: {{name: o}}\nspec:\n  host: httpbin.org\n  trafficPolicy:\n    \
-             tls: {{mode: SIMPLE, caCertificates: /nonexistent/ca.pem}}\n"
+             tls: {{mode: SIMPLE, caCertificates: {}}}\n",
+            path.display()
         );
-        let e = Registry::compile(&parse_str("m.yaml", &text).unwrap().config).unwrap_err();
+        let config = parse_str("m.yaml", &text).expect("valid").config;
+        drop(ca);
+        let e = Registry::compile(&config).unwrap_err();
         let m = format!("{e:#}");
         assert!(
-            m.starts_with("DestinationRule default/o: spec.trafficPolicy.tls: caCertificates: reading /nonexistent/ca.pem"),
+            m.starts_with(&format!(
+                "DestinationRule default/o: spec.trafficPolicy.tls: caCertificates: reading {}",
+                path.display()
+            )),
             "{m}"
         );
     }
