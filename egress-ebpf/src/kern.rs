@@ -1,4 +1,7 @@
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     EbpfContext,
@@ -894,6 +897,24 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     datagram(&ctx, Family::V6, ip, user_port(&ctx), false)
 }
 
+/// The enrolled workload the calling task belongs to: in an enrolled namespace (and in the
+/// workload's cgroup where it is limited to one), and not the agent. For the hooks that are
+/// not connects (socket creation, bind).
+#[inline(always)]
+fn enrolled_caller(ctx: *mut c_void, cfg: &Config) -> Option<&'static Workload> {
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup == cfg.agent_cgroup || (cfg.agent_cgroup_prev != 0 && cgroup == cfg.agent_cgroup_prev)
+    {
+        return None;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx) };
+    let wl = unsafe { WORKLOADS.get(&netns) }?;
+    if wl.cgroup_id != 0 && !(Maps { nameserver: false }).in_cgroup(wl.cgroup_id, wl.cgroup_level) {
+        return None;
+    }
+    Some(wl)
+}
+
 /// Socket types and protocols no other hook decides: raw sockets (they build their own
 /// packets), ICMP datagram sockets (ping), SCTP.
 const SOCK_RAW: u32 = 3;
@@ -926,18 +947,9 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
     if cfg.enabled == 0 || cfg.raw_sockets == RAW_SOCKETS_ALLOW {
         return 1;
     }
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if cgroup == cfg.agent_cgroup || (cfg.agent_cgroup_prev != 0 && cgroup == cfg.agent_cgroup_prev)
-    {
-        return 1;
-    }
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(wl) = (unsafe { WORKLOADS.get(&netns) }) else {
+    let Some(wl) = enrolled_caller(ctx.as_ptr(), cfg) else {
         return 1;
     };
-    if wl.cgroup_id != 0 && !(Maps { nameserver: false }).in_cgroup(wl.cgroup_id, wl.cgroup_level) {
-        return 1;
-    }
     if cfg.raw_sockets == RAW_SOCKETS_BY_MODE && wl.mode != MODE_REGISTRY_ONLY {
         return 1;
     }
@@ -962,18 +974,9 @@ fn bind_decision(ctx: &SockAddrContext) -> i32 {
     {
         return 1;
     }
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if cgroup == cfg.agent_cgroup || (cfg.agent_cgroup_prev != 0 && cgroup == cfg.agent_cgroup_prev)
-    {
-        return 1;
-    }
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(wl) = (unsafe { WORKLOADS.get(&netns) }) else {
+    let Some(wl) = enrolled_caller(ctx.as_ptr(), cfg) else {
         return 1;
     };
-    if wl.cgroup_id != 0 && !(Maps { nameserver: false }).in_cgroup(wl.cgroup_id, wl.cgroup_level) {
-        return 1;
-    }
     count(Reason::AgentPort as u32, Some(wl));
     0
 }

@@ -253,6 +253,18 @@ impl World {
         )
     }
 
+    /// The addresses the agent allocated to `entry` (`ServiceEntry NS/NAME`), from
+    /// `/config_dump`.
+    fn allocated(&self, entry: &str) -> BTreeSet<IpAddr> {
+        let dump = self.agent.config_dump();
+        dump["allocated"][entry]
+            .as_array()
+            .unwrap_or_else(|| panic!("{dump}"))
+            .iter()
+            .filter_map(|a| a.as_str()?.parse().ok())
+            .collect()
+    }
+
     /// Add `lines` to the pod's resolv.conf.
     fn write_resolv(&self, lines: &str) {
         self.resolv_extra.borrow_mut().push_str(lines);
@@ -599,14 +611,8 @@ fn musls_resolver_asks_every_nameserver_and_takes_their_replies() {
     }
     // A name the registry owns: the agent's addresses, both families, whichever nameserver
     // musl asked.
-    let dump = w.agent.config_dump();
-    let allocated: BTreeSet<IpAddr> = dump["allocated"]["ServiceEntry team-a/db"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{dump}"))
-        .iter()
-        .filter_map(|a| a.as_str()?.parse().ok())
-        .collect();
-    assert_eq!(allocated.len(), 2, "{dump}");
+    let allocated = w.allocated("ServiceEntry team-a/db");
+    assert_eq!(allocated.len(), 2, "{allocated:?}");
     assert_eq!(resolve("db.example"), allocated);
     for ns in both {
         for qtype in ["A", "AAAA"] {
@@ -665,13 +671,7 @@ fn an_ipv6_nameserver_is_asked_through_the_agent_over_udp_and_tcp() {
     let out = w.run_with(&both, &getaddrinfo, &["db.example"]);
     let got: BTreeSet<IpAddr> = out.lines().map(|l| l.parse().unwrap()).collect();
     // A name the registry owns, answered by the agent whichever nameserver was asked.
-    let dump = w.agent.config_dump();
-    let allocated: BTreeSet<IpAddr> = dump["allocated"]["ServiceEntry team-a/db"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{dump}"))
-        .iter()
-        .filter_map(|a| a.as_str()?.parse().ok())
-        .collect();
+    let allocated = w.allocated("ServiceEntry team-a/db");
     assert_eq!(got, allocated, "{out}");
     for ns in both {
         let rec = w.record_of("db.example", "udp", "AAAA", ns);
@@ -758,13 +758,7 @@ fn gos_resolver_takes_the_agents_replies_from_ipv4_and_ipv6_nameservers() {
     }
     let w = world_with("dnsgo", REGISTRY);
     let lookup = go_lookup(&w.dir);
-    let dump = w.agent.config_dump();
-    let allocated: BTreeSet<IpAddr> = dump["allocated"]["ServiceEntry team-a/db"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{dump}"))
-        .iter()
-        .filter_map(|a| a.as_str()?.parse().ok())
-        .collect();
+    let allocated = w.allocated("ServiceEntry team-a/db");
     for ns in [IpAddr::V4(EXT_V4), IpAddr::V6(EXT_V6)] {
         let resolve = |name: &str| -> BTreeSet<IpAddr> {
             let out = w.run_with(&[ns], &lookup, &[name]);

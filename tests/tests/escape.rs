@@ -144,18 +144,21 @@ except OSError as e:
 "#;
 
 impl World {
-    /// Send a datagram from the pod (as root): what SEND printed.
-    fn send(&self, how: &str, addr: &str, tag: &str) -> String {
-        checked(self.pod.command("/usr/bin/python3").args([
-            "-c",
-            SEND,
-            how,
-            addr,
-            &SINK_PORT.to_string(),
-            tag,
-        ]))
+    /// Python `script` with `args` in the pod, as root: what it printed, trimmed.
+    fn py(&self, script: &str, args: &[&str]) -> String {
+        checked(
+            self.pod
+                .command("/usr/bin/python3")
+                .args(["-c", script])
+                .args(args),
+        )
         .trim()
         .to_owned()
+    }
+
+    /// Send a datagram from the pod: what SEND printed.
+    fn send(&self, how: &str, addr: &str, tag: &str) -> String {
+        self.py(SEND, &[how, addr, &SINK_PORT.to_string(), tag])
     }
 }
 
@@ -239,15 +242,8 @@ fn udp_to_an_unregistered_destination_is_refused_under_registry_only() {
             );
         }
     }
-    let other = checked(w.pod.command("/usr/bin/python3").args([
-        "-c",
-        SEND,
-        "send",
-        &EXT_V4.to_string(),
-        "7002",
-        "other-port",
-    ]));
-    assert_eq!(other.trim(), "errno 1");
+    let other = w.py(SEND, &["send", &EXT_V4.to_string(), "7002", "other-port"]);
+    assert_eq!(other, "errno 1");
     let tcp = w.pod.probe(&[
         "echo",
         &SocketAddr::from((EXT_V4, SINK_PORT)).to_string(),
@@ -311,15 +307,7 @@ fn the_agents_ports_cannot_be_bound_in_the_workloads_namespace() {
         return;
     }
     let w = world("esc-bind", &config("REGISTRY_ONLY", "", ""));
-    let bind = |kind: &str, addr: &str, port: u16| {
-        checked(
-            w.pod
-                .command("/usr/bin/python3")
-                .args(["-c", BIND, kind, addr, &port.to_string()]),
-        )
-        .trim()
-        .to_owned()
-    };
+    let bind = |kind: &str, addr: &str, port: u16| w.py(BIND, &[kind, addr, &port.to_string()]);
     let pod_v4 = w.pod.ipv4.to_string();
     let pod_v6 = w.pod.ipv6.to_string();
     let mut tries = 0;
@@ -407,15 +395,10 @@ fn raw_and_icmp_sockets_are_refused_at_creation_under_registry_only() {
             .args(["-qw", "net.ipv4.ping_group_range=0 2147483647"]),
     );
     let create = |family: i32, ty: i32, proto: i32| {
-        checked(w.pod.command("/usr/bin/python3").args([
-            "-c",
+        w.py(
             SOCKET,
-            &family.to_string(),
-            &ty.to_string(),
-            &proto.to_string(),
-        ]))
-        .trim()
-        .to_owned()
+            &[&family.to_string(), &ty.to_string(), &proto.to_string()],
+        )
     };
     let (inet, inet6) = (libc::AF_INET, libc::AF_INET6);
     let undecided = [
@@ -504,12 +487,8 @@ fn marked_sockets_and_fast_open_sends_are_decided_like_connects() {
     let w = world("esc-tcp", &config("REGISTRY_ONLY", "", ""));
     for how in ["mark", "fastopen"] {
         for addr in [EXT_V4.to_string(), EXT_V6.to_string()] {
-            let out = checked(
-                w.pod
-                    .command("/usr/bin/python3")
-                    .args(["-c", TCP_TRICKS, how, &addr, "8080"]),
-            );
-            assert_eq!(out.trim(), "errno 1", "{how} {addr}");
+            let out = w.py(TCP_TRICKS, &[how, &addr, "8080"]);
+            assert_eq!(out, "errno 1", "{how} {addr}");
         }
     }
 }

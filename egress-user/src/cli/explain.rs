@@ -150,6 +150,12 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
         Some((_, w)) if w.mode == MODE_REGISTRY_ONLY => "REGISTRY_ONLY",
         _ => "ALLOW_ANY",
     };
+    // An exclusion is a bypass, as in Istio: under REGISTRY_ONLY, a way past the registry.
+    let hole = if mode == "REGISTRY_ONLY" {
+        ": a hole in REGISTRY_ONLY, no ServiceEntry needed"
+    } else {
+        ""
+    };
     let rule = match d.reason {
         Reason::Agent => "the agent's own connection, made from its cgroup".to_owned(),
         Reason::NotEnrolled => "made in a network namespace that is not enrolled".to_owned(),
@@ -162,11 +168,11 @@ pub fn describe(d: &Decision, cfg: &Config, dst: SocketAddr, caller: &Caller) ->
         Reason::Loopback => "the workload's own loopback: no includeOutboundIPRanges \
              range inside loopback names it"
             .to_owned(),
-        Reason::ExcludedUid => format!("excludeUids {}", caller.uid),
-        Reason::ExcludedGid => format!("excludeGids {}", caller.gid),
-        Reason::ExcludedPort => format!("excludeOutboundPorts {port}"),
+        Reason::ExcludedUid => format!("excludeUids {}{hole}", caller.uid),
+        Reason::ExcludedGid => format!("excludeGids {}{hole}", caller.gid),
+        Reason::ExcludedPort => format!("excludeOutboundPorts {port}{hole}"),
         Reason::AgentListener => format!("the agent's outbound listener {dst}"),
-        Reason::ExcludedCidr => format!("excludeOutboundIPRanges {net}"),
+        Reason::ExcludedCidr => format!("excludeOutboundIPRanges {net}{hole}"),
         Reason::IncludedPort => format!("includeOutboundPorts {port}"),
         Reason::IncludedCidr => format!("includeOutboundIPRanges {net}"),
         Reason::NotIncluded if cfg.enabled == 0 => "the datapath is not enabled".to_owned(),
@@ -276,7 +282,8 @@ mod tests {
         let l = config::parse_str(
             "m.yaml",
             "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\nspec:\n  \
-             outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n---\n\
+             outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  \
+             interception: {excludeOutboundIPRanges: [198.19.0.0/16]}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
              metadata: {name: ntp, namespace: default}\nspec:\n  hosts: [ntp.example]\n  \
              addresses: [198.51.100.0/24]\n  ports: [{number: 123, name: ntp, protocol: UDP}]\n",
@@ -304,6 +311,12 @@ mod tests {
             line(&udp, "198.51.100.7:443"),
             "deny (REGISTRY_ONLY: no UDP port of a ServiceEntry or Service allows 198.51.100.7 \
              port 443: the datagram is refused with EPERM) [registry-denied]"
+        );
+        // An exclusion bypasses, and says it is a hole.
+        assert_eq!(
+            line(&udp, "198.19.0.5:443"),
+            "bypass (excludeOutboundIPRanges 198.19.0.0/16: a hole in REGISTRY_ONLY, no \
+             ServiceEntry needed) [excluded-cidr]"
         );
         // The UDP port is no TCP port.
         assert_eq!(

@@ -382,6 +382,9 @@ fn parse_sources(sources: &[(PathBuf, String)]) -> Parsed {
             cx.document(&origin, value, &mut config, &mut egress_seen);
         }
     }
+    if let Some(origin) = &egress_seen {
+        cx.exclusion_holes(origin, &config);
+    }
     let Cx { errors, warnings } = cx;
     Parsed {
         config: errors.is_empty().then_some(config),
@@ -1749,6 +1752,54 @@ impl Cx {
         }
     }
 
+    /// Exclusions bypass every decision, as Istio's do: where `REGISTRY_ONLY` is in force
+    /// (the mesh's mode, or a Sidecar's) each one is a way out the registry never sees. Said
+    /// once per knob, naming what it lets through.
+    fn exclusion_holes(&mut self, origin: &Origin, config: &MeshConfig) {
+        let strict = config.mode == Mode::RegistryOnly
+            || config.sidecars.iter().any(|s| {
+                s.spec
+                    .outbound_traffic_policy
+                    .as_ref()
+                    .is_some_and(|p| p.mode == Mode::RegistryOnly)
+            });
+        if !strict {
+            return;
+        }
+        let i = &config.interception;
+        let shown = |v: Vec<String>| v.join(", ");
+        let holes = [
+            (
+                "excludeOutboundIPRanges",
+                shown(i.exclude_ranges.iter().map(ToString::to_string).collect()),
+            ),
+            (
+                "excludeOutboundPorts",
+                shown(i.exclude_ports.iter().map(ToString::to_string).collect()),
+            ),
+            (
+                "excludeUids",
+                shown(i.exclude_uids.iter().map(ToString::to_string).collect()),
+            ),
+            (
+                "excludeGids",
+                shown(i.exclude_gids.iter().map(ToString::to_string).collect()),
+            ),
+        ];
+        for (knob, list) in holes {
+            if !list.is_empty() {
+                self.warn(
+                    origin,
+                    &format!("spec.interception.{knob}"),
+                    format!(
+                        "{list}: excluded, so not decided: under REGISTRY_ONLY connections and \
+                         datagrams there leave without any ServiceEntry allowing them"
+                    ),
+                );
+            }
+        }
+    }
+
     fn egress_config(&mut self, origin: &Origin, mut spec: Value, config: &mut MeshConfig) {
         self.knob_names(origin, &mut spec);
         let Some(spec) = self.typed::<EgressConfigSpec>(origin, "spec", spec) else {
@@ -2496,8 +2547,16 @@ spec:
                 "2001:db8::1/128".parse().unwrap()
             ]
         );
-        // httpbin-ext has no addresses: it is matched by Host, nothing to warn about.
-        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        // httpbin-ext has no addresses: it is matched by Host, nothing to warn about; the
+        // exclusions are holes in REGISTRY_ONLY, each knob said once.
+        let warned: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warned.len(), 4, "{warned:?}");
+        assert!(
+            warned
+                .iter()
+                .all(|w| w.contains("excluded, so not decided")),
+            "{warned:?}"
+        );
     }
 
     #[test]
@@ -2622,6 +2681,42 @@ spec:
             "{m}"
         );
         assert!(m.contains("`closed`") && m.contains("`open`"), "{m}");
+    }
+
+    #[test]
+    fn exclusions_are_named_as_holes_where_registry_only_is_in_force() {
+        let head = "apiVersion: egress/v1alpha1\nkind: EgressConfig\nmetadata: {name: d}\n";
+        let spec = "  interception:\n    excludeOutboundIPRanges: [198.51.100.0/24]\n    \
+                    excludeOutboundPorts: [22]\n    excludeUids: [1337]\n";
+        let holes = |text: &str| -> Vec<String> {
+            parse_str("m.yaml", text)
+                .unwrap()
+                .warnings
+                .iter()
+                .map(ToString::to_string)
+                .filter(|w| w.contains("not decided"))
+                .collect()
+        };
+        assert!(
+            holes(&format!("{head}spec:\n{spec}")).is_empty(),
+            "ALLOW_ANY"
+        );
+        let strict = holes(&format!(
+            "{head}spec:\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n{spec}"
+        ));
+        assert_eq!(strict.len(), 3, "{strict:?}");
+        assert!(
+            strict[0].starts_with(
+                "m.yaml doc 1 EgressConfig default/d: spec.interception.excludeOutboundIPRanges: \
+                 198.51.100.0/24: excluded, so not decided"
+            ),
+            "{strict:?}"
+        );
+        // A namespace's Sidecar under REGISTRY_ONLY is enough.
+        let sidecar = "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\n\
+                       metadata: {name: default, namespace: team-a}\n\
+                       spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n";
+        assert_eq!(holes(&format!("{head}spec:\n{spec}{sidecar}")).len(), 3);
     }
 
     #[test]

@@ -303,22 +303,11 @@ const SOCK_ADDR_PROGRAMS: [&str; 12] = [
     PROG_BIND6,
 ];
 /// Every program attached to the intercepted cgroup through a pinned link.
-const LINKED_PROGRAMS: [&str; 14] = [
-    PROG_CONNECT4,
-    PROG_CONNECT6,
-    PROG_DNS_CONNECT4,
-    PROG_DNS_CONNECT6,
-    PROG_GETPEERNAME4,
-    PROG_GETPEERNAME6,
-    PROG_SENDMSG4,
-    PROG_SENDMSG6,
-    PROG_RECVMSG4,
-    PROG_RECVMSG6,
-    PROG_BIND4,
-    PROG_BIND6,
-    PROG_SOCKOPS,
-    PROG_SOCK_CREATE,
-];
+fn linked_programs() -> impl Iterator<Item = &'static str> {
+    SOCK_ADDR_PROGRAMS
+        .into_iter()
+        .chain([PROG_SOCKOPS, PROG_SOCK_CREATE])
+}
 
 /// Capacities of the sized maps.
 #[derive(Clone, Copy, Debug)]
@@ -549,7 +538,7 @@ impl Datapath {
         let id = sys::cgroup_id(cgroup)?;
         let dir = self.pin_dir.join(LINKS);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for name in LINKED_PROGRAMS {
+        for name in linked_programs() {
             let pin = dir.join(name);
             let prog = self.program(name)?;
             let prog_fd = match prog {
@@ -628,8 +617,7 @@ fn open_cgroup(path: &Path) -> Result<File> {
 
 /// The links pinned in `pin_dir` that exist: (path, link id).
 pub fn pinned_links(pin_dir: &Path) -> Vec<(PathBuf, u32)> {
-    LINKED_PROGRAMS
-        .into_iter()
+    linked_programs()
         .map(|name| pin_dir.join(LINKS).join(name))
         .filter_map(|p| {
             let fd = sys::pinned_object(&p).ok()?;
@@ -644,7 +632,7 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<(PathBuf, u32)> {
 pub fn unpin(pin_dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let links = pin_dir.join(LINKS);
-    for name in LINKED_PROGRAMS {
+    for name in linked_programs() {
         let p = links.join(name);
         if std::fs::remove_file(&p).is_ok() {
             removed.push(p);
