@@ -26,9 +26,10 @@ use crate::{
 };
 use run::{datapath_config, load_config};
 
-/// eBPF egress interception for service meshes: every TCP connect() of an enrolled workload (a
-/// pod's network namespace on a node, or an intercepted cgroup) is redirected to this agent, let
-/// straight out, or refused, in the kernel, from mesh configuration.
+/// eBPF egress interception for service meshes: every TCP connect() and UDP datagram of an
+/// enrolled workload (a pod's network namespace on a node, or an intercepted cgroup) is
+/// redirected to this agent, let straight out, or refused, in the kernel, from mesh
+/// configuration.
 #[derive(Parser)]
 #[command(name = "egress", version)]
 struct Cli {
@@ -190,8 +191,9 @@ struct AgentArgs {
     #[arg(long, default_value_t = 15001)]
     outbound_port: u16,
     /// Port of the DNS server in every enrolled namespace (UDP on every address, answering
-    /// only queries the datapath sent to 127.53.0.0/16; TCP on 127.0.0.1 and [::1]). The
-    /// workloads' DNS queries (port 53, UDP and TCP) go there; 0 leaves them alone.
+    /// only queries the datapath sent to 127.53.0.0/16 or 100::53:0/112; TCP on 127.0.0.1 and
+    /// [::1]). The workloads' DNS queries (port 53, UDP and TCP) go there; 0 leaves them
+    /// alone.
     #[arg(long, default_value_t = egress_common::DEFAULT_DNS_PORT)]
     dns_port: u16,
 }
